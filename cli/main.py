@@ -1,0 +1,149 @@
+"""`seesaw-cli`: run a batch file through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seesaw: throughput-first LLM inference.")
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help="'default' (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder, or dummy:<preset>")]
+DeviceOption = Annotated[str, typer.Option(help="cpu or cuda")]
+
+
+@app.callback()
+def main() -> None:
+    """Seesaw: throughput-first LLM inference."""
+
+
+@app.command()
+def batch(
+    input_path: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="OpenAI batch lines or simple {\"prompt\"|\"messages\"} lines")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="where results go (default: INPUT.results.jsonl)")] = None,
+    model: ModelOption = "default",
+    device: DeviceOption = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 (CUDA default) or float16")] = None,
+    layout: Annotated[str, typer.Option(help="parallel layout: t1, t2, p2, d2, t2p2, ...")] = "t1",
+    max_tokens: Annotated[int, typer.Option(help="max_tokens for lines that do not set it")] = 256,
+    temperature: Annotated[float, typer.Option(help="temperature for lines that do not set it (0 = greedy)")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="top_p for lines that do not set it")] = 1.0,
+    max_model_len: Annotated[Optional[int], typer.Option(help="cap on prompt + output tokens (default: the model's context)")] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="token budget of one step, chunked prefill (default: 512 on CPU, 8192 on CUDA)")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="most requests running at once")] = 256,
+    block_size: Annotated[int, typer.Option(help="tokens per KV block")] = 16,
+    kv_cache_gb: Annotated[Optional[float], typer.Option(help="device KV pool per worker in GiB (CPU default 2)")] = None,
+    memory_fraction: Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")] = 0.9,
+    host_buffer_gb: Annotated[float, typer.Option(help="host KV buffer in GiB (evicted requests wait there)")] = 1.0,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for dummy weights and unseeded sampling")] = 0,
+    max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")] = False,
+) -> None:
+    """Run every line of INPUT.jsonl; write one OpenAI batch output line per request as it finishes."""
+    _setup_logging(verbose)
+    if not input_path.is_file():
+        _fail(f"input file {input_path} not found")
+    output = output or input_path.with_name(input_path.name.removesuffix(".jsonl") + ".results.jsonl")
+    started = time.perf_counter()
+    try:
+        config = _engine_config(
+            model=model, device=device, dtype=dtype, layout=layout, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
+            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
+            threads=threads, seed=seed,
+        )
+        from seesaw.frontend.batch_io import SamplingDefaults
+        from seesaw.sampling import SamplingParams
+
+        SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate()
+        defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        resolved = _resolve(config)
+    except ValueError as error:
+        _fail(str(error))
+    summary = _run(_batch(config, resolved, input_path, output, defaults, max_pending, started))
+    typer.echo(f"results: {output}", err=True)
+    raise typer.Exit(0 if summary is not None else 1)
+
+
+def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batched_tokens, max_num_seqs,
+                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, threads, seed):
+    from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, default_token_budget
+    from seesaw.layout import Layout
+    from seesaw.scheduling.static import SchedulerConfig
+
+    cache_dir = Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
+    return EngineConfig(
+        model=ModelConfig(model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed),
+        cache=CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
+                          host_buffer_gb=host_buffer_gb),
+        parallel=ParallelConfig(layout=Layout.parse(layout), threads_per_worker=threads),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs
+        ),
+        cache_dir=cache_dir,
+    )
+
+
+def _resolve(config):
+    from seesaw.model.resolve import resolve_model
+
+    resolved = resolve_model(config.model.model, config.cache_dir)
+    if resolved.convert_s:
+        typer.echo(f"converted {resolved.name} in {resolved.convert_s:.1f} s (cached for later runs)", err=True)
+    return resolved
+
+
+async def _batch(config, resolved, input_path, output, defaults, max_pending, started):
+    from seesaw.engine import Engine, EngineError
+    from seesaw.frontend.batch import run_with_engine
+    from seesaw.frontend.progress import Progress
+
+    progress = Progress(sys.stderr, is_terminal=sys.stderr.isatty())
+    engine = Engine(config, resolved)
+    try:
+        await engine.start()
+        typer.echo(f"engine ready in {time.perf_counter() - started:.1f} s ({resolved.name}, "
+                   f"{config.parallel.layout}, {config.model.device})", err=True)
+        summary = await run_with_engine(engine, input_path, output, defaults, resolved.name, max_pending, progress)
+    except EngineError as error:
+        typer.echo(f"error: {error}", err=True)
+        return None
+    finally:
+        await engine.close()
+    for line in summary.lines():
+        typer.echo(line, err=True)
+    return summary
+
+
+def _run(coroutine):
+    try:
+        import uvloop
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+if __name__ == "__main__":
+    app()

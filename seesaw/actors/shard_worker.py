@@ -1,0 +1,132 @@
+"""ShardWorker actor: one per device, in its own process; runs steps and KV copies for its shard.
+
+Inbox: LoadShard, Shutdown (Supervisor); RunStep (Scheduler); SwapOut, Prefetch (KVTier).
+Sends: WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone to the Scheduler;
+SwappedOut, Prefetched to the KVTier.
+
+Forward passes run on one dedicated thread, in arrival order, so the inbox keeps draining while
+a step computes; KV copies run on a thread of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from seesaw.actors.base import Actor
+from seesaw.messages import (
+    LoadShard,
+    Prefetch,
+    Prefetched,
+    RunStep,
+    Shutdown,
+    StepDone,
+    SwapOut,
+    SwappedOut,
+    WorkerFailed,
+    WorkerReady,
+)
+from seesaw.transport.channels import Inbox, Outbox
+
+log = logging.getLogger(__name__)
+
+
+class ShardWorker(Actor):
+    name = "shard-worker"
+
+    def __init__(self, inbox: Inbox, rank: int, supervisor: Outbox, scheduler: Outbox, kv_tier: Outbox):
+        super().__init__(inbox)
+        self.rank = rank
+        self.supervisor = supervisor
+        self.scheduler = scheduler
+        self.kv_tier = kv_tier
+        self.runner = None
+        self.is_reporting = False  # whether this rank reports sampled tokens
+        self.stopped = asyncio.Event()
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
+
+    def handle(self, message):
+        match message:
+            case LoadShard():
+                self._on_load_shard(message)
+            case RunStep():
+                self._on_run_step(message)
+            case SwapOut():
+                self._on_swap_out(message)
+            case Prefetch():
+                self._on_prefetch(message)
+            case Shutdown():
+                self.stopped.set()
+            case _:
+                raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
+
+    def _on_load_shard(self, command: LoadShard) -> None:
+        from seesaw.model.runner import ModelRunner  # torch loads here, not at process start
+
+        def loaded(runner: ModelRunner) -> WorkerReady:
+            self.runner = runner
+            self.is_reporting = runner.shard.is_last_stage and runner.shard.tp_rank == 0
+            name = "cpu" if runner.device.type == "cpu" else _cuda_name(runner.device)
+            return WorkerReady(self.rank, runner.num_blocks, runner.load_s, name)
+
+        self._submit(self._compute, lambda: loaded(ModelRunner(command)), self.supervisor, "loading its shard")
+
+    def _on_run_step(self, step: RunStep) -> None:
+        def run() -> StepDone | None:
+            started = time.perf_counter()
+            sampled = self.runner.execute(step.rows)
+            if not self.is_reporting:
+                return None
+            return StepDone(step.step_id, self.rank, sampled, (time.perf_counter() - started) * 1000)
+
+        self._submit(self._compute, run, self.scheduler, f"running step {step.step_id}")
+
+    def _on_swap_out(self, command: SwapOut) -> None:
+        def copy() -> SwappedOut:
+            self.runner.swap_out(command.block_ids, command.host_block_ids)
+            return SwappedOut(command.request_id, self.rank)
+
+        self._submit(self._copies, copy, self.kv_tier, f"swapping out request {command.request_id}")
+
+    def _on_prefetch(self, command: Prefetch) -> None:
+        def copy() -> Prefetched:
+            self.runner.prefetch(command.host_block_ids, command.block_ids)
+            return Prefetched(command.request_id, self.rank)
+
+        self._submit(self._copies, copy, self.kv_tier, f"prefetching request {command.request_id}")
+
+    def _submit(self, executor: ThreadPoolExecutor, work, reply_to: Outbox, activity: str) -> None:
+        loop = asyncio.get_running_loop()
+        future: Future = executor.submit(work)
+
+        def done(finished: Future) -> None:
+            error = finished.exception()
+            if error is not None:
+                detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+                log.error("rank %d failed while %s:\n%s", self.rank, activity,
+                          "".join(traceback.format_exception(error)))
+                self.supervisor.send(WorkerFailed(self.rank, detail, activity))
+                self.stopped.set()
+                return
+            reply = finished.result()
+            if reply is not None:
+                reply_to.send(reply)
+
+        future.add_done_callback(lambda finished: loop.call_soon_threadsafe(done, finished))
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._compute.shutdown(wait=True, cancel_futures=True)
+        self._copies.shutdown(wait=True, cancel_futures=True)
+        if self.runner is not None:
+            self.runner.close()
+
+
+def _cuda_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device)

@@ -1,0 +1,103 @@
+"""Engine configuration: a handful of frozen slices, validated once; only the CLI builds them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from seesaw.layout import Layout
+from seesaw.scheduling.static import SchedulerConfig
+
+GIB = 1 << 30
+_DEVICES = ("cpu", "cuda")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "default"
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    max_model_len: int | None = None  # None: the model's own context length
+    seed: int = 0  # for dummy weights and unseeded sampling
+
+    def __post_init__(self) -> None:
+        if self.device not in _DEVICES:
+            raise ValueError(f"device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_gb: float | None = None  # per worker; None: 2 GiB on CPU, free memory on CUDA
+    memory_fraction: float = 0.9  # CUDA: share of the card Seesaw may fill
+    host_buffer_gb: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if not 0.05 <= self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in [0.05, 1], got {self.memory_fraction}")
+        if self.host_buffer_gb < 0:
+            raise ValueError(f"host_buffer_gb must not be negative, got {self.host_buffer_gb}")
+
+    def kv_cache_bytes(self, device: str) -> int | None:
+        if self.kv_cache_gb is not None:
+            return int(self.kv_cache_gb * GIB)
+        return 2 * GIB if device == "cpu" else None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    layout: Layout = field(default_factory=Layout)
+    threads_per_worker: int | None = None  # CPU: None splits the machine's cores evenly
+
+    def __post_init__(self) -> None:
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be positive, got {self.threads_per_worker}")
+
+    def threads(self) -> int:
+        if self.threads_per_worker is not None:
+            return self.threads_per_worker
+        return max(1, (os.cpu_count() or 1) // self.layout.world_size)
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    worker_start_timeout_s: float = 600.0
+    step_timeout_s: float = 600.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("worker_start_timeout_s", "step_timeout_s", "heartbeat_interval_s",
+                     "heartbeat_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def default_token_budget(device: str) -> int:
+    """Tokens per step: CPU matmuls are most efficient around 512 rows, GPUs want thousands."""
+    return 512 if device == "cpu" else 8192
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "seesaw")

@@ -1,0 +1,271 @@
+"""The head process: wires RequestQueue, Scheduler, KVTier and Supervisor, spawns the workers, and
+tears everything down again, leaving no process, socket or shared-memory segment behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq.asyncio
+
+from seesaw.actors.base import Actor
+from seesaw.actors.kv_tier import KVTier
+from seesaw.actors.request_queue import RequestQueue
+from seesaw.actors.scheduler import Scheduler
+from seesaw.actors.supervisor import Supervisor
+from seesaw.config import EngineConfig
+from seesaw.frontend.text import TextCodec
+from seesaw.kv.host_slots import HostSlots
+from seesaw.layout import shard_for
+from seesaw.messages import LoadShard, WorkerFailed, WorkerReady
+from seesaw.model.resolve import ResolvedModel
+from seesaw.transport.channels import Inbox, Outbox
+from seesaw.transport.host_buffer import HostBuffer, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine could not start or cannot go on."""
+
+
+class Engine:
+    """Start with `await engine.start()`; front doors send Submit to `request_queue_address`."""
+
+    def __init__(self, config: EngineConfig, model: ResolvedModel, codec: TextCodec | None = None):
+        self.config = config
+        self.model = model
+        self.spec = model.spec
+        self.codec = codec
+        layout = config.parallel.layout
+        for rank in range(layout.world_size):
+            shard_for(layout, self.spec.shape, rank)  # fail fast on impossible layouts
+        limit = config.model.max_model_len
+        self.max_model_len = min(limit, self.spec.max_position) if limit else self.spec.max_position
+        self.context: zmq.asyncio.Context | None = None
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
+        self.ready_workers: list[WorkerReady] = []
+        self.start_s = 0.0
+        self._ready = asyncio.Event()
+        self._actors: list[Actor] = []
+        self._outboxes: list[Outbox] = []
+        self._processes: list[subprocess.Popen] = []
+        self._watch: asyncio.Task | None = None
+        self._closing = False
+        self._run_dir: Path | None = None
+        self._host_buffer: HostBuffer | None = None
+
+    # ------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        self.context = zmq.asyncio.Context()
+        self._run_dir = Path(tempfile.mkdtemp(prefix="seesaw-"))
+        self._host_buffer = self._make_host_buffer()
+        self._spawn_workers()  # they load the model while the tokenizer loads here
+        if self.codec is None:
+            self.codec = await asyncio.to_thread(TextCodec, self.model.tokenizer_folder)
+        self._wire_actors()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_processes())
+        timeout_s = self.config.transport.worker_start_timeout_s
+        waiters = [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self.failed.wait())]
+        done, pending = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if self.failure is not None:
+            raise EngineError(self.failure)
+        if not done:
+            raise EngineError(f"workers were not ready within {timeout_s:.0f} s")
+        self.start_s = time.perf_counter() - started
+
+    def address(self, name: str) -> str:
+        return f"ipc://{self._run_dir}/{name}"
+
+    @property
+    def request_queue_address(self) -> str:
+        return f"inproc://{self._run_dir.name}/request-queue"
+
+    def reply_address(self, name: str) -> str:
+        """An in-process address for a front door's inbox."""
+        return f"inproc://{self._run_dir.name}/{name}"
+
+    def _make_host_buffer(self) -> HostBuffer | None:
+        spec, block_size = self.spec, self.config.cache.block_size
+        block_shape = [spec.num_layers, 2, spec.num_kv_heads, block_size, spec.head_dim]
+        dtype = self.config.model.resolved_dtype
+        block_bytes = math.prod(block_shape) * torch_dtype(dtype).itemsize
+        num_blocks = int(self.config.cache.host_buffer_gb * (1 << 30)) // block_bytes
+        return HostBuffer.create(num_blocks, block_shape, dtype) if num_blocks else None
+
+    def _wire_actors(self) -> None:
+        world = self.config.parallel.layout.world_size
+        context = self.context
+
+        def outbox(address: str) -> Outbox:
+            box = Outbox(context, address)
+            self._outboxes.append(box)
+            return box
+
+        def to_workers() -> list[Outbox]:
+            return [outbox(self.address(f"worker-{rank}")) for rank in range(world)]
+
+        scheduler_inbox = Inbox(context, self.address("scheduler"))
+        kv_inbox = Inbox(context, self.address("kv-tier"))
+        supervisor_inbox = Inbox(context, self.address("supervisor"))
+        request_inbox = Inbox(context, self.request_queue_address)
+        request_queue = RequestQueue(
+            request_inbox, context, outbox(self.address("scheduler")), self.codec, self.max_model_len,
+            self.spec.vocab_size,
+        )
+        scheduler = Scheduler(
+            scheduler_inbox, self.config.scheduler, self.config.cache.block_size, self.max_model_len,
+            self.spec.eos_token_ids, to_workers(), outbox(self.address("kv-tier")),
+            outbox(self.request_queue_address), self.config.transport.step_timeout_s, self._fail,
+        )
+        num_host_blocks = self._host_buffer.spec.num_blocks if self._host_buffer else 0
+        kv_tier = KVTier(kv_inbox, HostSlots(num_host_blocks, self.config.cache.block_size), to_workers(),
+                         outbox(self.address("scheduler")))
+        supervisor = Supervisor(
+            supervisor_inbox, self._load_commands(), to_workers(), outbox(self.address("scheduler")),
+            self.config.transport.heartbeat_timeout_s, self._on_ready, self._fail,
+        )
+        self._supervisor = supervisor
+        self._actors = [request_queue, scheduler, kv_tier, supervisor]
+        self._scheduler = scheduler
+        for actor in self._actors:
+            actor.start().add_done_callback(self._on_actor_done)
+
+    def _load_commands(self) -> list[LoadShard]:
+        config = self.config
+        return [
+            LoadShard(
+                hf_config=self.model.hf_config,
+                weights_folder=str(self.model.weights_folder) if self.model.weights_folder else None,
+                dummy_seed=config.model.seed,
+                dtype=config.model.resolved_dtype,
+                device=f"cuda:{rank}" if config.model.device == "cuda" else "cpu",
+                layout=str(config.parallel.layout),
+                rank=rank,
+                block_size=config.cache.block_size,
+                kv_cache_bytes=config.cache.kv_cache_bytes(config.model.device),
+                memory_fraction=config.cache.memory_fraction,
+                num_threads=config.parallel.threads(),
+                host_buffer=self._host_buffer.spec if self._host_buffer else None,
+            )
+            for rank in range(config.parallel.layout.world_size)
+        ]
+
+    def _spawn_workers(self) -> None:
+        threads = str(self.config.parallel.threads())
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        level = logging.getLevelName(logging.getLogger("seesaw").getEffectiveLevel())
+        for rank in range(self.config.parallel.layout.world_size):
+            command = [
+                sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
+                "--inbox", self.address(f"worker-{rank}"),
+                "--supervisor", self.address("supervisor"),
+                "--scheduler", self.address("scheduler"),
+                "--kv-tier", self.address("kv-tier"),
+                "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),
+                "--parent-pid", str(os.getpid()),
+                "--log-level", level,
+            ]
+            self._processes.append(subprocess.Popen(command, env=env))
+
+    # ------------------------------------------------------------ running
+
+    def _on_ready(self, workers: list[WorkerReady]) -> None:
+        self.ready_workers = workers
+        self._ready.set()
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            self.failed.set()
+
+    def _on_actor_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._fail(f"{task.get_name()} failed: {error!r}")
+
+    async def _watch_processes(self) -> None:
+        watch = Outbox(self.context, self.address("supervisor"))
+        self._outboxes.append(watch)
+        reported: set[int] = set()
+        while True:
+            for rank, process in enumerate(self._processes):
+                code = process.poll()
+                if code is not None and rank not in reported and not self._closing:
+                    reported.add(rank)
+                    watch.send(WorkerFailed(rank, _exit_description(code), ""))
+            await asyncio.sleep(0.2)
+
+    def stats(self) -> dict[str, int]:
+        """Steps run and KV moves made so far."""
+        core = self._scheduler.core
+        return dict(core.counters) if core is not None else {}
+
+    # ------------------------------------------------------------ stop
+
+    async def close(self) -> None:
+        """Stop workers (killing any that do not exit in time), actors, sockets and shared memory."""
+        self._closing = True
+        if self._actors:
+            self._supervisor.shutdown_workers()
+        await self._reap_workers()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        for actor in self._actors:
+            await actor.stop()
+        for box in self._outboxes:
+            box.close(linger_s=0)
+        if self.context is not None:
+            self.context.term()
+        if self._host_buffer is not None:
+            self._host_buffer.close()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    async def _reap_workers(self) -> None:
+        deadline = time.monotonic() + self.config.transport.shutdown_timeout_s
+        for process in self._processes:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.to_thread(process.wait, remaining)
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not exit in time; killing it", process.pid)
+                process.kill()
+                await asyncio.to_thread(process.wait, 5.0)
+
+    async def __aenter__(self) -> Engine:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"the process was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"the process was killed by signal {-code}"
+    return f"the process exited with code {code}"

@@ -1,0 +1,224 @@
+"""Batch file lines in, OpenAI batch output lines out (pure: no I/O, no engine).
+
+Input: OpenAI batch lines (`custom_id`, `method`, `url`, `body`) for `/v1/chat/completions` and
+`/v1/completions`, or simple lines (`{"prompt": ...}` / `{"messages": [...]}` with an optional
+`id` and sampling fields).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from seesaw.sampling import SamplingParams
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETION_URL = "/v1/completions"
+_UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "logit_bias", "echo", "suffix", "best_of")
+_PENALTIES = ("presence_penalty", "frequency_penalty")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a line gets for the sampling fields it leaves out."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One runnable input line."""
+
+    line_number: int
+    custom_id: str
+    kind: str  # "chat" or "completion"
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+    model: str | None = None
+
+
+@dataclass
+class LineError(ValueError):
+    """A line that cannot run; it still gets its own output line."""
+
+    line_number: int
+    custom_id: str | None
+    message: str = field(default="")
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.message}"
+
+
+def parse_line(text: str | bytes, line_number: int, defaults: SamplingDefaults) -> BatchItem:
+    """Parse one input line; LineError names the problem and the line number."""
+    try:
+        record = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise LineError(line_number, None, f"not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise LineError(line_number, None, "a line must be a JSON object")
+    is_openai = "body" in record or "url" in record or "custom_id" in record
+    custom_id = record.get("custom_id") if is_openai else record.get("id")
+    if custom_id is None:
+        custom_id = f"line-{line_number}"
+    elif not isinstance(custom_id, (str, int)):
+        raise LineError(line_number, None, "custom_id must be a string")
+    custom_id = str(custom_id)
+    try:
+        if is_openai:
+            return _parse_openai(record, line_number, custom_id, defaults)
+        return _parse_body(record, _simple_kind(record), line_number, custom_id, defaults)
+    except ValueError as error:
+        raise LineError(line_number, custom_id, str(error)) from None
+
+
+def _parse_openai(record: dict, line_number: int, custom_id: str, defaults: SamplingDefaults) -> BatchItem:
+    method = record.get("method", "POST")
+    if method != "POST":
+        raise ValueError(f"method must be POST, got {method!r}")
+    url = record.get("url")
+    if url not in (CHAT_URL, COMPLETION_URL):
+        raise ValueError(f"unknown url {url!r}; supported: {CHAT_URL}, {COMPLETION_URL}")
+    body = record.get("body")
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    kind = "chat" if url == CHAT_URL else "completion"
+    if kind == "chat" and "messages" not in body:
+        raise ValueError(f"body of a {CHAT_URL} request needs messages")
+    if kind == "completion" and "prompt" not in body:
+        raise ValueError(f"body of a {COMPLETION_URL} request needs prompt")
+    return _parse_body(body, kind, line_number, custom_id, defaults)
+
+
+def _simple_kind(record: dict) -> str:
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record:
+        return "completion"
+    raise ValueError("the line has no prompt: give prompt, messages, or an OpenAI batch body")
+
+
+def _parse_body(body: dict, kind: str, line_number: int, custom_id: str, defaults: SamplingDefaults) -> BatchItem:
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, False):
+            raise ValueError(f"{name} is not supported")
+    for name in _PENALTIES:
+        if body.get(name) not in (None, 0, 0.0):
+            raise ValueError(f"{name} is not supported")
+    if body.get("stream"):
+        raise ValueError("stream is not supported in a batch")
+    if body.get("n", 1) != 1:
+        raise ValueError(f"n must be 1, got {body.get('n')!r}")
+    prompt, token_ids, messages = None, None, None
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+    else:
+        prompt, token_ids = _prompt(body.get("prompt"))
+    model = body.get("model")
+    return BatchItem(
+        line_number=line_number,
+        custom_id=custom_id,
+        kind=kind,
+        sampling=_sampling(body, defaults),
+        prompt=prompt,
+        messages=messages,
+        prompt_token_ids=token_ids,
+        model=model if isinstance(model, str) else None,
+    )
+
+
+def _prompt(value) -> tuple[str | None, list[int] | None]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a one-element batch of prompts
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("prompt is empty")
+        return value, None
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return None, value
+    raise ValueError("prompt must be a non-empty string or a list of token ids")
+
+
+def _sampling(body: dict, defaults: SamplingDefaults) -> SamplingParams:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    params = SamplingParams(
+        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        temperature=_default(body.get("temperature"), defaults.temperature),
+        top_p=_default(body.get("top_p"), defaults.top_p),
+        top_k=_top_k(body.get("top_k"), defaults.top_k),
+        seed=body.get("seed"),
+        stop=[] if stop is None else stop,
+        stop_token_ids=_default(body.get("stop_token_ids"), []),
+        ignore_eos=_default(body.get("ignore_eos"), False),
+    )
+    params.validate()
+    return params
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def _top_k(value, default: int):
+    # vLLM spells "no top-k" as -1; accept it.
+    if value == -1:
+        return 0
+    return default if value is None else value
+
+
+def result_line(item: BatchItem, text: str, finish_reason: str, prompt_tokens: int,
+                completion_tokens: int, model: str) -> dict:
+    """The OpenAI batch output line of a finished request."""
+    if item.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        obj, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+        obj, prefix = "text_completion", "cmpl"
+    body = {
+        "id": f"{prefix}-{secrets.token_hex(12)}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return {
+        "id": f"batch_req_{secrets.token_hex(12)}",
+        "custom_id": item.custom_id,
+        "response": {"status_code": 200, "request_id": body["id"], "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str | None, line_number: int, message: str, status_code: int = 400) -> dict:
+    """The output line of a request that could not run; the message names the input line."""
+    text = f"line {line_number}: {message}"
+    kind = "invalid_request_error" if status_code == 400 else "server_error"
+    return {
+        "id": f"batch_req_{secrets.token_hex(12)}",
+        "custom_id": custom_id,
+        "response": {
+            "status_code": status_code,
+            "request_id": None,
+            "body": {"error": {"message": text, "type": kind, "param": None, "code": None}},
+        },
+        "error": {"code": "invalid_request" if status_code == 400 else "server_error", "message": text},
+    }

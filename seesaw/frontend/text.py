@@ -1,0 +1,104 @@
+"""Text in and out: prompts and chat messages to token ids, and token ids back to text as they arrive."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class TextCodec:
+    """The model's tokenizer and chat template."""
+
+    def __init__(self, folder: Path | None):
+        from transformers import AutoTokenizer
+
+        has_tokenizer = folder is not None and any(
+            (Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder)) if has_tokenizer else None
+        self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else 0
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        self._require()
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the rendered chat, ending with the assistant's turn opening."""
+        self._require()
+        if self.tokenizer.chat_template is None:
+            raise ValueError("this model has no chat template; use a completion prompt")
+        text = self.tokenizer.apply_chat_template(
+            normalize_messages(messages), tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        known = [t for t in token_ids if 0 <= t < self.vocab_size]
+        return self.tokenizer.decode(known, skip_special_tokens=True)
+
+    def _require(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; send prompt token ids")
+
+
+def normalize_messages(messages) -> list[dict]:
+    """Check chat messages and flatten content parts to plain text; ValueError names the message."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    normalized = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES:
+            raise ValueError(f"messages[{index}].role must be one of {', '.join(_ROLES)}, got {role!r}")
+        if isinstance(content, list):
+            parts = []
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{index}].content[{part_index}] must be a text part")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+        normalized.append({"role": role, "content": content})
+    return normalized
+
+
+class IncrementalText:
+    """Text of a growing token list, emitted only once complete characters are known, with stop strings."""
+
+    def __init__(self, codec: TextCodec, stop: list[str]):
+        self.codec = codec
+        self.stop = stop
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.is_stopped = False
+        self._prefix_offset = 0  # tokens before this only give context for the next piece
+        self._read_offset = 0  # tokens before this are already in `text`
+        self._longest_stop = max((len(s) for s in stop), default=0)
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append tokens; return the text they completed (empty while a character is partial)."""
+        self.token_ids.extend(token_ids)
+        context = self.codec.decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self.codec.decode(self.token_ids[self._prefix_offset :])
+        if len(full) <= len(context) or full.endswith("\ufffd"):
+            return ""
+        piece = full[len(context) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
+        return self._append(piece)
+
+    def _append(self, piece: str) -> str:
+        before = len(self.text)
+        self.text += piece
+        if self.stop:
+            search_from = max(0, before - self._longest_stop + 1)
+            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.is_stopped = True
+        return self.text[before:]

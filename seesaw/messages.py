@@ -1,0 +1,361 @@
+"""Every message between actors, grouped by receiver, and their orjson wire encoding.
+
+Commands are imperative, events past tense; each docstring names sender -> receiver.
+Tensors never ride here: a message names a transfer, the bytes move on the data plane.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+import orjson
+
+from seesaw.sampling import SamplingParams
+
+# ---------------------------------------------------------------- shared parts
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How the last stage samples one row's next token."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    output_index: int = 0  # how many tokens the request has generated so far
+
+
+@dataclass(frozen=True)
+class StepRow:
+    """One request's part of a step: `token_ids` at positions start, start + 1, ..."""
+
+    request_id: str
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    sampling: RowSampling | None = None  # None: a prefill chunk that does not reach the end
+
+
+@dataclass(frozen=True)
+class TokenUpdate:
+    """New tokens of one request, and why it finished if it did."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class HostBufferSpec:
+    """Where the node's host KV buffer lives and how its blocks are shaped."""
+
+    name: str
+    num_blocks: int
+    block_shape: list[int]  # [layers, 2, kv_heads, block_size, head_dim]
+    dtype: str
+
+
+# ---------------------------------------------------------------- to the RequestQueue
+
+
+@dataclass(frozen=True)
+class Submit:
+    """front door -> RequestQueue: a user's request, not yet tokenized."""
+
+    request_id: str
+    reply_to: str
+    kind: str  # "chat" or "completion"
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class TokensGenerated:
+    """Scheduler -> RequestQueue: what one step produced."""
+
+    updates: list[TokenUpdate]
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """Scheduler -> RequestQueue: a request cannot run (too large, or the engine failed)."""
+
+    request_id: str
+    error: str
+    status_code: int = 500
+
+
+# ---------------------------------------------------------------- to a front door
+
+
+@dataclass(frozen=True)
+class RequestFinished:
+    """RequestQueue -> front door: a request's final result or its error."""
+
+    request_id: str
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    error: str | None = None
+    status_code: int = 200
+
+
+# ---------------------------------------------------------------- to the Scheduler
+
+
+@dataclass(frozen=True)
+class AddRequest:
+    """RequestQueue -> Scheduler: a validated, tokenized request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling: RowSampling
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """RequestQueue -> Scheduler: stop generating this request (stop string or cancel)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """ShardWorker -> Scheduler: a step finished; `sampled` has one token per sampled row."""
+
+    step_id: int
+    rank: int
+    sampled: list[int]
+    compute_ms: float
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    """Supervisor -> Scheduler: every worker is loaded; the device pool has this many blocks."""
+
+    num_device_blocks: int
+
+
+@dataclass(frozen=True)
+class EngineFailed:
+    """Supervisor -> Scheduler: the engine cannot go on; fail every request in flight."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """KVTier -> Scheduler: a request's KV left the device (`is_stored`) or was refused."""
+
+    request_id: str
+    is_stored: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """KVTier -> Scheduler: every worker copied the request's KV back onto its device."""
+
+    request_id: str
+
+
+# ---------------------------------------------------------------- to the KVTier
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Scheduler -> KVTier: move this request's KV from its device blocks to the host buffer."""
+
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Scheduler -> KVTier: copy this request's host KV into these device blocks."""
+
+    request_id: str
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class DropHostCopy:
+    """Scheduler -> KVTier: the request ended while its KV was on the host; free it."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class SwappedOut:
+    """ShardWorker -> KVTier: this worker's shard of the request's KV is in the host buffer."""
+
+    request_id: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Prefetched:
+    """ShardWorker -> KVTier: this worker's shard of the request's KV is back on its device."""
+
+    request_id: str
+    rank: int
+
+
+# ---------------------------------------------------------------- to a ShardWorker
+
+
+@dataclass(frozen=True)
+class LoadShard:
+    """Supervisor -> ShardWorker: build this shard of the model and its KV pool."""
+
+    hf_config: dict
+    weights_folder: str | None  # None: seeded random weights
+    dummy_seed: int
+    dtype: str
+    device: str
+    layout: str
+    rank: int
+    block_size: int
+    kv_cache_bytes: int | None  # None: size the pool from free device memory
+    memory_fraction: float
+    num_threads: int
+    host_buffer: HostBufferSpec | None
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """Scheduler -> ShardWorker: run one forward pass over these rows and sample."""
+
+    step_id: int
+    rows: list[StepRow]
+
+
+@dataclass(frozen=True)
+class SwapOut:
+    """KVTier -> ShardWorker: copy device blocks into host blocks (this worker's shard)."""
+
+    request_id: str
+    block_ids: list[int]
+    host_block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """KVTier -> ShardWorker: copy host blocks into device blocks (this worker's shard)."""
+
+    request_id: str
+    host_block_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Supervisor -> ShardWorker: finish, release everything and exit."""
+
+
+# ---------------------------------------------------------------- to the Supervisor
+
+
+@dataclass(frozen=True)
+class WorkerHello:
+    """ShardWorker -> Supervisor: a worker process is up and connected."""
+
+    rank: int
+    pid: int
+    hostname: str
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """ShardWorker -> Supervisor: the shard is loaded and its KV pool allocated."""
+
+    rank: int
+    num_device_blocks: int
+    load_s: float
+    device_name: str
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """ShardWorker (or the Supervisor's own watch) -> Supervisor: a worker cannot go on."""
+
+    rank: int
+    error: str
+    activity: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """ShardWorker -> Supervisor: still alive."""
+
+    rank: int
+
+
+# ---------------------------------------------------------------- encoding
+
+Message = typing.Any
+_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone,
+        EngineReady, EngineFailed, Evicted, Restored, Evict, Restore, DropHostCopy, SwappedOut,
+        Prefetched, LoadShard, RunStep, SwapOut, Prefetch, Shutdown, WorkerHello, WorkerReady,
+        WorkerFailed, Heartbeat,
+    )
+}
+
+
+def encode(message: Message) -> bytes:
+    """orjson bytes of `[type name, fields]`."""
+    return orjson.dumps([type(message).__name__, message])
+
+
+def decode(data: bytes) -> Message:
+    """The message `encode` wrote; ValueError on an unknown type or malformed fields."""
+    try:
+        name, fields = orjson.loads(data)
+        cls = _TYPES[name]
+    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"malformed message {data[:80]!r}: {error}") from error
+    return _build(cls, fields)
+
+
+_HINTS: dict[type, dict[str, typing.Any]] = {}
+
+
+def _build(cls: type, fields: dict):
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return cls(**{name: _convert(hints[name], value) for name, value in fields.items()})
+
+
+def _convert(hint, value):
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):
+            return [_build(item, entry) for entry in value]
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if dataclasses.is_dataclass(option):
+                return _build(option, value)
+    return value

@@ -1,0 +1,125 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) built for one shard of a layout.
+
+The layers hold only their shard's weights: query/key/value and gate/up are column-parallel
+(this shard's heads and MLP columns), output and down projections are row-parallel, and their
+partial sums meet in `reduce`, an all-reduce over the tensor-parallel group (identity at t1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seesaw.layout import Shard
+from seesaw.model.attention import AttentionBatch, paged_attention
+from seesaw.model.rope import apply_rotation
+from seesaw.model.spec import ModelSpec
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square normalisation computed in float32, as the reference implementation does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """One transformer block's shard: fused qkv and gate/up weights, paged attention."""
+
+    def __init__(self, spec: ModelSpec, shard: Shard, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_heads = shard.heads.size
+        self.num_kv_heads = shard.kv_heads.size
+        self.head_dim = spec.head_dim
+        self.eps = spec.rms_norm_eps
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_sizes = (q_size, kv_size, kv_size)
+
+        def empty(*shape):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.input_norm = empty(spec.hidden_size)
+        self.qkv = empty(q_size + 2 * kv_size, spec.hidden_size)
+        self.qkv_bias = empty(q_size + 2 * kv_size) if spec.qkv_bias else None
+        self.o_proj = empty(spec.hidden_size, q_size)
+        # A row-parallel bias is added once, after the all-reduce, by tensor-parallel rank 0.
+        self.o_bias = empty(spec.hidden_size) if spec.o_bias and shard.tp_rank == 0 else None
+        self.post_attention_norm = empty(spec.hidden_size)
+        self.gate_up = empty(2 * shard.ffn.size, spec.hidden_size)
+        self.down = empty(spec.hidden_size, shard.ffn.size)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: torch.Tensor,  # [2, num_slots, kv_heads, head_dim]
+        batch: AttentionBatch,
+        reduce: Reduce,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        x = rms_norm(hidden, self.input_norm, self.eps)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
+        q = apply_rotation(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotation(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        attn = paged_attention(q, k, v, kv[0], kv[1], batch)  # [num_tokens, heads, head_dim]
+        hidden = hidden + reduce(F.linear(attn.view(num_tokens, -1), self.o_proj, self.o_bias))
+        x = rms_norm(hidden, self.post_attention_norm, self.eps)
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [num_tokens, ffn_shard] each
+        return hidden + reduce(F.linear(F.silu(gate) * up, self.down))
+
+
+class ShardModel(nn.Module):
+    """The layers of one pipeline stage; the first stage embeds, the last projects to logits."""
+
+    def __init__(self, spec: ModelSpec, shard: Shard, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.spec = spec
+        self.shard = shard
+        self.dtype = dtype
+        self.device = device
+        self.layers = nn.ModuleList(
+            DecoderLayer(spec, shard, dtype, device) for _ in range(shard.layers.size)
+        )
+        self.embed = (
+            nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            if shard.is_first_stage or (shard.is_last_stage and spec.tie_word_embeddings)
+            else None
+        )
+        self.norm = None
+        self.lm_head = None
+        if shard.is_last_stage:
+            self.norm = nn.Parameter(torch.empty(spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            self.lm_head = (
+                self.embed
+                if spec.tie_word_embeddings
+                else nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            )
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.embed)  # [num_tokens, hidden]
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,  # [layers_in_shard, 2, num_slots, kv_heads, head_dim]
+        batch: AttentionBatch,
+        reduce: Reduce,
+    ) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, kv_cache[index], batch, reduce)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [rows, vocab] for the final hidden states of the sampled rows."""
+        x = rms_norm(hidden, self.norm, self.spec.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,51 @@
+"""A request as the scheduler sees it: tokens, progress through them, and the KV it holds (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from seesaw.messages import RowSampling
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"  # no KV anywhere; prefill (or recompute) pending
+    RUNNING = "running"  # KV on the device, schedulable
+    EVICTING = "evicting"  # KV being copied to the host buffer; device blocks still held
+    SWAPPED = "swapped"  # KV only in the host buffer
+    RESTORING = "restoring"  # KV being copied back into freshly allocated device blocks
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    sampling: RowSampling
+    stop_token_ids: frozenset[int]
+    arrival: int
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_in_flight: int = 0  # steps in flight that include this request
+    is_stopped: bool = False  # finished by the user while busy; released once idle
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens whose KV is still to be computed."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt followed by output."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]

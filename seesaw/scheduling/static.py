@@ -1,0 +1,322 @@
+"""Continuous batching with chunked prefill under a token budget, for one static layout (pure).
+
+Each step takes, in order: running requests (decode tokens and unfinished prefill chunks),
+then requests coming back from the host buffer, then new requests, until the token budget or
+the device KV pool runs out. When a running request needs a block and none is free, the newest
+running request is evicted to the host buffer (or, if the host buffer refuses, recomputed later).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from seesaw.kv.block_pool import BlockPool, blocks_for
+from seesaw.messages import (
+    AddRequest,
+    DropHostCopy,
+    Evict,
+    Restore,
+    RowSampling,
+    StepRow,
+    TokenUpdate,
+)
+from seesaw.scheduling.request import RequestState, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduling limits; validated once."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    watermark: float = 0.01  # fraction of device blocks kept free when admitting new requests
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+
+
+@dataclass
+class StepPlan:
+    """What to do next: a step to run (rows may be empty) and KV moves to start."""
+
+    step_id: int
+    rows: list[StepRow] = field(default_factory=list)
+    evictions: list[Evict] = field(default_factory=list)
+    restores: list[Restore] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.rows or self.evictions or self.restores)
+
+
+class StaticScheduler:
+    """The scheduling core: owns request states and the device block pool; no I/O."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_device_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+    ):
+        self.config = config
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pool = BlockPool(num_device_blocks)
+        self.watermark_blocks = int(config.watermark * num_device_blocks)
+        self.requests: dict[str, RequestState] = {}
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []  # in arrival order
+        self.swapped: deque[RequestState] = deque()
+        self._in_flight: dict[int, list[StepRow]] = {}
+        self._next_step_id = 0
+        self._next_arrival = 0
+        self._evicting_blocks = 0
+        self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0}
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_in_flight_steps(self) -> int:
+        return len(self._in_flight)
+
+    def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request of this size can never fit the device KV pool, or None."""
+        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        needed = blocks_for(longest, self.block_size)
+        if needed > self.pool.num_blocks:
+            return (
+                f"the request may grow to {longest} tokens ({needed} KV blocks); the device "
+                f"KV pool holds {self.pool.num_blocks} blocks"
+            )
+        return None
+
+    # ------------------------------------------------------------ commands
+
+    def add(self, request: AddRequest) -> None:
+        """Queue a request; call `capacity_error` first."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        state = RequestState(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            max_tokens=request.max_tokens,
+            sampling=request.sampling,
+            stop_token_ids=frozenset(request.stop_token_ids)
+            | (frozenset() if request.ignore_eos else self.eos_token_ids),
+            arrival=self._next_arrival,
+        )
+        self._next_arrival += 1
+        self.requests[state.request_id] = state
+        self.waiting.append(state)
+
+    def stop(self, request_id: str) -> list[DropHostCopy]:
+        """Finish a request early; its KV is released as soon as nothing is using it."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return []
+        if state.num_in_flight or state.status in (RequestStatus.EVICTING, RequestStatus.RESTORING):
+            state.is_stopped = True
+            return []
+        was_swapped = state.status is RequestStatus.SWAPPED
+        self._finish(state)
+        return [DropHostCopy(request_id)] if was_swapped else []
+
+    def schedule(self) -> StepPlan:
+        """Plan the next step over requests not already in flight."""
+        plan = StepPlan(step_id=self._next_step_id)
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        budget = self._schedule_running(plan, budget, scheduled)
+        self._schedule_restores(plan)
+        if not self.swapped:
+            self._schedule_waiting(plan, budget, scheduled)
+        self.counters["evictions"] += len(plan.evictions)
+        self.counters["restores"] += len(plan.restores)
+        if plan.rows:
+            self.counters["steps"] += 1
+            self._next_step_id += 1
+            self._in_flight[plan.step_id] = plan.rows
+        return plan
+
+    def complete(self, step_id: int, sampled: list[int]) -> list[TokenUpdate]:
+        """Take a finished step's sampled tokens; return what each request gained."""
+        rows = self._in_flight.pop(step_id, None)
+        if rows is None:
+            return []  # a step of requests already failed
+        tokens = iter(sampled)
+        updates: list[TokenUpdate] = []
+        for row in rows:
+            state = self.requests[row.request_id]
+            state.num_in_flight -= 1
+            token = next(tokens) if row.sampling is not None else None
+            if state.is_stopped:
+                if not state.num_in_flight:
+                    self._finish(state)
+                continue
+            if token is not None:
+                updates.append(self._append(state, token))
+        return updates
+
+    def on_evicted(self, request_id: str, is_stored: bool) -> list[DropHostCopy]:
+        state = self.requests.get(request_id)
+        if state is None or state.status is not RequestStatus.EVICTING:
+            return [DropHostCopy(request_id)] if is_stored else []
+        self._evicting_blocks -= len(state.block_ids)
+        self.pool.free(state.block_ids)
+        state.block_ids = []
+        if state.is_stopped:
+            self._finish(state)
+            return [DropHostCopy(request_id)] if is_stored else []
+        if is_stored:
+            state.status = RequestStatus.SWAPPED
+            self.swapped.append(state)
+        else:
+            self.counters["recomputes"] += 1
+            state.num_computed_tokens = 0
+            state.status = RequestStatus.WAITING
+            self.waiting.appendleft(state)
+        return []
+
+    def on_restored(self, request_id: str) -> None:
+        state = self.requests.get(request_id)
+        if state is None or state.status is not RequestStatus.RESTORING:
+            return
+        if state.is_stopped:
+            self._finish(state)
+            return
+        state.status = RequestStatus.RUNNING
+        bisect.insort(self.running, state, key=lambda s: s.arrival)
+
+    def fail_all(self) -> list[str]:
+        """Drop every request (the engine cannot go on); return their ids."""
+        request_ids = list(self.requests)
+        for state in list(self.requests.values()):
+            self._finish(state)
+        self._in_flight.clear()
+        return request_ids
+
+    # ------------------------------------------------------------ steps
+
+    def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str]) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            state = self.running[index]
+            index += 1
+            if state.num_in_flight or state.num_pending_tokens == 0:
+                continue
+            num_new = min(state.num_pending_tokens, budget)
+            needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
+            while self.pool.num_free + self._evicting_blocks < needed:
+                victim = self._pick_victim(scheduled)
+                if victim is None:
+                    break
+                if self.running.index(victim) < index:
+                    index -= 1  # the victim sat before the cursor
+                self._evict(victim, plan)
+                if victim is state:
+                    break
+            if state.status is not RequestStatus.RUNNING or not self.pool.can_allocate(needed):
+                continue  # waits for an eviction to land, or was evicted itself
+            state.block_ids.extend(self.pool.allocate(needed))
+            plan.rows.append(self._row(state, num_new))
+            scheduled.add(state.request_id)
+            budget -= num_new
+        return budget
+
+    def _schedule_restores(self, plan: StepPlan) -> None:
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            state = self.swapped[0]
+            needed = blocks_for(state.num_computed_tokens + 1, self.block_size)
+            if self.pool.num_free - needed < self.watermark_blocks:
+                return
+            self.swapped.popleft()
+            state.block_ids = self.pool.allocate(needed)
+            state.status = RequestStatus.RESTORING
+            plan.restores.append(Restore(state.request_id, list(state.block_ids)))
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int, scheduled: set[str]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            state = self.waiting[0]
+            num_new = min(state.num_pending_tokens, budget)
+            needed = blocks_for(num_new, self.block_size)
+            if self.pool.num_free - needed < self.watermark_blocks and self.running:
+                return
+            if not self.pool.can_allocate(needed):
+                return
+            self.waiting.popleft()
+            state.block_ids = self.pool.allocate(needed)
+            state.status = RequestStatus.RUNNING
+            bisect.insort(self.running, state, key=lambda s: s.arrival)
+            plan.rows.append(self._row(state, num_new))
+            scheduled.add(state.request_id)
+            budget -= num_new
+
+    def _row(self, state: RequestState, num_new: int) -> StepRow:
+        start = state.num_computed_tokens
+        state.num_computed_tokens += num_new
+        state.num_in_flight += 1
+        reaches_end = state.num_computed_tokens == state.num_tokens
+        sampling = None
+        if reaches_end:
+            sampling = RowSampling(
+                temperature=state.sampling.temperature,
+                top_p=state.sampling.top_p,
+                top_k=state.sampling.top_k,
+                seed=state.sampling.seed,
+                output_index=len(state.output_token_ids),
+            )
+        return StepRow(state.request_id, state.token_ids(start, start + num_new), start, list(state.block_ids), sampling)
+
+    def _pick_victim(self, scheduled: set[str]) -> RequestState | None:
+        for state in reversed(self.running):
+            if not state.num_in_flight and state.request_id not in scheduled:
+                return state
+        return None
+
+    def _evict(self, state: RequestState, plan: StepPlan) -> None:
+        self.running.remove(state)
+        state.status = RequestStatus.EVICTING
+        self._evicting_blocks += len(state.block_ids)
+        plan.evictions.append(Evict(state.request_id, list(state.block_ids), state.num_computed_tokens))
+
+    # ------------------------------------------------------------ results
+
+    def _append(self, state: RequestState, token: int) -> TokenUpdate:
+        state.output_token_ids.append(token)
+        reason = None
+        if token in state.stop_token_ids:
+            reason = "stop"
+        elif len(state.output_token_ids) >= state.max_tokens or state.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(state)
+        return TokenUpdate(state.request_id, [token], reason)
+
+    def _finish(self, state: RequestState) -> None:
+        if state.status in (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING):
+            self.pool.free(state.block_ids)
+        if state.status is RequestStatus.EVICTING:
+            self._evicting_blocks -= len(state.block_ids)
+        state.block_ids = []
+        if state.status is RequestStatus.RUNNING:
+            self.running.remove(state)
+        elif state.status is RequestStatus.WAITING:
+            self.waiting.remove(state)
+        elif state.status is RequestStatus.SWAPPED:
+            self.swapped.remove(state)
+        state.status = RequestStatus.FINISHED
+        self.requests.pop(state.request_id, None)

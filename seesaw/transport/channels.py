@@ -1,0 +1,68 @@
+"""Typed message channels over ZeroMQ: an actor's inbox (PULL) and the outboxes that reach it (PUSH).
+
+The same code serves one process (`inproc://`), one host (`ipc://`) and several hosts (`tcp://`);
+only the address differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+import zmq.asyncio
+
+from seesaw.messages import Message, decode, encode
+
+
+class Inbox:
+    """The receiving end of an actor: bound at one or more addresses, decoded messages out."""
+
+    def __init__(self, context: zmq.asyncio.Context, *addresses: str):
+        self.addresses = addresses
+        self._socket = context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.RCVHWM, 0)
+        for address in addresses:
+            self._socket.bind(address)
+
+    async def recv(self, timeout_s: float | None = None) -> Message:
+        """The next message; TimeoutError after `timeout_s` seconds (None waits for one)."""
+        if timeout_s is None:
+            return decode(await self._socket.recv())
+        if not await self._socket.poll(timeout=int(timeout_s * 1000)):
+            raise TimeoutError(f"no message on {self.addresses[0]} within {timeout_s:.1f} s")
+        return decode(await self._socket.recv())
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class Outbox:
+    """A sending end connected to one inbox; `send` never blocks (the queue is unbounded)."""
+
+    def __init__(self, context: zmq.asyncio.Context | zmq.Context, address: str):
+        self.address = address
+        sync_context = zmq.Context.shadow(context.underlying)
+        self._socket = sync_context.socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 2000)
+        self._socket.setsockopt(zmq.SNDHWM, 0)
+        self._socket.connect(address)
+
+    def send(self, message: Message) -> None:
+        self._socket.send(encode(message))
+
+    def close(self, linger_s: float = 2.0) -> None:
+        self._socket.close(linger=int(linger_s * 1000))
+
+
+async def first_of(inbox: Inbox, wanted: type, timeout_s: float, what: str) -> Message:
+    """Wait for a message of type `wanted` on `inbox`; others are an error, silence a TimeoutError."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError(f"{what}: nothing within {timeout_s:.0f} s")
+        message = await inbox.recv(timeout_s=remaining)
+        if isinstance(message, wanted):
+            return message
+        raise ValueError(f"{what}: expected {wanted.__name__}, got {type(message).__name__}")

@@ -1,0 +1,127 @@
+"""Test helpers: tiny random Llama-family models as real safetensors folders, a real engine run,
+and Hugging Face transformers as the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig
+from seesaw.layout import Layout
+from seesaw.model.resolve import resolve_model
+from seesaw.sampling import SamplingParams
+from seesaw.scheduling.static import SchedulerConfig
+
+TINY_VOCAB = 320
+
+# name -> (transformers config class name, config fields)
+TINY_MODELS = {
+    "llama-gqa-tied": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )),
+    "llama-mqa-llama3-rope": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    )),
+    "llama-mha-linear-rope": ("LlamaConfig", dict(
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    )),
+    "qwen2-bias": ("Qwen2Config", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )),
+    "mistral": ("MistralConfig", dict(
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )),
+}
+
+
+def make_tiny_model(folder: Path, name: str) -> Path:
+    """Save a tiny random model of the named family as a Hugging Face folder."""
+    import transformers
+
+    config_class, fields = TINY_MODELS[name]
+    config = getattr(transformers, config_class)(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **fields,
+    )
+    torch.manual_seed(sum(map(ord, name)))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name:
+                param.uniform_(0.8, 1.2)
+            else:
+                param.normal_(0.0, 0.15)  # wide logits keep greedy choices away from near-ties
+    model.save_pretrained(folder)
+    return folder
+
+
+def engine_config(source: str, **overrides) -> EngineConfig:
+    """A small CPU engine: one thread per worker, little memory, short timeouts."""
+    layout = overrides.pop("layout", "t1")
+    config = EngineConfig(
+        model=ModelConfig(model=source),
+        cache=CacheConfig(kv_cache_gb=0.05, host_buffer_gb=0.05),
+        parallel=ParallelConfig(layout=Layout.parse(layout), threads_per_worker=1),
+        scheduler=SchedulerConfig(max_num_batched_tokens=256),
+        transport=TransportConfig(worker_start_timeout_s=120, step_timeout_s=120, heartbeat_timeout_s=30),
+        cache_dir=Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw")),
+    )
+    for slice_name, values in overrides.items():
+        config = replace(config, **{slice_name: replace(getattr(config, slice_name), **values)})
+    return config
+
+
+def generate(config: EngineConfig, requests: list[dict], sequential: bool = False, timeout_s: float = 300,
+             stats: dict | None = None):
+    """Run requests (keyword arguments of LocalClient.submit plus `sampling`) through a fresh engine;
+    `stats`, when given, receives the engine's counters."""
+    from seesaw.engine import Engine
+    from seesaw.frontend.local import LocalClient
+
+    resolved = resolve_model(config.model.model, config.cache_dir)
+
+    async def main():
+        async with Engine(config, resolved) as engine, LocalClient(engine, "test") as client:
+            if sequential:
+                results = [await client.generate(**request) for request in requests]
+            else:
+                results = await asyncio.gather(*(client.submit(**request) for request in requests))
+            if stats is not None:
+                stats.update(engine.stats())
+            return results
+
+    return asyncio.run(asyncio.wait_for(main(), timeout_s))
+
+
+def greedy(max_tokens: int, **fields) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
+
+
+def hf_greedy(folder: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Reference continuations from Hugging Face transformers, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outputs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+            outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def random_prompts(count: int, lengths: list[int], vocab: int = TINY_VOCAB, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=generator).tolist() for i in range(count)]

@@ -1,0 +1,79 @@
+"""Batch lines in and out: both input formats, every kind of bad line, and the OpenAI output shape."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from seesaw.frontend.batch_io import LineError, SamplingDefaults, error_line, parse_line, result_line
+
+DEFAULTS = SamplingDefaults(max_tokens=32, temperature=0.5)
+
+
+def line(record) -> bytes:
+    return orjson.dumps(record)
+
+
+def test_openai_chat_line():
+    item = parse_line(line({
+        "custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "seed": 3,
+                 "stop": "x", "top_k": -1},
+    }), 1, DEFAULTS)
+    assert (item.custom_id, item.kind, item.model) == ("a", "chat", "m")
+    assert (item.sampling.max_tokens, item.sampling.temperature, item.sampling.seed) == (5, 0.5, 3)
+    assert (item.sampling.stop, item.sampling.top_k) == (["x"], 0)
+
+
+def test_openai_completion_line_with_token_ids():
+    item = parse_line(line({"custom_id": "b", "method": "POST", "url": "/v1/completions",
+                            "body": {"prompt": [5, 6, 7], "max_completion_tokens": 9}}), 2, DEFAULTS)
+    assert (item.kind, item.prompt_token_ids, item.sampling.max_tokens) == ("completion", [5, 6, 7], 9)
+
+
+def test_simple_lines_take_defaults_and_number_their_ids():
+    item = parse_line(line({"prompt": "Once"}), 7, DEFAULTS)
+    assert (item.custom_id, item.kind, item.prompt, item.sampling.max_tokens) == ("line-7", "completion", "Once", 32)
+    chat = parse_line(line({"id": "q", "messages": [{"role": "user", "content": "x"}], "temperature": 0}), 8, DEFAULTS)
+    assert (chat.custom_id, chat.kind, chat.sampling.temperature) == ("q", "chat", 0)
+
+
+@pytest.mark.parametrize("raw,problem", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (line({"max_tokens": 3}), "has no prompt"),
+    (line({"custom_id": "c", "url": "/v1/embeddings", "body": {}}), "unknown url"),
+    (line({"custom_id": "c", "url": "/v1/completions", "body": {"messages": []}}), "needs prompt"),
+    (line({"prompt": "x", "temperature": -1}), "temperature"),
+    (line({"prompt": "x", "top_p": 0}), "top_p"),
+    (line({"prompt": "x", "max_tokens": 0}), "max_tokens"),
+    (line({"prompt": "x", "max_tokens": "many"}), "max_tokens"),
+    (line({"prompt": "x", "n": 2}), "n must be 1"),
+    (line({"prompt": "x", "logprobs": 2}), "logprobs is not supported"),
+    (line({"prompt": ""}), "prompt is empty"),
+    (line({"prompt": "x", "stop": [1]}), "stop"),
+    (line({"messages": "hello"}), "messages must be a non-empty list"),
+])
+def test_bad_lines_name_the_problem_and_the_line(raw, problem):
+    with pytest.raises(LineError) as caught:
+        parse_line(raw, 12, DEFAULTS)
+    assert problem in str(caught.value)
+    assert str(caught.value).startswith("line 12:")
+
+
+def test_result_line_has_the_openai_batch_shape():
+    item = parse_line(line({"custom_id": "z", "url": "/v1/chat/completions", "method": "POST",
+                            "body": {"messages": [{"role": "user", "content": "hi"}]}}), 1, DEFAULTS)
+    out = result_line(item, "hello", "stop", 4, 2, "model-x")
+    assert out["custom_id"] == "z" and out["error"] is None
+    body = out["response"]["body"]
+    assert out["response"]["status_code"] == 200
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+def test_error_line_carries_status_and_line_number():
+    out = error_line("c", 9, "bad thing")
+    assert out["response"]["status_code"] == 400
+    assert out["error"]["message"] == "line 9: bad thing"
+    assert out["response"]["body"]["error"]["message"] == "line 9: bad thing"

@@ -1,0 +1,47 @@
+"""Tokenizing prompts and chats, and detokenizing token by token with stop strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from seesaw.frontend.text import IncrementalText, TextCodec, normalize_messages
+
+
+@pytest.fixture(scope="module")
+def codec(default_model):
+    return TextCodec(default_model.tokenizer_folder)
+
+
+def test_incremental_text_equals_the_full_decode(codec):
+    text = "Héllo wörld! 東京 🎉 — naïve café, ünïcödé ✓"
+    ids = codec.encode_prompt(text)
+    stream = IncrementalText(codec, [])
+    pieces = [stream.add([token]) for token in ids]
+    assert "".join(pieces) == stream.text == codec.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_stop_string_spanning_tokens_truncates_before_it(codec):
+    ids = codec.encode_prompt("one two three four five")
+    stream = IncrementalText(codec, ["ee fo"])
+    for token in ids:
+        stream.add([token])
+        if stream.is_stopped:
+            break
+    assert stream.is_stopped and stream.text == "one two thr"
+
+
+def test_chat_template_ends_with_the_assistant_turn(codec):
+    ids = codec.encode_chat([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert codec.decode(ids).rstrip().endswith("assistant")
+
+
+@pytest.mark.parametrize("messages,problem", [
+    ([], "non-empty list"),
+    ([{"role": "robot", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "image_url"}]}], "messages[1].content[0]"),
+])
+def test_bad_messages_name_the_message(messages, problem):
+    with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        normalize_messages(messages)
