@@ -116,8 +116,9 @@ def hf_greedy(folder: Path, prompts: list[list[int]], max_tokens: int) -> list[l
     with torch.inference_mode():
         for prompt in prompts:
             ids = torch.tensor([prompt])
+            # No end-of-sequence token: neither stop at one nor suppress it (as ignore_eos does).
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+                                 do_sample=False, pad_token_id=0, eos_token_id=None)
             outputs.append(out[0, len(prompt):].tolist())
     return outputs
 

@@ -95,7 +95,8 @@ class Supervisor(Actor):
 
     def _arm_watch(self) -> None:
         if self._watch is None:
-            self._watch = asyncio.get_running_loop().call_later(1.0, self._check_heartbeats)
+            interval_s = min(1.0, self.heartbeat_timeout_s / 4)
+            self._watch = asyncio.get_running_loop().call_later(interval_s, self._check_heartbeats)
 
     def _check_heartbeats(self) -> None:
         self._watch = None

@@ -1,0 +1,191 @@
+"""Actor message flows over real in-process ZeroMQ channels, with the test playing the peers."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import zmq.asyncio
+
+from seesaw import messages as m
+from seesaw.actors.kv_tier import KVTier
+from seesaw.actors.request_queue import RequestQueue
+from seesaw.actors.scheduler import Scheduler
+from seesaw.actors.supervisor import Supervisor
+from seesaw.frontend.text import TextCodec
+from seesaw.kv.host_slots import HostSlots
+from seesaw.sampling import SamplingParams
+from seesaw.scheduling.static import SchedulerConfig
+from seesaw.transport.channels import Inbox, Outbox
+
+_names = itertools.count()
+
+
+class Wiring:
+    """Inboxes the test reads (standing in for peers) and outboxes into the actor under test."""
+
+    def __init__(self):
+        self.context = zmq.asyncio.Context()
+        self.closables = []
+
+    def address(self) -> str:
+        return f"inproc://test-{next(_names)}"
+
+    def inbox(self) -> Inbox:
+        box = Inbox(self.context, self.address())
+        self.closables.append(box)
+        return box
+
+    def outbox(self, inbox: Inbox) -> Outbox:
+        box = Outbox(self.context, inbox.addresses[0])
+        self.closables.append(box)
+        return box
+
+    def close(self):
+        for box in self.closables:
+            box.close() if isinstance(box, Inbox) else box.close(linger_s=0)
+        self.context.term()
+
+
+@pytest.fixture
+async def wiring():
+    wires = Wiring()
+    yield wires
+    wires.close()
+
+
+async def expect(inbox: Inbox, kind: type, timeout_s: float = 5.0):
+    message = await inbox.recv(timeout_s=timeout_s)
+    assert isinstance(message, kind), message
+    return message
+
+
+def row_sampling():
+    return m.RowSampling(0.0)
+
+
+async def test_scheduler_runs_steps_and_reports_tokens(wiring):
+    worker, kv, queue = wiring.inbox(), wiring.inbox(), wiring.inbox()
+    inbox = wiring.inbox()
+    stalls = []
+    actor = Scheduler(inbox, SchedulerConfig(max_num_batched_tokens=8), 4, 64, (2,),
+                      [wiring.outbox(worker)], wiring.outbox(kv), wiring.outbox(queue), 30.0, stalls.append)
+    actor.start()
+    to_actor = wiring.outbox(inbox)
+    # 1. A request that arrives before the engine is ready waits for it.
+    to_actor.send(m.AddRequest("a", [5, 6, 7, 8, 9, 10], 2, row_sampling()))
+    to_actor.send(m.EngineReady(num_device_blocks=8))
+    step = await expect(worker, m.RunStep)
+    assert [(r.request_id, r.token_ids, r.start) for r in step.rows] == [("a", [5, 6, 7, 8, 9, 10], 0)]
+    # 2. The sampled token goes to the RequestQueue and the next step decodes it.
+    to_actor.send(m.StepDone(step.step_id, 0, [42], 1.0))
+    assert (await expect(queue, m.TokensGenerated)).updates == [m.TokenUpdate("a", [42], None)]
+    step = await expect(worker, m.RunStep)
+    assert [(r.token_ids, r.start) for r in step.rows] == [([42], 6)]
+    # 3. The second token reaches max_tokens.
+    to_actor.send(m.StepDone(step.step_id, 0, [43], 1.0))
+    assert (await expect(queue, m.TokensGenerated)).updates == [m.TokenUpdate("a", [43], "length")]
+    # 4. A request larger than the pool is refused with a reason.
+    to_actor.send(m.AddRequest("huge", [1] * 60, 60, row_sampling()))
+    failed = await expect(queue, m.RequestFailed)
+    assert failed.request_id == "huge" and failed.status_code == 400
+    # 5. An engine failure fails every request in flight.
+    to_actor.send(m.AddRequest("b", [5, 6], 4, row_sampling()))
+    await expect(worker, m.RunStep)
+    to_actor.send(m.EngineFailed("worker 0 died"))
+    failed = await expect(queue, m.RequestFailed)
+    assert (failed.request_id, failed.error) == ("b", "worker 0 died")
+    await actor.stop()
+    assert stalls == []
+
+
+async def test_kv_tier_counts_every_worker_before_reporting(wiring):
+    workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
+    actor = KVTier(inbox, HostSlots(num_blocks=4, block_size=4), [wiring.outbox(w) for w in workers],
+                   wiring.outbox(scheduler))
+    actor.start()
+    to_actor = wiring.outbox(inbox)
+    # 1. An eviction goes to every worker; the scheduler hears once both have copied.
+    to_actor.send(m.Evict("a", [7, 8, 9], num_tokens=10))
+    copies = [await expect(w, m.SwapOut) for w in workers]
+    assert copies[0] == copies[1] and copies[0].block_ids == [7, 8, 9] and len(copies[0].host_block_ids) == 3
+    to_actor.send(m.SwappedOut("a", 1))
+    to_actor.send(m.SwappedOut("a", 0))
+    assert await expect(scheduler, m.Evicted) == m.Evicted("a", True)
+    # 2. A second eviction that does not fit the host buffer is refused.
+    to_actor.send(m.Evict("b", [1, 2], num_tokens=8))
+    refused = await expect(scheduler, m.Evicted)
+    assert (refused.request_id, refused.is_stored) == ("b", False)
+    # 3. Restoring prefetches on every worker and frees the host slot when all are done.
+    to_actor.send(m.Restore("a", [3, 4, 5, 6]))
+    prefetches = [await expect(w, m.Prefetch) for w in workers]
+    assert prefetches[0].block_ids == [3, 4, 5, 6]
+    for rank in (0, 1):
+        to_actor.send(m.Prefetched("a", rank))
+    assert await expect(scheduler, m.Restored) == m.Restored("a")
+    assert actor.slots.num_free_blocks == 4
+    await actor.stop()
+
+
+@pytest.fixture(scope="module")
+def codec(default_model):
+    return TextCodec(default_model.tokenizer_folder)
+
+
+async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiring, codec):
+    scheduler, replies, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
+    actor = RequestQueue(inbox, wiring.context, wiring.outbox(scheduler), codec, max_model_len=64, vocab_size=49152)
+    actor.start()
+    to_actor = wiring.outbox(inbox)
+    reply_to = replies.addresses[0]
+    # 1. A prompt is tokenized and handed to the scheduler.
+    to_actor.send(m.Submit("r", reply_to, "completion", SamplingParams(max_tokens=20, stop=["three"]), prompt="Count:"))
+    added = await expect(scheduler, m.AddRequest)
+    assert added.prompt_token_ids == codec.encode_prompt("Count:") and added.max_tokens == 20
+    # 2. Tokens come back; the stop string ends the request and tells the scheduler.
+    for token in codec.encode_prompt(" one two three four"):
+        to_actor.send(m.TokensGenerated([m.TokenUpdate("r", [token])]))
+    assert await expect(scheduler, m.StopRequest) == m.StopRequest("r")
+    finished = await expect(replies, m.RequestFinished)
+    assert (finished.text, finished.finish_reason, finished.error) == (" one two ", "stop", None)
+    # 3. Invalid requests are answered at once and never reach the scheduler.
+    to_actor.send(m.Submit("bad", reply_to, "completion", SamplingParams(top_k=-3), prompt="x"))
+    to_actor.send(m.Submit("long", reply_to, "completion", SamplingParams(), prompt_token_ids=[5] * 64))
+    bad, long = await expect(replies, m.RequestFinished), await expect(replies, m.RequestFinished)
+    assert "top_k" in bad.error and bad.status_code == 400
+    assert "context is 64 tokens" in long.error
+    with pytest.raises(TimeoutError):
+        await scheduler.recv(timeout_s=0.2)
+    await actor.stop()
+
+
+async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
+    workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
+    commands = [m.LoadShard({}, None, 0, "float32", "cpu", "t2", rank, 16, 1, 0.9, 1, None) for rank in (0, 1)]
+    ready, failures = [], []
+    actor = Supervisor(inbox, commands, [wiring.outbox(w) for w in workers], wiring.outbox(scheduler),
+                       heartbeat_timeout_s=0.5, on_ready=ready.append, on_failure=failures.append)
+    actor.start()
+    to_actor = wiring.outbox(inbox)
+    # 1. Each worker that says hello is told to load its own shard.
+    for rank in (1, 0):
+        to_actor.send(m.WorkerHello(rank, 100 + rank, "host"))
+    assert (await expect(workers[0], m.LoadShard)).rank == 0
+    assert (await expect(workers[1], m.LoadShard)).rank == 1
+    # 2. Once all are ready the scheduler learns the smallest pool.
+    to_actor.send(m.WorkerReady(0, 50, 1.0, "cpu"))
+    to_actor.send(m.WorkerReady(1, 40, 1.0, "cpu"))
+    assert await expect(scheduler, m.EngineReady) == m.EngineReady(40)
+    # 3. Worker 1 keeps beating, worker 0 goes silent: the engine fails, naming worker 0.
+    async def beat():
+        while True:
+            to_actor.send(m.Heartbeat(1))
+            await asyncio.sleep(0.05)
+
+    beating = asyncio.ensure_future(beat())
+    failed = await expect(scheduler, m.EngineFailed, timeout_s=5.0)
+    beating.cancel()
+    assert "worker 0" in failed.reason and "no heartbeat" in failed.reason
+    assert failures == [failed.reason] and len(ready) == 1
+    await actor.stop()

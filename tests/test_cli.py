@@ -1,0 +1,94 @@
+"""`seesaw-cli batch` as users run it: a separate process, a file in, a file out, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+LINES = [
+    {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6}},
+    {"id": "plain", "prompt": "The sun rises in the", "max_tokens": 5},
+    "this is not json",
+    {"id": "no-prompt", "max_tokens": 3},
+    {"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+    {"id": "hot", "prompt": "x", "temperature": 500},
+    {"id": "too-long", "prompt": "word " * 200},
+    {"id": "stop", "prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 30, "stop": ["10"]},
+]
+
+
+def run_cli(*args, timeout_s=240) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "seesaw_cli.main", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env={**os.environ})
+
+
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory, default_model):
+    folder = tmp_path_factory.mktemp("batch")
+    source, results = folder / "in.jsonl", folder / "out.jsonl"
+    source.write_text("\n".join(line if isinstance(line, str) else orjson.dumps(line).decode() for line in LINES) + "\n")
+    done = run_cli("batch", source, "-o", results, "--temperature", "0", "--max-tokens", "8",
+                   "--max-model-len", "128", "--threads", "1", "--kv-cache-gb", "0.1", "--host-buffer-gb", "0.05")
+    return done, [orjson.loads(line) for line in results.read_text().splitlines()]
+
+
+def test_every_line_gets_exactly_one_result(batch_run):
+    done, results = batch_run
+    assert done.returncode == 0, done.stderr
+    assert sorted(str(r["custom_id"]) for r in results) == sorted(
+        ["chat", "plain", "None", "no-prompt", "embed", "hot", "too-long", "stop"]
+    )
+
+
+def test_good_lines_succeed_in_openai_batch_format(batch_run):
+    _, results = batch_run
+    by_id = {r["custom_id"]: r for r in results}
+    chat = by_id["chat"]["response"]
+    assert chat["status_code"] == 200 and chat["body"]["object"] == "chat.completion"
+    assert chat["body"]["choices"][0]["message"]["role"] == "assistant"
+    usage = chat["body"]["usage"]
+    assert 0 < usage["completion_tokens"] <= 6 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    plain = by_id["plain"]["response"]["body"]
+    assert plain["choices"][0]["finish_reason"] == "length" and plain["usage"]["completion_tokens"] == 5
+    stopped = by_id["stop"]["response"]["body"]["choices"][0]
+    assert stopped["finish_reason"] == "stop" and "10" not in stopped["text"]
+
+
+@pytest.mark.parametrize("custom_id,line,problem", [
+    (None, 3, "not valid JSON"),
+    ("no-prompt", 4, "has no prompt"),
+    ("embed", 5, "unknown url"),
+    ("hot", 6, "temperature"),
+    ("too-long", 7, "context is 128 tokens"),
+])
+def test_bad_lines_get_a_400_naming_the_line(batch_run, custom_id, line, problem):
+    _, results = batch_run
+    (result,) = [r for r in results if r["custom_id"] == custom_id]
+    assert result["response"]["status_code"] == 400
+    assert result["error"]["message"].startswith(f"line {line}:") and problem in result["error"]["message"]
+
+
+def test_summary_reports_counts_and_throughput(batch_run):
+    done, _ = batch_run
+    assert "requests: 3 ok, 5 failed" in done.stderr
+    assert "total tokens/s" in done.stderr and "engine ready in" in done.stderr
+
+
+def test_missing_input_is_a_one_line_error(tmp_path):
+    done = run_cli("batch", tmp_path / "absent.jsonl", timeout_s=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: input file {tmp_path / 'absent.jsonl'} not found"]
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    done = run_cli("batch", source, "--model", "no/such/model", timeout_s=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "model 'no/such/model' is not" in done.stderr
