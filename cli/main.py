@@ -44,6 +44,8 @@ def batch(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")] = None,
     seed: Annotated[int, typer.Option(help="seed for dummy weights and unseeded sampling")] = 0,
     max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
+    head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
+    local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")] = False,
 ) -> None:
     """Run every line of INPUT.jsonl; write one OpenAI batch output line per request as it finishes."""
@@ -57,7 +59,7 @@ def batch(
             model=model, device=device, dtype=dtype, layout=layout, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
-            threads=threads, seed=seed,
+            threads=threads, seed=seed, head_address=head_address, local_workers=local_workers,
         )
         from seesaw.frontend.batch_io import SamplingDefaults
         from seesaw.sampling import SamplingParams
@@ -72,9 +74,24 @@ def batch(
     raise typer.Exit(0 if summary is not None else 1)
 
 
+@app.command()
+def worker(
+    head: Annotated[str, typer.Option(help="the head's address, tcp://HOST:PORT (its --head-address)")],
+    rank: Annotated[int, typer.Option(help="rank to take (default: the head assigns one)")] = -1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log worker events")] = False,
+) -> None:
+    """Join a head on another host as one worker; exits when the head shuts down."""
+    from seesaw.worker import main as worker_main
+
+    worker_main(["--head", head, "--rank", str(rank), "--log-level", "INFO" if verbose else "WARNING"])
+
+
 def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batched_tokens, max_num_seqs,
-                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, threads, seed):
-    from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, default_token_budget
+                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, threads, seed, head_address,
+                   local_workers):
+    from seesaw.config import (
+        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig, default_token_budget,
+    )
     from seesaw.layout import Layout
     from seesaw.scheduling.static import SchedulerConfig
 
@@ -83,7 +100,9 @@ def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batch
         model=ModelConfig(model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed),
         cache=CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
                           host_buffer_gb=host_buffer_gb),
-        parallel=ParallelConfig(layout=Layout.parse(layout), threads_per_worker=threads),
+        parallel=ParallelConfig(layout=Layout.parse(layout), threads_per_worker=threads,
+                                num_local_workers=local_workers),
+        transport=TransportConfig(head_address=head_address),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs
         ),

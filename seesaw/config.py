@@ -62,19 +62,29 @@ class CacheConfig:
 class ParallelConfig:
     layout: Layout = field(default_factory=Layout)
     threads_per_worker: int | None = None  # CPU: None splits the machine's cores evenly
+    num_local_workers: int | None = None  # None: the head starts the whole world itself
 
     def __post_init__(self) -> None:
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be positive, got {self.threads_per_worker}")
+        if self.num_local_workers is not None and not 0 <= self.num_local_workers <= self.layout.world_size:
+            raise ValueError(
+                f"num_local_workers must be between 0 and {self.layout.world_size} for {self.layout}, "
+                f"got {self.num_local_workers}"
+            )
+
+    def local_workers(self) -> int:
+        return self.layout.world_size if self.num_local_workers is None else self.num_local_workers
 
     def threads(self) -> int:
         if self.threads_per_worker is not None:
             return self.threads_per_worker
-        return max(1, (os.cpu_count() or 1) // self.layout.world_size)
+        return max(1, (os.cpu_count() or 1) // max(1, self.local_workers()))
 
 
 @dataclass(frozen=True)
 class TransportConfig:
+    head_address: str | None = None  # tcp://HOST:PORT where workers on other hosts join
     worker_start_timeout_s: float = 600.0
     step_timeout_s: float = 600.0
     heartbeat_interval_s: float = 1.0
@@ -82,6 +92,8 @@ class TransportConfig:
     shutdown_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.head_address is not None and not self.head_address.startswith("tcp://"):
+            raise ValueError(f"head_address must be tcp://HOST:PORT, got {self.head_address!r}")
         for name in ("worker_start_timeout_s", "step_timeout_s", "heartbeat_interval_s",
                      "heartbeat_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:

@@ -26,7 +26,7 @@ from seesaw.config import EngineConfig
 from seesaw.frontend.text import TextCodec
 from seesaw.kv.host_slots import HostSlots
 from seesaw.layout import shard_for
-from seesaw.messages import LoadShard, WorkerFailed, WorkerReady
+from seesaw.messages import CollectiveSpec, LoadShard, WorkerFailed, WorkerReady
 from seesaw.model.resolve import ResolvedModel
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
@@ -64,6 +64,7 @@ class Engine:
         self._closing = False
         self._run_dir: Path | None = None
         self._host_buffer: HostBuffer | None = None
+        self._inboxes: dict[str, Inbox] = {}
 
     # ------------------------------------------------------------ start
 
@@ -72,6 +73,7 @@ class Engine:
         self.context = zmq.asyncio.Context()
         self._run_dir = Path(tempfile.mkdtemp(prefix="seesaw-"))
         self._host_buffer = self._make_host_buffer()
+        self._bind_inboxes()
         self._spawn_workers()  # they load the model while the tokenizer loads here
         if self.codec is None:
             self.codec = await asyncio.to_thread(TextCodec, self.model.tokenizer_folder)
@@ -85,11 +87,21 @@ class Engine:
         if self.failure is not None:
             raise EngineError(self.failure)
         if not done:
-            raise EngineError(f"workers were not ready within {timeout_s:.0f} s")
+            joined = sum(address is not None for address in self._supervisor.addresses)
+            raise EngineError(
+                f"workers were not ready within {timeout_s:.0f} s "
+                f"({joined} of {self.config.parallel.layout.world_size} joined)"
+            )
         self.start_s = time.perf_counter() - started
 
     def address(self, name: str) -> str:
-        return f"ipc://{self._run_dir}/{name}"
+        """Where a head inbox listens: a local socket file, or TCP when workers may join from afar."""
+        head = self.config.transport.head_address
+        if head is None:
+            return f"ipc://{self._run_dir}/{name}"
+        if name == "supervisor":
+            return head
+        return head.rsplit(":", 1)[0] + ":*"
 
     @property
     def request_queue_address(self) -> str:
@@ -107,75 +119,72 @@ class Engine:
         num_blocks = int(self.config.cache.host_buffer_gb * (1 << 30)) // block_bytes
         return HostBuffer.create(num_blocks, block_shape, dtype) if num_blocks else None
 
-    def _wire_actors(self) -> None:
-        world = self.config.parallel.layout.world_size
+    def _bind_inboxes(self) -> None:
         context = self.context
+        self._inboxes = {name: Inbox(context, self.address(name)) for name in ("supervisor", "scheduler", "kv-tier")}
+        self._inboxes["request-queue"] = Inbox(context, self.request_queue_address)
 
-        def outbox(address: str) -> Outbox:
-            box = Outbox(context, address)
+    def _wire_actors(self) -> None:
+        config, context, layout = self.config, self.context, self.config.parallel.layout
+        inboxes = self._inboxes
+
+        def outbox(name: str) -> Outbox:
+            box = Outbox(context, inboxes[name].bound_address)
             self._outboxes.append(box)
             return box
 
-        def to_workers() -> list[Outbox]:
-            return [outbox(self.address(f"worker-{rank}")) for rank in range(world)]
-
-        scheduler_inbox = Inbox(context, self.address("scheduler"))
-        kv_inbox = Inbox(context, self.address("kv-tier"))
-        supervisor_inbox = Inbox(context, self.address("supervisor"))
-        request_inbox = Inbox(context, self.request_queue_address)
         request_queue = RequestQueue(
-            request_inbox, context, outbox(self.address("scheduler")), self.codec, self.max_model_len,
-            self.spec.vocab_size,
+            inboxes["request-queue"], context, outbox("scheduler"), self.codec, self.max_model_len, self.spec.vocab_size,
         )
         scheduler = Scheduler(
-            scheduler_inbox, self.config.scheduler, self.config.cache.block_size, self.max_model_len,
-            self.spec.eos_token_ids, to_workers(), outbox(self.address("kv-tier")),
-            outbox(self.request_queue_address), self.config.transport.step_timeout_s, self._fail,
+            inboxes["scheduler"], context, config.scheduler, layout, config.cache.block_size, self.max_model_len,
+            self.spec.eos_token_ids, outbox("kv-tier"), outbox("request-queue"), config.transport.step_timeout_s,
+            self._fail,
         )
         num_host_blocks = self._host_buffer.spec.num_blocks if self._host_buffer else 0
-        kv_tier = KVTier(kv_inbox, HostSlots(num_host_blocks, self.config.cache.block_size), to_workers(),
-                         outbox(self.address("scheduler")))
-        supervisor = Supervisor(
-            supervisor_inbox, self._load_commands(), to_workers(), outbox(self.address("scheduler")),
-            self.config.transport.heartbeat_timeout_s, self._on_ready, self._fail,
+        kv_tier = KVTier(inboxes["kv-tier"], context, layout, HostSlots(num_host_blocks, config.cache.block_size),
+                         outbox("scheduler"))
+        needs_groups = layout.world_size > 1 or config.model.device == "cuda"
+        backend = ("nccl" if config.model.device == "cuda" else "gloo") if needs_groups else None
+        self._supervisor = Supervisor(
+            inboxes["supervisor"], context, layout, backend, self._load_command,
+            [outbox("scheduler"), outbox("kv-tier")], outbox("scheduler"),
+            config.transport.heartbeat_timeout_s, self._on_ready, self._fail,
         )
-        self._supervisor = supervisor
-        self._actors = [request_queue, scheduler, kv_tier, supervisor]
         self._scheduler = scheduler
+        self._actors = [request_queue, scheduler, kv_tier, self._supervisor]
         for actor in self._actors:
             actor.start().add_done_callback(self._on_actor_done)
 
-    def _load_commands(self) -> list[LoadShard]:
+    def _load_command(self, rank: int, collective: CollectiveSpec | None) -> LoadShard:
         config = self.config
-        return [
-            LoadShard(
-                hf_config=self.model.hf_config,
-                weights_folder=str(self.model.weights_folder) if self.model.weights_folder else None,
-                dummy_seed=config.model.seed,
-                dtype=config.model.resolved_dtype,
-                device=f"cuda:{rank}" if config.model.device == "cuda" else "cpu",
-                layout=str(config.parallel.layout),
-                rank=rank,
-                block_size=config.cache.block_size,
-                kv_cache_bytes=config.cache.kv_cache_bytes(config.model.device),
-                memory_fraction=config.cache.memory_fraction,
-                num_threads=config.parallel.threads(),
-                host_buffer=self._host_buffer.spec if self._host_buffer else None,
-            )
-            for rank in range(config.parallel.layout.world_size)
-        ]
+        return LoadShard(
+            hf_config=self.model.hf_config,
+            weights_folder=str(self.model.weights_folder) if self.model.weights_folder else None,
+            dummy_seed=config.model.seed,
+            dtype=config.model.resolved_dtype,
+            device=f"cuda:{rank % _local_devices(config)}" if config.model.device == "cuda" else "cpu",
+            layout=str(config.parallel.layout),
+            rank=rank,
+            block_size=config.cache.block_size,
+            kv_cache_bytes=config.cache.kv_cache_bytes(config.model.device),
+            memory_fraction=config.cache.memory_fraction,
+            num_threads=config.parallel.threads(),
+            host_buffer=self._host_buffer.spec if self._host_buffer else None,
+            collective=collective,
+            scheduler_address=self._inboxes["scheduler"].bound_address,
+            kv_tier_address=self._inboxes["kv-tier"].bound_address,
+        )
 
     def _spawn_workers(self) -> None:
         threads = str(self.config.parallel.threads())
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         level = logging.getLevelName(logging.getLogger("seesaw").getEffectiveLevel())
-        for rank in range(self.config.parallel.layout.world_size):
+        for rank in range(self.config.parallel.local_workers()):
             command = [
                 sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
-                "--inbox", self.address(f"worker-{rank}"),
-                "--supervisor", self.address("supervisor"),
-                "--scheduler", self.address("scheduler"),
-                "--kv-tier", self.address("kv-tier"),
+                "--head", self._inboxes["supervisor"].bound_address,
+                "--inbox", f"ipc://{self._run_dir}/worker-{rank}",
                 "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),
                 "--parent-pid", str(os.getpid()),
                 "--log-level", level,
@@ -201,7 +210,7 @@ class Engine:
             self._fail(f"{task.get_name()} failed: {error!r}")
 
     async def _watch_processes(self) -> None:
-        watch = Outbox(self.context, self.address("supervisor"))
+        watch = Outbox(self.context, self._inboxes["supervisor"].bound_address)
         self._outboxes.append(watch)
         reported: set[int] = set()
         while True:
@@ -213,9 +222,12 @@ class Engine:
             await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, int]:
-        """Steps run and KV moves made so far."""
-        core = self._scheduler.core
-        return dict(core.counters) if core is not None else {}
+        """Steps run and KV moves made so far, summed over replicas."""
+        totals: dict[str, int] = {}
+        for core in self._scheduler.cores:
+            for name, count in core.counters.items():
+                totals[name] = totals.get(name, 0) + count
+        return totals
 
     # ------------------------------------------------------------ stop
 
@@ -224,6 +236,9 @@ class Engine:
         self._closing = True
         if self._actors:
             self._supervisor.shutdown_workers()
+        for inbox in self._inboxes.values():
+            if all(inbox is not actor.inbox for actor in self._actors):
+                inbox.close()
         await self._reap_workers()
         if self._watch is not None:
             self._watch.cancel()
@@ -260,6 +275,12 @@ class Engine:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+def _local_devices(config: EngineConfig) -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def _exit_description(code: int) -> str:

@@ -86,6 +86,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     intermediate_size: int
+    vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,13 @@ class Shard:
     kv_heads: Span
     heads: Span
     ffn: Span
+    vocab: Span  # rows of the LM head: the last stage splits the vocabulary
+    vocab_total: int = 0
+
+    @property
+    def vocab_rows_padded(self) -> int:
+        """LM-head rows every tensor-parallel rank holds, so logits gather in equal parts."""
+        return -(-self.vocab_total // self.layout.tp)
 
     @property
     def dp_rank(self) -> int:
@@ -161,4 +169,22 @@ def shard_for(layout: Layout, shape: ModelShape, rank: int) -> Shard:
         kv_heads=kv_heads,
         heads=Span(kv_heads.start * group, kv_heads.end * group),
         ffn=split_evenly(shape.intermediate_size, layout.tp)[tp_rank],
+        vocab=split_evenly(shape.vocab_size, layout.tp)[tp_rank],
+        vocab_total=shape.vocab_size,
     )
+
+
+def groups_of(layout: Layout) -> list[tuple[str, list[int]]]:
+    """Every tensor-, pipeline- and data-parallel group of a layout as (key, global ranks), in a
+    fixed order that every rank shares (group creation is collective)."""
+    groups = []
+    for d in range(layout.dp):
+        for p in range(layout.pp):
+            groups.append((f"tp:{d}:{p}", [layout.rank_of(d, p, t) for t in range(layout.tp)]))
+    for d in range(layout.dp):
+        for t in range(layout.tp):
+            groups.append((f"pp:{d}:{t}", [layout.rank_of(d, p, t) for p in range(layout.pp)]))
+    for p in range(layout.pp):
+        for t in range(layout.tp):
+            groups.append((f"dp:{p}:{t}", [layout.rank_of(d, p, t) for d in range(layout.dp)]))
+    return groups

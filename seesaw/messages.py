@@ -50,6 +50,25 @@ class TokenUpdate:
 
 
 @dataclass(frozen=True)
+class GroupSpec:
+    """One communicator group: its key ("tp:0:0"), its global ranks in order, and an NCCL id."""
+
+    key: str
+    ranks: list[int]
+    nccl_id: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class CollectiveSpec:
+    """How workers meet for bulk transfers: gloo through rank 0's TCP store, or NCCL ids."""
+
+    backend: str  # "gloo" or "nccl"
+    world_size: int
+    groups: list[GroupSpec]
+    init_address: str | None = None  # gloo only
+
+
+@dataclass(frozen=True)
 class HostBufferSpec:
     """Where the node's host KV buffer lives and how its blocks are shaped."""
 
@@ -143,9 +162,11 @@ class StepDone:
 
 @dataclass(frozen=True)
 class EngineReady:
-    """Supervisor -> Scheduler: every worker is loaded; the device pool has this many blocks."""
+    """Supervisor -> Scheduler, KVTier: every worker is loaded; where they listen, and the
+    device pool of each data-parallel replica."""
 
-    num_device_blocks: int
+    num_device_blocks: list[int]
+    worker_addresses: list[str]
 
 
 @dataclass(frozen=True)
@@ -179,6 +200,7 @@ class Evict:
     """Scheduler -> KVTier: move this request's KV from its device blocks to the host buffer."""
 
     request_id: str
+    replica: int
     block_ids: list[int]
     num_tokens: int
 
@@ -188,6 +210,7 @@ class Restore:
     """Scheduler -> KVTier: copy this request's host KV into these device blocks."""
 
     request_id: str
+    replica: int
     block_ids: list[int]
 
 
@@ -233,6 +256,18 @@ class LoadShard:
     memory_fraction: float
     num_threads: int
     host_buffer: HostBufferSpec | None
+    collective: CollectiveSpec | None
+    scheduler_address: str
+    kv_tier_address: str
+
+
+@dataclass(frozen=True)
+class PrepareGroups:
+    """Supervisor -> ShardWorker (rank 0): make the rendezvous for these groups."""
+
+    backend: str
+    world_size: int
+    groups: list[GroupSpec]
 
 
 @dataclass(frozen=True)
@@ -271,11 +306,26 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class WorkerHello:
-    """ShardWorker -> Supervisor: a worker process is up and connected."""
+    """ShardWorker -> Supervisor: a worker process is up; `rank` -1 asks the head to assign one."""
 
     rank: int
     pid: int
     hostname: str
+    inbox: str  # where the worker listens for commands
+
+
+@dataclass(frozen=True)
+class GroupsPrepared:
+    """ShardWorker (rank 0) -> Supervisor: the rendezvous every worker joins."""
+
+    collective: CollectiveSpec
+
+
+@dataclass(frozen=True)
+class RankAssigned:
+    """Supervisor -> ShardWorker: the rank of a worker that joined without one."""
+
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -312,8 +362,8 @@ _TYPES: dict[str, type] = {
     for cls in (
         Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone,
         EngineReady, EngineFailed, Evicted, Restored, Evict, Restore, DropHostCopy, SwappedOut,
-        Prefetched, LoadShard, RunStep, SwapOut, Prefetch, Shutdown, WorkerHello, WorkerReady,
-        WorkerFailed, Heartbeat,
+        Prefetched, LoadShard, PrepareGroups, RunStep, SwapOut, Prefetch, Shutdown, WorkerHello,
+        GroupsPrepared, RankAssigned, WorkerReady, WorkerFailed, Heartbeat,
     )
 }
 

@@ -1,6 +1,7 @@
 """The worker process: one ShardWorker actor, its sockets, heartbeats, and a watch on the head.
 
-Started by the head as `python -m seesaw.worker --rank R --inbox ADDR --head-dir ...`.
+The head starts local workers as `python -m seesaw.worker --head ADDR --rank R --inbox ADDR`;
+workers on other hosts join with `seesaw-cli worker --head tcp://HOST:PORT` and get a rank.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ _PR_SET_PDEATHSIG = 1
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="seesaw.worker")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--inbox", required=True, help="address this worker binds for commands")
-    parser.add_argument("--supervisor", required=True)
-    parser.add_argument("--scheduler", required=True)
-    parser.add_argument("--kv-tier", required=True)
+    parser.add_argument("--head", required=True, help="the head's supervisor address")
+    parser.add_argument("--rank", type=int, default=-1, help="-1: the head assigns one")
+    parser.add_argument("--inbox", default=None, help="address to bind for commands (default: a free TCP port)")
     parser.add_argument("--heartbeat-s", type=float, default=1.0)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--log-level", default="WARNING")
@@ -39,41 +38,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s worker {args.rank} %(levelname)s %(message)s")
-    _die_with_parent()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
+    if args.parent_pid is not None:
+        _die_with_parent()
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(serve(args))
+    code = asyncio.run(serve(args))
+    logging.shutdown()
+    # A step stuck in a collective whose peer died must not keep the process alive.
+    os._exit(code)
 
 
 async def serve(args: argparse.Namespace) -> int:
     context = zmq.asyncio.Context()
-    supervisor = Outbox(context, args.supervisor)
-    outboxes = [supervisor, Outbox(context, args.scheduler), Outbox(context, args.kv_tier)]
-    worker = ShardWorker(Inbox(context, args.inbox), args.rank, *outboxes)
+    supervisor = Outbox(context, args.head)
+    inbox = Inbox(context, args.inbox or f"tcp://{_local_ip(args.head)}:*")
+    worker = ShardWorker(inbox, args.rank, supervisor, context)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stopped.set)
-    supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname()))
+    supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname(), inbox.bound_address))
     task = worker.start()
     heartbeat = loop.create_task(_heartbeat(worker, supervisor, args))
     stopped = loop.create_task(worker.stopped.wait())
     await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
-    exit_code = 0
+    exit_code = 1 if worker.has_failed else 0
     if task.done() and task.exception() is not None:
-        supervisor.send(WorkerFailed(args.rank, repr(task.exception()), "handling a message"))
+        supervisor.send(WorkerFailed(worker.rank, repr(task.exception()), "handling a message"))
         exit_code = 1
     heartbeat.cancel()
     stopped.cancel()
     await worker.stop()
-    for outbox in outboxes:
-        outbox.close()
+    supervisor.close()
     context.term()
     return exit_code
+
+
+def _local_ip(head: str) -> str:
+    """The address other hosts reach this one at: the interface that routes to the head."""
+    if not head.startswith("tcp://"):
+        return "127.0.0.1"
+    host = head.removeprefix("tcp://").rsplit(":", 1)[0]
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()
 
 
 async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Namespace) -> None:
@@ -82,7 +99,7 @@ async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Nam
             log.error("the head process is gone; exiting")
             worker.stopped.set()
             return
-        supervisor.send(Heartbeat(args.rank))
+        supervisor.send(Heartbeat(worker.rank))
         await asyncio.sleep(args.heartbeat_s)
 
 

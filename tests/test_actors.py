@@ -15,6 +15,7 @@ from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.frontend.text import TextCodec
 from seesaw.kv.host_slots import HostSlots
+from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.scheduling.static import SchedulerConfig
 from seesaw.transport.channels import Inbox, Outbox
@@ -69,13 +70,13 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     worker, kv, queue = wiring.inbox(), wiring.inbox(), wiring.inbox()
     inbox = wiring.inbox()
     stalls = []
-    actor = Scheduler(inbox, SchedulerConfig(max_num_batched_tokens=8), 4, 64, (2,),
-                      [wiring.outbox(worker)], wiring.outbox(kv), wiring.outbox(queue), 30.0, stalls.append)
+    actor = Scheduler(inbox, wiring.context, SchedulerConfig(max_num_batched_tokens=8), Layout(), 4, 64, (2,),
+                      wiring.outbox(kv), wiring.outbox(queue), 30.0, stalls.append)
     actor.start()
     to_actor = wiring.outbox(inbox)
     # 1. A request that arrives before the engine is ready waits for it.
     to_actor.send(m.AddRequest("a", [5, 6, 7, 8, 9, 10], 2, row_sampling()))
-    to_actor.send(m.EngineReady(num_device_blocks=8))
+    to_actor.send(m.EngineReady(num_device_blocks=[8], worker_addresses=worker.addresses))
     step = await expect(worker, m.RunStep)
     assert [(r.request_id, r.token_ids, r.start) for r in step.rows] == [("a", [5, 6, 7, 8, 9, 10], 0)]
     # 2. The sampled token goes to the RequestQueue and the next step decodes it.
@@ -102,23 +103,24 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
 
 async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
-    actor = KVTier(inbox, HostSlots(num_blocks=4, block_size=4), [wiring.outbox(w) for w in workers],
+    actor = KVTier(inbox, wiring.context, Layout(tp=2), HostSlots(num_blocks=4, block_size=4),
                    wiring.outbox(scheduler))
     actor.start()
     to_actor = wiring.outbox(inbox)
+    to_actor.send(m.EngineReady([100], [w.addresses[0] for w in workers]))
     # 1. An eviction goes to every worker; the scheduler hears once both have copied.
-    to_actor.send(m.Evict("a", [7, 8, 9], num_tokens=10))
+    to_actor.send(m.Evict("a", 0, [7, 8, 9], num_tokens=10))
     copies = [await expect(w, m.SwapOut) for w in workers]
     assert copies[0] == copies[1] and copies[0].block_ids == [7, 8, 9] and len(copies[0].host_block_ids) == 3
     to_actor.send(m.SwappedOut("a", 1))
     to_actor.send(m.SwappedOut("a", 0))
     assert await expect(scheduler, m.Evicted) == m.Evicted("a", True)
     # 2. A second eviction that does not fit the host buffer is refused.
-    to_actor.send(m.Evict("b", [1, 2], num_tokens=8))
+    to_actor.send(m.Evict("b", 0, [1, 2], num_tokens=8))
     refused = await expect(scheduler, m.Evicted)
     assert (refused.request_id, refused.is_stored) == ("b", False)
     # 3. Restoring prefetches on every worker and frees the host slot when all are done.
-    to_actor.send(m.Restore("a", [3, 4, 5, 6]))
+    to_actor.send(m.Restore("a", 0, [3, 4, 5, 6]))
     prefetches = [await expect(w, m.Prefetch) for w in workers]
     assert prefetches[0].block_ids == [3, 4, 5, 6]
     for rank in (0, 1):
@@ -161,23 +163,36 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
 
 
 async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
-    workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
-    commands = [m.LoadShard({}, None, 0, "float32", "cpu", "t2", rank, 16, 1, 0.9, 1, None) for rank in (0, 1)]
+    workers, scheduler, kv, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox(), wiring.inbox()
+
+    def load_command(rank, collective):
+        return m.LoadShard({}, None, 0, "float32", "cpu", "t2", rank, 16, 1, 0.9, 1, None, collective, "s", "k")
+
     ready, failures = [], []
-    actor = Supervisor(inbox, commands, [wiring.outbox(w) for w in workers], wiring.outbox(scheduler),
+    actor = Supervisor(inbox, wiring.context, Layout(tp=2), "gloo", load_command,
+                       [wiring.outbox(scheduler), wiring.outbox(kv)], wiring.outbox(scheduler),
                        heartbeat_timeout_s=0.5, on_ready=ready.append, on_failure=failures.append)
     actor.start()
     to_actor = wiring.outbox(inbox)
-    # 1. Each worker that says hello is told to load its own shard.
-    for rank in (1, 0):
-        to_actor.send(m.WorkerHello(rank, 100 + rank, "host"))
-    assert (await expect(workers[0], m.LoadShard)).rank == 0
-    assert (await expect(workers[1], m.LoadShard)).rank == 1
-    # 2. Once all are ready the scheduler learns the smallest pool.
+    # 1. Rank 0 joins with its rank, a remote worker asks for one; once the world is complete,
+    #    rank 0 prepares the communicator groups.
+    to_actor.send(m.WorkerHello(0, 100, "host", workers[0].addresses[0]))
+    to_actor.send(m.WorkerHello(-1, 101, "far", workers[1].addresses[0]))
+    assert await expect(workers[1], m.RankAssigned) == m.RankAssigned(1)
+    prepare = await expect(workers[0], m.PrepareGroups)
+    assert [g.key for g in prepare.groups] == ["tp:0:0", "pp:0:0", "pp:0:1", "dp:0:0", "dp:0:1"]
+    # 2. The prepared rendezvous goes to every worker with its own shard.
+    collective = m.CollectiveSpec("gloo", 2, prepare.groups, "tcp://127.0.0.1:1")
+    to_actor.send(m.GroupsPrepared(collective))
+    loads = [await expect(w, m.LoadShard) for w in workers]
+    assert [(c.rank, c.collective) for c in loads] == [(0, collective), (1, collective)]
+    # 3. Once all are ready the scheduler and the KV tier learn the pool and the addresses.
     to_actor.send(m.WorkerReady(0, 50, 1.0, "cpu"))
     to_actor.send(m.WorkerReady(1, 40, 1.0, "cpu"))
-    assert await expect(scheduler, m.EngineReady) == m.EngineReady(40)
-    # 3. Worker 1 keeps beating, worker 0 goes silent: the engine fails, naming worker 0.
+    expected = m.EngineReady([40], [w.addresses[0] for w in workers])
+    assert await expect(scheduler, m.EngineReady) == expected == await expect(kv, m.EngineReady)
+
+    # 4. Worker 1 keeps beating, worker 0 goes silent: the engine fails, naming worker 0.
     async def beat():
         while True:
             to_actor.send(m.Heartbeat(1))

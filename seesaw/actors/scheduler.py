@@ -2,8 +2,11 @@
 
 Inbox: AddRequest, StopRequest (RequestQueue); StepDone (ShardWorker); Evicted, Restored (KVTier);
 EngineReady, EngineFailed (Supervisor).
-Sends: RunStep to every worker; Evict, Restore, DropHostCopy to the KVTier; TokensGenerated and
-RequestFailed to the RequestQueue.
+Sends: RunStep to every worker of a replica; Evict, Restore, DropHostCopy to the KVTier;
+TokensGenerated and RequestFailed to the RequestQueue.
+
+Each data-parallel replica has its own scheduling core and KV pool; a new request goes to the
+least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline stage.
 """
 
 from __future__ import annotations
@@ -11,10 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
+
+import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.layout import Layout
 from seesaw.messages import (
     AddRequest,
+    DropHostCopy,
     EngineFailed,
     EngineReady,
     Evicted,
@@ -37,29 +45,33 @@ class Scheduler(Actor):
     def __init__(
         self,
         inbox: Inbox,
+        context: zmq.asyncio.Context,
         config: SchedulerConfig,
+        layout: Layout,
         block_size: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
-        workers: list[Outbox],
         kv_tier: Outbox,
         request_queue: Outbox,
         step_timeout_s: float,
         on_stall: Callable[[str], None],
     ):
         super().__init__(inbox)
+        self.context = context
         self.config = config
+        self.layout = layout
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
-        self.workers = workers
         self.kv_tier = kv_tier
         self.request_queue = request_queue
         self.step_timeout_s = step_timeout_s
         self.on_stall = on_stall  # called with a reason when a step outlives its timeout
-        self.core: StaticScheduler | None = None
+        self.cores: list[StaticScheduler] = []  # one per data-parallel replica, once ready
+        self.workers: list[list[Outbox]] = []  # each replica's workers
+        self.owner: dict[str, int] = {}  # request id -> replica
         self._early: list[AddRequest] = []  # arrived before the engine was ready
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
 
     def handle(self, message):
         match message:
@@ -81,81 +93,121 @@ class Scheduler(Actor):
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_engine_ready(self, message: EngineReady) -> None:
-        self.core = StaticScheduler(
-            self.config, message.num_device_blocks, self.block_size, self.max_model_len, self.eos_token_ids
-        )
+        layout = self.layout
+        self.cores = [
+            StaticScheduler(self.config, blocks, self.block_size, self.max_model_len, self.eos_token_ids,
+                            num_micro_batches=layout.pp)
+            for blocks in message.num_device_blocks
+        ]
+        self.workers = [
+            [Outbox(self.context, address) for rank, address in enumerate(message.worker_addresses)
+             if layout.coordinates(rank)[0] == replica]
+            for replica in range(layout.dp)
+        ]
         early, self._early = self._early, []
         for request in early:
             self._on_add_request(request)
 
     def _on_add_request(self, request: AddRequest) -> None:
-        if self.core is None:
+        if not self.cores:
             self._early.append(request)
             return
-        problem = self.core.capacity_error(len(request.prompt_token_ids), request.max_tokens)
+        problem = self.cores[0].capacity_error(len(request.prompt_token_ids), request.max_tokens)
         if problem is not None:
             self.request_queue.send(RequestFailed(request.request_id, problem, status_code=400))
             return
-        self.core.add(request)
-        self._pump()
+        replica = min(range(len(self.cores)), key=lambda r: self.cores[r].load)
+        self.owner[request.request_id] = replica
+        self.cores[replica].add(request)
+        self._pump(replica)
 
     def _on_stop_request(self, message: StopRequest) -> None:
-        if self.core is None:
+        replica = self.owner.get(message.request_id)
+        if replica is None:
             self._early = [r for r in self._early if r.request_id != message.request_id]
             return
-        for command in self.core.stop(message.request_id):
+        for command in self.cores[replica].stop(message.request_id):
             self.kv_tier.send(command)
-        self._pump()
+        self._forget_finished(replica, [message.request_id])
+        self._pump(replica)
 
     def _on_step_done(self, message: StepDone) -> None:
-        timer = self._timers.pop(message.step_id, None)
+        replica = self.layout.coordinates(message.rank)[0]
+        timer = self._timers.pop((replica, message.step_id), None)
         if timer is not None:
             timer.cancel()
-        updates = self.core.complete(message.step_id, message.sampled)
+        if not self.cores:
+            return
+        updates = self.cores[replica].complete(message.step_id, message.sampled)
         if updates:
             self.request_queue.send(TokensGenerated(updates))
-        self._pump()
+            self._forget_finished(replica, [u.request_id for u in updates if u.finish_reason])
+        self._pump(replica)
 
     def _on_evicted(self, message: Evicted) -> None:
-        for command in self.core.on_evicted(message.request_id, message.is_stored):
+        replica = self.owner.get(message.request_id)
+        if replica is None:
+            if message.is_stored:
+                self.kv_tier.send(DropHostCopy(message.request_id))
+            return
+        for command in self.cores[replica].on_evicted(message.request_id, message.is_stored):
             self.kv_tier.send(command)
-        self._pump()
+        self._forget_finished(replica, [message.request_id])
+        self._pump(replica)
 
     def _on_restored(self, message: Restored) -> None:
-        self.core.on_restored(message.request_id)
-        self._pump()
+        replica = self.owner.get(message.request_id)
+        if replica is None:
+            return
+        self.cores[replica].on_restored(message.request_id)
+        self._forget_finished(replica, [message.request_id])
+        self._pump(replica)
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
-        request_ids = self.core.fail_all() if self.core is not None else []
-        request_ids += [r.request_id for r in self._early]
+        request_ids = [r.request_id for r in self._early]
+        for core in self.cores:
+            request_ids += core.fail_all()
         self._early = []
+        self.owner.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         for request_id in request_ids:
             self.request_queue.send(RequestFailed(request_id, message.reason, status_code=500))
 
-    def _pump(self) -> None:
-        """Start steps while the core has work and the pipeline has room."""
-        while self.core is not None and self.core.has_unfinished and self.core.num_in_flight_steps < 1:
-            plan = self.core.schedule()
-            self._send_kv_moves(plan)
+    def _forget_finished(self, replica: int, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if request_id not in self.cores[replica].requests:
+                self.owner.pop(request_id, None)
+
+    def _pump(self, replica: int) -> None:
+        """Start steps while the replica has work and its pipeline has room (one step per stage)."""
+        core = self.cores[replica]
+        while core.has_unfinished and core.num_in_flight_steps < self.layout.pp:
+            plan = core.schedule()
+            for command in (*plan.evictions, *plan.restores):
+                self.kv_tier.send(replace(command, replica=replica))
             if not plan.rows:
                 return
-            self._run(plan)
+            self._run(replica, plan)
 
-    def _send_kv_moves(self, plan: StepPlan) -> None:
-        for command in (*plan.evictions, *plan.restores):
-            self.kv_tier.send(command)
-
-    def _run(self, plan: StepPlan) -> None:
+    def _run(self, replica: int, plan: StepPlan) -> None:
         step = RunStep(plan.step_id, plan.rows)
-        for worker in self.workers:
+        for worker in self.workers[replica]:
             worker.send(step)
-        reason = f"step {plan.step_id} ({len(plan.rows)} requests) did not finish within {self.step_timeout_s:.0f} s"
-        self._timers[plan.step_id] = asyncio.get_running_loop().call_later(self.step_timeout_s, self._on_stalled, reason)
+        reason = (f"step {plan.step_id} of replica {replica} ({len(plan.rows)} requests) did not finish "
+                  f"within {self.step_timeout_s:.0f} s")
+        self._timers[(replica, plan.step_id)] = asyncio.get_running_loop().call_later(
+            self.step_timeout_s, self._on_stalled, reason
+        )
 
     def _on_stalled(self, reason: str) -> None:
         log.error("%s", reason)
         self._on_engine_failed(EngineFailed(reason))
         self.on_stall(reason)
+
+    async def stop(self) -> None:
+        await super().stop()
+        for outboxes in self.workers:
+            for outbox in outboxes:
+                outbox.close(linger_s=0)

@@ -1,8 +1,9 @@
 """ShardWorker actor: one per device, in its own process; runs steps and KV copies for its shard.
 
-Inbox: LoadShard, Shutdown (Supervisor); RunStep (Scheduler); SwapOut, Prefetch (KVTier).
-Sends: WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone to the Scheduler;
-SwappedOut, Prefetched to the KVTier.
+Inbox: RankAssigned, PrepareGroups, LoadShard, Shutdown (Supervisor); RunStep (Scheduler);
+SwapOut, Prefetch (KVTier).
+Sends: GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone to the
+Scheduler; SwappedOut, Prefetched to the KVTier.
 
 Forward passes run on one dedicated thread, in arrival order, so the inbox keeps draining while
 a step computes; KV copies run on a thread of their own.
@@ -16,11 +17,18 @@ import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import zmq.asyncio
+
 from seesaw.actors.base import Actor
 from seesaw.messages import (
+    CollectiveSpec,
+    GroupSpec,
+    GroupsPrepared,
     LoadShard,
     Prefetch,
     Prefetched,
+    PrepareGroups,
+    RankAssigned,
     RunStep,
     Shutdown,
     StepDone,
@@ -37,20 +45,25 @@ log = logging.getLogger(__name__)
 class ShardWorker(Actor):
     name = "shard-worker"
 
-    def __init__(self, inbox: Inbox, rank: int, supervisor: Outbox, scheduler: Outbox, kv_tier: Outbox):
+    def __init__(self, inbox: Inbox, rank: int, supervisor: Outbox, context: zmq.asyncio.Context):
         super().__init__(inbox)
         self.rank = rank
         self.supervisor = supervisor
-        self.scheduler = scheduler
-        self.kv_tier = kv_tier
+        self.context = context
+        self.scheduler: Outbox | None = None
+        self.kv_tier: Outbox | None = None
         self.runner = None
-        self.is_reporting = False  # whether this rank reports sampled tokens
         self.stopped = asyncio.Event()
+        self.has_failed = False
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
 
     def handle(self, message):
         match message:
+            case RankAssigned():
+                self.rank = message.rank
+            case PrepareGroups():
+                self._on_prepare_groups(message)
             case LoadShard():
                 self._on_load_shard(message)
             case RunStep():
@@ -64,22 +77,37 @@ class ShardWorker(Actor):
             case _:
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
+    def _on_prepare_groups(self, command: PrepareGroups) -> None:
+        from seesaw.transport.collective import free_tcp_address, make_nccl_id
+
+        def prepare() -> GroupsPrepared:
+            if command.backend == "nccl":
+                groups = [GroupSpec(g.key, g.ranks, make_nccl_id()) for g in command.groups]
+                return GroupsPrepared(CollectiveSpec("nccl", command.world_size, groups))
+            return GroupsPrepared(CollectiveSpec("gloo", command.world_size, command.groups, free_tcp_address()))
+
+        self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")
+
     def _on_load_shard(self, command: LoadShard) -> None:
         from seesaw.model.runner import ModelRunner  # torch loads here, not at process start
 
-        def loaded(runner: ModelRunner) -> WorkerReady:
-            self.runner = runner
-            self.is_reporting = runner.shard.is_last_stage and runner.shard.tp_rank == 0
-            name = "cpu" if runner.device.type == "cpu" else _cuda_name(runner.device)
-            return WorkerReady(self.rank, runner.num_blocks, runner.load_s, name)
+        self.rank = command.rank
+        self.scheduler = Outbox(self.context, command.scheduler_address)
+        self.kv_tier = Outbox(self.context, command.kv_tier_address)
 
-        self._submit(self._compute, lambda: loaded(ModelRunner(command)), self.supervisor, "loading its shard")
+        def load() -> WorkerReady:
+            self.runner = ModelRunner(command)
+            device = self.runner.device
+            name = "cpu" if device.type == "cpu" else _cuda_name(device)
+            return WorkerReady(self.rank, self.runner.num_blocks, self.runner.load_s, name)
+
+        self._submit(self._compute, load, self.supervisor, "loading its shard of the model")
 
     def _on_run_step(self, step: RunStep) -> None:
         def run() -> StepDone | None:
             started = time.perf_counter()
             sampled = self.runner.execute(step.rows)
-            if not self.is_reporting:
+            if not self.runner.is_sampling:
                 return None
             return StepDone(step.step_id, self.rank, sampled, (time.perf_counter() - started) * 1000)
 
@@ -104,12 +132,15 @@ class ShardWorker(Actor):
         future: Future = executor.submit(work)
 
         def done(finished: Future) -> None:
+            if finished.cancelled():
+                return
             error = finished.exception()
             if error is not None:
                 detail = "".join(traceback.format_exception_only(type(error), error)).strip()
                 log.error("rank %d failed while %s:\n%s", self.rank, activity,
                           "".join(traceback.format_exception(error)))
                 self.supervisor.send(WorkerFailed(self.rank, detail, activity))
+                self.has_failed = True
                 self.stopped.set()
                 return
             reply = finished.result()
@@ -120,10 +151,13 @@ class ShardWorker(Actor):
 
     async def stop(self) -> None:
         await super().stop()
-        self._compute.shutdown(wait=True, cancel_futures=True)
-        self._copies.shutdown(wait=True, cancel_futures=True)
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._copies.shutdown(wait=False, cancel_futures=True)
         if self.runner is not None:
             self.runner.close()
+        for outbox in (self.scheduler, self.kv_tier):
+            if outbox is not None:
+                outbox.close()
 
 
 def _cuda_name(device) -> str:

@@ -1,7 +1,10 @@
-"""Supervisor actor: brings the workers up, watches them, and fails the engine loudly when one is lost.
+"""Supervisor actor: gathers the world of workers, has them load their shards, watches them, and
+fails the engine loudly when one is lost.
 
-Inbox: WorkerHello, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the engine's process watch).
-Sends: LoadShard and Shutdown to workers; EngineReady and EngineFailed to the Scheduler.
+Inbox: WorkerHello, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the
+engine's process watch).
+Sends: RankAssigned, PrepareGroups, LoadShard and Shutdown to workers; EngineReady to the
+Scheduler and the KVTier; EngineFailed to the Scheduler.
 """
 
 from __future__ import annotations
@@ -11,12 +14,20 @@ import logging
 import time
 from collections.abc import Callable
 
+import zmq.asyncio
+
 from seesaw.actors.base import Actor
+from seesaw.layout import Layout, groups_of
 from seesaw.messages import (
+    CollectiveSpec,
     EngineFailed,
     EngineReady,
+    GroupSpec,
+    GroupsPrepared,
     Heartbeat,
     LoadShard,
+    PrepareGroups,
+    RankAssigned,
     Shutdown,
     WorkerFailed,
     WorkerHello,
@@ -26,37 +37,54 @@ from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
 
+LoadCommand = Callable[[int, CollectiveSpec | None], LoadShard]
+_PROCESS_GONE = "the process"  # how the engine's process watch words an exit
+
 
 class Supervisor(Actor):
     name = "supervisor"
+    FAILURE_GRACE_S = 1.0
 
     def __init__(
         self,
         inbox: Inbox,
-        load_commands: list[LoadShard],
-        workers: list[Outbox],
+        context: zmq.asyncio.Context,
+        layout: Layout,
+        backend: str | None,  # "gloo", "nccl", or None when workers need no communicators
+        load_command: LoadCommand,
+        listeners: list[Outbox],  # Scheduler and KVTier: told when the engine is ready
         scheduler: Outbox,
         heartbeat_timeout_s: float,
         on_ready: Callable[[list[WorkerReady]], None],
         on_failure: Callable[[str], None],
     ):
         super().__init__(inbox)
-        self.load_commands = load_commands
-        self.workers = workers
+        self.context = context
+        self.layout = layout
+        self.backend = backend
+        self.load_command = load_command
+        self.listeners = listeners
         self.scheduler = scheduler
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.on_ready = on_ready
         self.report_failure = on_failure
+        world = layout.world_size
+        self.workers: list[Outbox | None] = [None] * world
+        self.addresses: list[str | None] = [None] * world
         self.ready: dict[int, WorkerReady] = {}
-        self.activity: dict[int, str] = {rank: "starting" for rank in range(len(workers))}
+        self.activity: dict[int, str] = {rank: "starting" for rank in range(world)}
         self.last_seen: dict[int, float] = {}
         self.failed: str | None = None
+        self._failures: list[WorkerFailed] = []
+        self._verdict: asyncio.TimerHandle | None = None
         self._watch: asyncio.TimerHandle | None = None
 
     def handle(self, message):
         match message:
             case WorkerHello():
                 self._on_worker_hello(message)
+            case GroupsPrepared():
+                self._load_all(message.collective)
             case WorkerReady():
                 self._on_worker_ready(message)
             case WorkerFailed():
@@ -67,11 +95,38 @@ class Supervisor(Actor):
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_worker_hello(self, message: WorkerHello) -> None:
-        log.info("worker %d is up (pid %d on %s)", message.rank, message.pid, message.hostname)
-        self.last_seen[message.rank] = time.monotonic()
-        self.activity[message.rank] = "loading its shard of the model"
-        self.workers[message.rank].send(self.load_commands[message.rank])
+        rank = message.rank
+        if rank < 0:
+            free = [r for r, address in enumerate(self.addresses) if address is None]
+            if not free:
+                log.warning("worker pid %d on %s joined a full world; ignoring it", message.pid, message.hostname)
+                return
+            rank = free[-1]  # remote workers take the highest ranks; local ones are numbered from 0
+        if self.addresses[rank] is not None:
+            log.warning("a second worker claims rank %d; ignoring pid %d", rank, message.pid)
+            return
+        log.info("worker %d is up (pid %d on %s, %s)", rank, message.pid, message.hostname, message.inbox)
+        self.addresses[rank] = message.inbox
+        self.workers[rank] = Outbox(self.context, message.inbox)
+        if message.rank < 0:
+            self.workers[rank].send(RankAssigned(rank))
+        self.last_seen[rank] = time.monotonic()
+        self.activity[rank] = "waiting for the other workers"
         self._arm_watch()
+        if all(address is not None for address in self.addresses):
+            self._world_complete()
+
+    def _world_complete(self) -> None:
+        if self.backend is None:
+            self._load_all(None)
+            return
+        groups = [GroupSpec(key, ranks) for key, ranks in groups_of(self.layout)]
+        self.workers[0].send(PrepareGroups(self.backend, self.layout.world_size, groups))
+
+    def _load_all(self, collective: CollectiveSpec | None) -> None:
+        for rank, worker in enumerate(self.workers):
+            self.activity[rank] = "loading its shard of the model"
+            worker.send(self.load_command(rank, collective))
 
     def _on_worker_ready(self, message: WorkerReady) -> None:
         log.info(
@@ -80,15 +135,32 @@ class Supervisor(Actor):
         )
         self.ready[message.rank] = message
         self.activity[message.rank] = "running steps"
-        if len(self.ready) == len(self.workers):
-            self.scheduler.send(EngineReady(min(r.num_device_blocks for r in self.ready.values())))
-            self.on_ready(list(self.ready.values()))
+        if len(self.ready) < self.layout.world_size:
+            return
+        per_replica = [
+            min(r.num_device_blocks for rank, r in self.ready.items() if self.layout.coordinates(rank)[0] == replica)
+            for replica in range(self.layout.dp)
+        ]
+        for listener in self.listeners:
+            listener.send(EngineReady(per_replica, list(self.addresses)))
+        self.on_ready([self.ready[rank] for rank in sorted(self.ready)])
 
     def _on_worker_failed(self, message: WorkerFailed) -> None:
         if self.failed is not None:
             return
-        doing = message.activity or self.activity.get(message.rank, "unknown")
-        self.failed = f"worker {message.rank} failed while {doing}: {message.error}"
+        # A worker that dies takes its peers' collectives down with it; wait a moment so the
+        # report names the worker that died, not a peer that noticed first.
+        self._failures.append(message)
+        if self._verdict is None:
+            self._verdict = asyncio.get_running_loop().call_later(self.FAILURE_GRACE_S, self._fail_engine)
+
+    def _fail_engine(self) -> None:
+        self._verdict = None
+        spoke = {f.rank for f in self._failures if not f.error.startswith(_PROCESS_GONE)}
+        silent_deaths = [f for f in self._failures if f.error.startswith(_PROCESS_GONE) and f.rank not in spoke]
+        first = (silent_deaths or self._failures)[0]
+        doing = first.activity or self.activity.get(first.rank, "unknown")
+        self.failed = f"worker {first.rank} failed while {doing}: {first.error}"
         log.error("%s", self.failed)
         self.scheduler.send(EngineFailed(self.failed))
         self.report_failure(self.failed)
@@ -106,14 +178,19 @@ class Supervisor(Actor):
                 self._on_worker_failed(WorkerFailed(
                     rank, f"no heartbeat for {now - seen:.0f} s", self.activity.get(rank, "unknown")
                 ))
-        if self.failed is None:
+        if self.failed is None and self._verdict is None:
             self._arm_watch()
 
     def shutdown_workers(self) -> None:
         for worker in self.workers:
-            worker.send(Shutdown())
+            if worker is not None:
+                worker.send(Shutdown())
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for timer in (self._watch, self._verdict):
+            if timer is not None:
+                timer.cancel()
         await super().stop()
+        for worker in self.workers:
+            if worker is not None:
+                worker.close()

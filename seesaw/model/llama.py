@@ -88,20 +88,16 @@ class ShardModel(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(spec, shard, dtype, device) for _ in range(shard.layers.size)
         )
-        self.embed = (
-            nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
-            if shard.is_first_stage or (shard.is_last_stage and spec.tie_word_embeddings)
-            else None
-        )
-        self.norm = None
+        def param(*shape):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.embed = param(spec.vocab_size, spec.hidden_size) if shard.is_first_stage else None
+        self.norm = param(spec.hidden_size) if shard.is_last_stage else None
         self.lm_head = None
         if shard.is_last_stage:
-            self.norm = nn.Parameter(torch.empty(spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
-            self.lm_head = (
-                self.embed
-                if spec.tie_word_embeddings
-                else nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device), requires_grad=False)
-            )
+            # Each tensor-parallel rank holds a slice of the vocabulary, padded to equal size.
+            shares_embedding = spec.tie_word_embeddings and self.embed is not None and shard.layout.tp == 1
+            self.lm_head = self.embed if shares_embedding else param(shard.vocab_rows_padded, spec.hidden_size)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed)  # [num_tokens, hidden]
@@ -120,6 +116,6 @@ class ShardModel(nn.Module):
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [rows, vocab] for the final hidden states of the sampled rows."""
+        """Float32 logits [rows, vocab rows of this shard] for the sampled rows' final hidden states."""
         x = rms_norm(hidden, self.norm, self.spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

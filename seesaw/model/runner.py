@@ -9,36 +9,38 @@ from pathlib import Path
 
 import torch
 
-from seesaw.layout import Layout, Shard, shard_for
+from seesaw.layout import Layout, Shard, shard_for, split_evenly
 from seesaw.messages import LoadShard, RowSampling, StepRow
 from seesaw.model.attention import RowShape, build_attention_batch
-from seesaw.model.llama import Reduce, ShardModel
+from seesaw.model.llama import ShardModel
 from seesaw.model.rope import inverse_frequencies, rotation
 from seesaw.model.sampler import Sampler
 from seesaw.model.spec import ModelSpec
 from seesaw.model.weights import RandomSource, SafetensorsSource, load_shard
+from seesaw.transport.collective import join_groups, leave_groups
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 
 GIB = 1 << 30
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 class ModelRunner:
     """Runs steps for one shard; all methods are called from the worker's executor threads."""
 
-    def __init__(self, command: LoadShard, reduce: Reduce = _identity):
+    def __init__(self, command: LoadShard):
         started = time.perf_counter()
         self.spec = ModelSpec.from_hf_config(command.hf_config)
         self.shard: Shard = shard_for(Layout.parse(command.layout), self.spec.shape, command.rank)
         self.device = torch.device(command.device)
         self.dtype = torch_dtype(command.dtype)
         self.block_size = command.block_size
-        self.reduce = reduce
         if self.device.type == "cpu":
             torch.set_num_threads(command.num_threads)
+        else:
+            torch.cuda.set_device(self.device)
+        self.communicators = join_groups(command.collective, command.rank, self.device)
+        dp_rank, pp_rank, tp_rank = self.shard.layout.coordinates(command.rank)
+        self.tp = self.communicators.get(f"tp:{dp_rank}:{pp_rank}")
+        self.pp = self.communicators.get(f"pp:{dp_rank}:{tp_rank}")
         self.model = ShardModel(self.spec, self.shard, self.dtype, self.device)
         source = (
             SafetensorsSource(Path(command.weights_folder))
@@ -57,7 +59,28 @@ class ModelRunner:
         if self.host_buffer is not None and self.device.type == "cuda":
             _register_host_memory(self.host_buffer)
         self.sampler = Sampler(self.device, seed=command.dummy_seed)
+        self._vocab_index = self._gathered_vocab_index()
         self.load_s = time.perf_counter() - started
+
+    @property
+    def is_sampling(self) -> bool:
+        """Whether this rank turns logits into tokens (tensor-parallel rank 0 of the last stage)."""
+        return self.shard.is_last_stage and self.shard.tp_rank == 0
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum row-parallel partial outputs over the tensor-parallel group."""
+        if self.tp is not None and self.tp.size > 1:
+            self.tp.all_reduce(partial)
+        return partial
+
+    def _gathered_vocab_index(self) -> torch.Tensor | None:
+        """Positions of real vocabulary rows in the gathered, padded logits."""
+        if self.tp is None or self.tp.size == 1 or not self.shard.is_last_stage:
+            return None
+        padded = self.shard.vocab_rows_padded
+        spans = split_evenly(self.spec.vocab_size, self.shard.layout.tp)
+        index = torch.cat([torch.arange(span.size) + part * padded for part, span in enumerate(spans)])
+        return index.to(self.device)
 
     @property
     def block_bytes(self) -> int:
@@ -82,7 +105,17 @@ class ModelRunner:
         return num_blocks
 
     def execute(self, rows: list[StepRow]) -> list[int]:
-        """One forward pass over the rows' new tokens; a token for each row that samples."""
+        """One forward pass of this stage over the rows' new tokens; the sampling rank returns a
+        token for each row that samples, every other rank an empty list."""
+        logits = self.forward(rows)
+        if logits is None or not self.is_sampling:
+            return []
+        sampling: list[RowSampling] = [row.sampling for row in rows if row.sampling is not None]
+        return self.sampler.sample(logits, sampling)
+
+    def forward(self, rows: list[StepRow]) -> torch.Tensor | None:
+        """Run this stage; on the last stage, float32 logits [sampled rows, vocab] (every tensor-
+        parallel rank gets the gathered logits), elsewhere None."""
         token_ids: list[int] = []
         positions: list[int] = []
         shapes: list[RowShape] = []
@@ -97,14 +130,23 @@ class ModelRunner:
             batch = build_attention_batch(shapes, self.block_size, self.spec.head_dim, self.device)
             positions_t = torch.tensor(positions, dtype=torch.long, device=self.device)
             cos, sin = rotation(positions_t, self.inv_freq, self.dtype)
-            hidden = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+            if self.shard.is_first_stage:
+                hidden = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+            else:
+                hidden = torch.empty(len(token_ids), self.spec.hidden_size, dtype=self.dtype, device=self.device)
+                self.pp.recv(hidden, self.shard.pp_rank - 1)
             hidden = self.model(hidden, cos, sin, self.kv_cache, batch, self.reduce)
+            if not self.shard.is_last_stage:
+                self.pp.send(hidden, self.shard.pp_rank + 1)
+                return None
             if not last_index:
-                return []
+                return None
             chosen = torch.tensor(last_index, dtype=torch.long, device=self.device)
-            logits = self.model.logits(hidden.index_select(0, chosen))  # [sampled rows, vocab]
-            sampling: list[RowSampling] = [row.sampling for row in rows if row.sampling is not None]
-            return self.sampler.sample(logits, sampling)
+            logits = self.model.logits(hidden.index_select(0, chosen))  # [sampled rows, vocab rows here]
+            if self._vocab_index is not None:
+                gathered = self.tp.all_gather(logits.t().contiguous())  # [tp * padded vocab, rows]
+                logits = gathered.index_select(0, self._vocab_index).t()  # [rows, vocab]
+            return logits
 
     def swap_out(self, block_ids: list[int], host_block_ids: list[int]) -> None:
         """Copy this shard's part of device blocks into host blocks."""
@@ -137,6 +179,7 @@ class ModelRunner:
     def close(self) -> None:
         if self.host_buffer is not None:
             self.host_buffer.close()
+        leave_groups(self.communicators)
 
 
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

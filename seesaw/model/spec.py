@@ -44,7 +44,7 @@ class ModelSpec:
 
     @property
     def shape(self) -> ModelShape:
-        return ModelShape(self.num_layers, self.num_heads, self.num_kv_heads, self.intermediate_size)
+        return ModelShape(self.num_layers, self.num_heads, self.num_kv_heads, self.intermediate_size, self.vocab_size)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -135,8 +135,11 @@ def load_shard(model: ShardModel, source: WeightSource) -> None:
             _copy(model.embed, source.get("model.embed_tokens.weight"), "model.embed_tokens")
         if model.norm is not None:
             _copy(model.norm, source.get("model.norm.weight"), "model.norm")
-        if model.lm_head is not None and not spec.tie_word_embeddings:
-            _copy(model.lm_head, source.get("lm_head.weight"), "lm_head")
+        if model.lm_head is not None and model.lm_head is not model.embed:
+            name = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+            rows = source.get(name, rows=shard.vocab)
+            model.lm_head.zero_()  # padding rows give logits that the gather drops
+            _copy(model.lm_head[: rows.shape[0]], rows, name)
 
 
 def _scaled(span: Span, factor: int) -> Span:

@@ -44,7 +44,8 @@ class SchedulerConfig:
 
 @dataclass
 class StepPlan:
-    """What to do next: a step to run (rows may be empty) and KV moves to start."""
+    """What to do next: a step to run (rows may be empty) and KV moves to start (their replica
+    field is filled in by the actor that owns this core)."""
 
     step_id: int
     rows: list[StepRow] = field(default_factory=list)
@@ -66,8 +67,10 @@ class StaticScheduler:
         block_size: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
+        num_micro_batches: int = 1,
     ):
         self.config = config
+        self.num_micro_batches = num_micro_batches
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -92,6 +95,13 @@ class StaticScheduler:
     @property
     def num_in_flight_steps(self) -> int:
         return len(self._in_flight)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """How busy this core is, for placing new requests: tokens still to produce, blocks held."""
+        pending = sum(state.max_tokens - len(state.output_token_ids) + state.num_pending_tokens
+                      for state in self.requests.values())
+        return pending, self.pool.num_used
 
     def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request of this size can never fit the device KV pool, or None."""
@@ -140,10 +150,12 @@ class StaticScheduler:
         plan = StepPlan(step_id=self._next_step_id)
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
-        budget = self._schedule_running(plan, budget, scheduled)
+        # With several micro-batches in flight, each step takes its share of the requests.
+        max_rows = -(-max(1, len(self.running) + len(self.waiting)) // self.num_micro_batches)
+        budget = self._schedule_running(plan, budget, scheduled, max_rows)
         self._schedule_restores(plan)
         if not self.swapped:
-            self._schedule_waiting(plan, budget, scheduled)
+            self._schedule_waiting(plan, budget, scheduled, max_rows)
         self.counters["evictions"] += len(plan.evictions)
         self.counters["restores"] += len(plan.restores)
         if plan.rows:
@@ -211,9 +223,9 @@ class StaticScheduler:
 
     # ------------------------------------------------------------ steps
 
-    def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str]) -> int:
+    def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> int:
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(plan.rows) < max_rows:
             state = self.running[index]
             index += 1
             if state.num_in_flight or state.num_pending_tokens == 0:
@@ -246,10 +258,11 @@ class StaticScheduler:
             self.swapped.popleft()
             state.block_ids = self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
-            plan.restores.append(Restore(state.request_id, list(state.block_ids)))
+            plan.restores.append(Restore(state.request_id, 0, list(state.block_ids)))
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int, scheduled: set[str]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(plan.rows) < max_rows):
             state = self.waiting[0]
             num_new = min(state.num_pending_tokens, budget)
             needed = blocks_for(num_new, self.block_size)
@@ -291,7 +304,7 @@ class StaticScheduler:
         self.running.remove(state)
         state.status = RequestStatus.EVICTING
         self._evicting_blocks += len(state.block_ids)
-        plan.evictions.append(Evict(state.request_id, list(state.block_ids), state.num_computed_tokens))
+        plan.evictions.append(Evict(state.request_id, 0, list(state.block_ids), state.num_computed_tokens))
 
     # ------------------------------------------------------------ results
 

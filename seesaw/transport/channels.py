@@ -22,8 +22,10 @@ class Inbox:
         self._socket = context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
+        self.bound_address = ""  # the first address as peers reach it, a wildcard port resolved
         for address in addresses:
             self._socket.bind(address)
+            self.bound_address = self.bound_address or self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     async def recv(self, timeout_s: float | None = None) -> Message:
         """The next message; TimeoutError after `timeout_s` seconds (None waits for one)."""

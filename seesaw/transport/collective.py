@@ -1,0 +1,182 @@
+"""Bulk tensor movement between workers: one Communicator protocol, NCCL (cupy) on GPUs, gloo on CPUs.
+
+Groups for every layout the run uses are made once at start-up, so a transition swaps references,
+never a rendezvous. Every transfer is announced by a control message first, so peers post
+matching operations in the same order.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+
+from seesaw.messages import CollectiveSpec, GroupSpec
+
+
+class Communicator(Protocol):
+    """Collectives over one group of workers; `rank` and `peer` are positions in the group."""
+
+    rank: int
+    size: int
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over the group, in place."""
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every member's `tensor` along dim 0, in group order."""
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None: ...
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        """Fill `tensor` (already shaped) from `peer`."""
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None: ...
+
+    def barrier(self) -> None: ...
+
+
+def free_tcp_address() -> str:
+    """A `tcp://ip:port` on this host that is free right now, for a gloo rendezvous."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))
+        ip = probe.getsockname()[0]
+    except OSError:
+        ip = "127.0.0.1"
+    finally:
+        probe.close()
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return f"tcp://{ip}:{sock.getsockname()[1]}"
+
+
+def make_nccl_id() -> list[int]:
+    """A fresh NCCL unique id as plain ints (it travels in a control message)."""
+    from cupy.cuda import nccl
+
+    return list(nccl.get_unique_id())
+
+
+class GlooCommunicator:
+    """torch.distributed gloo over one subgroup of the process group."""
+
+    def __init__(self, group, ranks: list[int], global_rank: int):
+        self.group = group
+        self.ranks = ranks
+        self.rank = ranks.index(global_rank)
+        self.size = len(ranks)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        torch.distributed.all_reduce(tensor, group=self.group)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        torch.distributed.send(tensor.contiguous(), dst=self.ranks[peer], group=self.group)
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        torch.distributed.recv(tensor, src=self.ranks[peer], group=self.group)
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None:
+        torch.distributed.broadcast(tensor, src=self.ranks[root], group=self.group)
+
+    def barrier(self) -> None:
+        torch.distributed.barrier(group=self.group)
+
+
+def gloo_groups(init_address: str, global_rank: int, world_size: int, groups: list[GroupSpec],
+                timeout_s: float) -> dict[str, GlooCommunicator]:
+    """Join the gloo world and create every group; every rank must pass the same `groups` in order."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=init_address, rank=global_rank, world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    communicators = {}
+    for spec in groups:
+        # new_group is collective over the world: every rank creates every group.
+        group = torch.distributed.new_group(spec.ranks, backend="gloo")
+        if global_rank in spec.ranks:
+            communicators[spec.key] = GlooCommunicator(group, spec.ranks, global_rank)
+    return communicators
+
+
+def join_groups(spec: CollectiveSpec | None, global_rank: int, device: torch.device,
+                timeout_s: float = 300.0) -> dict[str, Communicator]:
+    """This rank's communicators for every group of the run (none for a single worker on a CPU)."""
+    if spec is None:
+        return {}
+    if spec.backend == "nccl":
+        return nccl_groups(spec.groups, global_rank, device)
+    if spec.backend == "gloo":
+        return gloo_groups(spec.init_address, global_rank, spec.world_size, spec.groups, timeout_s)
+    raise ValueError(f"unknown collective backend {spec.backend!r}")
+
+
+def leave_groups(communicators: dict[str, Communicator]) -> None:
+    if any(isinstance(c, GlooCommunicator) for c in communicators.values()) and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+_NCCL_TYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16", torch.float16: "NCCL_FLOAT16",
+               torch.int64: "NCCL_INT64", torch.int32: "NCCL_INT32"}
+
+
+class NcclCommunicator:
+    """cupy's NCCL over one group, on torch's current CUDA stream, tensors passed by pointer."""
+
+    def __init__(self, spec: GroupSpec, global_rank: int, device: torch.device):
+        from cupy.cuda import nccl
+
+        self._nccl = nccl
+        self.ranks = spec.ranks
+        self.rank = spec.ranks.index(global_rank)
+        self.size = len(spec.ranks)
+        self.device = device
+        with torch.cuda.device(device):
+            self._comm = nccl.NcclCommunicator(self.size, tuple(spec.nccl_id), self.rank)
+
+    def _type(self, tensor: torch.Tensor) -> int:
+        return getattr(self._nccl, _NCCL_TYPES[tensor.dtype])
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self._comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._type(tensor),
+                             self._nccl.NCCL_SUM, self._stream())
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        out = torch.empty((self.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        self._comm.allGather(tensor.data_ptr(), out.data_ptr(), tensor.numel(), self._type(tensor), self._stream())
+        return out
+
+    def send(self, tensor: torch.Tensor, peer: int) -> None:
+        tensor = tensor.contiguous()
+        self._nccl.groupStart()
+        self._comm.send(tensor.data_ptr(), tensor.numel(), self._type(tensor), peer, self._stream())
+        self._nccl.groupEnd()
+
+    def recv(self, tensor: torch.Tensor, peer: int) -> None:
+        self._nccl.groupStart()
+        self._comm.recv(tensor.data_ptr(), tensor.numel(), self._type(tensor), peer, self._stream())
+        self._nccl.groupEnd()
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> None:
+        self._comm.broadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._type(tensor), root,
+                             self._stream())
+
+    def barrier(self) -> None:
+        self.all_reduce(torch.zeros(1, device=self.device))
+        torch.cuda.current_stream(self.device).synchronize()
+
+
+def nccl_groups(groups: list[GroupSpec], global_rank: int, device: torch.device) -> dict[str, NcclCommunicator]:
+    """One NCCL communicator per group this rank belongs to, in the shared order."""
+    return {spec.key: NcclCommunicator(spec, global_rank, device) for spec in groups if global_rank in spec.ranks}

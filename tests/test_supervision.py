@@ -1,0 +1,119 @@
+"""Workers as separate commands: joining a head over TCP, and dying mid-batch without a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from helpers import random_prompts
+
+CLI = [sys.executable, "-m", "seesaw_cli.main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _token_batch(path: Path, count: int, max_tokens: int) -> list[list[int]]:
+    prompts = random_prompts(count, [6, 20, 33], seed=21)
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}
+        for i, p in enumerate(prompts)
+    ]
+    path.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
+    return prompts
+
+
+def _results(path: Path) -> dict[str, dict]:
+    return {r["custom_id"]: r for r in map(orjson.loads, path.read_text().splitlines())}
+
+
+def _common(folder: Path) -> list[str]:
+    return ["--model", str(folder), "--threads", "1", "--kv-cache-gb", "0.05", "--host-buffer-gb", "0.02"]
+
+
+def test_workers_started_as_separate_commands_join_over_tcp(tiny_models, tmp_path):
+    folder = tiny_models["llama-gqa-tied"]
+    source = tmp_path / "in.jsonl"
+    _token_batch(source, 6, 8)
+    reference = tmp_path / "t1.jsonl"
+    local = subprocess.run([*CLI, "batch", source, "-o", reference, *_common(folder)],
+                           capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stderr
+
+    head_address = f"tcp://127.0.0.1:{_free_port()}"
+    output = tmp_path / "t2.jsonl"
+    head = subprocess.Popen([*CLI, "batch", source, "-o", output, *_common(folder), "--layout", "t2",
+                             "--head-address", head_address, "--local-workers", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen([*CLI, "worker", "--head", head_address]) for _ in range(2)]
+    try:
+        _, stderr = head.communicate(timeout=180)
+        assert head.returncode == 0, stderr
+        for worker in workers:
+            assert worker.wait(timeout=30) == 0  # the head's shutdown ends them
+    finally:
+        for process in (head, *workers):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    expected = {cid: r["response"]["body"]["choices"][0]["text"] for cid, r in _results(reference).items()}
+    got = {cid: r["response"]["body"]["choices"][0]["text"] for cid, r in _results(output).items()}
+    assert got == expected and len(got) == 6
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """Rank -> pid of the worker processes the head started."""
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"seesaw.worker" in cmdline:
+                args = cmdline.split(b"\0")
+                pids[int(args[args.index(b"--rank") + 1])] = int(proc.name)
+    return pids
+
+
+def test_a_killed_worker_stops_the_batch_with_a_clear_error(tiny_models, tmp_path):
+    folder = tiny_models["llama-gqa-tied"]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _token_batch(source, 40, 60)
+    # One request at a time keeps the batch going long enough to kill a worker in the middle.
+    head = subprocess.Popen([*CLI, "batch", source, "-o", output, *_common(folder), "--layout", "t2",
+                             "--max-num-seqs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (output.exists() and output.read_text().count("\n") >= 2):
+            assert head.poll() is None and time.monotonic() < deadline, "the batch did not start"
+            time.sleep(0.05)
+        victims = _worker_pids(head.pid)
+        assert len(victims) == 2
+        os.kill(victims[1], signal.SIGKILL)
+        started = time.monotonic()
+        _, stderr = head.communicate(timeout=60)
+        assert time.monotonic() - started < 30
+    finally:
+        if head.poll() is None:
+            head.kill()
+            head.wait()
+    assert head.returncode == 1
+    assert "worker 1 failed while running steps: the process was killed by SIGKILL" in stderr
+    written = _results(output)
+    assert 2 <= len(written) < 40
+    assert all(r["response"]["status_code"] == 200 for r in written.values())
