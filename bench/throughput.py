@@ -81,10 +81,12 @@ def run_seesaw(args: argparse.Namespace) -> dict:
             errors = [r.error for r in results if r.error]
             if errors:
                 raise SystemExit(f"{len(errors)} requests failed, first: {errors[0]}")
-            return elapsed, sum(r.completion_tokens for r in results), engine.start_s
+            return elapsed, sum(r.completion_tokens for r in results), engine.start_s, engine.stats()
 
-    elapsed, output_tokens, start_s = asyncio.run(main())
-    return _report(args, "seesaw", elapsed, output_tokens, extra={"engine_start_s": round(start_s, 2)})
+    elapsed, output_tokens, start_s, stats = asyncio.run(main())
+    extra = {"engine_start_s": round(start_s, 2), "steps": stats.get("steps", 0),
+             "worker_compute_s": round(stats.get("compute_s", 0.0), 2)}
+    return _report(args, "seesaw", elapsed, output_tokens, extra=extra)
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -139,7 +141,8 @@ def _report(args, backend: str, elapsed: float, output_tokens: int, extra: dict 
     print(
         f"[{backend}] Throughput: {result['requests_per_second']:.2f} requests/s, "
         f"{result['tokens_per_second']:.2f} total tokens/s, "
-        f"{result['output_tokens_per_second']:.2f} output tokens/s ({elapsed:.1f} s)",
+        f"{result['output_tokens_per_second']:.2f} output tokens/s ({elapsed:.1f} s"
+        + (f", {extra['steps']} steps, {extra['worker_compute_s']} s in the sampling worker's steps)" if extra and "steps" in extra else ")"),
         flush=True,
     )
     return result

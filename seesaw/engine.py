@@ -221,9 +221,9 @@ class Engine:
                     watch.send(WorkerFailed(rank, _exit_description(code), ""))
             await asyncio.sleep(0.2)
 
-    def stats(self) -> dict[str, int]:
-        """Steps run and KV moves made so far, summed over replicas."""
-        totals: dict[str, int] = {}
+    def stats(self) -> dict[str, float]:
+        """Steps run, KV moves made and worker compute time so far, summed over replicas."""
+        totals: dict[str, float] = {"compute_s": self._scheduler.compute_ms / 1000}
         for core in self._scheduler.cores:
             for name, count in core.counters.items():
                 totals[name] = totals.get(name, 0) + count

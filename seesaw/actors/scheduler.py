@@ -72,6 +72,7 @@ class Scheduler(Actor):
         self.owner: dict[str, int] = {}  # request id -> replica
         self._early: list[AddRequest] = []  # arrived before the engine was ready
         self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self.compute_ms = 0.0  # worker time inside steps, summed over replicas
 
     def handle(self, message):
         match message:
@@ -138,6 +139,7 @@ class Scheduler(Actor):
             timer.cancel()
         if not self.cores:
             return
+        self.compute_ms += message.compute_ms
         updates = self.cores[replica].complete(message.step_id, message.sampled)
         if updates:
             self.request_queue.send(TokensGenerated(updates))

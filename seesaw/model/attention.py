@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from seesaw.model.cpu_kernels import PagedDecode
+
 
 class RowShape(NamedTuple):
     """One request's part of a step: `num_new` tokens appended after `start` cached ones."""
@@ -22,7 +24,8 @@ class DecodeGroup:
     """Rows with one new token each, attended together over a padded context."""
 
     token_index: torch.Tensor  # [num_rows] positions of the rows' tokens in the flat step
-    slots: torch.Tensor  # [num_rows * max_context] cache slots to gather, padding points at slot 0
+    slots: torch.Tensor  # [num_rows, max_context] cache slots, padding points at slot 0
+    lengths: torch.Tensor  # [num_rows] context length of each row
     bias: torch.Tensor  # [num_rows, 1, 1, max_context] 0 where attended, -inf on padding
     max_context: int
 
@@ -45,10 +48,12 @@ class AttentionBatch:
     decode: DecodeGroup | None
     prefills: list[PrefillRow]
     scale: float
+    decode_kernel: PagedDecode | None = None  # reads the cache in place; None: gather, then attend
 
 
 def build_attention_batch(
-    rows: list[RowShape], block_size: int, head_dim: int, device: torch.device | str
+    rows: list[RowShape], block_size: int, head_dim: int, device: torch.device | str,
+    decode_kernel: PagedDecode | None = None,
 ) -> AttentionBatch:
     """Metadata for a step whose flat token list is the rows' new tokens, in row order."""
     slot_mapping: list[int] = []
@@ -67,6 +72,7 @@ def build_attention_batch(
         decode=_decode_group(decode_rows, block_size, device) if decode_rows else None,
         prefills=prefills,
         scale=head_dim**-0.5,
+        decode_kernel=decode_kernel,
     )
 
 
@@ -96,11 +102,13 @@ def _decode_group(decode_rows: list[tuple[int, RowShape]], block_size: int, devi
         blocks = torch.tensor(row.block_ids[: max_context // block_size], dtype=torch.long)
         row_slots = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)
         slots[index, : row_slots.numel()] = row_slots
+    lengths = torch.tensor(contexts, dtype=torch.long)
     bias = torch.zeros(len(decode_rows), max_context)
-    bias.masked_fill_(torch.arange(max_context)[None, :] >= torch.tensor(contexts)[:, None], float("-inf"))
+    bias.masked_fill_(torch.arange(max_context)[None, :] >= lengths[:, None], float("-inf"))
     return DecodeGroup(
         token_index=torch.tensor([offset for offset, _ in decode_rows], dtype=torch.long, device=device),
-        slots=slots.view(-1).to(device),
+        slots=slots.to(device),
+        lengths=lengths.to(device),
         bias=bias[:, None, None, :].to(device),
         max_context=max_context,
     )
@@ -119,7 +127,13 @@ def paged_attention(
     v_cache.index_copy_(0, batch.slot_mapping, v)
     out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
     if batch.decode is not None:
-        out[batch.decode.token_index] = _decode(q, k_cache, v_cache, batch.decode, batch.scale)
+        group = batch.decode
+        if batch.decode_kernel is not None:
+            queries = q.index_select(0, group.token_index)  # [rows, heads, hd]
+            decoded = batch.decode_kernel(queries, k_cache, v_cache, group.slots, group.lengths, batch.scale)
+        else:
+            decoded = _decode(q, k_cache, v_cache, group, batch.scale)
+        out[group.token_index] = decoded
     for row in batch.prefills:
         out[row.start : row.end] = _prefill(q, k, v, k_cache, v_cache, row, batch.scale)
     return out
@@ -128,8 +142,9 @@ def paged_attention(
 def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
     num_rows = group.token_index.numel()
     kv_shape = (num_rows, group.max_context, k_cache.shape[1], k_cache.shape[2])
-    keys = k_cache.index_select(0, group.slots).view(kv_shape).transpose(1, 2)  # [rows, kv_heads, ctx, hd]
-    values = v_cache.index_select(0, group.slots).view(kv_shape).transpose(1, 2)
+    slots = group.slots.view(-1)
+    keys = k_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)  # [rows, kv_heads, ctx, hd]
+    values = v_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)
     queries = q.index_select(0, group.token_index)[:, :, None, :]  # [rows, heads, 1, hd]
     out = F.scaled_dot_product_attention(
         queries, keys, values, attn_mask=group.bias, scale=scale, enable_gqa=True

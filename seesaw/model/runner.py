@@ -12,6 +12,7 @@ import torch
 from seesaw.layout import Layout, Shard, shard_for, split_evenly
 from seesaw.messages import LoadShard, RowSampling, StepRow
 from seesaw.model.attention import RowShape, build_attention_batch
+from seesaw.model.cpu_kernels import load_paged_decode
 from seesaw.model.llama import ShardModel
 from seesaw.model.rope import inverse_frequencies, rotation
 from seesaw.model.sampler import Sampler
@@ -59,6 +60,8 @@ class ModelRunner:
         if self.host_buffer is not None and self.device.type == "cuda":
             _register_host_memory(self.host_buffer)
         self.sampler = Sampler(self.device, seed=command.dummy_seed)
+        is_cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
+        self.decode_kernel = load_paged_decode() if is_cpu_float32 else None
         self._vocab_index = self._gathered_vocab_index()
         self.load_s = time.perf_counter() - started
 
@@ -127,7 +130,7 @@ class ModelRunner:
             if row.sampling is not None:
                 last_index.append(len(token_ids) - 1)
         with torch.inference_mode():
-            batch = build_attention_batch(shapes, self.block_size, self.spec.head_dim, self.device)
+            batch = build_attention_batch(shapes, self.block_size, self.spec.head_dim, self.device, self.decode_kernel)
             positions_t = torch.tensor(positions, dtype=torch.long, device=self.device)
             cos, sin = rotation(positions_t, self.inv_freq, self.dtype)
             if self.shard.is_first_stage:
