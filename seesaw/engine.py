@@ -163,7 +163,7 @@ class Engine:
             weights_folder=str(self.model.weights_folder) if self.model.weights_folder else None,
             dummy_seed=config.model.seed,
             dtype=config.model.resolved_dtype,
-            device=f"cuda:{rank % _local_devices(config)}" if config.model.device == "cuda" else "cpu",
+            device=config.model.device,
             layout=str(config.parallel.layout),
             rank=rank,
             block_size=config.cache.block_size,
@@ -275,12 +275,6 @@ class Engine:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
-
-
-def _local_devices(config: EngineConfig) -> int:
-    import torch
-
-    return max(1, torch.cuda.device_count())
 
 
 def _exit_description(code: int) -> str:

@@ -248,7 +248,7 @@ class LoadShard:
     weights_folder: str | None  # None: seeded random weights
     dummy_seed: int
     dtype: str
-    device: str
+    device: str  # "cpu" or "cuda" (the worker takes its own device on the host)
     layout: str
     rank: int
     block_size: int
@@ -294,6 +294,11 @@ class Prefetch:
     request_id: str
     host_block_ids: list[int]
     block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class HeadAlive:
+    """Supervisor -> ShardWorker: the head is still there (a worker that stops hearing it exits)."""
 
 
 @dataclass(frozen=True)
@@ -362,7 +367,7 @@ _TYPES: dict[str, type] = {
     for cls in (
         Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone,
         EngineReady, EngineFailed, Evicted, Restored, Evict, Restore, DropHostCopy, SwappedOut,
-        Prefetched, LoadShard, PrepareGroups, RunStep, SwapOut, Prefetch, Shutdown, WorkerHello,
+        Prefetched, LoadShard, PrepareGroups, RunStep, SwapOut, Prefetch, HeadAlive, Shutdown, WorkerHello,
         GroupsPrepared, RankAssigned, WorkerReady, WorkerFailed, Heartbeat,
     )
 }

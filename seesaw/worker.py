@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import zmq.asyncio
 
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=-1, help="-1: the head assigns one")
     parser.add_argument("--inbox", default=None, help="address to bind for commands (default: a free TCP port)")
     parser.add_argument("--heartbeat-s", type=float, default=1.0)
+    parser.add_argument("--head-timeout-s", type=float, default=60.0, help="exit after this long without the head")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
@@ -97,6 +99,10 @@ async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Nam
     while True:
         if args.parent_pid is not None and os.getppid() != args.parent_pid:
             log.error("the head process is gone; exiting")
+            worker.stopped.set()
+            return
+        if time.monotonic() - worker.head_seen > args.head_timeout_s:
+            log.error("nothing from the head for %.0f s; exiting", args.head_timeout_s)
             worker.stopped.set()
             return
         supervisor.send(Heartbeat(worker.rank))

@@ -27,7 +27,7 @@ EXAMPLES = [
     m.GroupsPrepared(m.CollectiveSpec("gloo", 2, [m.GroupSpec("pp:0:0", [0, 1])], "tcp://h:3")),
     m.RankAssigned(3),
     m.RunStep(3, [m.StepRow("r1", [1, 2], 0, [5], None), m.StepRow("r2", [9], 4, [6, 7], m.RowSampling(0.0))]),
-    m.SwapOut("r1", [1], [2]), m.Prefetch("r1", [2], [1]), m.Shutdown(),
+    m.SwapOut("r1", [1], [2]), m.Prefetch("r1", [2], [1]), m.HeadAlive(), m.Shutdown(),
     m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerReady(0, 10, 1.2, "cpu"), m.WorkerFailed(0, "oom", "loading"),
     m.Heartbeat(1),
 ]

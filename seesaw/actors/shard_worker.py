@@ -1,6 +1,6 @@
 """ShardWorker actor: one per device, in its own process; runs steps and KV copies for its shard.
 
-Inbox: RankAssigned, PrepareGroups, LoadShard, Shutdown (Supervisor); RunStep (Scheduler);
+Inbox: RankAssigned, PrepareGroups, LoadShard, HeadAlive, Shutdown (Supervisor); RunStep (Scheduler);
 SwapOut, Prefetch (KVTier).
 Sends: GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone to the
 Scheduler; SwappedOut, Prefetched to the KVTier.
@@ -24,6 +24,7 @@ from seesaw.messages import (
     CollectiveSpec,
     GroupSpec,
     GroupsPrepared,
+    HeadAlive,
     LoadShard,
     Prefetch,
     Prefetched,
@@ -55,6 +56,7 @@ class ShardWorker(Actor):
         self.runner = None
         self.stopped = asyncio.Event()
         self.has_failed = False
+        self.head_seen = time.monotonic()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
 
@@ -72,6 +74,8 @@ class ShardWorker(Actor):
                 self._on_swap_out(message)
             case Prefetch():
                 self._on_prefetch(message)
+            case HeadAlive():
+                self.head_seen = time.monotonic()
             case Shutdown():
                 self.stopped.set()
             case _:

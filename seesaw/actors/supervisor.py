@@ -3,7 +3,7 @@ fails the engine loudly when one is lost.
 
 Inbox: WorkerHello, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the
 engine's process watch).
-Sends: RankAssigned, PrepareGroups, LoadShard and Shutdown to workers; EngineReady to the
+Sends: RankAssigned, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady to the
 Scheduler and the KVTier; EngineFailed to the Scheduler.
 """
 
@@ -24,6 +24,7 @@ from seesaw.messages import (
     EngineReady,
     GroupSpec,
     GroupsPrepared,
+    HeadAlive,
     Heartbeat,
     LoadShard,
     PrepareGroups,
@@ -172,6 +173,9 @@ class Supervisor(Actor):
 
     def _check_heartbeats(self) -> None:
         self._watch = None
+        for worker in self.workers:
+            if worker is not None:
+                worker.send(HeadAlive())
         now = time.monotonic()
         for rank, seen in self.last_seen.items():
             if now - seen > self.heartbeat_timeout_s and self.failed is None:

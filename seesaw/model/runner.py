@@ -31,7 +31,7 @@ class ModelRunner:
         started = time.perf_counter()
         self.spec = ModelSpec.from_hf_config(command.hf_config)
         self.shard: Shard = shard_for(Layout.parse(command.layout), self.spec.shape, command.rank)
-        self.device = torch.device(command.device)
+        self.device = _device_for(command.device, command.rank)
         self.dtype = torch_dtype(command.dtype)
         self.block_size = command.block_size
         if self.device.type == "cpu":
@@ -185,6 +185,13 @@ class ModelRunner:
         leave_groups(self.communicators)
 
 
+def _device_for(kind: str, rank: int) -> torch.device:
+    """Worker i owns this host's device i (ranks on a host are consecutive)."""
+    if kind == "cuda":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device(kind)
+
+
 def _zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero tensor; on the CPU its pages are mapped lazily, so an unused pool costs nothing.
 
@@ -202,5 +209,6 @@ def _register_host_memory(buffer: HostBuffer) -> None:
     blocks = buffer.blocks
     size = blocks.numel() * blocks.element_size()
     status = torch.cuda.cudart().cudaHostRegister(blocks.data_ptr(), size, 0)
-    if int(status) != 0:
-        raise RuntimeError(f"cudaHostRegister of the host KV buffer failed with status {int(status)}")
+    code = int(getattr(status, "value", status))
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of the host KV buffer failed with status {code}")

@@ -6,8 +6,6 @@ only the address differs.
 
 from __future__ import annotations
 
-import asyncio
-
 import zmq
 import zmq.asyncio
 
@@ -55,16 +53,3 @@ class Outbox:
 
     def close(self, linger_s: float = 2.0) -> None:
         self._socket.close(linger=int(linger_s * 1000))
-
-
-async def first_of(inbox: Inbox, wanted: type, timeout_s: float, what: str) -> Message:
-    """Wait for a message of type `wanted` on `inbox`; others are an error, silence a TimeoutError."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise TimeoutError(f"{what}: nothing within {timeout_s:.0f} s")
-        message = await inbox.recv(timeout_s=remaining)
-        if isinstance(message, wanted):
-            return message
-        raise ValueError(f"{what}: expected {wanted.__name__}, got {type(message).__name__}")
