@@ -7,6 +7,7 @@ Tensors never ride here: a message names a transfer, the bytes move on the data 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -388,13 +389,13 @@ def decode(data: bytes) -> Message:
     return _build(cls, fields)
 
 
-_HINTS: dict[type, dict[str, typing.Any]] = {}
+@functools.cache
+def _hints(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
 
 
 def _build(cls: type, fields: dict):
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    hints = _hints(cls)
     return cls(**{name: _convert(hints[name], value) for name, value in fields.items()})
 
 

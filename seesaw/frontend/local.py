@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 
 from seesaw.engine import Engine, EngineError
 from seesaw.messages import RequestFinished, Submit
@@ -14,11 +15,9 @@ from seesaw.transport.channels import Inbox, Outbox
 class LocalClient:
     """Use as `async with LocalClient(engine) as client: await client.generate(...)`."""
 
-    _ids = itertools.count()
-
     def __init__(self, engine: Engine, name: str = "local"):
         self.engine = engine
-        self.name = f"{name}-{next(self._ids)}"
+        self.name = f"{name}-{secrets.token_hex(4)}"
         self._futures: dict[str, asyncio.Future] = {}
         self._next_id = itertools.count()
         self._replies: Inbox | None = None
