@@ -61,17 +61,25 @@ def batch(
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
             threads=threads, seed=seed, head_address=head_address, local_workers=local_workers,
         )
-        from seesaw.frontend.batch_io import SamplingDefaults
-        from seesaw.sampling import SamplingParams
-
-        SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate()
-        defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        resolved = _resolve(config)
-    except ValueError as error:
+        defaults = _sampling_defaults(max_tokens, temperature, top_p)
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        engine = _engine(config)
+        sink = output.open("wb")  # a bad output path fails now, not after the model has loaded
+    except (ValueError, OSError) as error:
         _fail(str(error))
-    summary = _run(_batch(config, resolved, input_path, output, defaults, max_pending, started))
+    with sink:
+        summary = _run(_batch(engine, sink, input_path, defaults, max_pending, started))
     typer.echo(f"results: {output}", err=True)
     raise typer.Exit(0 if summary is not None else 1)
+
+
+def _sampling_defaults(max_tokens: int, temperature: float, top_p: float):
+    from seesaw.frontend.batch_io import SamplingDefaults
+    from seesaw.sampling import SamplingParams
+
+    SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate()
+    return SamplingDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
 
 
 @app.command()
@@ -110,28 +118,33 @@ def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batch
     )
 
 
-def _resolve(config):
+def _engine(config):
+    """The engine for `config`, its model found (and converted once) and its layout checked."""
+    from seesaw.engine import Engine
     from seesaw.model.resolve import resolve_model
 
     resolved = resolve_model(config.model.model, config.cache_dir)
     if resolved.convert_s:
         typer.echo(f"converted {resolved.name} in {resolved.convert_s:.1f} s (cached for later runs)", err=True)
-    return resolved
+    return Engine(config, resolved)
 
 
-async def _batch(config, resolved, input_path, output, defaults, max_pending, started):
-    from seesaw.engine import Engine, EngineError
-    from seesaw.frontend.batch import run_with_engine
+async def _batch(engine, sink, input_path, defaults, max_pending, started):
+    import zmq
+
+    from seesaw.engine import EngineError
+    from seesaw.frontend.batch import BatchRunner
     from seesaw.frontend.progress import Progress
 
     progress = Progress(sys.stderr, is_terminal=sys.stderr.isatty())
-    engine = Engine(config, resolved)
+    config, name = engine.config, engine.model.name
     try:
         await engine.start()
-        typer.echo(f"engine ready in {time.perf_counter() - started:.1f} s ({resolved.name}, "
+        typer.echo(f"engine ready in {time.perf_counter() - started:.1f} s ({name}, "
                    f"{config.parallel.layout}, {config.model.device})", err=True)
-        summary = await run_with_engine(engine, input_path, output, defaults, resolved.name, max_pending, progress)
-    except EngineError as error:
+        runner = BatchRunner(engine, defaults, name, max_pending, progress)
+        summary = await runner.run(input_path, sink)
+    except (EngineError, ValueError, OSError, zmq.ZMQError) as error:
         typer.echo(f"error: {error}", err=True)
         return None
     finally:

@@ -383,10 +383,9 @@ def decode(data: bytes) -> Message:
     """The message `encode` wrote; ValueError on an unknown type or malformed fields."""
     try:
         name, fields = orjson.loads(data)
-        cls = _TYPES[name]
-    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"malformed message {data[:80]!r}: {error}") from error
-    return _build(cls, fields)
+        return _build(_TYPES[name], fields)
+    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"malformed message {data[:80]!r}: {error!r}") from None
 
 
 @functools.cache

@@ -105,7 +105,8 @@ async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Nam
             log.error("nothing from the head for %.0f s; exiting", args.head_timeout_s)
             worker.stopped.set()
             return
-        supervisor.send(Heartbeat(worker.rank))
+        if worker.rank >= 0:  # a worker that joined without a rank waits for the head's answer
+            supervisor.send(Heartbeat(worker.rank))
         await asyncio.sleep(args.heartbeat_s)
 
 

@@ -204,3 +204,19 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     assert "worker 0" in failed.reason and "no heartbeat" in failed.reason
     assert failures == [failed.reason] and len(ready) == 1
     await actor.stop()
+
+
+async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
+    scheduler, inbox = wiring.inbox(), wiring.inbox()
+    actor = KVTier(inbox, wiring.context, Layout(), HostSlots(num_blocks=2, block_size=4), wiring.outbox(scheduler))
+    actor.start()
+    raw = wiring.context.socket(zmq.PUSH)
+    raw.connect(inbox.addresses[0])
+    await raw.send(b"not a message")
+    await raw.send(b'["Evict", {"request_id": "x", "nonsense": 1}]')
+    raw.close(linger=0)
+    to_actor = wiring.outbox(inbox)
+    to_actor.send(m.EngineReady([10], ["inproc://nowhere"]))
+    to_actor.send(m.Evict("a", 0, [1, 2, 3], num_tokens=12))  # more than the host holds: refused
+    assert await expect(scheduler, m.Evicted) == m.Evicted("a", False, "host KV buffer is full")
+    await actor.stop()

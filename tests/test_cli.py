@@ -92,3 +92,16 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     done = run_cli("batch", source, "--model", "no/such/model", timeout_s=60)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "model 'no/such/model' is not" in done.stderr
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--layout", "t4"], "t4 needs at least 4 KV heads; this model has 3"),
+    (["--max-pending", "0"], "max_pending must be at least 1"),
+    (["--layout", "q2"], "layout 'q2' is not of the form"),
+])
+def test_bad_engine_options_are_one_line_errors(tmp_path, flags, problem):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    done = run_cli("batch", source, *flags, timeout_s=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert problem in done.stderr

@@ -167,3 +167,12 @@ def test_random_workloads_keep_every_invariant():
         model.run()
         assert {r: len(t) for r, t in model.outputs.items()} == expected
         assert core.pool.num_free == core.pool.num_blocks
+
+
+def test_a_swapped_request_as_large_as_the_pool_comes_back_when_alone():
+    core = make(num_blocks=10, block_size=4, budget=16, watermark=0.1)
+    add(core, "small", 1, 5)
+    add(core, "large", 35, 3)
+    model = Model(core, host_room=True)
+    model.run(max_steps=200)
+    assert len(model.outputs["large"]) == 3 and len(model.outputs["small"]) == 5

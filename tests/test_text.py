@@ -45,3 +45,10 @@ def test_chat_template_ends_with_the_assistant_turn(codec):
 def test_bad_messages_name_the_message(messages, problem):
     with pytest.raises(ValueError, match=problem.replace("[", r"\[").replace("]", r"\]")):
         normalize_messages(messages)
+
+
+def test_a_template_that_rejects_the_messages_is_a_value_error(default_model):
+    codec = TextCodec(default_model.tokenizer_folder)
+    codec.tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(ValueError, match="roles must alternate"):
+        codec.encode_chat([{"role": "user", "content": "hi"}])

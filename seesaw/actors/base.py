@@ -29,23 +29,23 @@ class Actor(ABC):
     async def run(self) -> None:
         try:
             while True:
-                message = await self.inbox.recv()
+                try:
+                    message = await self.inbox.recv()
+                except ValueError as error:  # a frame that is not one of our messages
+                    log.warning("%s dropped %s", self.name, error)
+                    continue
                 result = self.handle(message)
                 if inspect.isawaitable(result):
                     await result
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # the actor boundary: log, tell whoever supervises, end
+        except Exception:  # the actor boundary: log and end; the task's exception reaches its watcher
             log.exception("%s failed", self.name)
-            self.on_failure(error)
             raise
 
     @abstractmethod
     def handle(self, message: Message):
         """React to one message; may return an awaitable."""
-
-    def on_failure(self, error: Exception) -> None:
-        """Report a crash; the default only logs (the task's exception reaches its awaiter)."""
 
     async def stop(self) -> None:
         if self.task is not None and not self.task.done():  # a finished task was awaited by its watcher

@@ -124,7 +124,7 @@ class RequestQueue(Actor):
 
     def _finish(self, pending: _Pending, finish_reason: str) -> None:
         del self.pending[pending.submit.request_id]
-        self._outbox(pending.submit.reply_to).send(RequestFinished(
+        self._reply_to(pending.submit.reply_to, RequestFinished(
             request_id=pending.submit.request_id,
             kind=pending.submit.kind,
             text=pending.text.text,
@@ -135,15 +135,26 @@ class RequestQueue(Actor):
         ))
 
     def _reply(self, submit: Submit, error: str, status_code: int = 400, prompt_tokens: int = 0) -> None:
-        self._outbox(submit.reply_to).send(RequestFinished(
+        self._reply_to(submit.reply_to, RequestFinished(
             request_id=submit.request_id, kind=submit.kind, error=error,
             status_code=status_code, prompt_tokens=prompt_tokens,
         ))
+
+    def _reply_to(self, address: str, result: RequestFinished) -> None:
+        self._outbox(address).send(result)
+        self._release_outbox(address)
 
     def _outbox(self, address: str) -> Outbox:
         if address not in self._replies:
             self._replies[address] = Outbox(self.context, address)
         return self._replies[address]
+
+    def _release_outbox(self, address: str) -> None:
+        """Close a front door's outbox once none of its requests is pending here."""
+        if all(p.submit.reply_to != address for p in self.pending.values()):
+            outbox = self._replies.pop(address, None)
+            if outbox is not None:
+                outbox.close()
 
     async def stop(self) -> None:
         await super().stop()

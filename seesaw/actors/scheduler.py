@@ -113,11 +113,13 @@ class Scheduler(Actor):
         if not self.cores:
             self._early.append(request)
             return
-        problem = self.cores[0].capacity_error(len(request.prompt_token_ids), request.max_tokens)
-        if problem is not None:
+        size = (len(request.prompt_token_ids), request.max_tokens)
+        fits = [r for r, core in enumerate(self.cores) if core.capacity_error(*size) is None]
+        if not fits:
+            problem = min((core.capacity_error(*size) for core in self.cores), key=len)
             self.request_queue.send(RequestFailed(request.request_id, problem, status_code=400))
             return
-        replica = min(range(len(self.cores)), key=lambda r: self.cores[r].load)
+        replica = min(fits, key=lambda r: self.cores[r].load)
         self.owner[request.request_id] = replica
         self.cores[replica].add(request)
         self._pump(replica)
@@ -140,10 +142,11 @@ class Scheduler(Actor):
         if not self.cores:
             return
         self.compute_ms += message.compute_ms
+        rows = self.cores[replica].rows_of(message.step_id)
         updates = self.cores[replica].complete(message.step_id, message.sampled)
         if updates:
             self.request_queue.send(TokensGenerated(updates))
-            self._forget_finished(replica, [u.request_id for u in updates if u.finish_reason])
+        self._forget_finished(replica, [row.request_id for row in rows])
         self._pump(replica)
 
     def _on_evicted(self, message: Evicted) -> None:
@@ -190,8 +193,18 @@ class Scheduler(Actor):
             for command in (*plan.evictions, *plan.restores):
                 self.kv_tier.send(replace(command, replica=replica))
             if not plan.rows:
+                if plan.is_empty and not core.num_in_flight_steps and not core.has_kv_moves:
+                    self._fail_stuck(replica)
                 return
             self._run(replica, plan)
+
+    def _fail_stuck(self, replica: int) -> None:
+        """Nothing runs, nothing moves, and nothing can be scheduled: fail rather than wait forever."""
+        reason = f"replica {replica} cannot schedule its requests (the device KV pool is too small for them)"
+        log.error("%s", reason)
+        for request_id in self.cores[replica].fail_all():
+            self.owner.pop(request_id, None)
+            self.request_queue.send(RequestFailed(request_id, reason, status_code=500))
 
     def _run(self, replica: int, plan: StepPlan) -> None:
         step = RunStep(plan.step_id, plan.rows)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import traceback
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq.asyncio
@@ -59,6 +60,7 @@ class ShardWorker(Actor):
         self.head_seen = time.monotonic()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
+        self._outstanding: set[Future] = set()
 
     def handle(self, message):
         match message:
@@ -82,9 +84,9 @@ class ShardWorker(Actor):
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_prepare_groups(self, command: PrepareGroups) -> None:
-        from seesaw.transport.collective import free_tcp_address, make_nccl_id
-
         def prepare() -> GroupsPrepared:
+            from seesaw.transport.collective import free_tcp_address, make_nccl_id  # torch, off the loop
+
             if command.backend == "nccl":
                 groups = [GroupSpec(g.key, g.ranks, make_nccl_id()) for g in command.groups]
                 return GroupsPrepared(CollectiveSpec("nccl", command.world_size, groups))
@@ -93,13 +95,13 @@ class ShardWorker(Actor):
         self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")
 
     def _on_load_shard(self, command: LoadShard) -> None:
-        from seesaw.model.runner import ModelRunner  # torch loads here, not at process start
-
         self.rank = command.rank
         self.scheduler = Outbox(self.context, command.scheduler_address)
         self.kv_tier = Outbox(self.context, command.kv_tier_address)
 
         def load() -> WorkerReady:
+            from seesaw.model.runner import ModelRunner  # torch loads on this thread, not the loop's
+
             self.runner = ModelRunner(command)
             device = self.runner.device
             name = "cpu" if device.type == "cpu" else _cuda_name(device)
@@ -134,8 +136,10 @@ class ShardWorker(Actor):
     def _submit(self, executor: ThreadPoolExecutor, work, reply_to: Outbox, activity: str) -> None:
         loop = asyncio.get_running_loop()
         future: Future = executor.submit(work)
+        self._outstanding.add(future)
 
         def done(finished: Future) -> None:
+            self._outstanding.discard(finished)
             if finished.cancelled():
                 return
             error = finished.exception()
@@ -153,11 +157,14 @@ class ShardWorker(Actor):
 
         future.add_done_callback(lambda finished: loop.call_soon_threadsafe(done, finished))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 5.0) -> None:
         await super().stop()
-        self._compute.shutdown(wait=False, cancel_futures=True)
-        self._copies.shutdown(wait=False, cancel_futures=True)
-        if self.runner is not None:
+        for executor in (self._compute, self._copies):
+            executor.shutdown(wait=False, cancel_futures=True)
+        # Release the model only once no step or copy still uses it; a step stuck in a collective
+        # whose peer died is left to the process exit.
+        _, running = await asyncio.to_thread(futures.wait, list(self._outstanding), timeout_s)
+        if self.runner is not None and not running:
             self.runner.close()
         for outbox in (self.scheduler, self.kv_tier):
             if outbox is not None:

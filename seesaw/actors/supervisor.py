@@ -91,20 +91,28 @@ class Supervisor(Actor):
             case WorkerFailed():
                 self._on_worker_failed(message)
             case Heartbeat():
-                self.last_seen[message.rank] = time.monotonic()
+                if message.rank in self.last_seen:  # only workers that joined are watched
+                    self.last_seen[message.rank] = time.monotonic()
             case _:
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_worker_hello(self, message: WorkerHello) -> None:
         rank = message.rank
+        if rank >= self.layout.world_size:
+            log.warning("worker pid %d on %s asked for rank %d, but %s has %d workers; sending it away",
+                        message.pid, message.hostname, rank, self.layout, self.layout.world_size)
+            self._send_away(message.inbox)
+            return
         if rank < 0:
             free = [r for r, address in enumerate(self.addresses) if address is None]
             if not free:
-                log.warning("worker pid %d on %s joined a full world; ignoring it", message.pid, message.hostname)
+                log.warning("worker pid %d on %s joined a full world; sending it away", message.pid, message.hostname)
+                self._send_away(message.inbox)
                 return
             rank = free[-1]  # remote workers take the highest ranks; local ones are numbered from 0
         if self.addresses[rank] is not None:
-            log.warning("a second worker claims rank %d; ignoring pid %d", rank, message.pid)
+            log.warning("a second worker claims rank %d; sending pid %d away", rank, message.pid)
+            self._send_away(message.inbox)
             return
         log.info("worker %d is up (pid %d on %s, %s)", rank, message.pid, message.hostname, message.inbox)
         self.addresses[rank] = message.inbox
@@ -116,6 +124,11 @@ class Supervisor(Actor):
         self._arm_watch()
         if all(address is not None for address in self.addresses):
             self._world_complete()
+
+    def _send_away(self, address: str) -> None:
+        outbox = Outbox(self.context, address)
+        outbox.send(Shutdown())
+        outbox.close()
 
     def _world_complete(self) -> None:
         if self.backend is None:

@@ -22,6 +22,8 @@ class BatchRunner:
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
                  progress: Progress | None = None):
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
         self.defaults = defaults
         self.model_name = model_name
@@ -113,11 +115,3 @@ class BatchRunner:
             if fraction is not None:
                 self._fraction = fraction
             self.progress.update(self.summary, self._fraction, force=force)
-
-
-async def run_with_engine(engine: Engine, input_path: Path, output_path: Path, defaults: SamplingDefaults,
-                          model_name: str, max_pending: int, progress: Progress | None) -> BatchSummary:
-    runner = BatchRunner(engine, defaults, model_name, max_pending, progress)
-    with output_path.open("wb") as output:
-        return await runner.run(input_path, output)
-

@@ -28,9 +28,14 @@ class TextCodec:
         self._require()
         if self.tokenizer.chat_template is None:
             raise ValueError("this model has no chat template; use a completion prompt")
-        text = self.tokenizer.apply_chat_template(
-            normalize_messages(messages), tokenize=False, add_generation_prompt=True
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(
+                normalize_messages(messages), tokenize=False, add_generation_prompt=True
+            )
+        except (TemplateError, TypeError, KeyError) as error:
+            raise ValueError(f"the model's chat template rejects these messages: {error}") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: list[int]) -> str:

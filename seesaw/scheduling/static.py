@@ -97,6 +97,11 @@ class StaticScheduler:
         return len(self._in_flight)
 
     @property
+    def has_kv_moves(self) -> bool:
+        """Whether some request is on its way to or from the host buffer."""
+        return any(s.status in (RequestStatus.EVICTING, RequestStatus.RESTORING) for s in self.requests.values())
+
+    @property
     def load(self) -> tuple[int, int]:
         """How busy this core is, for placing new requests: tokens still to produce, blocks held."""
         pending = sum(state.max_tokens - len(state.output_token_ids) + state.num_pending_tokens
@@ -163,6 +168,10 @@ class StaticScheduler:
             self._next_step_id += 1
             self._in_flight[plan.step_id] = plan.rows
         return plan
+
+    def rows_of(self, step_id: int) -> list[StepRow]:
+        """The rows of a step still in flight (empty for an unknown step)."""
+        return list(self._in_flight.get(step_id, []))
 
     def complete(self, step_id: int, sampled: list[int]) -> list[TokenUpdate]:
         """Take a finished step's sampled tokens; return what each request gained."""
@@ -253,7 +262,10 @@ class StaticScheduler:
         while self.swapped and len(self.running) < self.config.max_num_seqs:
             state = self.swapped[0]
             needed = blocks_for(state.num_computed_tokens + 1, self.block_size)
-            if self.pool.num_free - needed < self.watermark_blocks:
+            is_alone = not self.running and not any(
+                s.status is RequestStatus.RESTORING for s in self.requests.values()
+            )
+            if self.pool.num_free - needed < (0 if is_alone else self.watermark_blocks):
                 return
             self.swapped.popleft()
             state.block_ids = self.pool.allocate(needed)

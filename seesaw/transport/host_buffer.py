@@ -40,7 +40,7 @@ class HostBuffer:
         fd = os.open(path, flags, 0o600)
         try:
             if is_owner:
-                os.ftruncate(fd, size_bytes)
+                _reserve(fd, size_bytes, path)
             self._map = mmap.mmap(fd, size_bytes)
         finally:
             os.close(fd)
@@ -65,3 +65,16 @@ class HostBuffer:
             pass  # a view is still alive somewhere; the mapping goes with the process
         if self.is_owner:
             (SHM_DIR / self.spec.name).unlink(missing_ok=True)
+
+
+def _reserve(fd: int, size_bytes: int, path: Path) -> None:
+    """Back the whole segment now: a sparse one would kill a worker with SIGBUS when it fills up."""
+    try:
+        os.posix_fallocate(fd, 0, size_bytes)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        free = os.statvfs(SHM_DIR)
+        raise ValueError(
+            f"cannot reserve {size_bytes / 2**30:.2f} GiB of shared memory for the host KV buffer "
+            f"({SHM_DIR} has {free.f_bavail * free.f_frsize / 2**30:.2f} GiB free): lower --host-buffer-gb"
+        ) from error
