@@ -147,7 +147,7 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     values = v_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)
     queries = q.index_select(0, group.token_index)[:, :, None, :]  # [rows, heads, 1, hd]
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=group.bias, scale=scale, enable_gqa=True
+        queries, keys, values, attn_mask=group.bias.to(q.dtype), scale=scale, enable_gqa=True
     )
     return out[:, :, 0, :]  # [rows, heads, hd]
 
@@ -162,6 +162,6 @@ def _prefill(q, k, v, k_cache, v_cache, row: PrefillRow, scale: float) -> torch.
         keys = k_cache.index_select(0, row.slots).transpose(0, 1)[None]  # [1, kv_heads, ctx, hd]
         values = v_cache.index_select(0, row.slots).transpose(0, 1)[None]
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=row.bias, scale=scale, enable_gqa=True
+            queries, keys, values, attn_mask=row.bias.to(q.dtype), scale=scale, enable_gqa=True
         )
     return out[0].transpose(0, 1)  # [new, heads, hd]
