@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -43,12 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
     if args.parent_pid is not None:
         _die_with_parent()
-    try:
+    with contextlib.suppress(ImportError):  # uvloop is optional; asyncio's own loop works too
         import uvloop
 
         uvloop.install()
-    except ImportError:
-        pass
     code = asyncio.run(serve(args))
     logging.shutdown()
     # A step stuck in a collective whose peer died must not keep the process alive.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from abc import ABC, abstractmethod
@@ -50,8 +51,6 @@ class Actor(ABC):
     async def stop(self) -> None:
         if self.task is not None and not self.task.done():  # a finished task was awaited by its watcher
             self.task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-            except asyncio.CancelledError:
-                pass
         self.inbox.close()

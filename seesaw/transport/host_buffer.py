@@ -6,6 +6,7 @@ tensor-parallel shard of a block is a contiguous run of heads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -59,10 +60,9 @@ class HostBuffer:
     def close(self) -> None:
         """Unmap; the owner also removes the segment so nothing outlives the engine."""
         self.blocks = None
-        try:
+        # If a view is still alive somewhere, the mapping goes with the process instead.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            pass  # a view is still alive somewhere; the mapping goes with the process
         if self.is_owner:
             (SHM_DIR / self.spec.name).unlink(missing_ok=True)
 
