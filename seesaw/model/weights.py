@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 from safetensors import safe_open
 
-from seesaw.layout import Shard, Span
+from seesaw.layout import Span
 from seesaw.model.llama import ShardModel
 from seesaw.model.spec import ModelSpec
 
