@@ -154,9 +154,10 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     # 3. Invalid requests are answered at once and never reach the scheduler.
     to_actor.send(m.Submit("bad", reply_to, "completion", SamplingParams(top_k=-3), prompt="x"))
     to_actor.send(m.Submit("long", reply_to, "completion", SamplingParams(), prompt_token_ids=[5] * 64))
-    bad, long = await expect(replies, m.RequestFinished), await expect(replies, m.RequestFinished)
-    assert "top_k" in bad.error and bad.status_code == 400
-    assert "context is 64 tokens" in long.error
+    # Each reply may travel on its own socket, so they can arrive in either order.
+    answers = {r.request_id: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    assert "top_k" in answers["bad"].error and answers["bad"].status_code == 400
+    assert "context is 64 tokens" in answers["long"].error and answers["long"].status_code == 400
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
     await actor.stop()
