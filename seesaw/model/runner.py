@@ -18,7 +18,7 @@ from seesaw.model.rope import inverse_frequencies, rotation
 from seesaw.model.sampler import Sampler
 from seesaw.model.spec import ModelSpec
 from seesaw.model.weights import RandomSource, SafetensorsSource, load_shard
-from seesaw.transport.collective import join_groups, leave_groups
+from seesaw.transport.collective import Communicator, join_groups, leave_groups
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 
 GIB = 1 << 30
@@ -77,13 +77,9 @@ class ModelRunner:
         return partial
 
     def _gathered_vocab_index(self) -> torch.Tensor | None:
-        """Positions of real vocabulary rows in the gathered, padded logits."""
         if self.tp is None or self.tp.size == 1 or not self.shard.is_last_stage:
             return None
-        padded = self.shard.vocab_rows_padded
-        spans = split_evenly(self.spec.vocab_size, self.shard.layout.tp)
-        index = torch.cat([torch.arange(span.size) + part * padded for part, span in enumerate(spans)])
-        return index.to(self.device)
+        return gathered_vocab_index(self.spec.vocab_size, self.shard.layout.tp).to(self.device)
 
     @property
     def block_bytes(self) -> int:
@@ -147,8 +143,7 @@ class ModelRunner:
             chosen = torch.tensor(last_index, dtype=torch.long, device=self.device)
             logits = self.model.logits(hidden.index_select(0, chosen))  # [sampled rows, vocab rows here]
             if self._vocab_index is not None:
-                gathered = self.tp.all_gather(logits.t().contiguous())  # [tp * padded vocab, rows]
-                logits = gathered.index_select(0, self._vocab_index).t()  # [rows, vocab]
+                logits = gather_vocab(self.tp, logits, self._vocab_index)
             return logits
 
     def swap_out(self, block_ids: list[int], host_block_ids: list[int]) -> None:
@@ -183,6 +178,19 @@ class ModelRunner:
         if self.host_buffer is not None:
             self.host_buffer.close()
         leave_groups(self.communicators)
+
+
+def gathered_vocab_index(vocab_size: int, tp: int) -> torch.Tensor:
+    """Positions of the real vocabulary rows in logits gathered from `tp` equally padded shards."""
+    padded = -(-vocab_size // tp)
+    spans = split_evenly(vocab_size, tp)
+    return torch.cat([torch.arange(span.size) + part * padded for part, span in enumerate(spans)])
+
+
+def gather_vocab(tp: Communicator, logits: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
+    """Whole-vocabulary logits [rows, vocab] from each tensor-parallel rank's [rows, padded slice]."""
+    gathered = tp.all_gather(logits.t().contiguous())  # [tp * padded slice, rows]
+    return gathered.index_select(0, vocab_index).t()
 
 
 def _device_for(kind: str, rank: int) -> torch.device:
