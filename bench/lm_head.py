@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,23 +40,23 @@ def _time_ms(run, iters: int, communicator) -> float:
     return statistics.median(samples)
 
 
-def _rank_main(rank: int, args: argparse.Namespace, shape: tuple[int, int], address: str, results) -> None:
+def _rank_main(rank: int, args: argparse.Namespace, threads: int, shape: tuple[int, int], address: str, results) -> None:
     import torch
     import torch.nn.functional as F
 
-    from seesaw.layout import split_evenly
+    from seesaw.layout import padded_vocab_rows, split_evenly
     from seesaw.messages import GroupSpec
     from seesaw.model.runner import gather_vocab, gathered_vocab_index
     from seesaw.transport.collective import gloo_groups, leave_groups
 
     vocab_size, hidden_size = shape
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.tp))
+    torch.set_num_threads(threads)
     communicators = gloo_groups(address, rank, args.tp, [GroupSpec("tp", list(range(args.tp)))], timeout_s=120)
     tp = communicators["tp"]
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     full = torch.randn(vocab_size, hidden_size, generator=generator).to(dtype)
-    padded = -(-vocab_size // args.tp)
+    padded = padded_vocab_rows(vocab_size, args.tp)
     span = split_evenly(vocab_size, args.tp)[rank]
     part = torch.zeros(padded, hidden_size, dtype=dtype)
     part[: span.size] = full[span.start : span.end]
@@ -81,17 +80,18 @@ def _rank_main(rank: int, args: argparse.Namespace, shape: tuple[int, int], addr
 def main(argv=None) -> None:
     import multiprocessing
 
+    from seesaw.config import default_cache_dir
     from seesaw.model.resolve import resolve_model
     from seesaw.transport.collective import free_tcp_address
 
     args = parse_args(argv)
-    cache_dir = Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
-    spec = resolve_model(args.model, cache_dir).spec
+    spec = resolve_model(args.model, default_cache_dir()).spec
     shape = (spec.vocab_size, spec.hidden_size)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.tp)
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     address = free_tcp_address()
-    ranks = [context.Process(target=_rank_main, args=(r, args, shape, address, results)) for r in range(args.tp)]
+    ranks = [context.Process(target=_rank_main, args=(r, args, threads, shape, address, results)) for r in range(args.tp)]
     for process in ranks:
         process.start()
     for process in ranks:
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         if process.exitcode != 0:
             raise SystemExit(f"rank {ranks.index(process)} exited with code {process.exitcode}")
     print(f"LM head {spec.vocab_size} x {spec.hidden_size} {args.dtype}, tp={args.tp}, "
-          f"{args.threads or max(1, (os.cpu_count() or 1) // args.tp)} threads per rank")
+          f"{threads} threads per rank")
     print(f"{'rows':>6} {'sharded+gather ms':>18} {'replicated ms':>14} {'replicated/sharded':>19}")
     for _ in range(len(args.rows.split(",")) + 1):
         item = results.get(timeout=10)

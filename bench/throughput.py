@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,9 @@ def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int)
 
 
 def run_seesaw(args: argparse.Namespace) -> dict:
-    from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, default_token_budget
+    from seesaw.config import (
+        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, default_cache_dir, default_token_budget,
+    )
     from seesaw.engine import Engine
     from seesaw.frontend.local import LocalClient
     from seesaw.layout import Layout
@@ -66,7 +67,7 @@ def run_seesaw(args: argparse.Namespace) -> dict:
             max_num_batched_tokens=args.max_num_batched_tokens or default_token_budget(args.device),
             max_num_seqs=args.max_num_seqs,
         ),
-        cache_dir=Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw")),
+        cache_dir=default_cache_dir(),
     )
     resolved = resolve_model(args.model, config.cache_dir)
     prompts = random_prompts(args.num_prompts, args.input_len, resolved.spec.vocab_size, args.seed)
@@ -93,11 +94,12 @@ def run_hf(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from seesaw.config import default_cache_dir
     from seesaw.model.resolve import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cache_dir = Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
+    cache_dir = default_cache_dir()
     resolved = resolve_model(args.model, cache_dir)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if resolved.weights_folder is not None:

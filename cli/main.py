@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -98,12 +97,13 @@ def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batch
                    block_size, kv_cache_gb, memory_fraction, host_buffer_gb, threads, seed, head_address,
                    local_workers):
     from seesaw.config import (
-        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig, default_token_budget,
+        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig, default_cache_dir,
+        default_token_budget,
     )
     from seesaw.layout import Layout
     from seesaw.scheduling.static import SchedulerConfig
 
-    cache_dir = Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
+    cache_dir = default_cache_dir()
     return EngineConfig(
         model=ModelConfig(model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed),
         cache=CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,

@@ -14,6 +14,11 @@ _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def default_cache_dir() -> Path:
+    """Where converted models and built kernels are kept: $SEESAW_CACHE_DIR or ~/.cache/seesaw."""
+    return Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = "default"
@@ -112,4 +117,4 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "seesaw")
+    cache_dir: Path = field(default_factory=default_cache_dir)

@@ -104,8 +104,7 @@ class Shard:
 
     @property
     def vocab_rows_padded(self) -> int:
-        """LM-head rows every tensor-parallel rank holds, so logits gather in equal parts."""
-        return -(-self.vocab_total // self.layout.tp)
+        return padded_vocab_rows(self.vocab_total, self.layout.tp)
 
     @property
     def dp_rank(self) -> int:
@@ -126,6 +125,11 @@ class Shard:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.layout.pp - 1
+
+
+def padded_vocab_rows(vocab_size: int, tp: int) -> int:
+    """LM-head rows every tensor-parallel rank holds, so logits gather in equal parts."""
+    return -(-vocab_size // tp)
 
 
 def split_evenly(total: int, parts: int) -> list[Span]:

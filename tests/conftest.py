@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY_MODELS, make_tiny_model
+from seesaw.config import default_cache_dir
 from seesaw.model.resolve import resolve_model
 
 
@@ -21,7 +21,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    return Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
+    return default_cache_dir()
 
 
 @pytest.fixture(scope="session")

@@ -4,13 +4,12 @@ and Hugging Face transformers as the reference."""
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig
+from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig, default_cache_dir
 from seesaw.layout import Layout
 from seesaw.model.resolve import resolve_model
 from seesaw.sampling import SamplingParams
@@ -74,7 +73,7 @@ def engine_config(source: str, **overrides) -> EngineConfig:
         parallel=ParallelConfig(layout=Layout.parse(layout), threads_per_worker=1),
         scheduler=SchedulerConfig(max_num_batched_tokens=256),
         transport=TransportConfig(worker_start_timeout_s=120, step_timeout_s=120, heartbeat_timeout_s=30),
-        cache_dir=Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw")),
+        cache_dir=default_cache_dir(),
     )
     for slice_name, values in overrides.items():
         config = replace(config, **{slice_name: replace(getattr(config, slice_name), **values)})

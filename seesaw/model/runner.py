@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from seesaw.layout import Layout, Shard, shard_for, split_evenly
+from seesaw.layout import Layout, Shard, padded_vocab_rows, shard_for, split_evenly
 from seesaw.messages import LoadShard, RowSampling, StepRow
 from seesaw.model.attention import RowShape, build_attention_batch
 from seesaw.model.cpu_kernels import load_paged_decode
@@ -182,7 +182,7 @@ class ModelRunner:
 
 def gathered_vocab_index(vocab_size: int, tp: int) -> torch.Tensor:
     """Positions of the real vocabulary rows in logits gathered from `tp` equally padded shards."""
-    padded = -(-vocab_size // tp)
+    padded = padded_vocab_rows(vocab_size, tp)
     spans = split_evenly(vocab_size, tp)
     return torch.cat([torch.arange(span.size) + part * padded for part, span in enumerate(spans)])
 
