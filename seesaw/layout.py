@@ -60,6 +60,11 @@ class Layout:
             raise ValueError(f"rank {rank} is outside layout {self} of {self.world_size} workers")
         return rank // (self.pp * self.tp), (rank // self.tp) % self.pp, rank % self.tp
 
+    def replica_ranks(self, dp_rank: int) -> range:
+        """The global ranks of one data-parallel replica (dp is the outermost axis)."""
+        size = self.pp * self.tp
+        return range(dp_rank * size, (dp_rank + 1) * size)
+
     def rank_of(self, dp_rank: int, pp_rank: int, tp_rank: int) -> int:
         return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
 

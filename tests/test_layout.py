@@ -31,6 +31,7 @@ def test_rank_order_is_dp_then_pp_then_tp():
     assert layout.tp_group(5) == [4, 5]
     assert layout.pp_group(5) == [5, 7]
     assert layout.dp_group(5) == [1, 5]
+    assert list(layout.replica_ranks(1)) == [4, 5, 6, 7]
 
 
 def test_impossible_layout_names_the_reason():

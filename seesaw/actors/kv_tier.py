@@ -61,9 +61,9 @@ class KVTier(Actor):
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_engine_ready(self, message: EngineReady) -> None:
+        addresses = message.worker_addresses
         self.workers = [
-            [(rank, Outbox(self.context, address)) for rank, address in enumerate(message.worker_addresses)
-             if self.layout.coordinates(rank)[0] == replica]
+            [(rank, Outbox(self.context, addresses[rank])) for rank in self.layout.replica_ranks(replica)]
             for replica in range(self.layout.dp)
         ]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 import zmq.asyncio
 
@@ -69,7 +68,6 @@ class Scheduler(Actor):
         self.on_stall = on_stall  # called with a reason when a step outlives its timeout
         self.cores: list[StaticScheduler] = []  # one per data-parallel replica, once ready
         self.workers: list[list[Outbox]] = []  # each replica's workers
-        self.owner: dict[str, int] = {}  # request id -> replica
         self._early: list[AddRequest] = []  # arrived before the engine was ready
         self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
         self.compute_ms = 0.0  # worker time inside steps, summed over replicas
@@ -97,12 +95,12 @@ class Scheduler(Actor):
         layout = self.layout
         self.cores = [
             StaticScheduler(self.config, blocks, self.block_size, self.max_model_len, self.eos_token_ids,
-                            num_micro_batches=layout.pp)
-            for blocks in message.num_device_blocks
+                            num_micro_batches=layout.pp, replica=replica)
+            for replica, blocks in enumerate(message.num_device_blocks)
         ]
+        addresses = message.worker_addresses
         self.workers = [
-            [Outbox(self.context, address) for rank, address in enumerate(message.worker_addresses)
-             if layout.coordinates(rank)[0] == replica]
+            [Outbox(self.context, addresses[rank]) for rank in layout.replica_ranks(replica)]
             for replica in range(layout.dp)
         ]
         early, self._early = self._early, []
@@ -119,19 +117,17 @@ class Scheduler(Actor):
             problem = min((core.capacity_error(*size) for core in self.cores), key=len)
             self.request_queue.send(RequestFailed(request.request_id, problem, status_code=400))
             return
-        replica = min(fits, key=lambda r: self.cores[r].load)
-        self.owner[request.request_id] = replica
+        replica = fits[0] if len(fits) == 1 else min(fits, key=lambda r: self.cores[r].load)
         self.cores[replica].add(request)
         self._pump(replica)
 
     def _on_stop_request(self, message: StopRequest) -> None:
-        replica = self.owner.get(message.request_id)
+        replica = self._replica_of(message.request_id)
         if replica is None:
             self._early = [r for r in self._early if r.request_id != message.request_id]
             return
         for command in self.cores[replica].stop(message.request_id):
             self.kv_tier.send(command)
-        self._forget_finished(replica, [message.request_id])
         self._pump(replica)
 
     def _on_step_done(self, message: StepDone) -> None:
@@ -142,30 +138,26 @@ class Scheduler(Actor):
         if not self.cores:
             return
         self.compute_ms += message.compute_ms
-        rows = self.cores[replica].rows_of(message.step_id)
         updates = self.cores[replica].complete(message.step_id, message.sampled)
         if updates:
             self.request_queue.send(TokensGenerated(updates))
-        self._forget_finished(replica, [row.request_id for row in rows])
         self._pump(replica)
 
     def _on_evicted(self, message: Evicted) -> None:
-        replica = self.owner.get(message.request_id)
+        replica = self._replica_of(message.request_id)
         if replica is None:
             if message.is_stored:
                 self.kv_tier.send(DropHostCopy(message.request_id))
             return
         for command in self.cores[replica].on_evicted(message.request_id, message.is_stored):
             self.kv_tier.send(command)
-        self._forget_finished(replica, [message.request_id])
         self._pump(replica)
 
     def _on_restored(self, message: Restored) -> None:
-        replica = self.owner.get(message.request_id)
+        replica = self._replica_of(message.request_id)
         if replica is None:
             return
         self.cores[replica].on_restored(message.request_id)
-        self._forget_finished(replica, [message.request_id])
         self._pump(replica)
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
@@ -173,17 +165,15 @@ class Scheduler(Actor):
         for core in self.cores:
             request_ids += core.fail_all()
         self._early = []
-        self.owner.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         for request_id in request_ids:
             self.request_queue.send(RequestFailed(request_id, message.reason, status_code=500))
 
-    def _forget_finished(self, replica: int, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            if request_id not in self.cores[replica].requests:
-                self.owner.pop(request_id, None)
+    def _replica_of(self, request_id: str) -> int | None:
+        """The replica whose core holds this request (None once it finished or before it arrived)."""
+        return next((r for r, core in enumerate(self.cores) if request_id in core.requests), None)
 
     def _pump(self, replica: int) -> None:
         """Start steps while the replica has work and its pipeline has room (one step per stage)."""
@@ -191,7 +181,7 @@ class Scheduler(Actor):
         while core.has_unfinished and core.num_in_flight_steps < self.layout.pp:
             plan = core.schedule()
             for command in (*plan.evictions, *plan.restores):
-                self.kv_tier.send(replace(command, replica=replica))
+                self.kv_tier.send(command)
             if not plan.rows:
                 if plan.is_empty and not core.num_in_flight_steps and not core.has_kv_moves:
                     self._fail_stuck(replica)
@@ -203,7 +193,6 @@ class Scheduler(Actor):
         reason = f"replica {replica} cannot schedule its requests (the device KV pool is too small for them)"
         log.error("%s", reason)
         for request_id in self.cores[replica].fail_all():
-            self.owner.pop(request_id, None)
             self.request_queue.send(RequestFailed(request_id, reason, status_code=500))
 
     def _run(self, replica: int, plan: StepPlan) -> None:

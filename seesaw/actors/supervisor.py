@@ -152,7 +152,7 @@ class Supervisor(Actor):
         if len(self.ready) < self.layout.world_size:
             return
         per_replica = [
-            min(r.num_device_blocks for rank, r in self.ready.items() if self.layout.coordinates(rank)[0] == replica)
+            min(self.ready[rank].num_device_blocks for rank in self.layout.replica_ranks(replica))
             for replica in range(self.layout.dp)
         ]
         for listener in self.listeners:

@@ -44,8 +44,7 @@ class SchedulerConfig:
 
 @dataclass
 class StepPlan:
-    """What to do next: a step to run (rows may be empty) and KV moves to start (their replica
-    field is filled in by the actor that owns this core)."""
+    """What to do next: a step to run (rows may be empty) and KV moves to start."""
 
     step_id: int
     rows: list[StepRow] = field(default_factory=list)
@@ -68,8 +67,10 @@ class StaticScheduler:
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
         num_micro_batches: int = 1,
+        replica: int = 0,
     ):
         self.config = config
+        self.replica = replica  # the data-parallel replica this core schedules, named in KV moves
         self.num_micro_batches = num_micro_batches
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -169,10 +170,6 @@ class StaticScheduler:
             self._in_flight[plan.step_id] = plan.rows
         return plan
 
-    def rows_of(self, step_id: int) -> list[StepRow]:
-        """The rows of a step still in flight (empty for an unknown step)."""
-        return list(self._in_flight.get(step_id, []))
-
     def complete(self, step_id: int, sampled: list[int]) -> list[TokenUpdate]:
         """Take a finished step's sampled tokens; return what each request gained."""
         rows = self._in_flight.pop(step_id, None)
@@ -270,7 +267,7 @@ class StaticScheduler:
             self.swapped.popleft()
             state.block_ids = self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
-            plan.restores.append(Restore(state.request_id, 0, list(state.block_ids)))
+            plan.restores.append(Restore(state.request_id, self.replica, list(state.block_ids)))
 
     def _schedule_waiting(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
@@ -316,7 +313,7 @@ class StaticScheduler:
         self.running.remove(state)
         state.status = RequestStatus.EVICTING
         self._evicting_blocks += len(state.block_ids)
-        plan.evictions.append(Evict(state.request_id, 0, list(state.block_ids), state.num_computed_tokens))
+        plan.evictions.append(Evict(state.request_id, self.replica, list(state.block_ids), state.num_computed_tokens))
 
     # ------------------------------------------------------------ results
 
