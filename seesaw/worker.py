@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from seesaw.actors.shard_worker import ShardWorker
 from seesaw.messages import Heartbeat, WorkerFailed, WorkerHello
-from seesaw.transport.channels import Inbox, Outbox
+from seesaw.transport.channels import Inbox, Outbox, routable_ip
 
 log = logging.getLogger("seesaw.worker")
 _PR_SET_PDEATHSIG = 1
@@ -83,15 +83,7 @@ def _local_ip(head: str) -> str:
     """The address other hosts reach this one at: the interface that routes to the head."""
     if not head.startswith("tcp://"):
         return "127.0.0.1"
-    host = head.removeprefix("tcp://").rsplit(":", 1)[0]
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect((host, 9))
-        return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        probe.close()
+    return routable_ip(head.removeprefix("tcp://").rsplit(":", 1)[0])
 
 
 async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from seesaw.messages import CollectiveSpec, GroupSpec
+from seesaw.transport.channels import routable_ip
 
 
 class Communicator(Protocol):
@@ -40,14 +41,7 @@ class Communicator(Protocol):
 
 def free_tcp_address() -> str:
     """A `tcp://ip:port` on this host that is free right now, for a gloo rendezvous."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("10.255.255.255", 1))
-        ip = probe.getsockname()[0]
-    except OSError:
-        ip = "127.0.0.1"
-    finally:
-        probe.close()
+    ip = routable_ip("10.255.255.255")
     with socket.socket() as sock:
         sock.bind(("", 0))
         return f"tcp://{ip}:{sock.getsockname()[1]}"
