@@ -350,7 +350,7 @@ class WorkerFailed:
 
     rank: int
     error: str
-    activity: str
+    activity: str  # "" when the head saw the process exit and the worker could not say
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from seesaw.transport.channels import Inbox, Outbox
 log = logging.getLogger(__name__)
 
 LoadCommand = Callable[[int, CollectiveSpec | None], LoadShard]
-_PROCESS_GONE = "the process"  # how the engine's process watch words an exit
 
 
 class Supervisor(Actor):
@@ -71,7 +70,6 @@ class Supervisor(Actor):
         self.report_failure = on_failure
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
-        self.addresses: list[str | None] = [None] * world
         self.ready: dict[int, WorkerReady] = {}
         self.activity: dict[int, str] = {rank: "starting" for rank in range(world)}
         self.last_seen: dict[int, float] = {}
@@ -79,6 +77,11 @@ class Supervisor(Actor):
         self._failures: list[WorkerFailed] = []
         self._verdict: asyncio.TimerHandle | None = None
         self._watch: asyncio.TimerHandle | None = None
+
+    @property
+    def addresses(self) -> list[str | None]:
+        """Each rank's inbox, None until that worker joins."""
+        return [worker.address if worker is not None else None for worker in self.workers]
 
     def handle(self, message):
         match message:
@@ -115,7 +118,6 @@ class Supervisor(Actor):
             self._send_away(message.inbox)
             return
         log.info("worker %d is up (pid %d on %s, %s)", rank, message.pid, message.hostname, message.inbox)
-        self.addresses[rank] = message.inbox
         self.workers[rank] = Outbox(self.context, message.inbox)
         if message.rank < 0:
             self.workers[rank].send(RankAssigned(rank))
@@ -170,8 +172,8 @@ class Supervisor(Actor):
 
     def _fail_engine(self) -> None:
         self._verdict = None
-        spoke = {f.rank for f in self._failures if not f.error.startswith(_PROCESS_GONE)}
-        silent_deaths = [f for f in self._failures if f.error.startswith(_PROCESS_GONE) and f.rank not in spoke]
+        spoke = {f.rank for f in self._failures if f.activity}
+        silent_deaths = [f for f in self._failures if not f.activity and f.rank not in spoke]
         first = (silent_deaths or self._failures)[0]
         doing = first.activity or self.activity.get(first.rank, "unknown")
         self.failed = f"worker {first.rank} failed while {doing}: {first.error}"
