@@ -51,6 +51,7 @@ class RequestQueue(Actor):
         self.vocab_size = vocab_size
         self.pending: dict[str, _Pending] = {}
         self._replies: dict[str, Outbox] = {}
+        self._pending_per_address: dict[str, int] = {}  # reply_to -> requests pending here
 
     def handle(self, message):
         match message:
@@ -84,6 +85,7 @@ class RequestQueue(Actor):
             return
         sampling = submit.sampling
         self.pending[submit.request_id] = _Pending(submit, len(prompt_ids), IncrementalText(self.codec, sampling.stop))
+        self._pending_per_address[submit.reply_to] = self._pending_per_address.get(submit.reply_to, 0) + 1
         self.scheduler.send(AddRequest(
             request_id=submit.request_id,
             prompt_token_ids=prompt_ids,
@@ -117,13 +119,14 @@ class RequestQueue(Actor):
                 self._finish(pending, update.finish_reason)
 
     def _on_request_failed(self, message: RequestFailed) -> None:
-        pending = self.pending.pop(message.request_id, None)
+        pending = self.pending.get(message.request_id)
         if pending is not None:
+            self._forget(pending)
             self._reply(pending.submit, error=message.error, status_code=message.status_code,
                         prompt_tokens=pending.num_prompt_tokens)
 
     def _finish(self, pending: _Pending, finish_reason: str) -> None:
-        del self.pending[pending.submit.request_id]
+        self._forget(pending)
         self._reply_to(pending.submit.reply_to, RequestFinished(
             request_id=pending.submit.request_id,
             kind=pending.submit.kind,
@@ -133,6 +136,13 @@ class RequestQueue(Actor):
             completion_tokens=pending.num_output_tokens,
             token_ids=pending.text.token_ids,
         ))
+
+    def _forget(self, pending: _Pending) -> None:
+        del self.pending[pending.submit.request_id]
+        address = pending.submit.reply_to
+        self._pending_per_address[address] -= 1
+        if not self._pending_per_address[address]:
+            del self._pending_per_address[address]
 
     def _reply(self, submit: Submit, error: str, status_code: int = 400, prompt_tokens: int = 0) -> None:
         self._reply_to(submit.reply_to, RequestFinished(
@@ -151,7 +161,7 @@ class RequestQueue(Actor):
 
     def _release_outbox(self, address: str) -> None:
         """Close a front door's outbox once none of its requests is pending here."""
-        if all(p.submit.reply_to != address for p in self.pending.values()):
+        if address not in self._pending_per_address:
             outbox = self._replies.pop(address, None)
             if outbox is not None:
                 outbox.close()
