@@ -26,7 +26,7 @@ class DecodeGroup:
     token_index: torch.Tensor  # [num_rows] positions of the rows' tokens in the flat step
     slots: torch.Tensor  # [num_rows, max_context] cache slots, padding points at slot 0
     lengths: torch.Tensor  # [num_rows] context length of each row
-    bias: torch.Tensor  # [num_rows, 1, 1, max_context] 0 where attended, -inf on padding
+    bias: torch.Tensor | None  # [num_rows, 1, 1, max_context] 0 where attended, -inf on padding; None with a kernel
     max_context: int
 
 
@@ -53,9 +53,10 @@ class AttentionBatch:
 
 def build_attention_batch(
     rows: list[RowShape], block_size: int, head_dim: int, device: torch.device | str,
-    decode_kernel: PagedDecode | None = None,
+    decode_kernel: PagedDecode | None = None, dtype: torch.dtype = torch.float32,
 ) -> AttentionBatch:
-    """Metadata for a step whose flat token list is the rows' new tokens, in row order."""
+    """Metadata for a step whose flat token list is the rows' new tokens, in row order; masks
+    are built in `dtype`, the queries' dtype."""
     slot_mapping: list[int] = []
     decode_rows: list[tuple[int, RowShape]] = []
     prefills: list[PrefillRow] = []
@@ -65,11 +66,11 @@ def build_attention_batch(
         if row.num_new == 1 and row.start > 0:
             decode_rows.append((offset, row))
         else:
-            prefills.append(_prefill_row(row, offset, block_size, device))
+            prefills.append(_prefill_row(row, offset, block_size, device, dtype))
         offset += row.num_new
     return AttentionBatch(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-        decode=_decode_group(decode_rows, block_size, device) if decode_rows else None,
+        decode=_decode_group(decode_rows, block_size, device, dtype, decode_kernel is None) if decode_rows else None,
         prefills=prefills,
         scale=head_dim**-0.5,
         decode_kernel=decode_kernel,
@@ -80,7 +81,7 @@ def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
-def _prefill_row(row: RowShape, offset: int, block_size: int, device) -> PrefillRow:
+def _prefill_row(row: RowShape, offset: int, block_size: int, device, dtype: torch.dtype) -> PrefillRow:
     end = offset + row.num_new
     if row.start == 0:
         return PrefillRow(offset, end, None, None)
@@ -90,11 +91,13 @@ def _prefill_row(row: RowShape, offset: int, block_size: int, device) -> Prefill
     visible = torch.arange(context, device=device)[None, :] <= (
         torch.arange(row.num_new, device=device)[:, None] + row.start
     )
-    bias = torch.zeros(row.num_new, context, device=device).masked_fill_(~visible, float("-inf"))
+    bias = torch.zeros(row.num_new, context, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
     return PrefillRow(offset, end, slots, bias[None, None])
 
 
-def _decode_group(decode_rows: list[tuple[int, RowShape]], block_size: int, device) -> DecodeGroup:
+def _decode_group(
+    decode_rows: list[tuple[int, RowShape]], block_size: int, device, dtype: torch.dtype, needs_bias: bool,
+) -> DecodeGroup:
     contexts = [row.start + 1 for _, row in decode_rows]
     max_context = -(-max(contexts) // block_size) * block_size
     slots = torch.zeros(len(decode_rows), max_context, dtype=torch.long)
@@ -103,13 +106,16 @@ def _decode_group(decode_rows: list[tuple[int, RowShape]], block_size: int, devi
         row_slots = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)
         slots[index, : row_slots.numel()] = row_slots
     lengths = torch.tensor(contexts, dtype=torch.long)
-    bias = torch.zeros(len(decode_rows), max_context)
-    bias.masked_fill_(torch.arange(max_context)[None, :] >= lengths[:, None], float("-inf"))
+    bias = None
+    if needs_bias:
+        bias = torch.zeros(len(decode_rows), max_context, dtype=dtype)
+        bias.masked_fill_(torch.arange(max_context)[None, :] >= lengths[:, None], float("-inf"))
+        bias = bias[:, None, None, :].to(device)
     return DecodeGroup(
         token_index=torch.tensor([offset for offset, _ in decode_rows], dtype=torch.long, device=device),
         slots=slots.to(device),
         lengths=lengths.to(device),
-        bias=bias[:, None, None, :].to(device),
+        bias=bias,
         max_context=max_context,
     )
 
@@ -128,27 +134,27 @@ def paged_attention(
     out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
     if batch.decode is not None:
         group = batch.decode
+        queries = q.index_select(0, group.token_index)  # [rows, heads, hd]
         if batch.decode_kernel is not None:
-            queries = q.index_select(0, group.token_index)  # [rows, heads, hd]
             decoded = batch.decode_kernel(queries, k_cache, v_cache, group.slots, group.lengths, batch.scale)
         else:
-            decoded = _decode(q, k_cache, v_cache, group, batch.scale)
+            decoded = _decode(queries, k_cache, v_cache, group, batch.scale)
         out[group.token_index] = decoded
     for row in batch.prefills:
         out[row.start : row.end] = _prefill(q, k, v, k_cache, v_cache, row, batch.scale)
     return out
 
 
-def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+def _decode(queries, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+    """Attention of `queries` [rows, heads, hd] over their gathered, padded contexts."""
     num_rows = group.token_index.numel()
     kv_shape = (num_rows, group.max_context, k_cache.shape[1], k_cache.shape[2])
     slots = group.slots.view(-1)
     keys = k_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)  # [rows, kv_heads, ctx, hd]
     values = v_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)
-    queries = q.index_select(0, group.token_index)[:, :, None, :]  # [rows, heads, 1, hd]
     out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=group.bias.to(q.dtype), scale=scale, enable_gqa=True
-    )
+        queries[:, :, None, :], keys, values, attn_mask=group.bias, scale=scale, enable_gqa=True
+    )  # [rows, heads, 1, hd]
     return out[:, :, 0, :]  # [rows, heads, hd]
 
 
@@ -162,6 +168,6 @@ def _prefill(q, k, v, k_cache, v_cache, row: PrefillRow, scale: float) -> torch.
         keys = k_cache.index_select(0, row.slots).transpose(0, 1)[None]  # [1, kv_heads, ctx, hd]
         values = v_cache.index_select(0, row.slots).transpose(0, 1)[None]
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=row.bias.to(q.dtype), scale=scale, enable_gqa=True
+            queries, keys, values, attn_mask=row.bias, scale=scale, enable_gqa=True
         )
     return out[0].transpose(0, 1)  # [new, heads, hd]

@@ -126,7 +126,9 @@ class ModelRunner:
             if row.sampling is not None:
                 last_index.append(len(token_ids) - 1)
         with torch.inference_mode():
-            batch = build_attention_batch(shapes, self.block_size, self.spec.head_dim, self.device, self.decode_kernel)
+            batch = build_attention_batch(
+                shapes, self.block_size, self.spec.head_dim, self.device, self.decode_kernel, self.dtype
+            )
             positions_t = torch.tensor(positions, dtype=torch.long, device=self.device)
             cos, sin = rotation(positions_t, self.inv_freq, self.dtype)
             if self.shard.is_first_stage:
