@@ -73,7 +73,7 @@ def run_seesaw(args: argparse.Namespace) -> dict:
     prompts = random_prompts(args.num_prompts, args.input_len, resolved.spec.vocab_size, args.seed)
     sampling = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
-    async def main() -> tuple[float, int, float]:
+    async def main() -> tuple[float, int, float, dict[str, float]]:
         async with Engine(config, resolved) as engine, LocalClient(engine, "bench") as client:
             started = time.perf_counter()
             futures = [client.submit(sampling, prompt_token_ids=prompt) for prompt in prompts]
@@ -87,7 +87,8 @@ def run_seesaw(args: argparse.Namespace) -> dict:
     elapsed, output_tokens, start_s, stats = asyncio.run(main())
     extra = {"engine_start_s": round(start_s, 2), "steps": stats.get("steps", 0),
              "worker_compute_s": round(stats.get("compute_s", 0.0), 2)}
-    return _report(args, "seesaw", elapsed, output_tokens, extra=extra)
+    note = f", {extra['steps']} steps, {extra['worker_compute_s']} s in the sampling worker's steps"
+    return _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note)
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -125,7 +126,9 @@ def run_hf(args: argparse.Namespace) -> dict:
     return _report(args, "hf", time.perf_counter() - started, output_tokens)
 
 
-def _report(args, backend: str, elapsed: float, output_tokens: int, extra: dict | None = None) -> dict:
+def _report(
+    args, backend: str, elapsed: float, output_tokens: int, extra: dict | None = None, note: str = "",
+) -> dict:
     total = args.num_prompts * args.input_len + output_tokens
     result = {
         "backend": backend,
@@ -143,8 +146,7 @@ def _report(args, backend: str, elapsed: float, output_tokens: int, extra: dict 
     print(
         f"[{backend}] Throughput: {result['requests_per_second']:.2f} requests/s, "
         f"{result['tokens_per_second']:.2f} total tokens/s, "
-        f"{result['output_tokens_per_second']:.2f} output tokens/s ({elapsed:.1f} s"
-        + (f", {extra['steps']} steps, {extra['worker_compute_s']} s in the sampling worker's steps)" if extra and "steps" in extra else ")"),
+        f"{result['output_tokens_per_second']:.2f} output tokens/s ({elapsed:.1f} s{note})",
         flush=True,
     )
     return result

@@ -82,6 +82,12 @@ class Layout:
         _, pp_rank, tp_rank = self.coordinates(rank)
         return [self.rank_of(d, pp_rank, tp_rank) for d in range(self.dp)]
 
+    def group_key(self, kind: str, rank: int) -> str:
+        """The name of this rank's "tp", "pp" or "dp" group, by the coordinates its members share."""
+        dp_rank, pp_rank, tp_rank = self.coordinates(rank)
+        shared = {"tp": (dp_rank, pp_rank), "pp": (dp_rank, tp_rank), "dp": (pp_rank, tp_rank)}[kind]
+        return f"{kind}:{shared[0]}:{shared[1]}"
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -186,14 +192,8 @@ def shard_for(layout: Layout, shape: ModelShape, rank: int) -> Shard:
 def groups_of(layout: Layout) -> list[tuple[str, list[int]]]:
     """Every tensor-, pipeline- and data-parallel group of a layout as (key, global ranks), in a
     fixed order that every rank shares (group creation is collective)."""
-    groups = []
-    for d in range(layout.dp):
-        for p in range(layout.pp):
-            groups.append((f"tp:{d}:{p}", [layout.rank_of(d, p, t) for t in range(layout.tp)]))
-    for d in range(layout.dp):
-        for t in range(layout.tp):
-            groups.append((f"pp:{d}:{t}", [layout.rank_of(d, p, t) for p in range(layout.pp)]))
-    for p in range(layout.pp):
-        for t in range(layout.tp):
-            groups.append((f"dp:{p}:{t}", [layout.rank_of(d, p, t) for d in range(layout.dp)]))
-    return groups
+    groups: dict[str, list[int]] = {}
+    for kind, members in (("tp", layout.tp_group), ("pp", layout.pp_group), ("dp", layout.dp_group)):
+        for rank in range(layout.world_size):
+            groups.setdefault(layout.group_key(kind, rank), members(rank))
+    return list(groups.items())

@@ -39,9 +39,8 @@ class ModelRunner:
         else:
             torch.cuda.set_device(self.device)
         self.communicators = join_groups(command.collective, command.rank, self.device)
-        dp_rank, pp_rank, tp_rank = self.shard.layout.coordinates(command.rank)
-        self.tp = self.communicators.get(f"tp:{dp_rank}:{pp_rank}")
-        self.pp = self.communicators.get(f"pp:{dp_rank}:{tp_rank}")
+        self.tp = self.communicators.get(self.shard.layout.group_key("tp", command.rank))
+        self.pp = self.communicators.get(self.shard.layout.group_key("pp", command.rank))
         self.model = ShardModel(self.spec, self.shard, self.dtype, self.device)
         source = (
             SafetensorsSource(Path(command.weights_folder))

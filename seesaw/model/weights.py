@@ -137,9 +137,12 @@ def load_shard(model: ShardModel, source: WeightSource) -> None:
             _copy(model.norm, source.get("model.norm.weight"), "model.norm")
         if model.lm_head is not None and model.lm_head is not model.embed:
             name = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
-            rows = source.get(name, rows=shard.vocab)
-            model.lm_head.zero_()  # padding rows give logits that the gather drops
+            if spec.tie_word_embeddings and model.embed is not None:
+                rows = model.embed[shard.vocab.start : shard.vocab.end]  # loaded just above
+            else:
+                rows = source.get(name, rows=shard.vocab)
             _copy(model.lm_head[: rows.shape[0]], rows, name)
+            model.lm_head[rows.shape[0] :].zero_()  # padding rows give logits that the gather drops
 
 
 def _scaled(span: Span, factor: int) -> Span:
