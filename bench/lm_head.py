@@ -46,7 +46,7 @@ def _rank_main(rank: int, args: argparse.Namespace, threads: int, shape: tuple[i
 
     from seesaw.layout import padded_vocab_rows, split_evenly
     from seesaw.messages import GroupSpec
-    from seesaw.model.runner import gather_vocab, gathered_vocab_index
+    from seesaw.runtime.layout_state import gather_vocab, gathered_vocab_index
     from seesaw.transport.collective import gloo_groups, leave_groups
 
     vocab_size, hidden_size = shape

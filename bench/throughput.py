@@ -57,7 +57,7 @@ def run_seesaw(args: argparse.Namespace) -> dict:
     from seesaw.layout import Layout
     from seesaw.model.resolve import resolve_model
     from seesaw.sampling import SamplingParams
-    from seesaw.scheduling.static import SchedulerConfig
+    from seesaw.config import SchedulerConfig
 
     config = EngineConfig(
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed),

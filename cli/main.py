@@ -101,7 +101,7 @@ def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batch
         default_token_budget,
     )
     from seesaw.layout import Layout
-    from seesaw.scheduling.static import SchedulerConfig
+    from seesaw.config import SchedulerConfig
 
     cache_dir = default_cache_dir()
     return EngineConfig(

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seesaw.layout import Layout
-from seesaw.scheduling.static import SchedulerConfig
 
 GIB = 1 << 30
 _DEVICES = ("cpu", "cuda")
@@ -65,11 +64,26 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Static mode runs `layout` for everything; seesaw mode (`decode_layout` set) prefills in
+    `layout` and decodes in `decode_layout`, on the same workers."""
+
     layout: Layout = field(default_factory=Layout)
+    decode_layout: Layout | None = None
     threads_per_worker: int | None = None  # CPU: None splits the machine's cores evenly
     num_local_workers: int | None = None  # None: the head starts the whole world itself
 
     def __post_init__(self) -> None:
+        decode = self.decode_layout
+        if decode is not None and decode.world_size != self.layout.world_size:
+            raise ValueError(
+                f"prefill layout {self.layout} has {self.layout.world_size} workers and decode layout "
+                f"{decode} has {decode.world_size}; both phases run on the same workers"
+            )
+        if decode is not None and decode.dp != self.layout.dp:
+            raise ValueError(
+                f"prefill layout {self.layout} has {self.layout.dp} data-parallel replicas and decode layout "
+                f"{decode} has {decode.dp}; re-sharding happens within each replica, so both need the same dp"
+            )
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise ValueError(f"threads_per_worker must be positive, got {self.threads_per_worker}")
         if self.num_local_workers is not None and not 0 <= self.num_local_workers <= self.layout.world_size:
@@ -77,6 +91,25 @@ class ParallelConfig:
                 f"num_local_workers must be between 0 and {self.layout.world_size} for {self.layout}, "
                 f"got {self.num_local_workers}"
             )
+
+    @property
+    def is_seesaw(self) -> bool:
+        """Whether prefill and decode run as separate phases (in layouts that may differ)."""
+        return self.decode_layout is not None
+
+    @property
+    def prefill_layout(self) -> Layout:
+        return self.layout
+
+    @property
+    def layouts(self) -> list[Layout]:
+        """The run's distinct layouts, the one workers start in first."""
+        return list(dict.fromkeys([self.layout, self.decode_layout or self.layout]))
+
+    @property
+    def reshards(self) -> bool:
+        """Whether phases change the workers' shards (and so need the host weight store)."""
+        return len(self.layouts) > 1
 
     def local_workers(self) -> int:
         return self.layout.world_size if self.num_local_workers is None else self.num_local_workers
@@ -103,6 +136,26 @@ class TransportConfig:
                      "heartbeat_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduling limits and the seesaw phase thresholds; validated once."""
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    watermark: float = 0.01  # fraction of device blocks kept free when admitting requests
+    host_low_water: float = 0.2  # seesaw: back to prefill once the host buffer is this empty
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if not 0.0 <= self.host_low_water < 1.0:
+            raise ValueError(f"host_low_water must be in [0, 1), got {self.host_low_water}")
 
 
 def default_token_budget(device: str) -> int:

@@ -20,16 +20,18 @@ import zmq.asyncio
 from seesaw.actors.base import Actor
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
-from seesaw.actors.scheduler import Scheduler
+from seesaw.actors.scheduler import ModelLimits, Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
 from seesaw.frontend.text import TextCodec
-from seesaw.kv.host_slots import HostSlots
 from seesaw.layout import shard_for
 from seesaw.messages import CollectiveSpec, LoadShard, WorkerFailed, WorkerReady
 from seesaw.model.resolve import ResolvedModel
+from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
+from seesaw.scheduling.decisions import Phase
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
+from seesaw.transport.weight_store import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,16 @@ class Engine:
         self.model = model
         self.spec = model.spec
         self.codec = codec
-        layout = config.parallel.layout
-        for rank in range(layout.world_size):
-            shard_for(layout, self.spec.shape, rank)  # fail fast on impossible layouts
+        parallel = config.parallel
+        for layout in parallel.layouts:
+            for rank in range(layout.world_size):
+                shard_for(layout, self.spec.shape, rank)  # fail fast on impossible layouts
+        if parallel.is_seesaw and config.cache.host_buffer_gb <= 0:
+            raise ValueError("--prefill-layout and --decode-layout pass every request's KV through the host "
+                             "buffer: --host-buffer-gb must be positive")
+        if parallel.reshards and parallel.local_workers() < parallel.layout.world_size:
+            raise ValueError("re-sharding between layouts needs every worker on this host (the host weight "
+                             "store is shared memory); start all workers here or use --layout")
         limit = config.model.max_model_len
         self.max_model_len = min(limit, self.spec.max_position) if limit else self.spec.max_position
         self.context: zmq.asyncio.Context | None = None
@@ -64,6 +73,7 @@ class Engine:
         self._closing = False
         self._run_dir: Path | None = None
         self._host_buffer: HostBuffer | None = None
+        self._weight_store: WeightStore | None = None
         self._inboxes: dict[str, Inbox] = {}
 
     # ------------------------------------------------------------ start
@@ -74,9 +84,11 @@ class Engine:
         self._run_dir = Path(tempfile.mkdtemp(prefix="seesaw-"))
         self._host_buffer = self._make_host_buffer()
         self._bind_inboxes()
-        self._spawn_workers()  # they load the model while the tokenizer loads here
+        self._spawn_workers()  # they start while the tokenizer (and the weight store) load here
         if self.codec is None:
             self.codec = await asyncio.to_thread(TextCodec, self.model.tokenizer_folder)
+        if self.config.parallel.reshards:
+            self._weight_store = await asyncio.to_thread(self._make_weight_store)
         self._wire_actors()
         self._watch = asyncio.get_running_loop().create_task(self._watch_processes())
         timeout_s = self.config.transport.worker_start_timeout_s
@@ -119,13 +131,29 @@ class Engine:
         num_blocks = int(self.config.cache.host_buffer_gb * (1 << 30)) // block_bytes
         return HostBuffer.create(num_blocks, block_shape, dtype) if num_blocks else None
 
+    def _make_weight_store(self) -> WeightStore:
+        """The whole model once in shared memory, filled from the checkpoint (or seeded random values)."""
+        started = time.perf_counter()
+        spec, model = self.spec, self.model
+        store = WeightStore.create(neutral_shapes(spec), self.config.model.resolved_dtype)
+        try:
+            source = (SafetensorsSource(model.weights_folder) if model.weights_folder
+                      else RandomSource(spec, self.config.model.seed))
+            store.fill(source.rows)
+        except BaseException:
+            store.close()
+            raise
+        log.info("host weight store filled: %.1f MB in %.1f s", store.spec.num_bytes / 1e6,
+                 time.perf_counter() - started)
+        return store
+
     def _bind_inboxes(self) -> None:
         context = self.context
         self._inboxes = {name: Inbox(context, self.address(name)) for name in ("supervisor", "scheduler", "kv-tier")}
         self._inboxes["request-queue"] = Inbox(context, self.request_queue_address)
 
     def _wire_actors(self) -> None:
-        config, context, layout = self.config, self.context, self.config.parallel.layout
+        config, context, parallel = self.config, self.context, self.config.parallel
         inboxes = self._inboxes
 
         def outbox(name: str) -> Outbox:
@@ -136,22 +164,25 @@ class Engine:
         request_queue = RequestQueue(
             inboxes["request-queue"], context, outbox("scheduler"), self.codec, self.max_model_len, self.spec.vocab_size,
         )
-        scheduler = Scheduler(
-            inboxes["scheduler"], context, config.scheduler, layout, config.cache.block_size, self.max_model_len,
-            self.spec.eos_token_ids, outbox("kv-tier"), outbox("request-queue"), config.transport.step_timeout_s,
-            self._fail,
-        )
+        if parallel.is_seesaw:
+            layouts = {Phase.PREFILL: parallel.prefill_layout, Phase.DECODE: parallel.decode_layout}
+        else:
+            layouts = {Phase.MIXED: parallel.layout}
         num_host_blocks = self._host_buffer.spec.num_blocks if self._host_buffer else 0
-        kv_tier = KVTier(inboxes["kv-tier"], context, layout, HostSlots(num_host_blocks, config.cache.block_size),
-                         outbox("scheduler"))
-        needs_groups = layout.world_size > 1 or config.model.device == "cuda"
-        backend = ("nccl" if config.model.device == "cuda" else "gloo") if needs_groups else None
+        limits = ModelLimits(config.cache.block_size, self.max_model_len, self.spec.eos_token_ids, num_host_blocks)
+        scheduler = Scheduler(
+            inboxes["scheduler"], context, config.scheduler, layouts, limits, outbox("kv-tier"),
+            outbox("request-queue"), outbox("supervisor"), config.transport.step_timeout_s, self._fail,
+        )
+        kv_tier = KVTier(inboxes["kv-tier"], context, parallel.layout, outbox("scheduler"))
+        backend = "nccl" if config.model.device == "cuda" else "gloo"
         self._supervisor = Supervisor(
-            inboxes["supervisor"], context, layout, backend, self._load_command,
+            inboxes["supervisor"], context, parallel.layouts, backend, self._load_command,
             [outbox("scheduler"), outbox("kv-tier")], outbox("scheduler"),
             config.transport.heartbeat_timeout_s, self._on_ready, self._fail,
         )
         self._scheduler = scheduler
+        self._kv_tier = kv_tier
         self._actors = [request_queue, scheduler, kv_tier, self._supervisor]
         for actor in self._actors:
             actor.start().add_done_callback(self._on_actor_done)
@@ -161,10 +192,11 @@ class Engine:
         return LoadShard(
             hf_config=self.model.hf_config,
             weights_folder=str(self.model.weights_folder) if self.model.weights_folder else None,
+            weight_store=self._weight_store.spec if self._weight_store else None,
             dummy_seed=config.model.seed,
             dtype=config.model.resolved_dtype,
             device=config.model.device,
-            layout=str(config.parallel.layout),
+            layouts=[str(layout) for layout in config.parallel.layouts],
             rank=rank,
             block_size=config.cache.block_size,
             kv_cache_bytes=config.cache.kv_cache_bytes(config.model.device),
@@ -222,12 +254,18 @@ class Engine:
             await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, float]:
-        """Steps run, KV moves made and worker compute time so far, summed over replicas."""
-        totals: dict[str, float] = {"compute_s": self._scheduler.compute_ms / 1000}
+        """Steps run, KV moves made, KV bytes moved and worker compute time so far, summed over replicas."""
+        totals: dict[str, float] = {"compute_s": self._scheduler.compute_ms / 1000, **self._kv_tier.totals}
         for core in self._scheduler.cores:
             for name, count in core.counters.items():
                 totals[name] = totals.get(name, 0) + count
         return totals
+
+    def metrics(self) -> dict:
+        """The run so far: counters, KV traffic, and the phase metrics (transitions, time and steps
+        per phase, decode batch sizes, host buffer fill), plus the timeline samples."""
+        return {**self._scheduler.summary(), "totals": self.stats(),
+                "timeline": self._scheduler.metrics.timeline_dict()}
 
     # ------------------------------------------------------------ stop
 
@@ -249,8 +287,9 @@ class Engine:
             box.close(linger_s=0)
         if self.context is not None:
             self.context.term()
-        if self._host_buffer is not None:
-            self._host_buffer.close()
+        for segment in (self._host_buffer, self._weight_store):
+            if segment is not None:
+                segment.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
 

@@ -82,11 +82,14 @@ class Layout:
         _, pp_rank, tp_rank = self.coordinates(rank)
         return [self.rank_of(d, pp_rank, tp_rank) for d in range(self.dp)]
 
-    def group_key(self, kind: str, rank: int) -> str:
-        """The name of this rank's "tp", "pp" or "dp" group, by the coordinates its members share."""
-        dp_rank, pp_rank, tp_rank = self.coordinates(rank)
-        shared = {"tp": (dp_rank, pp_rank), "pp": (dp_rank, tp_rank), "dp": (pp_rank, tp_rank)}[kind]
-        return f"{kind}:{shared[0]}:{shared[1]}"
+    def group(self, kind: str, rank: int) -> list[int]:
+        """The global ranks of this rank's "tp", "pp" or "dp" group."""
+        return {"tp": self.tp_group, "pp": self.pp_group, "dp": self.dp_group}[kind](rank)
+
+    def group_key(self, kind: str, rank: int) -> str | None:
+        """The name of this rank's "tp", "pp" or "dp" group: its rank set, so that groups of
+        different layouts with the same members share one communicator; None for a group of one."""
+        return group_key(self.group(kind, rank))
 
 
 @dataclass(frozen=True)
@@ -189,11 +192,21 @@ def shard_for(layout: Layout, shape: ModelShape, rank: int) -> Shard:
     )
 
 
-def groups_of(layout: Layout) -> list[tuple[str, list[int]]]:
-    """Every tensor-, pipeline- and data-parallel group of a layout as (key, global ranks), in a
-    fixed order that every rank shares (group creation is collective)."""
+def group_key(ranks: list[int]) -> str | None:
+    """The name of a group of ranks (`ranks:0,1`); None for a group of one, which needs no communicator."""
+    return f"ranks:{','.join(map(str, ranks))}" if len(ranks) > 1 else None
+
+
+def groups_of(*layouts: Layout) -> list[tuple[str, list[int]]]:
+    """Every tensor-, pipeline- and data-parallel group of these layouts that has more than one
+    rank, as (key, global ranks), each rank set once, in a fixed order that every rank shares
+    (group creation is collective)."""
     groups: dict[str, list[int]] = {}
-    for kind, members in (("tp", layout.tp_group), ("pp", layout.pp_group), ("dp", layout.dp_group)):
-        for rank in range(layout.world_size):
-            groups.setdefault(layout.group_key(kind, rank), members(rank))
+    for layout in layouts:
+        for kind in ("tp", "pp", "dp"):
+            for rank in range(layout.world_size):
+                members = layout.group(kind, rank)
+                key = group_key(members)
+                if key is not None:
+                    groups.setdefault(key, members)
     return list(groups.items())

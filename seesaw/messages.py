@@ -15,44 +15,14 @@ from dataclasses import dataclass, field
 import orjson
 
 from seesaw.sampling import SamplingParams
+from seesaw.step import RowSampling, StepRow, TokenUpdate
 
 # ---------------------------------------------------------------- shared parts
 
 
 @dataclass(frozen=True)
-class RowSampling:
-    """How the last stage samples one row's next token."""
-
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    output_index: int = 0  # how many tokens the request has generated so far
-
-
-@dataclass(frozen=True)
-class StepRow:
-    """One request's part of a step: `token_ids` at positions start, start + 1, ..."""
-
-    request_id: str
-    token_ids: list[int]
-    start: int
-    block_ids: list[int]
-    sampling: RowSampling | None = None  # None: a prefill chunk that does not reach the end
-
-
-@dataclass(frozen=True)
-class TokenUpdate:
-    """New tokens of one request, and why it finished if it did."""
-
-    request_id: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
 class GroupSpec:
-    """One communicator group: its key ("tp:0:0"), its global ranks in order, and an NCCL id."""
+    """One communicator group: its key (its rank set, "ranks:0,1"), its global ranks in order, and an NCCL id."""
 
     key: str
     ranks: list[int]
@@ -77,6 +47,15 @@ class HostBufferSpec:
     num_blocks: int
     block_shape: list[int]  # [layers, 2, kv_heads, block_size, head_dim]
     dtype: str
+
+
+@dataclass(frozen=True)
+class WeightStoreSpec:
+    """Where the node's host weight store lives (its layout follows from the model's config)."""
+
+    name: str
+    dtype: str
+    num_bytes: int
 
 
 # ---------------------------------------------------------------- to the RequestQueue
@@ -162,9 +141,20 @@ class StepDone:
 
 
 @dataclass(frozen=True)
+class Resharded:
+    """ShardWorker -> Scheduler: this worker now holds its shard of `layout`; what loading it cost."""
+
+    rank: int
+    layout: str
+    drain_s: float  # from the command's arrival until this worker's last step of the old layout was done
+    load_s: float
+    num_bytes: int
+
+
+@dataclass(frozen=True)
 class EngineReady:
     """Supervisor -> Scheduler, KVTier: every worker is loaded; where they listen, and the
-    device pool of each data-parallel replica."""
+    device pool of each data-parallel replica (the same block ids serve every layout)."""
 
     num_device_blocks: list[int]
     worker_addresses: list[str]
@@ -178,17 +168,15 @@ class EngineFailed:
 
 
 @dataclass(frozen=True)
-class Evicted:
-    """KVTier -> Scheduler: a request's KV left the device (`is_stored`) or was refused."""
+class KVSaved:
+    """KVTier -> Scheduler: every worker of the replica copied its share of the request's KV to the host."""
 
     request_id: str
-    is_stored: bool
-    reason: str = ""
 
 
 @dataclass(frozen=True)
-class Restored:
-    """KVTier -> Scheduler: every worker copied the request's KV back onto its device."""
+class KVLoaded:
+    """KVTier -> Scheduler: every worker of the replica copied its share of the request's KV onto its device."""
 
     request_id: str
 
@@ -197,45 +185,45 @@ class Restored:
 
 
 @dataclass(frozen=True)
-class Evict:
-    """Scheduler -> KVTier: move this request's KV from its device blocks to the host buffer."""
+class SaveKV:
+    """Scheduler -> KVTier: copy a request's KV from device blocks (laid out in `layout`) to host blocks."""
 
     request_id: str
     replica: int
+    layout: str
     block_ids: list[int]
-    num_tokens: int
+    host_block_ids: list[int]
 
 
 @dataclass(frozen=True)
-class Restore:
-    """Scheduler -> KVTier: copy this request's host KV into these device blocks."""
+class LoadKV:
+    """Scheduler -> KVTier: copy a request's KV from host blocks into device blocks laid out in `layout`."""
 
     request_id: str
     replica: int
+    layout: str
+    host_block_ids: list[int]
     block_ids: list[int]
-
-
-@dataclass(frozen=True)
-class DropHostCopy:
-    """Scheduler -> KVTier: the request ended while its KV was on the host; free it."""
-
-    request_id: str
 
 
 @dataclass(frozen=True)
 class SwappedOut:
-    """ShardWorker -> KVTier: this worker's shard of the request's KV is in the host buffer."""
+    """ShardWorker -> KVTier: this worker's share of the request's KV is in the host buffer."""
 
     request_id: str
     rank: int
+    num_bytes: int
+    seconds: float
 
 
 @dataclass(frozen=True)
 class Prefetched:
-    """ShardWorker -> KVTier: this worker's shard of the request's KV is back on its device."""
+    """ShardWorker -> KVTier: this worker's share of the request's KV is on its device."""
 
     request_id: str
     rank: int
+    num_bytes: int
+    seconds: float
 
 
 # ---------------------------------------------------------------- to a ShardWorker
@@ -243,14 +231,16 @@ class Prefetched:
 
 @dataclass(frozen=True)
 class LoadShard:
-    """Supervisor -> ShardWorker: build this shard of the model and its KV pool."""
+    """Supervisor -> ShardWorker: build this worker's shards of the run's layouts (the first is
+    loaded now) and its KV arena."""
 
     hf_config: dict
     weights_folder: str | None  # None: seeded random weights
+    weight_store: WeightStoreSpec | None  # set when layouts change: weights come from here instead
     dummy_seed: int
     dtype: str
     device: str  # "cpu" or "cuda" (the worker takes its own device on the host)
-    layout: str
+    layouts: list[str]
     rank: int
     block_size: int
     kv_cache_bytes: int | None  # None: size the pool from free device memory
@@ -280,19 +270,28 @@ class RunStep:
 
 
 @dataclass(frozen=True)
+class Reshard:
+    """Scheduler -> ShardWorker: once the steps before this are done, switch to `layout`."""
+
+    layout: str
+
+
+@dataclass(frozen=True)
 class SwapOut:
-    """KVTier -> ShardWorker: copy device blocks into host blocks (this worker's shard)."""
+    """KVTier -> ShardWorker: copy this worker's share of device blocks (laid out in `layout`) into host blocks."""
 
     request_id: str
+    layout: str
     block_ids: list[int]
     host_block_ids: list[int]
 
 
 @dataclass(frozen=True)
 class Prefetch:
-    """KVTier -> ShardWorker: copy host blocks into device blocks (this worker's shard)."""
+    """KVTier -> ShardWorker: copy this worker's share of host blocks into device blocks laid out in `layout`."""
 
     request_id: str
+    layout: str
     host_block_ids: list[int]
     block_ids: list[int]
 
@@ -336,10 +335,11 @@ class RankAssigned:
 
 @dataclass(frozen=True)
 class WorkerReady:
-    """ShardWorker -> Supervisor: the shard is loaded and its KV pool allocated."""
+    """ShardWorker -> Supervisor: the shard is loaded and the KV arena allocated; how many
+    device blocks the arena holds under each of the run's layouts."""
 
     rank: int
-    num_device_blocks: int
+    num_device_blocks: list[int]
     load_s: float
     device_name: str
 
@@ -360,16 +360,24 @@ class Heartbeat:
     rank: int
 
 
+@dataclass(frozen=True)
+class WorkersBusy:
+    """Scheduler -> Supervisor: what these workers are doing now, to name it if one fails."""
+
+    ranks: list[int]
+    activity: str
+
+
 # ---------------------------------------------------------------- encoding
 
 Message = typing.Any
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
-        Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone,
-        EngineReady, EngineFailed, Evicted, Restored, Evict, Restore, DropHostCopy, SwappedOut,
-        Prefetched, LoadShard, PrepareGroups, RunStep, SwapOut, Prefetch, HeadAlive, Shutdown, WorkerHello,
-        GroupsPrepared, RankAssigned, WorkerReady, WorkerFailed, Heartbeat,
+        Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone, Resharded,
+        EngineReady, EngineFailed, KVSaved, KVLoaded, SaveKV, LoadKV, SwappedOut, Prefetched, LoadShard,
+        PrepareGroups, RunStep, Reshard, SwapOut, Prefetch, HeadAlive, Shutdown, WorkerHello, GroupsPrepared,
+        RankAssigned, WorkerReady, WorkerFailed, Heartbeat, WorkersBusy,
     )
 }
 

@@ -13,7 +13,7 @@ from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from seesaw.layout import Layout
 from seesaw.model.resolve import resolve_model
 from seesaw.sampling import SamplingParams
-from seesaw.scheduling.static import SchedulerConfig
+from seesaw.config import SchedulerConfig
 
 TINY_VOCAB = 320
 

@@ -11,13 +11,14 @@ import zmq.asyncio
 from seesaw import messages as m
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
-from seesaw.actors.scheduler import Scheduler
+from seesaw.actors.scheduler import ModelLimits, Scheduler
 from seesaw.actors.supervisor import Supervisor
+from seesaw.config import SchedulerConfig
 from seesaw.frontend.text import TextCodec
-from seesaw.kv.host_slots import HostSlots
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
-from seesaw.scheduling.static import SchedulerConfig
+from seesaw.scheduling.decisions import Phase
+from seesaw.step import RowSampling, TokenUpdate
 from seesaw.transport.channels import Inbox, Outbox
 
 _names = itertools.count()
@@ -63,15 +64,16 @@ async def expect(inbox: Inbox, kind: type, timeout_s: float = 5.0):
 
 
 def row_sampling():
-    return m.RowSampling(0.0)
+    return RowSampling(0.0)
 
 
 async def test_scheduler_runs_steps_and_reports_tokens(wiring):
-    worker, kv, queue = wiring.inbox(), wiring.inbox(), wiring.inbox()
+    worker, kv, queue, supervisor = wiring.inbox(), wiring.inbox(), wiring.inbox(), wiring.inbox()
     inbox = wiring.inbox()
     stalls = []
-    actor = Scheduler(inbox, wiring.context, SchedulerConfig(max_num_batched_tokens=8), Layout(), 4, 64, (2,),
-                      wiring.outbox(kv), wiring.outbox(queue), 30.0, stalls.append)
+    actor = Scheduler(inbox, wiring.context, SchedulerConfig(max_num_batched_tokens=8), {Phase.MIXED: Layout()},
+                      ModelLimits(block_size=4, max_model_len=64, eos_token_ids=(2,), num_host_blocks=0),
+                      wiring.outbox(kv), wiring.outbox(queue), wiring.outbox(supervisor), 30.0, stalls.append)
     actor.start()
     to_actor = wiring.outbox(inbox)
     # 1. A request that arrives before the engine is ready waits for it.
@@ -81,12 +83,12 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     assert [(r.request_id, r.token_ids, r.start) for r in step.rows] == [("a", [5, 6, 7, 8, 9, 10], 0)]
     # 2. The sampled token goes to the RequestQueue and the next step decodes it.
     to_actor.send(m.StepDone(step.step_id, 0, [42], 1.0))
-    assert (await expect(queue, m.TokensGenerated)).updates == [m.TokenUpdate("a", [42], None)]
+    assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [42], None)]
     step = await expect(worker, m.RunStep)
     assert [(r.token_ids, r.start) for r in step.rows] == [([42], 6)]
     # 3. The second token reaches max_tokens.
     to_actor.send(m.StepDone(step.step_id, 0, [43], 1.0))
-    assert (await expect(queue, m.TokensGenerated)).updates == [m.TokenUpdate("a", [43], "length")]
+    assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [43], "length")]
     # 4. A request larger than the pool is refused with a reason.
     to_actor.send(m.AddRequest("huge", [1] * 60, 60, row_sampling()))
     failed = await expect(queue, m.RequestFailed)
@@ -103,30 +105,28 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
 
 async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
-    actor = KVTier(inbox, wiring.context, Layout(tp=2), HostSlots(num_blocks=4, block_size=4),
-                   wiring.outbox(scheduler))
+    actor = KVTier(inbox, wiring.context, Layout(tp=2), wiring.outbox(scheduler))
     actor.start()
     to_actor = wiring.outbox(inbox)
     to_actor.send(m.EngineReady([100], [w.addresses[0] for w in workers]))
-    # 1. An eviction goes to every worker; the scheduler hears once both have copied.
-    to_actor.send(m.Evict("a", 0, [7, 8, 9], num_tokens=10))
+    # 1. A save goes to every worker of the replica; the scheduler hears once both have copied.
+    to_actor.send(m.SaveKV("a", 0, "t2", [7, 8, 9], [0, 1, 2]))
     copies = [await expect(w, m.SwapOut) for w in workers]
-    assert copies[0] == copies[1] and copies[0].block_ids == [7, 8, 9] and len(copies[0].host_block_ids) == 3
-    to_actor.send(m.SwappedOut("a", 1))
-    to_actor.send(m.SwappedOut("a", 0))
-    assert await expect(scheduler, m.Evicted) == m.Evicted("a", True)
-    # 2. A second eviction that does not fit the host buffer is refused.
-    to_actor.send(m.Evict("b", 0, [1, 2], num_tokens=8))
-    refused = await expect(scheduler, m.Evicted)
-    assert (refused.request_id, refused.is_stored) == ("b", False)
-    # 3. Restoring prefetches on every worker and frees the host slot when all are done.
-    to_actor.send(m.Restore("a", 0, [3, 4, 5, 6]))
+    assert copies[0] == copies[1] == m.SwapOut("a", "t2", [7, 8, 9], [0, 1, 2])
+    to_actor.send(m.SwappedOut("a", 1, 300, 0.5))
+    with pytest.raises(TimeoutError):
+        await scheduler.recv(timeout_s=0.2)
+    to_actor.send(m.SwappedOut("a", 0, 300, 0.5))
+    assert await expect(scheduler, m.KVSaved) == m.KVSaved("a")
+    # 2. A load prefetches on every worker and is reported once all are done.
+    to_actor.send(m.LoadKV("a", 0, "t2", [0, 1, 2], [3, 4, 5, 6]))
     prefetches = [await expect(w, m.Prefetch) for w in workers]
-    assert prefetches[0].block_ids == [3, 4, 5, 6]
+    assert prefetches[0] == m.Prefetch("a", "t2", [0, 1, 2], [3, 4, 5, 6])
     for rank in (0, 1):
-        to_actor.send(m.Prefetched("a", rank))
-    assert await expect(scheduler, m.Restored) == m.Restored("a")
-    assert actor.slots.num_free_blocks == 4
+        to_actor.send(m.Prefetched("a", rank, 200, 0.25))
+    assert await expect(scheduler, m.KVLoaded) == m.KVLoaded("a")
+    # 3. The bytes moved and the copy time are totalled.
+    assert actor.totals == {"written_bytes": 600, "written_s": 1.0, "read_bytes": 400, "read_s": 0.5}
     await actor.stop()
 
 
@@ -147,7 +147,7 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     assert added.prompt_token_ids == codec.encode_prompt("Count:") and added.max_tokens == 20
     # 2. Tokens come back; the stop string ends the request and tells the scheduler.
     for token in codec.encode_prompt(" one two three four"):
-        to_actor.send(m.TokensGenerated([m.TokenUpdate("r", [token])]))
+        to_actor.send(m.TokensGenerated([TokenUpdate("r", [token])]))
     assert await expect(scheduler, m.StopRequest) == m.StopRequest("r")
     finished = await expect(replies, m.RequestFinished)
     assert (finished.text, finished.finish_reason, finished.error) == (" one two ", "stop", None)
@@ -167,10 +167,10 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     workers, scheduler, kv, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox(), wiring.inbox()
 
     def load_command(rank, collective):
-        return m.LoadShard({}, None, 0, "float32", "cpu", "t2", rank, 16, 1, 0.9, 1, None, collective, "s", "k")
+        return m.LoadShard({}, None, None, 0, "float32", "cpu", ["t2"], rank, 16, 1, 0.9, 1, None, collective, "s", "k")
 
     ready, failures = [], []
-    actor = Supervisor(inbox, wiring.context, Layout(tp=2), "gloo", load_command,
+    actor = Supervisor(inbox, wiring.context, [Layout(tp=2)], "gloo", load_command,
                        [wiring.outbox(scheduler), wiring.outbox(kv)], wiring.outbox(scheduler),
                        heartbeat_timeout_s=1.0, on_ready=ready.append, on_failure=failures.append)
     actor.start()
@@ -190,15 +190,15 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     to_actor.send(m.WorkerHello(-1, 101, "far", workers[1].addresses[0]))
     assert await expect(workers[1], m.RankAssigned) == m.RankAssigned(1)
     prepare = await expect(workers[0], m.PrepareGroups)
-    assert [g.key for g in prepare.groups] == ["tp:0:0", "pp:0:0", "pp:0:1", "dp:0:0", "dp:0:1"]
+    assert [(g.key, g.ranks) for g in prepare.groups] == [("ranks:0,1", [0, 1])]  # groups of one need none
     # 2. The prepared rendezvous goes to every worker with its own shard.
     collective = m.CollectiveSpec("gloo", 2, prepare.groups, "tcp://127.0.0.1:1")
     to_actor.send(m.GroupsPrepared(collective))
     loads = [await expect(w, m.LoadShard) for w in workers]
     assert [(c.rank, c.collective) for c in loads] == [(0, collective), (1, collective)]
     # 3. Once all are ready the scheduler and the KV tier learn the pool and the addresses.
-    to_actor.send(m.WorkerReady(0, 50, 1.0, "cpu"))
-    to_actor.send(m.WorkerReady(1, 40, 1.0, "cpu"))
+    to_actor.send(m.WorkerReady(0, [50], 1.0, "cpu"))
+    to_actor.send(m.WorkerReady(1, [40], 1.0, "cpu"))
     expected = m.EngineReady([40], [w.addresses[0] for w in workers])
     assert await expect(scheduler, m.EngineReady) == expected == await expect(kv, m.EngineReady)
 
@@ -212,16 +212,16 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
 
 
 async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
-    scheduler, inbox = wiring.inbox(), wiring.inbox()
-    actor = KVTier(inbox, wiring.context, Layout(), HostSlots(num_blocks=2, block_size=4), wiring.outbox(scheduler))
+    worker, scheduler, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
+    actor = KVTier(inbox, wiring.context, Layout(), wiring.outbox(scheduler))
     actor.start()
     raw = wiring.context.socket(zmq.PUSH)
     raw.connect(inbox.addresses[0])
     await raw.send(b"not a message")
-    await raw.send(b'["Evict", {"request_id": "x", "nonsense": 1}]')
+    await raw.send(b'["SaveKV", {"request_id": "x", "nonsense": 1}]')
     raw.close(linger=0)
     to_actor = wiring.outbox(inbox)
-    to_actor.send(m.EngineReady([10], ["inproc://nowhere"]))
-    to_actor.send(m.Evict("a", 0, [1, 2, 3], num_tokens=12))  # more than the host holds: refused
-    assert await expect(scheduler, m.Evicted) == m.Evicted("a", False, "host KV buffer is full")
+    to_actor.send(m.EngineReady([10], worker.addresses))
+    to_actor.send(m.SaveKV("a", 0, "t1", [1, 2, 3], [0, 1, 2]))
+    assert await expect(worker, m.SwapOut) == m.SwapOut("a", "t1", [1, 2, 3], [0, 1, 2])
     await actor.stop()

@@ -27,8 +27,9 @@ def test_mixed_step_matches_dense_attention(use_kernel):
     if use_kernel and kernel is None:
         pytest.skip("the CPU kernel cannot be built here")
     generator = torch.Generator().manual_seed(0)
-    k_cache = torch.randn(64 * BLOCK, KV_HEADS, DIM, generator=generator)
-    v_cache = torch.randn(64 * BLOCK, KV_HEADS, DIM, generator=generator)
+    # Blocks are pages of a larger arena: [blocks, layers, 2, kv_heads, block, dim], one layer used.
+    pages = torch.randn(64, 3, 2, KV_HEADS, BLOCK, DIM, generator=generator)
+    k_cache, v_cache = pages[:, 1, 0], pages[:, 1, 1]  # [blocks, kv_heads, block, dim], strided
     # (cached tokens, new tokens, blocks): two decodes, a fresh prompt, a later prefill chunk.
     rows = [RowShape(9, 1, [5, 9, 2]), RowShape(3, 1, [7]), RowShape(0, 6, [11, 12]), RowShape(5, 3, [20, 21])]
     num_new = sum(r.num_new for r in rows)
@@ -39,7 +40,8 @@ def test_mixed_step_matches_dense_attention(use_kernel):
     out = paged_attention(q, k, v, k_cache, v_cache, batch)
     offset = 0
     for row in rows:
-        slots = [row.block_ids[p // BLOCK] * BLOCK + p % BLOCK for p in range(row.start + row.num_new)]
-        expected = _dense(q[offset : offset + row.num_new], k_cache[slots], v_cache[slots])
+        blocks = [row.block_ids[p // BLOCK] for p in range(row.start + row.num_new)]
+        places = [p % BLOCK for p in range(row.start + row.num_new)]
+        expected = _dense(q[offset : offset + row.num_new], k_cache[blocks, :, places], v_cache[blocks, :, places])
         torch.testing.assert_close(out[offset : offset + row.num_new], expected, atol=1e-5, rtol=1e-5)
         offset += row.num_new

@@ -11,7 +11,8 @@ import torch
 from helpers import engine_config, generate, greedy, random_prompts
 from seesaw.frontend.text import TextCodec
 from seesaw.layout import Layout, groups_of
-from seesaw.messages import CollectiveSpec, GroupSpec, LoadShard, RowSampling, StepRow
+from seesaw.messages import CollectiveSpec, GroupSpec, LoadShard
+from seesaw.step import RowSampling, StepRow
 from seesaw.transport.collective import free_tcp_address
 
 TINY_LAYOUTS = ["t2", "p2", "d2", "t2p2"]
@@ -83,15 +84,15 @@ def test_default_model_layouts_match_t1(default_t1, default_prompts, layout):
 
 def _shard_logits(layout: str, rank: int, command_fields: dict, rows, queue) -> None:
     """Worker body: build one shard, run one step, hand back the gathered logits from the sampling rank."""
-    from seesaw.model.runner import ModelRunner
+    from seesaw.actors.worker_setup import build_runtime
 
-    runner = ModelRunner(LoadShard(rank=rank, layout=layout, **command_fields))
+    runtime = build_runtime(LoadShard(rank=rank, layouts=[layout], **command_fields))
     try:
-        logits = runner.forward(rows)
-        if runner.is_sampling:
-            queue.put(logits.clone())
+        logits = runtime.current.forward(rows)
+        if runtime.is_sampling:
+            queue.put(logits.numpy().copy())  # by value: the process may exit before it is read
     finally:
-        runner.close()
+        runtime.close()
 
 
 def _logits(default_model, layout: str, rows) -> torch.Tensor:
@@ -101,7 +102,8 @@ def _logits(default_model, layout: str, rows) -> torch.Tensor:
         groups = [GroupSpec(key, ranks) for key, ranks in groups_of(parsed)]
         collective = CollectiveSpec("gloo", parsed.world_size, groups, free_tcp_address())
     fields = dict(
-        hf_config=default_model.hf_config, weights_folder=str(default_model.weights_folder), dummy_seed=0,
+        hf_config=default_model.hf_config, weights_folder=str(default_model.weights_folder), weight_store=None,
+        dummy_seed=0,
         dtype="float32", device="cpu", block_size=16, kv_cache_bytes=64 << 20, memory_fraction=0.9,
         num_threads=1, host_buffer=None, collective=collective, scheduler_address="", kv_tier_address="",
     )
@@ -112,7 +114,7 @@ def _logits(default_model, layout: str, rows) -> torch.Tensor:
     for process in processes:
         process.start()
     try:
-        return queue.get(timeout=180)
+        return torch.from_numpy(queue.get(timeout=180))
     finally:
         for process in processes:
             process.join(timeout=60)

@@ -8,28 +8,32 @@ import pytest
 
 from seesaw import messages as m
 from seesaw.sampling import SamplingParams
+from seesaw.step import RowSampling, StepRow, TokenUpdate
 
 EXAMPLES = [
     m.Submit("r1", "inproc://x", "chat", SamplingParams(max_tokens=3, stop=["a"]), messages=[{"role": "user", "content": "hi"}]),
-    m.TokensGenerated([m.TokenUpdate("r1", [1, 2], None), m.TokenUpdate("r2", [3], "stop")]),
+    m.TokensGenerated([TokenUpdate("r1", [1, 2], None), TokenUpdate("r2", [3], "stop")]),
     m.RequestFailed("r1", "boom", 500),
     m.RequestFinished("r1", "completion", "text", "length", 3, 4, [1, 2, 3, 4]),
-    m.AddRequest("r1", [1, 2, 3], 5, m.RowSampling(0.7, 0.9, 5, 11), [9], True),
+    m.AddRequest("r1", [1, 2, 3], 5, RowSampling(0.7, 0.9, 5, 11), [9], True),
     m.StopRequest("r1"),
     m.StepDone(4, 0, [7, 8], 1.5),
+    m.Resharded(1, "t2", 0.01, 0.2, 1 << 20),
     m.EngineReady([100, 90], ["ipc://a", "tcp://b:1"]), m.EngineFailed("gone"),
-    m.Evicted("r1", True), m.Restored("r1"), m.Evict("r1", 1, [1, 2], 7), m.Restore("r1", 0, [3, 4]),
-    m.DropHostCopy("r1"), m.SwappedOut("r1", 1), m.Prefetched("r1", 1),
-    m.LoadShard({"model_type": "llama"}, "/w", 0, "float32", "cpu", "t2", 1, 16, 1 << 20, 0.9, 2,
+    m.KVSaved("r1"), m.KVLoaded("r1"), m.SaveKV("r1", 1, "p2", [1, 2], [7, 8]), m.LoadKV("r1", 0, "t2", [7, 8], [3, 4, 5]),
+    m.SwappedOut("r1", 1, 4096, 0.001), m.Prefetched("r1", 1, 4096, 0.002),
+    m.LoadShard({"model_type": "llama"}, "/w", m.WeightStoreSpec("seesaw-weights-x", "float32", 1024), 0,
+                "float32", "cpu", ["p2", "t2"], 1, 16, 1 << 20, 0.9, 2,
                 m.HostBufferSpec("seesaw-kv-x", 8, [2, 2, 1, 16, 8], "float32"),
-                m.CollectiveSpec("nccl", 2, [m.GroupSpec("tp:0:0", [0, 1], [1, 2, 3])]), "tcp://h:1", "tcp://h:2"),
-    m.PrepareGroups("gloo", 2, [m.GroupSpec("tp:0:0", [0, 1])]),
-    m.GroupsPrepared(m.CollectiveSpec("gloo", 2, [m.GroupSpec("pp:0:0", [0, 1])], "tcp://h:3")),
+                m.CollectiveSpec("nccl", 2, [m.GroupSpec("ranks:0,1", [0, 1], [1, 2, 3])]), "tcp://h:1", "tcp://h:2"),
+    m.PrepareGroups("gloo", 2, [m.GroupSpec("ranks:0,1", [0, 1])]),
+    m.GroupsPrepared(m.CollectiveSpec("gloo", 2, [m.GroupSpec("ranks:0,1", [0, 1])], "tcp://h:3")),
     m.RankAssigned(3),
-    m.RunStep(3, [m.StepRow("r1", [1, 2], 0, [5], None), m.StepRow("r2", [9], 4, [6, 7], m.RowSampling(0.0))]),
-    m.SwapOut("r1", [1], [2]), m.Prefetch("r1", [2], [1]), m.HeadAlive(), m.Shutdown(),
-    m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerReady(0, 10, 1.2, "cpu"), m.WorkerFailed(0, "oom", "loading"),
-    m.Heartbeat(1),
+    m.RunStep(3, [StepRow("r1", [1, 2], 0, [5], None), StepRow("r2", [9], 4, [6, 7], RowSampling(0.0))]),
+    m.Reshard("t2"),
+    m.SwapOut("r1", "p2", [1], [2]), m.Prefetch("r1", "t2", [2], [1]), m.HeadAlive(), m.Shutdown(),
+    m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerReady(0, [10, 10], 1.2, "cpu"),
+    m.WorkerFailed(0, "oom", "loading"), m.Heartbeat(1), m.WorkersBusy([0, 1], "re-sharding to t2"),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from seesaw.messages import RowSampling
+from seesaw.step import RowSampling
 from seesaw.model.sampler import Sampler, _truncate
 
 

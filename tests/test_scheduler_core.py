@@ -7,15 +7,20 @@ import random
 import pytest
 
 from seesaw.kv.block_pool import blocks_for
-from seesaw.messages import AddRequest, RowSampling
-from seesaw.scheduling.static import SchedulerConfig, StaticScheduler
+from seesaw.messages import AddRequest
+from seesaw.step import RowSampling
+from seesaw.config import SchedulerConfig
+from seesaw.kv.host_slots import HostSlots
+from seesaw.scheduling.decisions import ToHost
+from seesaw.scheduling.static import StaticScheduler
 
 EOS = 2
 
 
-def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, max_model_len=200, watermark=0.0):
+def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, max_model_len=200, watermark=0.0, host_blocks=1000):
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, watermark=watermark)
-    return StaticScheduler(config, num_blocks, block_size, max_model_len, (EOS,))
+    return StaticScheduler(config, num_blocks, block_size, max_model_len, (EOS,),
+                           host=HostSlots(host_blocks, block_size))
 
 
 def add(core, request_id, prompt_len, max_tokens, **fields):
@@ -25,10 +30,9 @@ def add(core, request_id, prompt_len, max_tokens, **fields):
 class Model:
     """Plays the model and the KV tier: deterministic next tokens, instant KV moves, invariant checks."""
 
-    def __init__(self, core, token=lambda request_id, index: 7, host_room=True):
+    def __init__(self, core, token=lambda request_id, index: 7):
         self.core = core
         self.token = token
-        self.host_room = host_room
         self.outputs: dict[str, list[int]] = {}
         self.finish: dict[str, str] = {}
         self.num_evictions = 0
@@ -36,12 +40,13 @@ class Model:
 
     def step(self):
         plan = self.core.schedule()
-        for eviction in plan.evictions:
-            self.num_evictions += 1
-            self.core.on_evicted(eviction.request_id, is_stored=self.host_room)
-        for restore in plan.restores:
-            self.num_restores += 1
-            self.core.on_restored(restore.request_id)
+        for move in plan.moves:
+            if isinstance(move, ToHost):
+                self.num_evictions += 1
+                self.core.on_saved(move.request_id)
+            else:
+                self.num_restores += 1
+                self.core.on_loaded(move.request_id)
         if not plan.rows:
             return plan
         self.check(plan)
@@ -127,12 +132,12 @@ def test_preemption_under_a_small_pool_finishes_everything_with_the_same_tokens(
         return 100 + (hash((request_id, index)) % 50)
 
     roomy = Model(make(num_blocks=400), token)
-    tight = Model(make(num_blocks=14), token, host_room=host_room)
+    tight = Model(make(num_blocks=14, host_blocks=1000 if host_room else 0), token)
     for model in (roomy, tight):
         for index in range(8):
             add(model.core, f"r{index}", 5 + 3 * index, 12)
         model.run()
-    assert tight.num_evictions > 0
+    assert tight.core.counters["evictions"] > 0
     assert tight.outputs == roomy.outputs
     assert all(len(tokens) == 12 for tokens in tight.outputs.values())
     assert (tight.num_restores > 0) == host_room
@@ -157,7 +162,8 @@ def test_random_workloads_keep_every_invariant():
     for trial in range(30):
         core = make(num_blocks=rng.randint(12, 60), block_size=rng.choice([1, 2, 4, 8]),
                     budget=rng.randint(4, 40), max_seqs=rng.randint(1, 10))
-        model = Model(core, host_room=rng.random() < 0.5)
+        core.host = HostSlots(1000 if rng.random() < 0.5 else 0, core.block_size)
+        model = Model(core)
         expected = {}
         for index in range(rng.randint(1, 12)):
             prompt, max_tokens = rng.randint(1, 30), rng.randint(1, 15)
@@ -173,6 +179,6 @@ def test_a_swapped_request_as_large_as_the_pool_comes_back_when_alone():
     core = make(num_blocks=10, block_size=4, budget=16, watermark=0.1)
     add(core, "small", 1, 5)
     add(core, "large", 35, 3)
-    model = Model(core, host_room=True)
+    model = Model(core)
     model.run(max_steps=200)
     assert len(model.outputs["large"]) == 3 and len(model.outputs["small"]) == 5

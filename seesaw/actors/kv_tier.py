@@ -1,9 +1,11 @@
-"""KVTier actor: owns the node's host KV buffer and moves requests' KV between it and the devices.
+"""KVTier actor: moves requests' KV between device blocks and the node's host buffer.
 
-Inbox: Evict, Restore, DropHostCopy (Scheduler); SwappedOut, Prefetched (ShardWorker);
-EngineReady (Supervisor).
-Sends: SwapOut and Prefetch to every worker of the request's replica; Evicted and Restored to
-the Scheduler.
+Inbox: SaveKV, LoadKV (Scheduler); SwappedOut, Prefetched (ShardWorker); EngineReady (Supervisor).
+Sends: SwapOut and Prefetch to every worker of the request's replica; KVSaved and KVLoaded to the
+Scheduler once every one of them has moved its share.
+
+The scheduling cores decide which host blocks hold what; this actor fans each move out to the
+workers, counts their answers, and keeps the totals of bytes moved and time spent.
 """
 
 from __future__ import annotations
@@ -11,18 +13,16 @@ from __future__ import annotations
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
-from seesaw.kv.host_slots import HostSlots
 from seesaw.kv.transfers import PendingTransfers
 from seesaw.layout import Layout
 from seesaw.messages import (
-    DropHostCopy,
     EngineReady,
-    Evict,
-    Evicted,
+    KVLoaded,
+    KVSaved,
+    LoadKV,
     Prefetch,
     Prefetched,
-    Restore,
-    Restored,
+    SaveKV,
     SwapOut,
     SwappedOut,
 )
@@ -32,29 +32,33 @@ from seesaw.transport.channels import Inbox, Outbox
 class KVTier(Actor):
     name = "kv-tier"
 
-    def __init__(self, inbox: Inbox, context: zmq.asyncio.Context, layout: Layout, slots: HostSlots,
-                 scheduler: Outbox):
+    def __init__(self, inbox: Inbox, context: zmq.asyncio.Context, layout: Layout, scheduler: Outbox):
         super().__init__(inbox)
         self.context = context
         self.layout = layout
-        self.slots = slots
         self.scheduler = scheduler
         self.workers: list[list[tuple[int, Outbox]]] = []  # (rank, outbox) of each replica
-        self.swapping_out = PendingTransfers()
-        self.prefetching = PendingTransfers()
+        self.saving = PendingTransfers()
+        self.loading = PendingTransfers()
+        # Bytes moved and seconds the workers' copy threads spent, summed over workers.
+        self.totals = {"written_bytes": 0, "written_s": 0.0, "read_bytes": 0, "read_s": 0.0}
 
     def handle(self, message):
         match message:
-            case Evict():
-                self._on_evict(message)
-            case Restore():
-                self._on_restore(message)
-            case DropHostCopy():
-                self.slots.release(message.request_id)
+            case SaveKV():
+                self._fan_out(self.saving, message.request_id, message.replica,
+                              SwapOut(message.request_id, message.layout, message.block_ids, message.host_block_ids))
+            case LoadKV():
+                self._fan_out(self.loading, message.request_id, message.replica,
+                              Prefetch(message.request_id, message.layout, message.host_block_ids, message.block_ids))
             case SwappedOut():
-                self._on_swapped_out(message)
+                self._count("written", message.num_bytes, message.seconds)
+                if self.saving.acknowledge(message.request_id, message.rank):
+                    self.scheduler.send(KVSaved(message.request_id))
             case Prefetched():
-                self._on_prefetched(message)
+                self._count("read", message.num_bytes, message.seconds)
+                if self.loading.acknowledge(message.request_id, message.rank):
+                    self.scheduler.send(KVLoaded(message.request_id))
             case EngineReady():
                 self._on_engine_ready(message)
             case _:
@@ -67,34 +71,15 @@ class KVTier(Actor):
             for replica in range(self.layout.dp)
         ]
 
-    def _on_evict(self, message: Evict) -> None:
-        if not self.slots.can_store(message.num_tokens):
-            self.scheduler.send(Evicted(message.request_id, is_stored=False, reason="host KV buffer is full"))
-            return
-        slot = self.slots.store(message.request_id, message.num_tokens)
-        workers = self.workers[message.replica]
-        self.swapping_out.begin(message.request_id, [rank for rank, _ in workers])
-        used_blocks = message.block_ids[: len(slot.host_block_ids)]
+    def _fan_out(self, pending: PendingTransfers, request_id: str, replica: int, command) -> None:
+        workers = self.workers[replica]
+        pending.begin(request_id, [rank for rank, _ in workers])
         for _, worker in workers:
-            worker.send(SwapOut(message.request_id, used_blocks, slot.host_block_ids))
+            worker.send(command)
 
-    def _on_swapped_out(self, message: SwappedOut) -> None:
-        if self.swapping_out.acknowledge(message.request_id, message.rank):
-            self.scheduler.send(Evicted(message.request_id, is_stored=True))
-
-    def _on_restore(self, message: Restore) -> None:
-        slot = self.slots.get(message.request_id)
-        if slot is None:
-            raise ValueError(f"restore of request {message.request_id}, which has no host slot")
-        workers = self.workers[message.replica]
-        self.prefetching.begin(message.request_id, [rank for rank, _ in workers])
-        for _, worker in workers:
-            worker.send(Prefetch(message.request_id, slot.host_block_ids, message.block_ids))
-
-    def _on_prefetched(self, message: Prefetched) -> None:
-        if self.prefetching.acknowledge(message.request_id, message.rank):
-            self.slots.release(message.request_id)
-            self.scheduler.send(Restored(message.request_id))
+    def _count(self, direction: str, num_bytes: int, seconds: float) -> None:
+        self.totals[f"{direction}_bytes"] += num_bytes
+        self.totals[f"{direction}_s"] += seconds
 
     async def stop(self) -> None:
         await super().stop()

@@ -1,41 +1,64 @@
-"""Scheduler actor: drives the scheduling core and keeps the workers busy.
+"""Scheduler actor: drives one scheduling core per replica and turns its decisions into messages.
 
-Inbox: AddRequest, StopRequest (RequestQueue); StepDone (ShardWorker); Evicted, Restored (KVTier);
-EngineReady, EngineFailed (Supervisor).
-Sends: RunStep to every worker of a replica; Evict, Restore, DropHostCopy to the KVTier;
-TokensGenerated and RequestFailed to the RequestQueue.
+Inbox: AddRequest, StopRequest (RequestQueue); StepDone, Resharded (ShardWorker); KVSaved, KVLoaded
+(KVTier); EngineReady, EngineFailed (Supervisor).
+Sends: RunStep and Reshard to every worker of a replica; SaveKV and LoadKV to the KVTier;
+TokensGenerated and RequestFailed to the RequestQueue; WorkersBusy to the Supervisor.
 
-Each data-parallel replica has its own scheduling core and KV pool; a new request goes to the
-least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline stage.
+Each data-parallel replica has its own core, KV pool and share of the host buffer; a new request
+goes to the least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline
+stage of its current layout. In seesaw mode the core is the phase machine and a phase switch
+sends Reshard to the replica's workers right behind the old phase's last steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.config import SchedulerConfig
+from seesaw.kv.host_slots import HostSlots, split_host_blocks
 from seesaw.layout import Layout
 from seesaw.messages import (
     AddRequest,
-    DropHostCopy,
     EngineFailed,
     EngineReady,
-    Evicted,
+    KVLoaded,
+    KVSaved,
+    LoadKV,
     RequestFailed,
-    Restored,
+    Reshard,
+    Resharded,
     RunStep,
+    SaveKV,
     StepDone,
     StopRequest,
     TokensGenerated,
+    WorkersBusy,
 )
-from seesaw.scheduling.static import SchedulerConfig, StaticScheduler, StepPlan
+from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
+from seesaw.scheduling.metrics import RunMetrics
+from seesaw.scheduling.phases import PhaseScheduler
+from seesaw.scheduling.static import StaticScheduler
 from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the scheduler needs to know of the model and its KV."""
+
+    block_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    num_host_blocks: int  # the node's host buffer, shared out among replicas
 
 
 class Scheduler(Actor):
@@ -46,31 +69,36 @@ class Scheduler(Actor):
         inbox: Inbox,
         context: zmq.asyncio.Context,
         config: SchedulerConfig,
-        layout: Layout,
-        block_size: int,
-        max_model_len: int,
-        eos_token_ids: tuple[int, ...],
+        layouts: dict[Phase, Layout],  # {MIXED: layout} in static mode, {PREFILL: .., DECODE: ..} in seesaw mode
+        limits: ModelLimits,
         kv_tier: Outbox,
         request_queue: Outbox,
+        supervisor: Outbox,
         step_timeout_s: float,
         on_stall: Callable[[str], None],
     ):
         super().__init__(inbox)
         self.context = context
         self.config = config
-        self.layout = layout
-        self.block_size = block_size
-        self.max_model_len = max_model_len
-        self.eos_token_ids = eos_token_ids
+        self.layouts = layouts
+        self.layout = next(iter(layouts.values()))  # replicas and world are the same in every layout
+        self.limits = limits
         self.kv_tier = kv_tier
         self.request_queue = request_queue
+        self.supervisor = supervisor
         self.step_timeout_s = step_timeout_s
-        self.on_stall = on_stall  # called with a reason when a step outlives its timeout
+        self.on_stall = on_stall  # called with a reason when a step or a transition outlives its timeout
+        self.is_seesaw = Phase.MIXED not in layouts
         self.cores: list[StaticScheduler] = []  # one per data-parallel replica, once ready
         self.workers: list[list[Outbox]] = []  # each replica's workers
+        self.metrics = RunMetrics(time.monotonic(), [self._first_phase()] * self.layout.dp)
         self._early: list[AddRequest] = []  # arrived before the engine was ready
-        self._timers: dict[tuple[int, int], asyncio.TimerHandle] = {}
+        self._timers: dict[tuple[int, int | str], asyncio.TimerHandle] = {}
+        self._transition: list[int | None] = [None] * self.layout.dp  # each replica's switch in progress
         self.compute_ms = 0.0  # worker time inside steps, summed over replicas
+
+    def _first_phase(self) -> Phase:
+        return Phase.PREFILL if self.is_seesaw else Phase.MIXED
 
     def handle(self, message):
         match message:
@@ -80,10 +108,12 @@ class Scheduler(Actor):
                 self._on_stop_request(message)
             case StepDone():
                 self._on_step_done(message)
-            case Evicted():
-                self._on_evicted(message)
-            case Restored():
-                self._on_restored(message)
+            case Resharded():
+                self._on_resharded(message)
+            case KVSaved():
+                self._on_kv_moved(message.request_id, StaticScheduler.on_saved)
+            case KVLoaded():
+                self._on_kv_moved(message.request_id, StaticScheduler.on_loaded)
             case EngineReady():
                 self._on_engine_ready(message)
             case EngineFailed():
@@ -92,11 +122,11 @@ class Scheduler(Actor):
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_engine_ready(self, message: EngineReady) -> None:
-        layout = self.layout
+        limits, layout = self.limits, self.layout
         self.cores = [
-            StaticScheduler(self.config, blocks, self.block_size, self.max_model_len, self.eos_token_ids,
-                            num_micro_batches=layout.pp, replica=replica)
-            for replica, blocks in enumerate(message.num_device_blocks)
+            self._core(blocks, HostSlots(count, limits.block_size, first))
+            for blocks, (first, count) in zip(message.num_device_blocks,
+                                               split_host_blocks(limits.num_host_blocks, layout.dp))
         ]
         addresses = message.worker_addresses
         self.workers = [
@@ -106,6 +136,15 @@ class Scheduler(Actor):
         early, self._early = self._early, []
         for request in early:
             self._on_add_request(request)
+
+    def _core(self, num_blocks: int, host: HostSlots) -> StaticScheduler:
+        limits = self.limits
+        if self.is_seesaw:
+            micro_batches = {phase: layout.pp for phase, layout in self.layouts.items()}
+            return PhaseScheduler(self.config, num_blocks, limits.block_size, limits.max_model_len,
+                                  limits.eos_token_ids, micro_batches, host)
+        return StaticScheduler(self.config, num_blocks, limits.block_size, limits.max_model_len,
+                               limits.eos_token_ids, num_micro_batches=self.layout.pp, host=host)
 
     def _on_add_request(self, request: AddRequest) -> None:
         if not self.cores:
@@ -126,8 +165,7 @@ class Scheduler(Actor):
         if replica is None:
             self._early = [r for r in self._early if r.request_id != message.request_id]
             return
-        for command in self.cores[replica].stop(message.request_id):
-            self.kv_tier.send(command)
+        self.cores[replica].stop(message.request_id)
         self._pump(replica)
 
     def _on_step_done(self, message: StepDone) -> None:
@@ -143,22 +181,35 @@ class Scheduler(Actor):
             self.request_queue.send(TokensGenerated(updates))
         self._pump(replica)
 
-    def _on_evicted(self, message: Evicted) -> None:
-        replica = self._replica_of(message.request_id)
-        if replica is None:
-            if message.is_stored:
-                self.kv_tier.send(DropHostCopy(message.request_id))
+    def _on_kv_moved(self, request_id: str, settle: Callable[[StaticScheduler, str], None]) -> None:
+        replica = self._replica_of(request_id)
+        core = self.cores[replica] if replica is not None else self._host_owner(request_id)
+        if core is None:
             return
-        for command in self.cores[replica].on_evicted(message.request_id, message.is_stored):
-            self.kv_tier.send(command)
-        self._pump(replica)
+        settle(core, request_id)
+        self.metrics.on_host(core.host.used_fraction)
+        if replica is not None:
+            self._pump(replica)
 
-    def _on_restored(self, message: Restored) -> None:
-        replica = self._replica_of(message.request_id)
-        if replica is None:
+    def _host_owner(self, request_id: str) -> StaticScheduler | None:
+        """The core whose host buffer share holds a finished request's slot (still to be released)."""
+        return next((core for core in self.cores if request_id in core.host), None)
+
+    def _on_resharded(self, message: Resharded) -> None:
+        replica = self.layout.coordinates(message.rank)[0]
+        index = self._transition[replica]
+        if index is None:
             return
-        self.cores[replica].on_restored(message.request_id)
-        self._pump(replica)
+        self.metrics.on_resharded(index, message.drain_s, message.load_s, message.num_bytes)
+        transition = self.metrics.transitions[index]
+        log.info("rank %d is in %s: waited %.3f s for its last steps, loaded %.1f MB in %.3f s",
+                 message.rank, message.layout, message.drain_s, message.num_bytes / 1e6, message.load_s)
+        if transition.num_workers_done == len(self.workers[replica]):
+            self._transition[replica] = None
+            timer = self._timers.pop((replica, "reshard"), None)
+            if timer is not None:
+                timer.cancel()
+            self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), "running steps"))
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
         request_ids = [r.request_id for r in self._early]
@@ -175,18 +226,47 @@ class Scheduler(Actor):
         """The replica whose core holds this request (None once it finished or before it arrived)."""
         return next((r for r, core in enumerate(self.cores) if request_id in core.requests), None)
 
+    # ------------------------------------------------------------ decisions into messages
+
     def _pump(self, replica: int) -> None:
         """Start steps while the replica has work and its pipeline has room (one step per stage)."""
         core = self.cores[replica]
-        while core.has_unfinished and core.num_in_flight_steps < self.layout.pp:
+        while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
+            phase_before = core.phase
             plan = core.schedule()
-            for command in (*plan.evictions, *plan.restores):
-                self.kv_tier.send(command)
+            for move in plan.moves:
+                self._send_move(replica, move)
+            if plan.rows:
+                self._run(replica, plan)
+            if plan.switch_to is not None:
+                self._switch(replica, phase_before, plan.switch_to)
+                continue
             if not plan.rows:
                 if plan.is_empty and not core.num_in_flight_steps and not core.has_kv_moves:
                     self._fail_stuck(replica)
                 return
-            self._run(replica, plan)
+
+    def _send_move(self, replica: int, move: ToHost | ToDevice) -> None:
+        layout = str(self.layouts[move.phase])
+        match move:
+            case ToHost():
+                self.kv_tier.send(SaveKV(move.request_id, replica, layout, move.block_ids, move.host_block_ids))
+            case ToDevice():
+                self.kv_tier.send(LoadKV(move.request_id, replica, layout, move.host_block_ids, move.block_ids))
+
+    def _switch(self, replica: int, old: Phase, new: Phase) -> None:
+        old_layout, new_layout = self.layouts[old], self.layouts[new]
+        direction = f"{old_layout}->{new_layout}"
+        index = self.metrics.on_switch(time.monotonic(), replica, new, direction)
+        log.info("replica %d: %s phase in %s (transition %d)", replica, new.value, new_layout, index)
+        if new_layout == old_layout:
+            return  # the KV tier still moves every request; no weights change
+        self._transition[replica] = index
+        for worker in self.workers[replica]:
+            worker.send(Reshard(str(new_layout)))
+        self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), f"re-sharding to {new_layout}"))
+        self._arm(replica, "reshard", f"replica {replica} did not finish re-sharding to {new_layout} "
+                                      f"within {self.step_timeout_s:.0f} s")
 
     def _fail_stuck(self, replica: int) -> None:
         """Nothing runs, nothing moves, and nothing can be scheduled: fail rather than wait forever."""
@@ -199,9 +279,14 @@ class Scheduler(Actor):
         step = RunStep(plan.step_id, plan.rows)
         for worker in self.workers[replica]:
             worker.send(step)
-        reason = (f"step {plan.step_id} of replica {replica} ({len(plan.rows)} requests) did not finish "
-                  f"within {self.step_timeout_s:.0f} s")
-        self._timers[(replica, plan.step_id)] = asyncio.get_running_loop().call_later(
+        core = self.cores[replica]
+        num_decode_rows = sum(1 for row in plan.rows if len(row.token_ids) == 1 and row.start > 0)
+        self.metrics.on_step(time.monotonic(), replica, num_decode_rows, core.host.used_fraction)
+        self._arm(replica, plan.step_id, f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
+                                         f"requests) did not finish within {self.step_timeout_s:.0f} s")
+
+    def _arm(self, replica: int, what: int | str, reason: str) -> None:
+        self._timers[(replica, what)] = asyncio.get_running_loop().call_later(
             self.step_timeout_s, self._on_stalled, reason
         )
 
@@ -209,6 +294,10 @@ class Scheduler(Actor):
         log.error("%s", reason)
         self._on_engine_failed(EngineFailed(reason))
         self.on_stall(reason)
+
+    def summary(self) -> dict:
+        """The run's phase metrics so far (see RunMetrics.summary)."""
+        return self.metrics.summary(time.monotonic())
 
     async def stop(self) -> None:
         await super().stop()

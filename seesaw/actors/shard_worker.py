@@ -1,12 +1,13 @@
 """ShardWorker actor: one per device, in its own process; runs steps and KV copies for its shard.
 
-Inbox: RankAssigned, PrepareGroups, LoadShard, HeadAlive, Shutdown (Supervisor); RunStep (Scheduler);
-SwapOut, Prefetch (KVTier).
-Sends: GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone to the
-Scheduler; SwappedOut, Prefetched to the KVTier.
+Inbox: RankAssigned, PrepareGroups, LoadShard, HeadAlive, Shutdown (Supervisor); RunStep, Reshard
+(Scheduler); SwapOut, Prefetch (KVTier).
+Sends: GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone, Resharded to
+the Scheduler; SwappedOut, Prefetched to the KVTier.
 
-Forward passes run on one dedicated thread, in arrival order, so the inbox keeps draining while
-a step computes; KV copies run on a thread of their own.
+Forward passes and transitions run on one dedicated thread, in arrival order, so the inbox keeps
+draining while a step computes and a transition starts as soon as this worker's own last step of
+the old layout is done; KV copies run on a thread of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from seesaw.messages import (
     Prefetched,
     PrepareGroups,
     RankAssigned,
+    Reshard,
+    Resharded,
     RunStep,
     Shutdown,
     StepDone,
@@ -54,7 +57,7 @@ class ShardWorker(Actor):
         self.context = context
         self.scheduler: Outbox | None = None
         self.kv_tier: Outbox | None = None
-        self.runner = None
+        self.runtime = None
         self.stopped = asyncio.Event()
         self.has_failed = False
         self.head_seen = time.monotonic()
@@ -72,6 +75,8 @@ class ShardWorker(Actor):
                 self._on_load_shard(message)
             case RunStep():
                 self._on_run_step(message)
+            case Reshard():
+                self._on_reshard(message)
             case SwapOut():
                 self._on_swap_out(message)
             case Prefetch():
@@ -100,36 +105,49 @@ class ShardWorker(Actor):
         self.kv_tier = Outbox(self.context, command.kv_tier_address)
 
         def load() -> WorkerReady:
-            from seesaw.model.runner import ModelRunner  # torch loads on this thread, not the loop's
+            from seesaw.actors.worker_setup import build_runtime  # torch loads on this thread, not the loop's
 
-            self.runner = ModelRunner(command)
-            device = self.runner.device
+            self.runtime = build_runtime(command)
+            device = self.runtime.device
             name = "cpu" if device.type == "cpu" else _cuda_name(device)
-            return WorkerReady(self.rank, self.runner.num_blocks, self.runner.load_s, name)
+            blocks = [self.runtime.num_blocks] * len(command.layouts)
+            return WorkerReady(self.rank, blocks, self.runtime.load_s, name)
 
         self._submit(self._compute, load, self.supervisor, "loading its shard of the model")
 
     def _on_run_step(self, step: RunStep) -> None:
         def run() -> StepDone | None:
             started = time.perf_counter()
-            sampled = self.runner.execute(step.rows)
-            if not self.runner.is_sampling:
+            sampled = self.runtime.execute(step.rows)
+            if not self.runtime.is_sampling:
                 return None
             return StepDone(step.step_id, self.rank, sampled, (time.perf_counter() - started) * 1000)
 
         self._submit(self._compute, run, self.scheduler, f"running step {step.step_id}")
 
+    def _on_reshard(self, command: Reshard) -> None:
+        arrived = time.perf_counter()
+
+        def reshard() -> Resharded:
+            drain_s = time.perf_counter() - arrived
+            load_s, num_bytes = self.runtime.reshard(command.layout)
+            return Resharded(self.rank, command.layout, drain_s, load_s, num_bytes)
+
+        self._submit(self._compute, reshard, self.scheduler, f"re-sharding to {command.layout}")
+
     def _on_swap_out(self, command: SwapOut) -> None:
         def copy() -> SwappedOut:
-            self.runner.swap_out(command.block_ids, command.host_block_ids)
-            return SwappedOut(command.request_id, self.rank)
+            started = time.perf_counter()
+            num_bytes = self.runtime.swap_out(command.layout, command.block_ids, command.host_block_ids)
+            return SwappedOut(command.request_id, self.rank, num_bytes, time.perf_counter() - started)
 
         self._submit(self._copies, copy, self.kv_tier, f"swapping out request {command.request_id}")
 
     def _on_prefetch(self, command: Prefetch) -> None:
         def copy() -> Prefetched:
-            self.runner.prefetch(command.host_block_ids, command.block_ids)
-            return Prefetched(command.request_id, self.rank)
+            started = time.perf_counter()
+            num_bytes = self.runtime.prefetch(command.layout, command.host_block_ids, command.block_ids)
+            return Prefetched(command.request_id, self.rank, num_bytes, time.perf_counter() - started)
 
         self._submit(self._copies, copy, self.kv_tier, f"prefetching request {command.request_id}")
 
@@ -164,8 +182,8 @@ class ShardWorker(Actor):
         # Release the model only once no step or copy still uses it; a step stuck in a collective
         # whose peer died is left to the process exit.
         _, running = await asyncio.to_thread(futures.wait, list(self._outstanding), timeout_s)
-        if self.runner is not None and not running:
-            self.runner.close()
+        if self.runtime is not None and not running:
+            self.runtime.close()
         for outbox in (self.scheduler, self.kv_tier):
             if outbox is not None:
                 outbox.close()

@@ -2,7 +2,7 @@
 fails the engine loudly when one is lost.
 
 Inbox: WorkerHello, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the
-engine's process watch).
+engine's process watch); WorkersBusy (Scheduler).
 Sends: RankAssigned, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady to the
 Scheduler and the KVTier; EngineFailed to the Scheduler.
 """
@@ -33,6 +33,7 @@ from seesaw.messages import (
     WorkerFailed,
     WorkerHello,
     WorkerReady,
+    WorkersBusy,
 )
 from seesaw.transport.channels import Inbox, Outbox
 
@@ -49,8 +50,8 @@ class Supervisor(Actor):
         self,
         inbox: Inbox,
         context: zmq.asyncio.Context,
-        layout: Layout,
-        backend: str | None,  # "gloo", "nccl", or None when workers need no communicators
+        layouts: list[Layout],  # the run's layouts (same world and replicas), the starting one first
+        backend: str,  # "gloo" or "nccl"
         load_command: LoadCommand,
         listeners: list[Outbox],  # Scheduler and KVTier: told when the engine is ready
         scheduler: Outbox,
@@ -60,7 +61,8 @@ class Supervisor(Actor):
     ):
         super().__init__(inbox)
         self.context = context
-        self.layout = layout
+        self.layouts = layouts
+        self.layout = layout = layouts[0]
         self.backend = backend
         self.load_command = load_command
         self.listeners = listeners
@@ -96,6 +98,9 @@ class Supervisor(Actor):
             case Heartbeat():
                 if message.rank in self.last_seen:  # only workers that joined are watched
                     self.last_seen[message.rank] = time.monotonic()
+            case WorkersBusy():
+                for rank in message.ranks:
+                    self.activity[rank] = message.activity
             case _:
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
@@ -133,10 +138,10 @@ class Supervisor(Actor):
         outbox.close()
 
     def _world_complete(self) -> None:
-        if self.backend is None:
+        groups = [GroupSpec(key, ranks) for key, ranks in groups_of(*self.layouts)]
+        if not groups:  # every worker alone in every group: nothing to communicate
             self._load_all(None)
             return
-        groups = [GroupSpec(key, ranks) for key, ranks in groups_of(self.layout)]
         self.workers[0].send(PrepareGroups(self.backend, self.layout.world_size, groups))
 
     def _load_all(self, collective: CollectiveSpec | None) -> None:
@@ -146,7 +151,7 @@ class Supervisor(Actor):
 
     def _on_worker_ready(self, message: WorkerReady) -> None:
         log.info(
-            "worker %d ready on %s in %.1f s: %d KV blocks",
+            "worker %d ready on %s in %.1f s: %s KV blocks",
             message.rank, message.device_name, message.load_s, message.num_device_blocks,
         )
         self.ready[message.rank] = message
@@ -154,7 +159,7 @@ class Supervisor(Actor):
         if len(self.ready) < self.layout.world_size:
             return
         per_replica = [
-            min(self.ready[rank].num_device_blocks for rank in self.layout.replica_ranks(replica))
+            min(min(self.ready[rank].num_device_blocks) for rank in self.layout.replica_ranks(replica))
             for replica in range(self.layout.dp)
         ]
         for listener in self.listeners:

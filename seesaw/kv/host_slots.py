@@ -17,16 +17,26 @@ class HostSlot:
 
 
 class HostSlots:
-    """Allocates host-buffer blocks per request; one slot per request at a time."""
+    """Allocates host-buffer blocks per request, one slot per request at a time; a replica owns
+    the blocks `first_block` to `first_block + num_blocks - 1` of the node's buffer."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, first_block: int = 0):
         self.block_size = block_size
+        self.first_block = first_block
         self._pool = BlockPool(num_blocks, "host KV buffer")
         self._slots: dict[str, HostSlot] = {}
 
     @property
+    def num_blocks(self) -> int:
+        return self._pool.num_blocks
+
+    @property
     def num_free_blocks(self) -> int:
         return self._pool.num_free
+
+    @property
+    def used_fraction(self) -> float:
+        return self._pool.num_used / self._pool.num_blocks if self._pool.num_blocks else 0.0
 
     def can_store(self, num_tokens: int) -> bool:
         return self._pool.can_allocate(blocks_for(num_tokens, self.block_size))
@@ -34,7 +44,8 @@ class HostSlots:
     def store(self, request_id: str, num_tokens: int) -> HostSlot:
         if request_id in self._slots:
             raise ValueError(f"request {request_id} already has a host slot")
-        slot = HostSlot(request_id, self._pool.allocate(blocks_for(num_tokens, self.block_size)), num_tokens)
+        blocks = self._pool.allocate(blocks_for(num_tokens, self.block_size))
+        slot = HostSlot(request_id, [self.first_block + block for block in blocks], num_tokens)
         self._slots[request_id] = slot
         return slot
 
@@ -44,7 +55,13 @@ class HostSlots:
     def release(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
         if slot is not None:
-            self._pool.free(slot.host_block_ids)
+            self._pool.free([block - self.first_block for block in slot.host_block_ids])
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._slots
+
+
+def split_host_blocks(num_blocks: int, num_replicas: int) -> list[tuple[int, int]]:
+    """Each data-parallel replica's part of the node's host buffer, as (first block, count)."""
+    share = num_blocks // num_replicas
+    return [(replica * share, share) for replica in range(num_replicas)]

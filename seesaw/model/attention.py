@@ -1,4 +1,9 @@
-"""Paged attention: per-step metadata built once, and the reference torch backend used per layer."""
+"""Paged attention: per-step metadata built once, and the reference torch backend used per layer.
+
+A layer's cache is [num_blocks, kv_heads, block_size, head_dim]: each block holds its tokens
+heads-major, and blocks need not be adjacent in memory (a worker's blocks are pages of a larger
+arena that several layouts share), so the cache is addressed by (block, offset), never by a flat slot.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ class DecodeGroup:
     """Rows with one new token each, attended together over a padded context."""
 
     token_index: torch.Tensor  # [num_rows] positions of the rows' tokens in the flat step
-    slots: torch.Tensor  # [num_rows, max_context] cache slots, padding points at slot 0
+    block_table: torch.Tensor  # [num_rows, max_blocks] each row's blocks, padding points at block 0
     lengths: torch.Tensor  # [num_rows] context length of each row
     bias: torch.Tensor | None  # [num_rows, 1, 1, max_context] 0 where attended, -inf on padding; None with a kernel
     max_context: int
@@ -32,11 +37,12 @@ class DecodeGroup:
 
 @dataclass
 class PrefillRow:
-    """A run of new tokens of one request; `slots` and `bias` only when earlier context exists."""
+    """A run of new tokens of one request; `blocks` and `bias` only when earlier context exists."""
 
     start: int  # first token of the run in the flat step
     end: int
-    slots: torch.Tensor | None  # [context] cache slots of the whole context, new tokens included
+    context: int  # cached plus new tokens
+    blocks: torch.Tensor | None  # [blocks] holding the whole context, new tokens included
     bias: torch.Tensor | None  # [1, 1, num_new, context] causal mask aligned to the last token
 
 
@@ -44,7 +50,8 @@ class PrefillRow:
 class AttentionBatch:
     """Everything the attention layers need for one step, shared by all layers."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot written by each new token
+    write_blocks: torch.Tensor  # [num_tokens] the block each new token's k/v goes to
+    write_offsets: torch.Tensor  # [num_tokens] its place in that block
     decode: DecodeGroup | None
     prefills: list[PrefillRow]
     scale: float
@@ -57,19 +64,23 @@ def build_attention_batch(
 ) -> AttentionBatch:
     """Metadata for a step whose flat token list is the rows' new tokens, in row order; masks
     are built in `dtype`, the queries' dtype."""
-    slot_mapping: list[int] = []
+    write_blocks: list[int] = []
+    write_offsets: list[int] = []
     decode_rows: list[tuple[int, RowShape]] = []
     prefills: list[PrefillRow] = []
     offset = 0
     for row in rows:
-        slot_mapping.extend(_slots(row.block_ids, row.start, row.start + row.num_new, block_size))
+        for position in range(row.start, row.start + row.num_new):
+            write_blocks.append(row.block_ids[position // block_size])
+            write_offsets.append(position % block_size)
         if row.num_new == 1 and row.start > 0:
             decode_rows.append((offset, row))
         else:
             prefills.append(_prefill_row(row, offset, block_size, device, dtype))
         offset += row.num_new
     return AttentionBatch(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+        write_blocks=torch.tensor(write_blocks, dtype=torch.long, device=device),
+        write_offsets=torch.tensor(write_offsets, dtype=torch.long, device=device),
         decode=_decode_group(decode_rows, block_size, device, dtype, decode_kernel is None) if decode_rows else None,
         prefills=prefills,
         scale=head_dim**-0.5,
@@ -77,35 +88,32 @@ def build_attention_batch(
     )
 
 
-def _slots(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
 def _prefill_row(row: RowShape, offset: int, block_size: int, device, dtype: torch.dtype) -> PrefillRow:
     end = offset + row.num_new
-    if row.start == 0:
-        return PrefillRow(offset, end, None, None)
     context = row.start + row.num_new
-    slots = torch.tensor(_slots(row.block_ids, 0, context, block_size), dtype=torch.long, device=device)
+    if row.start == 0:
+        return PrefillRow(offset, end, context, None, None)
+    num_blocks = -(-context // block_size)
+    blocks = torch.tensor(row.block_ids[:num_blocks], dtype=torch.long, device=device)
     # New token i sits at position start + i and sees positions 0 .. start + i.
     visible = torch.arange(context, device=device)[None, :] <= (
         torch.arange(row.num_new, device=device)[:, None] + row.start
     )
     bias = torch.zeros(row.num_new, context, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
-    return PrefillRow(offset, end, slots, bias[None, None])
+    return PrefillRow(offset, end, context, blocks, bias[None, None])
 
 
 def _decode_group(
     decode_rows: list[tuple[int, RowShape]], block_size: int, device, dtype: torch.dtype, needs_bias: bool,
 ) -> DecodeGroup:
     contexts = [row.start + 1 for _, row in decode_rows]
-    max_context = -(-max(contexts) // block_size) * block_size
-    slots = torch.zeros(len(decode_rows), max_context, dtype=torch.long)
+    max_blocks = -(-max(contexts) // block_size)
+    table = torch.zeros(len(decode_rows), max_blocks, dtype=torch.long)
     for index, (_, row) in enumerate(decode_rows):
-        blocks = torch.tensor(row.block_ids[: max_context // block_size], dtype=torch.long)
-        row_slots = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)
-        slots[index, : row_slots.numel()] = row_slots
+        blocks = row.block_ids[: -(-contexts[index] // block_size)]
+        table[index, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
     lengths = torch.tensor(contexts, dtype=torch.long)
+    max_context = max_blocks * block_size
     bias = None
     if needs_bias:
         bias = torch.zeros(len(decode_rows), max_context, dtype=dtype)
@@ -113,7 +121,7 @@ def _decode_group(
         bias = bias[:, None, None, :].to(device)
     return DecodeGroup(
         token_index=torch.tensor([offset for offset, _ in decode_rows], dtype=torch.long, device=device),
-        slots=slots.to(device),
+        block_table=table.to(device),
         lengths=lengths.to(device),
         bias=bias,
         max_context=max_context,
@@ -124,19 +132,19 @@ def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
     batch: AttentionBatch,
 ) -> torch.Tensor:
     """Write the new k/v into the cache, then attend each token over its request's context."""
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
+    k_cache[batch.write_blocks, :, batch.write_offsets] = k
+    v_cache[batch.write_blocks, :, batch.write_offsets] = v
     out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
     if batch.decode is not None:
         group = batch.decode
         queries = q.index_select(0, group.token_index)  # [rows, heads, hd]
         if batch.decode_kernel is not None:
-            decoded = batch.decode_kernel(queries, k_cache, v_cache, group.slots, group.lengths, batch.scale)
+            decoded = batch.decode_kernel(queries, k_cache, v_cache, group.block_table, group.lengths, batch.scale)
         else:
             decoded = _decode(queries, k_cache, v_cache, group, batch.scale)
         out[group.token_index] = decoded
@@ -145,13 +153,18 @@ def paged_attention(
     return out
 
 
+def gather_context(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The cached tokens of `blocks` ([..., n]) in order: [..., kv_heads, n * block_size, head_dim]."""
+    gathered = cache[blocks]  # [..., n, kv_heads, block_size, head_dim]
+    *lead, n, heads, block_size, head_dim = gathered.shape
+    gathered = gathered.movedim(-4, -3)  # [..., kv_heads, n, block_size, head_dim]
+    return gathered.reshape(*lead, heads, n * block_size, head_dim)
+
+
 def _decode(queries, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
     """Attention of `queries` [rows, heads, hd] over their gathered, padded contexts."""
-    num_rows = group.token_index.numel()
-    kv_shape = (num_rows, group.max_context, k_cache.shape[1], k_cache.shape[2])
-    slots = group.slots.view(-1)
-    keys = k_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)  # [rows, kv_heads, ctx, hd]
-    values = v_cache.index_select(0, slots).view(kv_shape).transpose(1, 2)
+    keys = gather_context(k_cache, group.block_table)  # [rows, kv_heads, max_context, hd]
+    values = gather_context(v_cache, group.block_table)
     out = F.scaled_dot_product_attention(
         queries[:, :, None, :], keys, values, attn_mask=group.bias, scale=scale, enable_gqa=True
     )  # [rows, heads, 1, hd]
@@ -160,13 +173,13 @@ def _decode(queries, k_cache, v_cache, group: DecodeGroup, scale: float) -> torc
 
 def _prefill(q, k, v, k_cache, v_cache, row: PrefillRow, scale: float) -> torch.Tensor:
     queries = q[row.start : row.end].transpose(0, 1)[None]  # [1, heads, new, hd]
-    if row.slots is None:
+    if row.blocks is None:
         keys = k[row.start : row.end].transpose(0, 1)[None]  # [1, kv_heads, new, hd]
         values = v[row.start : row.end].transpose(0, 1)[None]
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        keys = k_cache.index_select(0, row.slots).transpose(0, 1)[None]  # [1, kv_heads, ctx, hd]
-        values = v_cache.index_select(0, row.slots).transpose(0, 1)[None]
+        keys = gather_context(k_cache, row.blocks)[None, :, : row.context]  # [1, kv_heads, ctx, hd]
+        values = gather_context(v_cache, row.blocks)[None, :, : row.context]
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=row.bias, scale=scale, enable_gqa=True
         )

@@ -3,6 +3,11 @@
 The layers hold only their shard's weights: query/key/value and gate/up are column-parallel
 (this shard's heads and MLP columns), output and down projections are row-parallel, and their
 partial sums meet in `reduce`, an all-reduce over the tensor-parallel group (identity at t1).
+
+Every weight is laid out so that a shard's slice of it is a run of whole rows: the row-parallel
+output and down projections are held transposed ([inputs, outputs]), so copying a shard in from
+a layout-neutral store is a handful of contiguous copies. Tensors come from `allocate`, so a
+worker can lay several layouts' shards over one block of memory.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from seesaw.layout import Shard
 from seesaw.model.attention import AttentionBatch, paged_attention
@@ -19,6 +23,7 @@ from seesaw.model.rope import apply_rotation
 from seesaw.model.spec import ModelSpec
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+Allocate = Callable[..., torch.Tensor]  # allocate(*shape) -> an uninitialised tensor of the model's dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,37 +33,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer:
     """One transformer block's shard: fused qkv and gate/up weights, paged attention."""
 
-    def __init__(self, spec: ModelSpec, shard: Shard, dtype: torch.dtype, device: torch.device):
-        super().__init__()
+    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate):
         self.num_heads = shard.heads.size
         self.num_kv_heads = shard.kv_heads.size
         self.head_dim = spec.head_dim
         self.eps = spec.rms_norm_eps
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_sizes = (q_size, kv_size, kv_size)
-
-        def empty(*shape):
-            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-        self.input_norm = empty(spec.hidden_size)
-        self.qkv = empty(q_size + 2 * kv_size, spec.hidden_size)
-        self.qkv_bias = empty(q_size + 2 * kv_size) if spec.qkv_bias else None
-        self.o_proj = empty(spec.hidden_size, q_size)
+        self.input_norm = allocate(spec.hidden_size)
+        self.qkv = allocate(q_size + 2 * kv_size, spec.hidden_size)
+        self.qkv_bias = allocate(q_size + 2 * kv_size) if spec.qkv_bias else None
+        self.o_proj_t = allocate(q_size, spec.hidden_size)  # transposed: [this shard's heads, hidden]
         # A row-parallel bias is added once, after the all-reduce, by tensor-parallel rank 0.
-        self.o_bias = empty(spec.hidden_size) if spec.o_bias and shard.tp_rank == 0 else None
-        self.post_attention_norm = empty(spec.hidden_size)
-        self.gate_up = empty(2 * shard.ffn.size, spec.hidden_size)
-        self.down = empty(spec.hidden_size, shard.ffn.size)
+        self.o_bias = allocate(spec.hidden_size) if spec.o_bias and shard.tp_rank == 0 else None
+        self.post_attention_norm = allocate(spec.hidden_size)
+        self.gate_up = allocate(2 * shard.ffn.size, spec.hidden_size)
+        self.down_t = allocate(shard.ffn.size, spec.hidden_size)  # transposed: [this shard's columns, hidden]
 
-    def forward(
+    def __call__(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv: torch.Tensor,  # [2, num_slots, kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, kv_heads, block_size, head_dim]
+        v_cache: torch.Tensor,
         batch: AttentionBatch,
         reduce: Reduce,
     ) -> torch.Tensor:
@@ -69,50 +70,42 @@ class DecoderLayer(nn.Module):
         q = apply_rotation(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotation(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q, k, v, kv[0], kv[1], batch)  # [num_tokens, heads, head_dim]
-        hidden = hidden + reduce(F.linear(attn.view(num_tokens, -1), self.o_proj, self.o_bias))
+        attn = paged_attention(q, k, v, k_cache, v_cache, batch)  # [num_tokens, heads, head_dim]
+        hidden = hidden + reduce(F.linear(attn.view(num_tokens, -1), self.o_proj_t.t(), self.o_bias))
         x = rms_norm(hidden, self.post_attention_norm, self.eps)
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [num_tokens, ffn_shard] each
-        return hidden + reduce(F.linear(F.silu(gate) * up, self.down))
+        return hidden + reduce(F.linear(F.silu(gate) * up, self.down_t.t()))
 
 
-class ShardModel(nn.Module):
+class ShardModel:
     """The layers of one pipeline stage; the first stage embeds, the last projects to logits."""
 
-    def __init__(self, spec: ModelSpec, shard: Shard, dtype: torch.dtype, device: torch.device):
-        super().__init__()
+    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate):
         self.spec = spec
         self.shard = shard
-        self.dtype = dtype
-        self.device = device
-        self.layers = nn.ModuleList(
-            DecoderLayer(spec, shard, dtype, device) for _ in range(shard.layers.size)
-        )
-        def param(*shape):
-            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
-
-        self.embed = param(spec.vocab_size, spec.hidden_size) if shard.is_first_stage else None
-        self.norm = param(spec.hidden_size) if shard.is_last_stage else None
+        self.layers = [DecoderLayer(spec, shard, allocate) for _ in range(shard.layers.size)]
+        self.embed = allocate(spec.vocab_size, spec.hidden_size) if shard.is_first_stage else None
+        self.norm = allocate(spec.hidden_size) if shard.is_last_stage else None
         self.lm_head = None
         if shard.is_last_stage:
             # Each tensor-parallel rank holds a slice of the vocabulary, padded to equal size.
             shares_embedding = spec.tie_word_embeddings and self.embed is not None and shard.layout.tp == 1
-            self.lm_head = self.embed if shares_embedding else param(shard.vocab_rows_padded, spec.hidden_size)
+            self.lm_head = self.embed if shares_embedding else allocate(shard.vocab_rows_padded, spec.hidden_size)
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.embed)  # [num_tokens, hidden]
 
-    def forward(
+    def __call__(
         self,
         hidden: torch.Tensor,  # [num_tokens, hidden]
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: torch.Tensor,  # [layers_in_shard, 2, num_slots, kv_heads, head_dim]
+        kv_pages: torch.Tensor,  # [num_blocks, layers_in_shard, 2, kv_heads, block_size, head_dim]
         batch: AttentionBatch,
         reduce: Reduce,
     ) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, kv_cache[index], batch, reduce)
+            hidden = layer(hidden, cos, sin, kv_pages[:, index, 0], kv_pages[:, index, 1], batch, reduce)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

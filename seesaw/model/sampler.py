@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from seesaw.messages import RowSampling
+from seesaw.step import RowSampling
 
 _SEED_STRIDE = 1_000_003
 

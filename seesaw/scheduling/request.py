@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from seesaw.messages import RowSampling
+from seesaw.scheduling.decisions import Phase
+from seesaw.step import RowSampling
 
 
 class RequestStatus(Enum):
@@ -14,6 +15,7 @@ class RequestStatus(Enum):
     EVICTING = "evicting"  # KV being copied to the host buffer; device blocks still held
     SWAPPED = "swapped"  # KV only in the host buffer
     RESTORING = "restoring"  # KV being copied back into freshly allocated device blocks
+    PAUSED = "paused"  # seesaw: KV on the device in the decode layout while the replica prefills
     FINISHED = "finished"
 
 
@@ -31,6 +33,7 @@ class RequestState:
     status: RequestStatus = RequestStatus.WAITING
     num_in_flight: int = 0  # steps in flight that include this request
     is_stopped: bool = False  # finished by the user while busy; released once idle
+    kv_phase: Phase = Phase.MIXED  # the phase whose layout its device blocks are laid out in
 
     @property
     def num_tokens(self) -> int:

@@ -3,61 +3,30 @@
 Each step takes, in order: running requests (decode tokens and unfinished prefill chunks),
 then requests coming back from the host buffer, then new requests, until the token budget or
 the device KV pool runs out. When a running request needs a block and none is free, the newest
-running request is evicted to the host buffer (or, if the host buffer refuses, recomputed later).
+running request is evicted to the host buffer (or, if the host buffer has no room, recomputed
+later). The core owns its replica's device blocks and host slots and returns decisions.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
 
+from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import BlockPool, blocks_for
-from seesaw.messages import (
-    AddRequest,
-    DropHostCopy,
-    Evict,
-    Restore,
-    RowSampling,
-    StepRow,
-    TokenUpdate,
-)
+from seesaw.kv.host_slots import HostSlots
+from seesaw.messages import AddRequest
+from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.request import RequestState, RequestStatus
+from seesaw.step import RowSampling, StepRow, TokenUpdate
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduling limits; validated once."""
-
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    watermark: float = 0.01  # fraction of device blocks kept free when admitting new requests
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if not 0.0 <= self.watermark < 1.0:
-            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
-
-
-@dataclass
-class StepPlan:
-    """What to do next: a step to run (rows may be empty) and KV moves to start."""
-
-    step_id: int
-    rows: list[StepRow] = field(default_factory=list)
-    evictions: list[Evict] = field(default_factory=list)
-    restores: list[Restore] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.rows or self.evictions or self.restores)
+_MOVING = (RequestStatus.EVICTING, RequestStatus.RESTORING)
+_HOLDS_BLOCKS = (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING, RequestStatus.PAUSED)
 
 
 class StaticScheduler:
-    """The scheduling core: owns request states and the device block pool; no I/O."""
+    """The scheduling core of one replica: owns request states, the device block pool and the
+    replica's host slots; no I/O."""
 
     def __init__(
         self,
@@ -67,21 +36,23 @@ class StaticScheduler:
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
         num_micro_batches: int = 1,
-        replica: int = 0,
+        host: HostSlots | None = None,
     ):
         self.config = config
-        self.replica = replica  # the data-parallel replica this core schedules, named in KV moves
-        self.num_micro_batches = num_micro_batches
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.pool = BlockPool(num_device_blocks)
+        self.host = host or HostSlots(0, block_size)
         self.watermark_blocks = int(config.watermark * num_device_blocks)
+        self._num_micro_batches = num_micro_batches
+        self.phase = Phase.MIXED
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []  # in arrival order
         self.swapped: deque[RequestState] = deque()
         self._in_flight: dict[int, list[StepRow]] = {}
+        self._moves: list[ToHost | ToDevice] = []  # decided outside schedule(), sent with the next plan
         self._next_step_id = 0
         self._next_arrival = 0
         self._evicting_blocks = 0
@@ -98,9 +69,14 @@ class StaticScheduler:
         return len(self._in_flight)
 
     @property
+    def max_in_flight_steps(self) -> int:
+        """Steps that may be in flight at once: one per pipeline stage of the current layout."""
+        return self._num_micro_batches
+
+    @property
     def has_kv_moves(self) -> bool:
         """Whether some request is on its way to or from the host buffer."""
-        return any(s.status in (RequestStatus.EVICTING, RequestStatus.RESTORING) for s in self.requests.values())
+        return any(s.status in _MOVING for s in self.requests.values())
 
     @property
     def load(self) -> tuple[int, int]:
@@ -139,36 +115,27 @@ class StaticScheduler:
         self.requests[state.request_id] = state
         self.waiting.append(state)
 
-    def stop(self, request_id: str) -> list[DropHostCopy]:
+    def stop(self, request_id: str) -> None:
         """Finish a request early; its KV is released as soon as nothing is using it."""
         state = self.requests.get(request_id)
         if state is None:
-            return []
-        if state.num_in_flight or state.status in (RequestStatus.EVICTING, RequestStatus.RESTORING):
+            return
+        if state.num_in_flight or state.status in _MOVING:
             state.is_stopped = True
-            return []
-        was_swapped = state.status is RequestStatus.SWAPPED
+            return
         self._finish(state)
-        return [DropHostCopy(request_id)] if was_swapped else []
 
     def schedule(self) -> StepPlan:
         """Plan the next step over requests not already in flight."""
-        plan = StepPlan(step_id=self._next_step_id)
+        plan = self._plan()
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
-        # With several micro-batches in flight, each step takes its share of the requests.
-        max_rows = -(-max(1, len(self.running) + len(self.waiting)) // self.num_micro_batches)
+        max_rows = self._max_rows()
         budget = self._schedule_running(plan, budget, scheduled, max_rows)
         self._schedule_restores(plan)
         if not self.swapped:
             self._schedule_waiting(plan, budget, scheduled, max_rows)
-        self.counters["evictions"] += len(plan.evictions)
-        self.counters["restores"] += len(plan.restores)
-        if plan.rows:
-            self.counters["steps"] += 1
-            self._next_step_id += 1
-            self._in_flight[plan.step_id] = plan.rows
-        return plan
+        return self._commit(plan)
 
     def complete(self, step_id: int, sampled: list[int]) -> list[TokenUpdate]:
         """Take a finished step's sampled tokens; return what each request gained."""
@@ -187,37 +154,35 @@ class StaticScheduler:
                 continue
             if token is not None:
                 updates.append(self._append(state, token))
+                if state.status is not RequestStatus.FINISHED:
+                    self._on_sampled(state)
         return updates
 
-    def on_evicted(self, request_id: str, is_stored: bool) -> list[DropHostCopy]:
+    def on_saved(self, request_id: str) -> None:
+        """Every worker copied the request's KV to its host slot: its device blocks are free."""
         state = self.requests.get(request_id)
         if state is None or state.status is not RequestStatus.EVICTING:
-            return [DropHostCopy(request_id)] if is_stored else []
+            self.host.release(request_id)
+            return
         self._evicting_blocks -= len(state.block_ids)
         self.pool.free(state.block_ids)
         state.block_ids = []
         if state.is_stopped:
             self._finish(state)
-            return [DropHostCopy(request_id)] if is_stored else []
-        if is_stored:
-            state.status = RequestStatus.SWAPPED
-            self.swapped.append(state)
-        else:
-            self.counters["recomputes"] += 1
-            state.num_computed_tokens = 0
-            state.status = RequestStatus.WAITING
-            self.waiting.appendleft(state)
-        return []
+            return
+        state.status = RequestStatus.SWAPPED
+        self.swapped.append(state)
 
-    def on_restored(self, request_id: str) -> None:
+    def on_loaded(self, request_id: str) -> None:
+        """Every worker copied the request's KV onto its device: it can run again."""
+        self.host.release(request_id)
         state = self.requests.get(request_id)
         if state is None or state.status is not RequestStatus.RESTORING:
             return
         if state.is_stopped:
             self._finish(state)
             return
-        state.status = RequestStatus.RUNNING
-        bisect.insort(self.running, state, key=lambda s: s.arrival)
+        self._resume(state)
 
     def fail_all(self) -> list[str]:
         """Drop every request (the engine cannot go on); return their ids."""
@@ -225,9 +190,35 @@ class StaticScheduler:
         for state in list(self.requests.values()):
             self._finish(state)
         self._in_flight.clear()
+        self._moves.clear()
         return request_ids
 
+    # ------------------------------------------------------------ hooks for the seesaw core
+
+    def _on_sampled(self, state: RequestState) -> None:
+        """A request that goes on got a token (static mode: it simply keeps running)."""
+
+    def _resume(self, state: RequestState) -> None:
+        state.status = RequestStatus.RUNNING
+        bisect.insort(self.running, state, key=lambda s: s.arrival)
+
     # ------------------------------------------------------------ steps
+
+    def _plan(self) -> StepPlan:
+        plan = StepPlan(step_id=self._next_step_id, moves=self._moves)
+        self._moves = []
+        return plan
+
+    def _max_rows(self) -> int:
+        # With several micro-batches in flight, each step takes its share of the requests.
+        return -(-max(1, len(self.running) + len(self.waiting)) // self.max_in_flight_steps)
+
+    def _commit(self, plan: StepPlan) -> StepPlan:
+        if plan.rows:
+            self.counters["steps"] += 1
+            self._next_step_id += 1
+            self._in_flight[plan.step_id] = plan.rows
+        return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> int:
         index = 0
@@ -267,7 +258,10 @@ class StaticScheduler:
             self.swapped.popleft()
             state.block_ids = self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
-            plan.restores.append(Restore(state.request_id, self.replica, list(state.block_ids)))
+            state.kv_phase = self.phase
+            slot = self.host.get(state.request_id)
+            plan.moves.append(ToDevice(state.request_id, self.phase, slot.host_block_ids, list(state.block_ids)))
+            self.counters["restores"] += 1
 
     def _schedule_waiting(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
@@ -282,6 +276,7 @@ class StaticScheduler:
             self.waiting.popleft()
             state.block_ids = self.pool.allocate(needed)
             state.status = RequestStatus.RUNNING
+            state.kv_phase = self.phase
             bisect.insort(self.running, state, key=lambda s: s.arrival)
             plan.rows.append(self._row(state, num_new))
             scheduled.add(state.request_id)
@@ -310,10 +305,28 @@ class StaticScheduler:
         return None
 
     def _evict(self, state: RequestState, plan: StepPlan) -> None:
+        """Make room on the device: the request's KV goes to the host buffer, or, if it has no
+        room, the request starts over later (its tokens so far are kept and recomputed)."""
         self.running.remove(state)
+        self.counters["evictions"] += 1
+        if self.host.can_store(state.num_computed_tokens):
+            self.host.store(state.request_id, state.num_computed_tokens)
+            plan.moves.append(self._to_host(state))
+            return
+        self.counters["recomputes"] += 1
+        self.pool.free(state.block_ids)
+        state.block_ids = []
+        state.num_computed_tokens = 0
+        state.status = RequestStatus.WAITING
+        self.waiting.appendleft(state)
+
+    def _to_host(self, state: RequestState) -> ToHost:
+        """Start copying a request's KV into its host slot; its blocks stay held until it lands."""
+        slot = self.host.get(state.request_id)
         state.status = RequestStatus.EVICTING
         self._evicting_blocks += len(state.block_ids)
-        plan.evictions.append(Evict(state.request_id, self.replica, list(state.block_ids), state.num_computed_tokens))
+        blocks = state.block_ids[: len(slot.host_block_ids)]
+        return ToHost(state.request_id, state.kv_phase, blocks, slot.host_block_ids)
 
     # ------------------------------------------------------------ results
 
@@ -329,7 +342,7 @@ class StaticScheduler:
         return TokenUpdate(state.request_id, [token], reason)
 
     def _finish(self, state: RequestState) -> None:
-        if state.status in (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING):
+        if state.status in _HOLDS_BLOCKS:
             self.pool.free(state.block_ids)
         if state.status is RequestStatus.EVICTING:
             self._evicting_blocks -= len(state.block_ids)
@@ -340,5 +353,11 @@ class StaticScheduler:
             self.waiting.remove(state)
         elif state.status is RequestStatus.SWAPPED:
             self.swapped.remove(state)
+        self._forget(state)
+        if state.status not in _MOVING:
+            self.host.release(state.request_id)  # a copy in flight releases it when it lands
         state.status = RequestStatus.FINISHED
         self.requests.pop(state.request_id, None)
+
+    def _forget(self, state: RequestState) -> None:
+        """Drop the request from lists only a subclass keeps."""

@@ -1,0 +1,45 @@
+"""Turns a worker's load command into its runtime: joins the communicator groups, attaches the
+node's shared memory, picks the weight source; the runtime and the model never see a message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seesaw.layout import Layout
+from seesaw.messages import LoadShard
+from seesaw.model.spec import ModelSpec
+from seesaw.model.weights import RandomSource, SafetensorsSource, WeightSource, neutral_shapes
+from seesaw.runtime.worker_runtime import RuntimeConfig, WorkerRuntime, device_for
+from seesaw.transport.collective import join_groups
+from seesaw.transport.host_buffer import HostBuffer
+from seesaw.transport.weight_store import WeightStore
+
+
+def runtime_config(command: LoadShard) -> RuntimeConfig:
+    return RuntimeConfig(
+        spec=ModelSpec.from_hf_config(command.hf_config),
+        rank=command.rank,
+        layouts=tuple(Layout.parse(layout) for layout in command.layouts),
+        dtype=command.dtype,
+        device=command.device,
+        block_size=command.block_size,
+        kv_cache_bytes=command.kv_cache_bytes,
+        memory_fraction=command.memory_fraction,
+        num_threads=command.num_threads,
+        seed=command.dummy_seed,
+    )
+
+
+def build_runtime(command: LoadShard) -> WorkerRuntime:
+    config = runtime_config(command)
+    device = device_for(config.device, config.rank)
+    communicators = join_groups(command.collective, command.rank, device)
+    weights: WeightSource
+    if command.weight_store is not None:
+        weights = WeightStore.attach(command.weight_store, neutral_shapes(config.spec))
+    elif command.weights_folder:
+        weights = SafetensorsSource(Path(command.weights_folder))
+    else:
+        weights = RandomSource(config.spec, command.dummy_seed, device)
+    host_buffer = HostBuffer.attach(command.host_buffer) if command.host_buffer else None
+    return WorkerRuntime(config, communicators, weights, host_buffer)

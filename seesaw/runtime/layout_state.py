@@ -1,0 +1,108 @@
+"""What a worker holds for one layout: its shard, the model laid over the weight arena, its view
+of the KV arena, its communicators and its vocabulary slice; and one forward pass of its stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seesaw.layout import Layout, Shard, padded_vocab_rows, split_evenly
+from seesaw.model.attention import RowShape, build_attention_batch
+from seesaw.model.cpu_kernels import PagedDecode
+from seesaw.model.llama import ShardModel
+from seesaw.model.rope import rotation
+from seesaw.model.spec import ModelSpec
+from seesaw.step import StepRow
+from seesaw.transport.collective import Communicator
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every layout's forward pass shares: the model's shape, device, dtype and kernels."""
+
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    inv_freq: torch.Tensor
+    decode_kernel: PagedDecode | None
+
+
+class LayoutState:
+    """One layout's part of a worker: `forward` runs this worker's stage of a step."""
+
+    def __init__(self, shard: Shard, model: ShardModel, kv_pages: torch.Tensor,
+                 communicators: dict[str, Communicator], context: StageContext):
+        self.shard = shard
+        self.layout: Layout = shard.layout
+        self.model = model
+        self.kv_pages = kv_pages  # [blocks, layers, 2, kv_heads, block_size, head_dim]
+        self.context = context
+        self.tp = communicators.get(self.layout.group_key("tp", shard.rank))
+        self.pp = communicators.get(self.layout.group_key("pp", shard.rank))
+        self.vocab_index = None
+        if self.tp is not None and shard.is_last_stage:
+            self.vocab_index = gathered_vocab_index(context.spec.vocab_size, self.layout.tp).to(context.device)
+
+    @property
+    def is_sampling(self) -> bool:
+        """Whether this rank turns logits into tokens (tensor-parallel rank 0 of the last stage)."""
+        return self.shard.is_last_stage and self.shard.tp_rank == 0
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum row-parallel partial outputs over the tensor-parallel group."""
+        if self.tp is not None:
+            self.tp.all_reduce(partial)
+        return partial
+
+    def forward(self, rows: list[StepRow]) -> torch.Tensor | None:
+        """Run this stage; on the last stage, float32 logits [sampled rows, vocab] (every tensor-
+        parallel rank gets the gathered logits), elsewhere None."""
+        context, shard = self.context, self.shard
+        token_ids: list[int] = []
+        positions: list[int] = []
+        shapes: list[RowShape] = []
+        last_index: list[int] = []
+        for row in rows:
+            token_ids.extend(row.token_ids)
+            positions.extend(range(row.start, row.start + len(row.token_ids)))
+            shapes.append(RowShape(row.start, len(row.token_ids), row.block_ids))
+            if row.sampling is not None:
+                last_index.append(len(token_ids) - 1)
+        device = context.device
+        with torch.inference_mode():
+            batch = build_attention_batch(
+                shapes, context.block_size, context.spec.head_dim, device, context.decode_kernel, context.dtype
+            )
+            positions_t = torch.tensor(positions, dtype=torch.long, device=device)
+            cos, sin = rotation(positions_t, context.inv_freq, context.dtype)
+            if shard.is_first_stage:
+                hidden = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=device))
+            else:
+                hidden = torch.empty(len(token_ids), context.spec.hidden_size, dtype=context.dtype, device=device)
+                self.pp.recv(hidden, shard.pp_rank - 1)
+            hidden = self.model(hidden, cos, sin, self.kv_pages, batch, self.reduce)
+            if not shard.is_last_stage:
+                self.pp.send(hidden, shard.pp_rank + 1)
+                return None
+            if not last_index:
+                return None
+            chosen = torch.tensor(last_index, dtype=torch.long, device=device)
+            logits = self.model.logits(hidden.index_select(0, chosen))  # [sampled rows, vocab rows here]
+            if self.vocab_index is not None:
+                logits = gather_vocab(self.tp, logits, self.vocab_index)
+            return logits
+
+
+def gathered_vocab_index(vocab_size: int, tp: int) -> torch.Tensor:
+    """Positions of the real vocabulary rows in logits gathered from `tp` equally padded shards."""
+    padded = padded_vocab_rows(vocab_size, tp)
+    spans = split_evenly(vocab_size, tp)
+    return torch.cat([torch.arange(span.size) + part * padded for part, span in enumerate(spans)])
+
+
+def gather_vocab(tp: Communicator, logits: torch.Tensor, vocab_index: torch.Tensor) -> torch.Tensor:
+    """Whole-vocabulary logits [rows, vocab] from each tensor-parallel rank's [rows, padded slice]."""
+    gathered = tp.all_gather(logits.t().contiguous())  # [tp * padded slice, rows]
+    return gathered.index_select(0, vocab_index).t()

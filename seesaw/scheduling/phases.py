@@ -1,0 +1,168 @@
+"""The seesaw phase machine for one replica (pure): prefill in one layout, decode in another.
+
+Prefill while the host buffer can take the next waiting prompt: each prompt is prefilled (in
+chunks under the token budget) into device blocks and its KV copied to a host slot reserved for
+it on admission, freeing the blocks. Then decode: host-resident requests are loaded into free
+device blocks above a watermark and decoded together. Back to prefill once the host buffer has
+drained below its low-water mark and a prompt is waiting; requests still decoding then stay on
+the device, paused, until the next decode phase. Switches happen as rarely as that allows.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from seesaw.config import SchedulerConfig
+from seesaw.kv.block_pool import blocks_for
+from seesaw.kv.host_slots import HostSlots
+from seesaw.scheduling.decisions import Phase, StepPlan
+from seesaw.scheduling.request import RequestState, RequestStatus
+from seesaw.scheduling.static import StaticScheduler
+
+
+class PhaseScheduler(StaticScheduler):
+    """A replica's requests, device blocks and host slots under the seesaw phase machine."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_device_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+        micro_batches: dict[Phase, int],
+        host: HostSlots,
+    ):
+        super().__init__(config, num_device_blocks, block_size, max_model_len, eos_token_ids, host=host)
+        self.micro_batches = micro_batches  # steps in flight in each phase: its layout's pipeline depth
+        self.phase = Phase.PREFILL
+        self.paused: list[RequestState] = []  # decoding requests kept on the device during prefill
+        self.counters["transitions"] = 0
+
+    @property
+    def max_in_flight_steps(self) -> int:
+        return self.micro_batches[self.phase]
+
+    def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request of this size can never fit the device pool or the host buffer, or None."""
+        error = super().capacity_error(num_prompt_tokens, max_tokens)
+        if error is not None:
+            return error
+        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        needed = blocks_for(longest, self.block_size)
+        if needed > self.host.num_blocks:
+            return (
+                f"the request may grow to {longest} tokens ({needed} KV blocks); the host KV buffer "
+                f"holds {self.host.num_blocks} blocks per replica (raise --host-buffer-gb)"
+            )
+        return None
+
+    # ------------------------------------------------------------ the phase machine
+
+    def schedule(self) -> StepPlan:
+        plan = self._plan()
+        if self.phase is Phase.PREFILL:
+            if not self._has_prefill_work():
+                if self._has_decode_work():
+                    self._switch(Phase.DECODE, plan)
+                return self._commit(plan)
+        elif self._should_prefill():
+            self._switch(Phase.PREFILL, plan)
+            return self._commit(plan)
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        max_rows = self._max_rows()
+        budget = self._schedule_running(plan, budget, scheduled, max_rows)
+        if self.phase is Phase.PREFILL:
+            self._schedule_prefills(plan, budget, scheduled, max_rows)
+        elif not self._is_holding_loads():
+            self._schedule_restores(plan)
+        return self._commit(plan)
+
+    def _has_prefill_work(self) -> bool:
+        """A prompt still has chunks to schedule, or the next waiting one can start (now, or once
+        the prompts already prefilled have left the device)."""
+        if any(state.num_pending_tokens for state in self.running if not state.num_in_flight):
+            return True
+        if not self.waiting:
+            return False
+        state = self.waiting[0]
+        if not self.host.can_store(state.num_tokens):
+            return False
+        # Blocks of prompts being prefilled or copied out free up by themselves; paused ones do not.
+        freeing = self._evicting_blocks + sum(len(s.block_ids) for s in self.running)
+        return self.pool.num_free + freeing >= blocks_for(state.num_tokens, self.block_size)
+
+    def _has_decode_work(self) -> bool:
+        return bool(self.paused or self.swapped or self.has_kv_moves or self.running)
+
+    def _should_prefill(self) -> bool:
+        """Back to prefill: prompts wait, the host buffer is low, and the next prompt fits now."""
+        if not self.waiting or self.host.used_fraction > self.config.host_low_water:
+            return False
+        return self._can_start_prefill(self.waiting[0])
+
+    def _is_holding_loads(self) -> bool:
+        """Whether to stop loading host requests so the device frees room for the next prompt
+        (only when the host buffer could take that prompt: otherwise loading is what drains it)."""
+        if not self.waiting or self.host.used_fraction > self.config.host_low_water:
+            return False
+        return self.host.can_store(self.waiting[0].num_tokens)
+
+    def _can_start_prefill(self, state: RequestState) -> bool:
+        needed = blocks_for(state.num_tokens, self.block_size)
+        reserve = self.watermark_blocks if (self.running or self.paused) else 0
+        return self.host.can_store(state.num_tokens) and self.pool.num_free - needed >= reserve
+
+    def _switch(self, phase: Phase, plan: StepPlan) -> None:
+        """Change phase now; steps already planned run first on every worker (each starts its
+        transition as soon as its own part of them is done)."""
+        plan.switch_to = phase
+        self.counters["transitions"] += 1
+        self.phase = phase
+        if phase is Phase.PREFILL:
+            for state in self.running:
+                state.status = RequestStatus.PAUSED
+            self.paused.extend(self.running)
+            self.running = []
+        else:
+            for state in self.paused:
+                self._resume(state)
+            self.paused = []
+
+    # ------------------------------------------------------------ prefill
+
+    def _schedule_prefills(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> None:
+        """Admit waiting prompts: a host slot is reserved and every block of the prompt taken now,
+        so a prefill never has to evict anything."""
+        while (self.waiting and budget > 0 and len(plan.rows) < max_rows
+               and len(self.running) < self.config.max_num_seqs):
+            state = self.waiting[0]
+            if not self._can_start_prefill(state):
+                return
+            self.waiting.popleft()
+            self.host.store(state.request_id, state.num_tokens)
+            state.block_ids = self.pool.allocate(blocks_for(state.num_tokens, self.block_size))
+            state.status = RequestStatus.RUNNING
+            state.kv_phase = Phase.PREFILL
+            bisect.insort(self.running, state, key=lambda s: s.arrival)
+            num_new = min(state.num_pending_tokens, budget)
+            plan.rows.append(self._row(state, num_new))
+            scheduled.add(state.request_id)
+            budget -= num_new
+
+    def _on_sampled(self, state: RequestState) -> None:
+        if state.kv_phase is Phase.PREFILL:  # prefilled: its KV goes to the slot reserved for it
+            self.running.remove(state)
+            self._moves.append(self._to_host(state))
+
+    def _resume(self, state: RequestState) -> None:
+        if self.phase is Phase.DECODE:
+            super()._resume(state)
+        else:
+            state.status = RequestStatus.PAUSED
+            self.paused.append(state)
+
+    def _forget(self, state: RequestState) -> None:
+        if state.status is RequestStatus.PAUSED:
+            self.paused.remove(state)

@@ -1,0 +1,77 @@
+"""POSIX shared-memory segments mapped as tensors: the host KV buffer and the host weight store.
+
+The creator reserves the whole segment up front and removes it on close; other processes attach
+by name. Names carry the creator's pid, so a segment is always traceable to its process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+SHM_DIR = Path("/dev/shm")
+
+
+class SharedSegment:
+    """One shared-memory segment of `num_bytes`, mapped read-write; the owner unlinks it on close."""
+
+    def __init__(self, name: str, num_bytes: int, is_owner: bool, what: str = "shared memory", flag: str = ""):
+        self.name = name
+        self.num_bytes = max(1, num_bytes)
+        self.is_owner = is_owner
+        path = SHM_DIR / name
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if is_owner else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if is_owner:
+                _reserve(fd, self.num_bytes, path, what, flag)
+            self._map = mmap.mmap(fd, self.num_bytes)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def create(cls, kind: str, num_bytes: int, what: str, flag: str) -> SharedSegment:
+        """A new segment named `seesaw-KIND-PID-RANDOM`; `what` and `flag` word the error when it does not fit."""
+        name = f"seesaw-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        return cls(name, num_bytes, is_owner=True, what=what, flag=flag)
+
+    def tensor(self, dtype: torch.dtype, count: int | None = None) -> torch.Tensor:
+        """The segment as a flat tensor of `dtype` (its first `count` elements)."""
+        count = self.num_bytes // dtype.itemsize if count is None else count
+        return torch.frombuffer(self._map, dtype=dtype, count=count)
+
+    def close(self) -> None:
+        """Unmap; the owner also removes the segment so nothing outlives the engine."""
+        # If a view is still alive somewhere, the mapping goes with the process instead.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        if self.is_owner:
+            (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+def _reserve(fd: int, num_bytes: int, path: Path, what: str, flag: str) -> None:
+    """Back the whole segment now: a sparse one would kill a worker with SIGBUS when it fills up."""
+    try:
+        os.posix_fallocate(fd, 0, num_bytes)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        free = os.statvfs(SHM_DIR)
+        hint = f": {flag}" if flag else ""
+        raise ValueError(
+            f"cannot reserve {num_bytes / 2**30:.2f} GiB of shared memory for the {what} "
+            f"({SHM_DIR} has {free.f_bavail * free.f_frsize / 2**30:.2f} GiB free){hint}"
+        ) from error
+
+
+def register_with_cuda(tensor: torch.Tensor, what: str) -> None:
+    """Pin host memory in place so device copies go straight to and from it (no staging copy)."""
+    size = tensor.numel() * tensor.element_size()
+    status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), size, 0)
+    code = int(getattr(status, "value", status))
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of the {what} failed with status {code}")
