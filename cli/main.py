@@ -29,7 +29,10 @@ def batch(
     model: ModelOption = "default",
     device: DeviceOption = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 (CUDA default) or float16")] = None,
-    layout: Annotated[str, typer.Option(help="parallel layout: t1, t2, p2, d2, t2p2, ...")] = "t1",
+    layout: Annotated[str, typer.Option(help="static mode: the one parallel layout (t1, t2, p2, d2, t2p2, ...)")] = "t1",
+    prefill_layout: Annotated[Optional[str], typer.Option(help="seesaw mode: prefill in this layout (with --decode-layout)")] = None,
+    decode_layout: Annotated[Optional[str], typer.Option(help="seesaw mode: decode in this layout (with --prefill-layout)")] = None,
+    host_low_water: Annotated[float, typer.Option(help="seesaw mode: back to prefill once the host buffer is this empty (0-1)")] = 0.2,
     max_tokens: Annotated[int, typer.Option(help="max_tokens for lines that do not set it")] = 256,
     temperature: Annotated[float, typer.Option(help="temperature for lines that do not set it (0 = greedy)")] = 1.0,
     top_p: Annotated[float, typer.Option(help="top_p for lines that do not set it")] = 1.0,
@@ -45,6 +48,8 @@ def batch(
     max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
     head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
     local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
+    metrics_json: Annotated[Optional[Path], typer.Option(help="write the run's metrics (phases, transitions, KV traffic) here as JSON")] = None,
+    timeline: Annotated[Optional[Path], typer.Option(help="draw the run's timeline into this PNG (needs matplotlib)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")] = False,
 ) -> None:
     """Run every line of INPUT.jsonl; write one OpenAI batch output line per request as it finishes."""
@@ -55,22 +60,42 @@ def batch(
     started = time.perf_counter()
     try:
         config = _engine_config(
-            model=model, device=device, dtype=dtype, layout=layout, max_model_len=max_model_len,
+            model=model, device=device, dtype=dtype,
+            layouts=_layouts(layout, prefill_layout, decode_layout), max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
-            threads=threads, seed=seed, head_address=head_address, local_workers=local_workers,
+            host_low_water=host_low_water, threads=threads, seed=seed, head_address=head_address,
+            local_workers=local_workers,
         )
         defaults = _sampling_defaults(max_tokens, temperature, top_p)
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        if timeline is not None:
+            from seesaw.frontend.report import check_timeline_support
+
+            check_timeline_support()
         engine = _engine(config)
         sink = output.open("wb")  # a bad output path fails now, not after the model has loaded
     except (ValueError, OSError) as error:
         _fail(str(error))
     with sink:
-        summary = _run(_batch(engine, sink, input_path, defaults, max_pending, started))
+        summary = _run(_batch(engine, sink, input_path, defaults, max_pending, started, metrics_json, timeline))
     typer.echo(f"results: {output}", err=True)
     raise typer.Exit(0 if summary is not None else 1)
+
+
+def _layouts(layout: str, prefill_layout: str | None, decode_layout: str | None):
+    """(layout, decode layout or None): static mode from --layout, seesaw mode from the pair."""
+    from seesaw.layout import Layout
+
+    if (prefill_layout is None) != (decode_layout is None):
+        raise ValueError("--prefill-layout and --decode-layout go together (seesaw mode); "
+                         "for one layout throughout use --layout")
+    if prefill_layout is None:
+        return Layout.parse(layout), None
+    if layout != "t1":
+        raise ValueError("--layout is static mode; with --prefill-layout and --decode-layout leave it out")
+    return Layout.parse(prefill_layout), Layout.parse(decode_layout)
 
 
 def _sampling_defaults(max_tokens: int, temperature: float, top_p: float):
@@ -93,26 +118,26 @@ def worker(
     worker_main(["--head", head, "--rank", str(rank), "--log-level", "INFO" if verbose else "WARNING"])
 
 
-def _engine_config(*, model, device, dtype, layout, max_model_len, max_num_batched_tokens, max_num_seqs,
-                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, threads, seed, head_address,
-                   local_workers):
+def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
+                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, threads, seed,
+                   head_address, local_workers):
     from seesaw.config import (
-        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, TransportConfig, default_cache_dir,
-        default_token_budget,
+        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, TransportConfig,
+        default_cache_dir, default_token_budget,
     )
-    from seesaw.layout import Layout
-    from seesaw.config import SchedulerConfig
 
+    layout, decode_layout = layouts
     cache_dir = default_cache_dir()
     return EngineConfig(
         model=ModelConfig(model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed),
         cache=CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
                           host_buffer_gb=host_buffer_gb),
-        parallel=ParallelConfig(layout=Layout.parse(layout), threads_per_worker=threads,
+        parallel=ParallelConfig(layout=layout, decode_layout=decode_layout, threads_per_worker=threads,
                                 num_local_workers=local_workers),
         transport=TransportConfig(head_address=head_address),
         scheduler=SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs
+            max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs,
+            host_low_water=host_low_water,
         ),
         cache_dir=cache_dir,
     )
@@ -129,7 +154,7 @@ def _engine(config):
     return Engine(config, resolved)
 
 
-async def _batch(engine, sink, input_path, defaults, max_pending, started):
+async def _batch(engine, sink, input_path, defaults, max_pending, started, metrics_json, timeline):
     import zmq
 
     from seesaw.engine import EngineError
@@ -138,12 +163,15 @@ async def _batch(engine, sink, input_path, defaults, max_pending, started):
 
     progress = Progress(sys.stderr, is_terminal=sys.stderr.isatty())
     config, name = engine.config, engine.model.name
+    parallel = config.parallel
+    layouts = f"{parallel.layout} -> {parallel.decode_layout}" if parallel.is_seesaw else str(parallel.layout)
     try:
         await engine.start()
         typer.echo(f"engine ready in {time.perf_counter() - started:.1f} s ({name}, "
-                   f"{config.parallel.layout}, {config.model.device})", err=True)
+                   f"{layouts}, {config.model.device})", err=True)
         runner = BatchRunner(engine, defaults, name, max_pending, progress)
         summary = await runner.run(input_path, sink)
+        metrics = engine.metrics()
     except (EngineError, ValueError, OSError, zmq.ZMQError) as error:
         typer.echo(f"error: {error}", err=True)
         return None
@@ -151,7 +179,24 @@ async def _batch(engine, sink, input_path, defaults, max_pending, started):
         await engine.close()
     for line in summary.lines():
         typer.echo(line, err=True)
+    _report(metrics, parallel.is_seesaw, metrics_json, timeline)
     return summary
+
+
+def _report(metrics, is_seesaw, metrics_json, timeline) -> None:
+    from seesaw.frontend.report import draw_timeline, phase_lines, write_metrics
+
+    if is_seesaw:
+        for line in phase_lines(metrics):
+            typer.echo(line, err=True)
+    for path, write, what in ((metrics_json, write_metrics, "metrics"), (timeline, draw_timeline, "timeline")):
+        if path is None:
+            continue
+        try:
+            write(path, metrics)
+            typer.echo(f"{what}: {path}", err=True)
+        except OSError as error:
+            typer.echo(f"error: cannot write the {what} to {path}: {error}", err=True)
 
 
 def _run(coroutine):

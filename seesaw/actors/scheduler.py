@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,7 +95,8 @@ class Scheduler(Actor):
         self.metrics = RunMetrics(time.monotonic(), [self._first_phase()] * self.layout.dp)
         self._early: list[AddRequest] = []  # arrived before the engine was ready
         self._timers: dict[tuple[int, int | str], asyncio.TimerHandle] = {}
-        self._transition: list[int | None] = [None] * self.layout.dp  # each replica's switch in progress
+        # Each replica's re-shards in progress, oldest first: (metrics index, ranks yet to report).
+        self._reshards: list[deque[tuple[int, set[int]]]] = [deque() for _ in range(self.layout.dp)]
         self.compute_ms = 0.0  # worker time inside steps, summed over replicas
 
     def _first_phase(self) -> Phase:
@@ -123,6 +125,7 @@ class Scheduler(Actor):
 
     def _on_engine_ready(self, message: EngineReady) -> None:
         limits, layout = self.limits, self.layout
+        self.metrics = RunMetrics(time.monotonic(), [self._first_phase()] * layout.dp)
         self.cores = [
             self._core(blocks, HostSlots(count, limits.block_size, first))
             for blocks, (first, count) in zip(message.num_device_blocks,
@@ -196,19 +199,23 @@ class Scheduler(Actor):
         return next((core for core in self.cores if request_id in core.host), None)
 
     def _on_resharded(self, message: Resharded) -> None:
+        """A worker finished a re-shard; workers do them in order, so it is its oldest one pending."""
         replica = self.layout.coordinates(message.rank)[0]
-        index = self._transition[replica]
-        if index is None:
+        pending = self._reshards[replica]
+        entry = next((entry for entry in pending if message.rank in entry[1]), None)
+        if entry is None:
             return
+        index, ranks = entry
+        ranks.discard(message.rank)
         self.metrics.on_resharded(index, message.drain_s, message.load_s, message.num_bytes)
-        transition = self.metrics.transitions[index]
         log.info("rank %d is in %s: waited %.3f s for its last steps, loaded %.1f MB in %.3f s",
                  message.rank, message.layout, message.drain_s, message.num_bytes / 1e6, message.load_s)
-        if transition.num_workers_done == len(self.workers[replica]):
-            self._transition[replica] = None
-            timer = self._timers.pop((replica, "reshard"), None)
+        while pending and not pending[0][1]:
+            done, _ = pending.popleft()
+            timer = self._timers.pop((replica, f"reshard {done}"), None)
             if timer is not None:
                 timer.cancel()
+        if not pending:
             self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), "running steps"))
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
@@ -261,12 +268,13 @@ class Scheduler(Actor):
         log.info("replica %d: %s phase in %s (transition %d)", replica, new.value, new_layout, index)
         if new_layout == old_layout:
             return  # the KV tier still moves every request; no weights change
-        self._transition[replica] = index
+        ranks = self.layout.replica_ranks(replica)
+        self._reshards[replica].append((index, set(ranks)))
         for worker in self.workers[replica]:
             worker.send(Reshard(str(new_layout)))
-        self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), f"re-sharding to {new_layout}"))
-        self._arm(replica, "reshard", f"replica {replica} did not finish re-sharding to {new_layout} "
-                                      f"within {self.step_timeout_s:.0f} s")
+        self.supervisor.send(WorkersBusy(list(ranks), f"re-sharding to {new_layout}"))
+        self._arm(replica, f"reshard {index}", f"replica {replica} did not finish re-sharding to {new_layout} "
+                                               f"within {self.step_timeout_s:.0f} s")
 
     def _fail_stuck(self, replica: int) -> None:
         """Nothing runs, nothing moves, and nothing can be scheduled: fail rather than wait forever."""

@@ -20,12 +20,13 @@ ALIGN_BYTES = 256
 Allocate = Callable[..., torch.Tensor]
 
 
-def zeroed_bytes(num_bytes: int, device: torch.device) -> torch.Tensor:
-    """`num_bytes` zero bytes on `device`; on the CPU pages are mapped lazily, so unused space costs nothing.
+def zeroed_bytes(num_bytes: int, device: torch.device, is_lazy: bool = False) -> torch.Tensor:
+    """`num_bytes` zero bytes on `device`; lazily on the CPU if asked (pages are mapped on first
+    touch, so unused space costs nothing, but the first write to each page is slower).
 
     Zeros matter for the KV arena: padded attention reads unwritten slots with zero weight, and 0 * NaN is NaN.
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or not is_lazy:
         return torch.zeros(num_bytes, dtype=torch.uint8, device=device)
     region = mmap.mmap(-1, max(1, num_bytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(region, dtype=torch.uint8, count=num_bytes)
@@ -49,7 +50,7 @@ def measure(build: Callable[[Allocate], object], dtype: torch.dtype) -> int:
 
 
 class Arena:
-    """Bytes allocated once; `allocator()` hands out tensor views from the start, in order."""
+    """Bytes allocated (and touched) once; `allocator()` hands out tensor views from the start, in order."""
 
     def __init__(self, num_bytes: int, device: torch.device):
         self.num_bytes = num_bytes
@@ -87,7 +88,7 @@ class KVArena:
                 f"no room for a KV pool: {num_bytes / 2**30:.3f} GiB left, one block takes "
                 f"{page_elements * dtype.itemsize / 2**30:.4f} GiB"
             )
-        self.bytes = zeroed_bytes(self.num_blocks * page_elements * dtype.itemsize, device)
+        self.bytes = zeroed_bytes(self.num_blocks * page_elements * dtype.itemsize, device, is_lazy=True)
         self._flat = self.bytes.view(dtype)
 
     def pages(self, shard: Shard, block_size: int, head_dim: int) -> torch.Tensor:

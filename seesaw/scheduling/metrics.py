@@ -16,6 +16,7 @@ class Transition:
     """One replica's switch between layouts; costs are the slowest worker's, bytes all workers'."""
 
     replica: int
+    phase: str  # the phase it switched to
     direction: str  # "p2->t2"
     at_s: float  # since the run started
     drain_s: float = 0.0  # waiting for the old layout's last steps
@@ -56,6 +57,7 @@ class RunMetrics:
 
     def __init__(self, now_s: float, phases: list[Phase]):
         self.started_s = now_s
+        self.first_phase = phases[0] if phases else Phase.MIXED
         self.phase = list(phases)  # each replica's current phase
         self._phase_since = [now_s] * len(phases)
         self.phase_seconds: dict[str, float] = {}
@@ -84,7 +86,7 @@ class RunMetrics:
         """Record a switch; returns its index for the workers' reports."""
         self._close_phase(now_s, replica)
         self.phase[replica] = phase
-        self.transitions.append(Transition(replica, direction, now_s - self.started_s))
+        self.transitions.append(Transition(replica, phase.value, direction, now_s - self.started_s))
         return len(self.transitions) - 1
 
     def on_resharded(self, index: int, drain_s: float, load_s: float, num_bytes: int) -> None:
@@ -110,6 +112,8 @@ class RunMetrics:
             self._close_phase(now_s, replica)
         return {
             "elapsed_s": now_s - self.started_s,
+            "first_phase": self.first_phase.value,
+            "num_replicas": len(self.phase),
             "phase_seconds": dict(self.phase_seconds),
             "steps": dict(self.steps),
             "mean_decode_batch": self.decode_rows / self.decode_steps if self.decode_steps else 0.0,

@@ -63,7 +63,7 @@ class PhaseScheduler(StaticScheduler):
         plan = self._plan()
         if self.phase is Phase.PREFILL:
             if not self._has_prefill_work():
-                if self._has_decode_work():
+                if self._has_decode_work() and self._may_leave_prefill():
                     self._switch(Phase.DECODE, plan)
                 return self._commit(plan)
         elif self._should_prefill():
@@ -80,9 +80,9 @@ class PhaseScheduler(StaticScheduler):
         return self._commit(plan)
 
     def _has_prefill_work(self) -> bool:
-        """A prompt still has chunks to schedule, or the next waiting one can start (now, or once
-        the prompts already prefilled have left the device)."""
-        if any(state.num_pending_tokens for state in self.running if not state.num_in_flight):
+        """A prompt still has chunks to schedule (now or once its chunk in flight lands), or the
+        next waiting one can start (now, or once the prompts already prefilled leave the device)."""
+        if any(state.num_pending_tokens for state in self.running):
             return True
         if not self.waiting:
             return False
@@ -92,6 +92,12 @@ class PhaseScheduler(StaticScheduler):
         # Blocks of prompts being prefilled or copied out free up by themselves; paused ones do not.
         freeing = self._evicting_blocks + sum(len(s.block_ids) for s in self.running)
         return self.pool.num_free + freeing >= blocks_for(state.num_tokens, self.block_size)
+
+    def _may_leave_prefill(self) -> bool:
+        """With the host buffer full, leave at once (each worker starts re-sharding as soon as its
+        own part of the last steps is done); with nothing waiting, only once the last prefill steps
+        have landed, since the rest of a batch is usually still arriving."""
+        return bool(self.waiting) or not self.num_in_flight_steps
 
     def _has_decode_work(self) -> bool:
         return bool(self.paused or self.swapped or self.has_kv_moves or self.running)
@@ -121,10 +127,13 @@ class PhaseScheduler(StaticScheduler):
         self.counters["transitions"] += 1
         self.phase = phase
         if phase is Phase.PREFILL:
-            for state in self.running:
+            # Decoding requests pause; a prompt whose last chunk is still in flight stays running
+            # and leaves the device when that chunk lands.
+            decoding = [state for state in self.running if state.kv_phase is not Phase.PREFILL]
+            for state in decoding:
                 state.status = RequestStatus.PAUSED
-            self.paused.extend(self.running)
-            self.running = []
+            self.paused.extend(decoding)
+            self.running = [state for state in self.running if state.kv_phase is Phase.PREFILL]
         else:
             for state in self.paused:
                 self._resume(state)
