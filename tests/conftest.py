@@ -8,9 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_MODELS, make_tiny_model
+from helpers import TINY_MODELS, default_config, generate, greedy_requests, make_tiny_model
 from seesaw.config import default_cache_dir
+from seesaw.frontend.text import TextCodec
 from seesaw.model.resolve import resolve_model
+
+CHATS = [
+    "Tell me about the moon.", "What is 12 times 7?", "Name three rivers in Europe.",
+    "Write a short poem about rain.", "How do plants make food?", "What is a prime number?",
+    "Give me a tip for learning to cook.", "Why do cats purr?", "Explain what a CPU does.",
+    "Describe a sunset in one sentence.", "What is the tallest mountain?", "Suggest a name for a dog.",
+    "How far away is the sun?", "What does a bee do?", "List two colours of the rainbow.",
+    "What is water made of?", "Tell me a fun fact about octopuses.", "How many days are in a leap year?",
+    "What is the opposite of cold?", "Say hello in French.",
+]
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +39,18 @@ def cache_dir() -> Path:
 def default_model(cache_dir):
     return resolve_model("default", cache_dir)
 
+
+@pytest.fixture(scope="session")
+def default_prompts(default_model):
+    """Twenty short chats, tokenized with the default model's chat template."""
+    codec = TextCodec(default_model.tokenizer_folder)
+    return [codec.encode_chat([{"role": "user", "content": text}]) for text in CHATS]
+
+
+@pytest.fixture(scope="session")
+def default_t1(default_prompts):
+    """The default model's greedy continuations (24 tokens) at t1: what every layout is held to."""
+    return [r.token_ids for r in generate(default_config("t1"), greedy_requests(default_prompts, 24))]
 
 
 

@@ -81,9 +81,9 @@ def engine_config(source: str, **overrides) -> EngineConfig:
 
 
 def generate(config: EngineConfig, requests: list[dict], sequential: bool = False, timeout_s: float = 300,
-             stats: dict | None = None):
+             stats: dict | None = None, metrics: dict | None = None):
     """Run requests (keyword arguments of LocalClient.submit plus `sampling`) through a fresh engine;
-    `stats`, when given, receives the engine's counters."""
+    `stats` and `metrics`, when given, receive the engine's counters and its run metrics."""
     from seesaw.engine import Engine
     from seesaw.frontend.local import LocalClient
 
@@ -97,6 +97,8 @@ def generate(config: EngineConfig, requests: list[dict], sequential: bool = Fals
                 results = await asyncio.gather(*(client.submit(**request) for request in requests))
             if stats is not None:
                 stats.update(engine.stats())
+            if metrics is not None:
+                metrics.update(engine.metrics())
             return results
 
     return asyncio.run(asyncio.wait_for(main(), timeout_s))
@@ -104,6 +106,16 @@ def generate(config: EngineConfig, requests: list[dict], sequential: bool = Fals
 
 def greedy(max_tokens: int, **fields) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
+
+
+def greedy_requests(prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    return [{"sampling": greedy(max_tokens), "prompt_token_ids": prompt} for prompt in prompts]
+
+
+def default_config(layout: str = "t1", **overrides) -> EngineConfig:
+    """The default model with a 256-token step budget, as the layout tests run it."""
+    scheduler = {"max_num_batched_tokens": 256, **overrides.pop("scheduler", {})}
+    return engine_config("default", layout=layout, scheduler=scheduler, **overrides)
 
 
 def hf_greedy(folder: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:

@@ -104,3 +104,37 @@ def test_bad_engine_options_are_one_line_errors(tmp_path, flags, problem):
     done = run_cli("batch", source, *flags, timeout_s=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert problem in done.stderr
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--prefill-layout", "p2"], "--prefill-layout and --decode-layout go together"),
+    (["--prefill-layout", "p2", "--decode-layout", "t3"], "prefill layout p2 has 2 workers and decode layout t3 has 3"),
+    (["--prefill-layout", "d2", "--decode-layout", "t2"], "both need the same dp"),
+    (["--layout", "t2", "--prefill-layout", "p2", "--decode-layout", "t2"], "--layout is static mode"),
+    (["--prefill-layout", "p2", "--decode-layout", "t2", "--host-buffer-gb", "0"], "--host-buffer-gb must be positive"),
+    (["--prefill-layout", "p2", "--decode-layout", "t2", "--host-low-water", "1.5"], "host_low_water must be in [0, 1)"),
+])
+def test_bad_seesaw_options_are_one_line_errors(tmp_path, flags, problem):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    done = run_cli("batch", source, *flags, timeout_s=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert problem in done.stderr
+
+
+def test_seesaw_batch_reports_its_phases_and_writes_metrics_and_a_timeline(tiny_models, tmp_path):
+    source, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": f"r{i}", "prompt": [5 + i] * (8 + 5 * i), "max_tokens": 6, "temperature": 0} for i in range(8)]
+    source.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
+    metrics, timeline = tmp_path / "metrics.json", tmp_path / "timeline.png"
+    done = run_cli("batch", source, "-o", results, "--model", tiny_models["llama-gqa-tied"], "--threads", "1",
+                   "--kv-cache-gb", "0.05", "--host-buffer-gb", str(6 * 3 * 2 * 2 * 16 * 16 * 4 / 2**30),
+                   "--prefill-layout", "p2", "--decode-layout", "t2",
+                   "--metrics-json", metrics, "--timeline", timeline)
+    assert done.returncode == 0, done.stderr
+    assert len(results.read_text().splitlines()) == len(lines)
+    assert "p2 -> t2" in done.stderr and "transitions:" in done.stderr and "phases:" in done.stderr
+    report = orjson.loads(metrics.read_bytes())
+    assert len(report["transitions"]) >= 2 and report["steps"]["prefill"] > 0 and report["steps"]["decode"] > 0
+    assert report["totals"]["written_bytes"] > 0 and report["peak_host_fill"] > 0
+    assert timeline.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,7 @@ import multiprocessing
 import pytest
 import torch
 
-from helpers import engine_config, generate, greedy, random_prompts
-from seesaw.frontend.text import TextCodec
+from helpers import default_config, engine_config, generate, greedy, greedy_requests, random_prompts
 from seesaw.layout import Layout, groups_of
 from seesaw.messages import CollectiveSpec, GroupSpec, LoadShard
 from seesaw.step import RowSampling, StepRow
@@ -34,8 +33,7 @@ def _config(source: str, layout: str, budget: int = 48):
     return engine_config(source, layout=layout, scheduler={"max_num_batched_tokens": budget})
 
 
-def _requests(prompts, max_tokens):
-    return [{"sampling": greedy(max_tokens), "prompt_token_ids": p} for p in prompts]
+_requests = greedy_requests
 
 
 @pytest.mark.parametrize("layout", TINY_LAYOUTS)
@@ -51,31 +49,9 @@ def test_tensor_parallel_with_qkv_bias_and_untied_head_matches_t1(tiny_models, t
     assert [r.token_ids for r in split] == [r.token_ids for r in single]
 
 
-CHATS = [
-    "Tell me about the moon.", "What is 12 times 7?", "Name three rivers in Europe.",
-    "Write a short poem about rain.", "How do plants make food?", "What is a prime number?",
-    "Give me a tip for learning to cook.", "Why do cats purr?", "Explain what a CPU does.",
-    "Describe a sunset in one sentence.", "What is the tallest mountain?", "Suggest a name for a dog.",
-    "How far away is the sun?", "What does a bee do?", "List two colours of the rainbow.",
-    "What is water made of?", "Tell me a fun fact about octopuses.", "How many days are in a leap year?",
-    "What is the opposite of cold?", "Say hello in French.",
-]
-
-
-@pytest.fixture(scope="module")
-def default_prompts(default_model):
-    codec = TextCodec(default_model.tokenizer_folder)
-    return [codec.encode_chat([{"role": "user", "content": text}]) for text in CHATS]
-
-
-@pytest.fixture(scope="module")
-def default_t1(default_model, default_prompts):
-    return [r.token_ids for r in generate(_config("default", "t1", 256), _requests(default_prompts, 24))]
-
-
 @pytest.mark.parametrize("layout", ["t2", "t3", "p2", "d2", "t2p2"])
 def test_default_model_layouts_match_t1(default_t1, default_prompts, layout):
-    results = generate(_config("default", layout, 256), _requests(default_prompts, 24))
+    results = generate(default_config(layout), greedy_requests(default_prompts, 24))
     matches = sum(r.token_ids == expected for r, expected in zip(results, default_t1))
     # Sums reorder under tensor parallelism (and with batch shapes); a near tie may flip a token.
     # The logits test below bounds how far the layouts drift apart.

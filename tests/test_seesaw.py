@@ -1,0 +1,113 @@
+"""Seesaw mode end to end on CPU workers with gloo: prefill in one layout, decode in another,
+re-sharding between them, every request's KV through the host buffer; outputs as at t1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from helpers import default_config, engine_config, generate, greedy_requests, random_prompts
+from seesaw.engine import Engine, EngineError
+from seesaw.frontend.local import LocalClient
+from seesaw.layout import Layout
+from seesaw.model.resolve import resolve_model
+
+GIB = 1 << 30
+
+
+def _seesaw(config, prefill: str, decode: str, host_blocks: int, block_bytes: int):
+    """`config` in seesaw mode, with a host buffer of `host_blocks` blocks per replica."""
+    from dataclasses import replace
+
+    layout = Layout.parse(prefill)
+    parallel = replace(config.parallel, layout=layout, decode_layout=Layout.parse(decode))
+    cache = replace(config.cache, host_buffer_gb=host_blocks * layout.dp * block_bytes / GIB)
+    return replace(config, parallel=parallel, cache=cache)
+
+
+# ---------------------------------------------------------------- the default model, two workers
+
+DEFAULT_BLOCK_BYTES = 30 * 2 * 3 * 16 * 64 * 4  # layers x (k, v) x KV heads x block x head_dim x float32
+
+
+@pytest.mark.parametrize("prefill,decode", [("p2", "t2"), ("t2", "p2")])
+def test_default_model_switching_layouts_gives_t1_outputs(default_t1, default_prompts, prefill, decode):
+    config = _seesaw(default_config(), prefill, decode, host_blocks=8, block_bytes=DEFAULT_BLOCK_BYTES)
+    metrics: dict = {}
+    results = generate(config, greedy_requests(default_prompts, 24), metrics=metrics)
+    assert len(results) == len(default_prompts) and all(r.error is None for r in results)
+    assert all(len(r.token_ids) == 24 for r in results)  # each request finished once, whole
+    matches = sum(r.token_ids == expected for r, expected in zip(results, default_t1))
+    assert matches >= 0.95 * len(default_prompts)  # the layouts tests' tolerance
+    transitions = metrics["transitions"]
+    assert len(transitions) >= 5
+    assert {t["direction"] for t in transitions} == {f"{prefill}->{decode}", f"{decode}->{prefill}"}
+    assert all(t["num_workers_done"] == 2 and t["num_bytes"] > 0 for t in transitions)
+    totals = metrics["totals"]
+    assert totals["written_bytes"] > 0 and totals["read_bytes"] == totals["written_bytes"]
+
+
+# ---------------------------------------------------------------- a tiny model, four workers
+
+TINY_BLOCK_BYTES = 3 * 2 * 4 * 16 * 16 * 4  # the MHA tiny model: 3 layers, 4 KV heads, head_dim 16
+
+
+@pytest.fixture(scope="module")
+def tiny_mha(tiny_models):
+    return str(tiny_models["llama-mha-linear-rope"])
+
+
+@pytest.fixture(scope="module")
+def tiny_prompts():
+    return random_prompts(16, [4, 50, 17, 90, 1, 30], seed=11)
+
+
+@pytest.fixture(scope="module")
+def tiny_t1(tiny_mha, tiny_prompts):
+    config = engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48})
+    return [r.token_ids for r in generate(config, greedy_requests(tiny_prompts, 12))]
+
+
+@pytest.mark.parametrize("prefill,decode", [("t2p2", "t4"), ("d2p2", "d2t2"), ("t1", "t1")])
+def test_tiny_model_switching_layouts_gives_t1_outputs(tiny_mha, tiny_prompts, tiny_t1, prefill, decode):
+    # 7 blocks per replica hold the longest request (102 tokens) and little else.
+    config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48}), prefill, decode,
+                     host_blocks=7, block_bytes=TINY_BLOCK_BYTES)
+    metrics: dict = {}
+    results = generate(config, greedy_requests(tiny_prompts, 12), metrics=metrics)
+    assert [r.token_ids for r in results] == tiny_t1
+    replicas = Layout.parse(prefill).dp
+    for replica in range(replicas):
+        assert sum(t["replica"] == replica for t in metrics["transitions"]) >= 5
+    if prefill == decode:  # one layout: phases switch, the KV still goes through the host, no weights move
+        assert all(t["num_bytes"] == 0 for t in metrics["transitions"])
+        assert metrics["totals"]["written_bytes"] > 0
+
+
+def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, tiny_prompts):
+    config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48},
+                                   transport={"step_timeout_s": 60}), "p2", "t2",
+                     host_blocks=9, block_bytes=TINY_BLOCK_BYTES)
+    resolved = resolve_model(config.model.model, config.cache_dir)
+
+    async def run() -> str:
+        async with Engine(config, resolved) as engine, LocalClient(engine, "kill") as client:
+            switch = engine._scheduler._switch
+
+            def switch_then_kill(replica, old, new):
+                switch(replica, old, new)
+                if engine.config.parallel.layouts[0] != engine._scheduler.layouts[new]:
+                    os.kill(engine._processes[1].pid, signal.SIGKILL)  # right behind the Reshard command
+
+            engine._scheduler._switch = switch_then_kill
+            futures = [client.submit(**request) for request in greedy_requests(tiny_prompts, 12)]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            assert all(isinstance(r, EngineError) or r.status_code == 500 for r in results)
+            return engine.failure, [str(r) if isinstance(r, EngineError) else r.error for r in results]
+
+    failure, errors = asyncio.run(asyncio.wait_for(run(), 120))
+    assert "worker 1 failed while re-sharding to t2" in failure and "SIGKILL" in failure
+    assert errors == [failure] * len(tiny_prompts)  # every request is answered, with the reason
