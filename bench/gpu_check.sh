@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, as one script for the CUDA test machine (../shared/tools/GPU.md):
-# the GPU tests (one-rank NCCL, engine on CUDA against transformers) and one dummy:llama3-8b
-# throughput run against transformers on the same workload.
+# The checks that need a GPU, as one script for a machine with one CUDA device and no internet:
+# the GPU tests (one-rank NCCL, engine on CUDA against transformers), the cost of a full-shard
+# load and of 1 GiB KV swaps against pinned-memory copies, and dummy:llama3-8b throughput in
+# static t1, in seesaw t1-t1 (every request through the host buffer) and in transformers.
 #
-# Prepare here first:  ../shared/tools/device-wheels.sh pytest pytest-asyncio pluggy iniconfig
-# then run it there with `.whl` carried:  bash bench/gpu_check.sh   (writes into $OUT)
+# Wheels the machine lacks go in the git-ignored .whl/ first (pyzmq, orjson, gguf, pytest and
+# its plugins, matplotlib).
+# Then run it there with `.whl` carried: bash bench/gpu_check.sh (it writes into $OUT).
 set -uo pipefail
 out="${OUT:-/tmp/seesaw-gpu}"
 mkdir -p "$out"
@@ -13,6 +15,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$HOME/site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 | tee "$out/gpu-tests.txt"
+timeout 200 python3 bench/reshard.py --model dummy:llama3-8b --device cuda --layouts t1 --kv-gb 1 2>&1 \
+  | tail -20 | tee "$out/reshard.txt"
+timeout 300 python3 bench/throughput.py --compare t1-t1,t1 --model dummy:llama3-8b --device cuda \
+  --host-buffer-gb 24 --num-prompts 256 --input-len 512 --output-len 128 --output-json "$out/seesaw.json" 2>&1 \
+  | grep -v Warning | tail -20 | tee "$out/seesaw.txt"
 timeout 300 python3 bench/throughput.py --backend seesaw,hf --model dummy:llama3-8b --device cuda \
   --num-prompts 256 --input-len 512 --output-len 128 --output-json "$out/llama3-8b.json" 2>&1 \
   | grep -v Warning | tail -20 | tee "$out/llama3-8b.txt"

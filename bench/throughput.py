@@ -1,10 +1,12 @@
 """Offline throughput, with vLLM's flag names: fixed-length random-token prompts, EOS ignored, greedy.
 
     python bench/throughput.py --backend seesaw,hf --num-prompts 64 --input-len 128 --output-len 64
+    python bench/throughput.py --compare p2-t2,t2,p2 --num-prompts 64 --input-len 128 --output-len 64
 
 `--backend hf` runs Hugging Face transformers `generate` on the same workload (one padded batch,
-or batches of --hf-batch-size). Several backends run one after another, each in a fresh process,
-and the ratio of their total token throughputs is printed.
+or batches of --hf-batch-size). `--prefill-layout P --decode-layout D` runs Seesaw in seesaw mode.
+`--compare` runs Seesaw once per listed layout (`P-D` for a seesaw pair). Several runs go one after
+another, each in a fresh process, and the ratio of their total token throughputs to the last is printed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--layout", default="t1")
+    parser.add_argument("--prefill-layout", default=None, help="seesaw mode: prefill layout (with --decode-layout)")
+    parser.add_argument("--decode-layout", default=None, help="seesaw mode: decode layout")
+    parser.add_argument("--compare", default=None, help="Seesaw layouts to run in turn, e.g. p2-t2,t2,p2")
+    parser.add_argument("--host-buffer-gb", type=float, default=1.0)
+    parser.add_argument("--host-low-water", type=float, default=0.2)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 512 on CPU, 8192 on CUDA")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-gb", type=float, default=None)
@@ -59,13 +66,18 @@ def run_seesaw(args: argparse.Namespace) -> dict:
     from seesaw.sampling import SamplingParams
     from seesaw.config import SchedulerConfig
 
+    is_seesaw = args.prefill_layout is not None
     config = EngineConfig(
         model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed),
-        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb, host_buffer_gb=0.25),
-        parallel=ParallelConfig(layout=Layout.parse(args.layout), threads_per_worker=args.threads),
+        cache=CacheConfig(kv_cache_gb=args.kv_cache_gb, host_buffer_gb=args.host_buffer_gb),
+        parallel=ParallelConfig(
+            layout=Layout.parse(args.prefill_layout if is_seesaw else args.layout),
+            decode_layout=Layout.parse(args.decode_layout) if is_seesaw else None,
+            threads_per_worker=args.threads,
+        ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens or default_token_budget(args.device),
-            max_num_seqs=args.max_num_seqs,
+            max_num_seqs=args.max_num_seqs, host_low_water=args.host_low_water,
         ),
         cache_dir=default_cache_dir(),
     )
@@ -73,7 +85,7 @@ def run_seesaw(args: argparse.Namespace) -> dict:
     prompts = random_prompts(args.num_prompts, args.input_len, resolved.spec.vocab_size, args.seed)
     sampling = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
-    async def main() -> tuple[float, int, float, dict[str, float]]:
+    async def main() -> tuple[float, int, float, dict]:
         async with Engine(config, resolved) as engine, LocalClient(engine, "bench") as client:
             started = time.perf_counter()
             futures = [client.submit(sampling, prompt_token_ids=prompt) for prompt in prompts]
@@ -82,12 +94,18 @@ def run_seesaw(args: argparse.Namespace) -> dict:
             errors = [r.error for r in results if r.error]
             if errors:
                 raise SystemExit(f"{len(errors)} requests failed, first: {errors[0]}")
-            return elapsed, sum(r.completion_tokens for r in results), engine.start_s, engine.stats()
+            return elapsed, sum(r.completion_tokens for r in results), engine.start_s, engine.metrics()
 
-    elapsed, output_tokens, start_s, stats = asyncio.run(main())
-    extra = {"engine_start_s": round(start_s, 2), "steps": stats.get("steps", 0),
-             "worker_compute_s": round(stats.get("compute_s", 0.0), 2)}
+    elapsed, output_tokens, start_s, metrics = asyncio.run(main())
+    totals = metrics["totals"]
+    extra = {"engine_start_s": round(start_s, 2), "steps": totals.get("steps", 0),
+             "worker_compute_s": round(totals.get("compute_s", 0.0), 2)}
     note = f", {extra['steps']} steps, {extra['worker_compute_s']} s in the sampling worker's steps"
+    if is_seesaw:
+        from seesaw.frontend.report import phase_lines
+
+        extra["metrics"] = {key: value for key, value in metrics.items() if key != "timeline"}
+        return _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note, details=phase_lines(metrics))
     return _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note)
 
 
@@ -128,13 +146,14 @@ def run_hf(args: argparse.Namespace) -> dict:
 
 def _report(
     args, backend: str, elapsed: float, output_tokens: int, extra: dict | None = None, note: str = "",
+    details: list[str] = (),
 ) -> dict:
     total = args.num_prompts * args.input_len + output_tokens
     result = {
         "backend": backend,
         "model": args.model,
         "device": args.device,
-        "layout": args.layout if backend == "seesaw" else None,
+        "layout": _layout_name(args) if backend == "seesaw" else None,
         "elapsed_time": elapsed,
         "num_requests": args.num_prompts,
         "total_num_tokens": total,
@@ -149,23 +168,42 @@ def _report(
         f"{result['output_tokens_per_second']:.2f} output tokens/s ({elapsed:.1f} s{note})",
         flush=True,
     )
+    for line in details:
+        print(f"  {line}", flush=True)
     return result
 
 
-def run_each(args: argparse.Namespace, backends: list[str], argv: list[str]) -> list[dict]:
-    """Run every backend in its own process and collect their JSON results."""
+def _layout_name(args: argparse.Namespace) -> str:
+    return f"{args.prefill_layout}-{args.decode_layout}" if args.prefill_layout else args.layout
+
+
+def _layout_flags(layout: str) -> list[str]:
+    """The flags that run Seesaw in `layout` (`P-D`: seesaw mode)."""
+    if "-" in layout:
+        prefill, decode = layout.split("-", 1)
+        return ["--prefill-layout", prefill, "--decode-layout", decode]
+    return ["--layout", layout]
+
+
+def run_each(args: argparse.Namespace, runs: list[list[str]], argv: list[str]) -> list[dict]:
+    """Run each variant (extra flags) in its own process and collect their JSON results."""
     results = []
-    for backend in backends:
+    rest = _without(argv, ("--backend", "--output-json", "--compare", "--layout", "--prefill-layout",
+                           "--decode-layout"))
+    for flags in runs:
         with tempfile.TemporaryDirectory() as scratch:
             out = Path(scratch) / "result.json"
-            rest = _without(argv, ("--backend", "--output-json"))
-            subprocess.run([sys.executable, __file__, "--backend", backend, "--output-json", str(out), *rest], check=True)
+            subprocess.run([sys.executable, __file__, *flags, "--output-json", str(out), *rest], check=True)
             results.append(json.loads(out.read_text()))
     base = results[-1]
     for result in results[:-1]:
         ratio = result["tokens_per_second"] / base["tokens_per_second"]
-        print(f"{result['backend']} / {base['backend']}: {ratio:.2f}x total tokens/s", flush=True)
+        print(f"{_name(result)} / {_name(base)}: {ratio:.2f}x total tokens/s", flush=True)
     return results
+
+
+def _name(result: dict) -> str:
+    return f"seesaw {result['layout']}" if result["backend"] == "seesaw" else result["backend"]
 
 
 def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
@@ -190,8 +228,12 @@ def main(argv=None) -> None:
     unknown = set(backends) - {"seesaw", "hf"}
     if unknown:
         raise SystemExit(f"unknown backend(s): {', '.join(sorted(unknown))}")
-    if len(backends) > 1:
-        results = run_each(args, backends, argv)
+    layout_flags = _layout_flags(_layout_name(args))
+    if args.compare:
+        results = run_each(args, [["--backend", "seesaw", *_layout_flags(name.strip())]
+                                  for name in args.compare.split(",") if name.strip()], argv)
+    elif len(backends) > 1:
+        results = run_each(args, [["--backend", backend, *layout_flags] for backend in backends], argv)
     else:
         results = [run_seesaw(args) if backends[0] == "seesaw" else run_hf(args)]
     if args.output_json:

@@ -120,12 +120,16 @@ class WorkerRuntime:
         return self.sampler.sample(logits, [row.sampling for row in rows if row.sampling is not None])
 
     def reshard(self, layout: str) -> tuple[float, int]:
-        """Switch to `layout`: lay its shard over the weight arena and fill it from the weight store,
-        layer by layer. Returns (seconds, bytes copied); nothing is copied if it is already current."""
+        """Switch to `layout`; returns (seconds, bytes copied), nothing if it is already current."""
+        if self.states[layout] is self.current:
+            return 0.0, 0
+        return self.load(layout)
+
+    def load(self, layout: str) -> tuple[float, int]:
+        """Lay `layout`'s shard over the weight arena and fill it from the weight source, layer by
+        layer, whatever the arena held; returns (seconds, bytes copied)."""
         started = time.perf_counter()
         target = self.states[layout]
-        if target is self.current:
-            return 0.0, 0
         self.copies.before_weights()  # the last step of the old layout must be done reading
         num_bytes = load_shard(target.model, self.weights, self._weight_copy())
         self.copies.wait_for_weights()
