@@ -34,6 +34,11 @@ class DeviceCopies:
             self.weight_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def weight_copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
+        if source.is_cuda:
+            # Made on the compute stream (random weights) or earlier on this one (a tied head's
+            # rows): wait for it, and keep its memory from being reused before the copy runs.
+            self.weight_stream.wait_stream(torch.cuda.current_stream(self.device))
+            source.record_stream(self.weight_stream)
         with torch.cuda.stream(self.weight_stream):
             destination.copy_(source, non_blocking=True)
 
