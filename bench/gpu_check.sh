@@ -15,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$HOME/site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 | tee "$out/gpu-tests.txt"
-timeout 200 python3 bench/reshard.py --model dummy:llama3-8b --device cuda --layouts t1 --kv-gb 1 2>&1 \
+timeout 240 python3 bench/reshard.py --model dummy:llama3-8b --device cuda --layouts "t1;p2,t2" --kv-gb 1 2>&1 \
   | tail -20 | tee "$out/reshard.txt"
 timeout 300 python3 bench/throughput.py --compare t1-t1,t1 --model dummy:llama3-8b --device cuda \
   --host-buffer-gb 24 --num-prompts 256 --input-len 512 --output-len 128 --output-json "$out/seesaw.json" 2>&1 \

@@ -1,7 +1,7 @@
 """The cost of a transition and of KV swaps, each against its floor, for one worker at a time.
 
     python bench/reshard.py --model default --layouts p2,t2 --kv-gb 0.5
-    python bench/reshard.py --model dummy:llama3-8b --device cuda --layouts t1 --kv-gb 1
+    python bench/reshard.py --model dummy:llama3-8b --device cuda --layouts "t1;p2,t2" --kv-gb 1
 
 Builds the host weight store and host KV buffer as the engine does, then, for each rank of the
 layouts, that worker's runtime. Transition: the worker copies its shard of the other layout from
@@ -9,7 +9,8 @@ the store into its weight arena (what a re-shard does), timed against a plain co
 between the same kinds of memory (shared memory to the arena on a CPU; pinned host memory to the
 device on a GPU). KV: the worker's share of --kv-gb of KV blocks is swapped out to the host buffer
 and back in, checked bit for bit, and timed against the same plain copy in each direction.
-With one layout, the transition reloads that layout's shard. Medians of --iters; no assertions.
+With one layout, the transition reloads that layout's shard. Several sets of layouts, separated by
+`;`, share one weight store. Medians of --iters; no assertions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--layouts", default="p2,t2", help="prefill,decode (one layout: reload it)")
+    parser.add_argument("--layouts", default="p2,t2", help="prefill,decode (one layout: reload it); sets split by ;")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--kv-gb", type=float, default=0.5, help="KV of the whole model to swap, in GiB")
@@ -54,22 +55,19 @@ def main(argv=None) -> None:
     from seesaw.layout import Layout
     from seesaw.model.resolve import resolve_model
     from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
-    from seesaw.runtime.worker_runtime import RuntimeConfig, WorkerRuntime
     from seesaw.transport.host_buffer import HostBuffer, torch_dtype
     from seesaw.transport.weight_store import WeightStore
 
     resolved = resolve_model(args.model, default_cache_dir())
     spec = resolved.spec
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    layouts = [Layout.parse(text) for text in args.layouts.split(",")]
-    world = layouts[0].world_size
-    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+    layout_sets = [[Layout.parse(text) for text in group.split(",")] for group in args.layouts.split(";")]
     itemsize = torch_dtype(dtype).itemsize
     block_shape = [spec.num_layers, 2, spec.num_kv_heads, args.block_size, spec.head_dim]
     block_bytes = spec.num_layers * 2 * spec.num_kv_heads * args.block_size * spec.head_dim * itemsize
     num_blocks = max(1, int(args.kv_gb * (1 << 30)) // block_bytes)
-    print(f"{resolved.name}, {dtype}, {args.device}, layouts {args.layouts}, {threads} threads; "
-          f"KV: {num_blocks} blocks of {block_bytes / 1e6:.2f} MB", flush=True)
+    print(f"{resolved.name}, {dtype}, {args.device}; KV: {num_blocks} blocks of {block_bytes / 1e6:.2f} MB",
+          flush=True)
 
     store = WeightStore.create(neutral_shapes(spec), dtype)
     host = HostBuffer.create(num_blocks, block_shape, dtype)
@@ -79,22 +77,34 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         store.fill(source.rows)
         print(f"weight store: {store.spec.num_bytes / 1e6:.0f} MB filled in {time.perf_counter() - started:.1f} s")
-        for rank in range(world):
-            config = RuntimeConfig(spec, rank, tuple(layouts), dtype, args.device, args.block_size,
-                                   kv_cache_bytes=None if args.device == "cuda" else num_blocks * block_bytes + (1 << 24),
-                                   memory_fraction=0.9, num_threads=threads, seed=args.seed)
-            # The worker's own attachments, as in the engine (closing the runtime closes them).
-            weights = WeightStore.attach(store.spec, store.shapes)
-            runtime = WorkerRuntime(config, {}, weights, HostBuffer.attach(host.spec))
-            try:
-                _transitions(runtime, layouts, args, rank)
-                _swaps(runtime, layouts, num_blocks, args, rank)
-            finally:
-                runtime.close()
-                del runtime
+        for layouts in layout_sets:
+            _each_rank(layouts, store, host, spec, dtype, block_bytes, num_blocks, args)
     finally:
         store.close()
         host.close()
+
+
+def _each_rank(layouts, store, host, spec, dtype, block_bytes, num_blocks, args) -> None:
+    from seesaw.runtime.worker_runtime import RuntimeConfig, WorkerRuntime
+    from seesaw.transport.host_buffer import HostBuffer
+    from seesaw.transport.weight_store import WeightStore
+
+    world = layouts[0].world_size
+    threads = args.threads or max(1, (os.cpu_count() or 1) // world)
+    print(f"layouts {','.join(map(str, layouts))}, {threads} threads per worker", flush=True)
+    for rank in range(world):
+        kv_bytes = None if args.device == "cuda" else num_blocks * block_bytes + (1 << 24)
+        config = RuntimeConfig(spec, rank, tuple(layouts), dtype, args.device, args.block_size,
+                               kv_cache_bytes=kv_bytes, memory_fraction=0.9, num_threads=threads, seed=args.seed)
+        # The worker's own attachments, as in the engine (closing the runtime closes them).
+        weights = WeightStore.attach(store.spec, store.shapes)
+        runtime = WorkerRuntime(config, {}, weights, HostBuffer.attach(host.spec))
+        try:
+            _transitions(runtime, layouts, args, rank)
+            _swaps(runtime, layouts, num_blocks, args, rank)
+        finally:
+            runtime.close()
+            del runtime
 
 
 def _sync(runtime):

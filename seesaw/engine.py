@@ -55,9 +55,9 @@ class Engine:
         if parallel.is_seesaw and config.cache.host_buffer_gb <= 0:
             raise ValueError("--prefill-layout and --decode-layout pass every request's KV through the host "
                              "buffer: --host-buffer-gb must be positive")
-        if parallel.reshards and parallel.local_workers() < parallel.layout.world_size:
-            raise ValueError("re-sharding between layouts needs every worker on this host (the host weight "
-                             "store is shared memory); start all workers here or use --layout")
+        if parallel.is_seesaw and parallel.local_workers() < parallel.layout.world_size:
+            raise ValueError("seesaw mode keeps the host KV buffer and the weight store in this host's shared "
+                             "memory, so every worker must run here; workers on other hosts need --layout")
         limit = config.model.max_model_len
         self.max_model_len = min(limit, self.spec.max_position) if limit else self.spec.max_position
         self.context: zmq.asyncio.Context | None = None
@@ -74,6 +74,7 @@ class Engine:
         self._run_dir: Path | None = None
         self._host_buffer: HostBuffer | None = None
         self._weight_store: WeightStore | None = None
+        self._can_load = asyncio.Event()  # workers may load once the weight store (if any) is filled
         self._inboxes: dict[str, Inbox] = {}
 
     # ------------------------------------------------------------ start
@@ -87,10 +88,11 @@ class Engine:
         self._spawn_workers()  # they start while the tokenizer (and the weight store) load here
         if self.codec is None:
             self.codec = await asyncio.to_thread(TextCodec, self.model.tokenizer_folder)
+        self._wire_actors()  # the Supervisor gathers and watches the workers from now on
+        self._watch = asyncio.get_running_loop().create_task(self._watch_processes())
         if self.config.parallel.reshards:
             self._weight_store = await asyncio.to_thread(self._make_weight_store)
-        self._wire_actors()
-        self._watch = asyncio.get_running_loop().create_task(self._watch_processes())
+        self._can_load.set()
         timeout_s = self.config.transport.worker_start_timeout_s
         waiters = [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self.failed.wait())]
         done, pending = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -124,6 +126,11 @@ class Engine:
         return f"inproc://{self._run_dir.name}/{name}"
 
     def _make_host_buffer(self) -> HostBuffer | None:
+        parallel = self.config.parallel
+        if parallel.local_workers() < parallel.layout.world_size:
+            log.info("workers on other hosts cannot reach this host's shared memory: evicted requests "
+                     "will be recomputed instead of waiting in a host buffer")
+            return None
         spec, block_size = self.spec, self.config.cache.block_size
         block_shape = [spec.num_layers, 2, spec.num_kv_heads, block_size, spec.head_dim]
         dtype = self.config.model.resolved_dtype
@@ -179,7 +186,7 @@ class Engine:
         self._supervisor = Supervisor(
             inboxes["supervisor"], context, parallel.layouts, backend, self._load_command,
             [outbox("scheduler"), outbox("kv-tier")], outbox("scheduler"),
-            config.transport.heartbeat_timeout_s, self._on_ready, self._fail,
+            config.transport.heartbeat_timeout_s, self._on_ready, self._fail, self._can_load,
         )
         self._scheduler = scheduler
         self._kv_tier = kv_tier

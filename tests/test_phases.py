@@ -22,8 +22,8 @@ EOS = 2
 
 
 def make(num_blocks=64, host_blocks=32, block_size=4, budget=32, max_seqs=16, low_water=0.2, micro_batches=1,
-         max_model_len=400):
-    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, watermark=0.0,
+         max_model_len=400, watermark=0.0):
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, watermark=watermark,
                              host_low_water=low_water)
     depth = {Phase.PREFILL: micro_batches, Phase.DECODE: 1}
     return PhaseScheduler(config, num_blocks, block_size, max_model_len, (EOS,), depth,
@@ -39,7 +39,8 @@ def token(request_id, index):
 
 
 class Driver:
-    """Plays the workers and the KV tier: steps and copies land later, in order, as a pipeline would."""
+    """Plays the workers and the KV tier: steps land in order (as a pipeline's do) and copies in
+    order, the two interleaved at random."""
 
     def __init__(self, core, rng=None):
         self.core = core
@@ -224,13 +225,27 @@ def test_decode_waits_for_blocks_rather_than_loading_more_when_a_prompt_could_st
     assert plan.switch_to is None and not plan.moves and [r.request_id for r in plan.rows] == ["running"]
 
 
-@pytest.mark.parametrize("seed", range(12))
+def test_a_request_stopped_while_its_kv_is_copied_out_gives_back_its_host_slot_and_blocks():
+    core = make(host_blocks=32)
+    add(core, "a", 8, 4)
+    plan = core.schedule()
+    core.complete(plan.step_id, [5])  # prefilled: its KV is to go to the host
+    plan = core.schedule()
+    assert [type(move) for move in plan.moves] == [ToHost]
+    core.stop("a")  # a stop string matched the first token while the copy is in flight
+    assert "a" in core.requests
+    core.on_saved("a")
+    assert "a" not in core.requests
+    assert core.host.num_free_blocks == 32 and core.pool.num_free == core.pool.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(16))
 def test_random_workloads_finish_every_request_once_with_static_tokens(seed):
     rng = random.Random(seed)
     block_size = rng.choice([2, 4, 8])
     core = make(num_blocks=rng.randint(24, 60), host_blocks=rng.randint(24, 80), block_size=block_size,
                 budget=rng.randint(8, 40), max_seqs=rng.randint(2, 12), low_water=rng.choice([0.0, 0.2, 0.5]),
-                micro_batches=rng.choice([1, 2]))
+                micro_batches=rng.choice([1, 2]), watermark=rng.choice([0.0, 0.01, 0.05, 0.1]))
     requests = []
     for index in range(rng.randint(5, 25)):
         prompt_len, max_tokens = rng.randint(1, 40), rng.randint(1, 20)

@@ -94,7 +94,7 @@ class Scheduler(Actor):
         self.workers: list[list[Outbox]] = []  # each replica's workers
         self.metrics = RunMetrics(time.monotonic(), [self._first_phase()] * self.layout.dp)
         self._early: list[AddRequest] = []  # arrived before the engine was ready
-        self._timers: dict[tuple[int, int | str], asyncio.TimerHandle] = {}
+        self._timers: dict[tuple, asyncio.TimerHandle] = {}  # steps, re-shards and KV moves in flight
         # Each replica's re-shards in progress, oldest first: (metrics index, ranks yet to report).
         self._reshards: list[deque[tuple[int, set[int]]]] = [deque() for _ in range(self.layout.dp)]
         self.compute_ms = 0.0  # worker time inside steps, summed over replicas
@@ -185,6 +185,9 @@ class Scheduler(Actor):
         self._pump(replica)
 
     def _on_kv_moved(self, request_id: str, settle: Callable[[StaticScheduler, str], None]) -> None:
+        timer = self._timers.pop(("kv", request_id), None)
+        if timer is not None:
+            timer.cancel()
         replica = self._replica_of(request_id)
         core = self.cores[replica] if replica is not None else self._host_owner(request_id)
         if core is None:
@@ -258,8 +261,12 @@ class Scheduler(Actor):
         match move:
             case ToHost():
                 self.kv_tier.send(SaveKV(move.request_id, replica, layout, move.block_ids, move.host_block_ids))
+                what = "to the host buffer"
             case ToDevice():
                 self.kv_tier.send(LoadKV(move.request_id, replica, layout, move.host_block_ids, move.block_ids))
+                what = "from the host buffer"
+        self._arm(("kv", move.request_id), f"copying request {move.request_id}'s KV {what} (replica {replica}) "
+                                           f"did not finish within {self.step_timeout_s:.0f} s")
 
     def _switch(self, replica: int, old: Phase, new: Phase) -> None:
         old_layout, new_layout = self.layouts[old], self.layouts[new]
@@ -273,8 +280,8 @@ class Scheduler(Actor):
         for worker in self.workers[replica]:
             worker.send(Reshard(str(new_layout)))
         self.supervisor.send(WorkersBusy(list(ranks), f"re-sharding to {new_layout}"))
-        self._arm(replica, f"reshard {index}", f"replica {replica} did not finish re-sharding to {new_layout} "
-                                               f"within {self.step_timeout_s:.0f} s")
+        self._arm((replica, f"reshard {index}"), f"replica {replica} did not finish re-sharding to {new_layout} "
+                                                 f"within {self.step_timeout_s:.0f} s")
 
     def _fail_stuck(self, replica: int) -> None:
         """Nothing runs, nothing moves, and nothing can be scheduled: fail rather than wait forever."""
@@ -290,13 +297,12 @@ class Scheduler(Actor):
         core = self.cores[replica]
         num_decode_rows = sum(1 for row in plan.rows if len(row.token_ids) == 1 and row.start > 0)
         self.metrics.on_step(time.monotonic(), replica, num_decode_rows, core.host.used_fraction)
-        self._arm(replica, plan.step_id, f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
-                                         f"requests) did not finish within {self.step_timeout_s:.0f} s")
+        self._arm((replica, plan.step_id), f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
+                                           f"requests) did not finish within {self.step_timeout_s:.0f} s")
 
-    def _arm(self, replica: int, what: int | str, reason: str) -> None:
-        self._timers[(replica, what)] = asyncio.get_running_loop().call_later(
-            self.step_timeout_s, self._on_stalled, reason
-        )
+    def _arm(self, key: tuple, reason: str) -> None:
+        """Fail the engine unless what `key` names is done within the step timeout."""
+        self._timers[key] = asyncio.get_running_loop().call_later(self.step_timeout_s, self._on_stalled, reason)
 
     def _on_stalled(self, reason: str) -> None:
         log.error("%s", reason)

@@ -58,6 +58,7 @@ class Supervisor(Actor):
         heartbeat_timeout_s: float,
         on_ready: Callable[[list[WorkerReady]], None],
         on_failure: Callable[[str], None],
+        can_load: asyncio.Event | None = None,  # set once what the load commands name exists (the weight store)
     ):
         super().__init__(inbox)
         self.context = context
@@ -70,6 +71,8 @@ class Supervisor(Actor):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.on_ready = on_ready
         self.report_failure = on_failure
+        self.can_load = can_load
+        self._load_later: asyncio.Task | None = None
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
         self.ready: dict[int, WorkerReady] = {}
@@ -138,6 +141,17 @@ class Supervisor(Actor):
         outbox.close()
 
     def _world_complete(self) -> None:
+        if self.can_load is not None and not self.can_load.is_set():
+            # Keep watching the workers (and telling them the head is alive) while waiting.
+            self._load_later = asyncio.get_running_loop().create_task(self._load_when_allowed())
+            return
+        self._prepare_groups()
+
+    async def _load_when_allowed(self) -> None:
+        await self.can_load.wait()
+        self._prepare_groups()
+
+    def _prepare_groups(self) -> None:
         groups = [GroupSpec(key, ranks) for key, ranks in groups_of(*self.layouts)]
         if not groups:  # every worker alone in every group: nothing to communicate
             self._load_all(None)
@@ -211,7 +225,7 @@ class Supervisor(Actor):
                 worker.send(Shutdown())
 
     async def stop(self) -> None:
-        for timer in (self._watch, self._verdict):
+        for timer in (self._watch, self._verdict, self._load_later):
             if timer is not None:
                 timer.cancel()
         await super().stop()

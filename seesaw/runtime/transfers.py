@@ -6,38 +6,48 @@ from __future__ import annotations
 
 import torch
 
-from seesaw.transport.shared_memory import register_with_cuda
+from seesaw.transport.shared_memory import register_with_cuda, unregister_with_cuda
 
 _CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the pointers
 
 
 class DeviceCopies:
-    """Weight and KV copies for one worker's device."""
+    """Weight and KV copies for one worker's device; steps run on the device's default stream."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.is_cuda = device.type == "cuda"
+        self.compute_stream = torch.cuda.default_stream(device) if self.is_cuda else None
         self.weight_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self.kv_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._memcpy_2d = _cupy_memcpy_2d() if self.is_cuda else None
+        self._registered: list[int] = []
 
     def register(self, tensor: torch.Tensor, what: str) -> None:
         """Pin host memory in place (GPU only), so copies from it are straight DMA."""
         if self.is_cuda:
-            register_with_cuda(tensor, what)
+            self._registered.append(register_with_cuda(tensor, what))
+
+    def close(self) -> None:
+        """Unpin what `register` pinned (before its memory is unmapped)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+        for pointer in self._registered:
+            unregister_with_cuda(pointer)
+        self._registered.clear()
 
     # ------------------------------------------------------------ weights
 
     def before_weights(self) -> None:
         """Order weight copies after every step already queued (they may still read the old weights)."""
         if self.is_cuda:
-            self.weight_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.weight_stream.wait_stream(self.compute_stream)
 
     def weight_copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
         if source.is_cuda:
             # Made on the compute stream (random weights) or earlier on this one (a tied head's
             # rows): wait for it, and keep its memory from being reused before the copy runs.
-            self.weight_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.weight_stream.wait_stream(self.compute_stream)
             source.record_stream(self.weight_stream)
         with torch.cuda.stream(self.weight_stream):
             destination.copy_(source, non_blocking=True)
@@ -46,7 +56,7 @@ class DeviceCopies:
         """Block until the weight copies are done, and order later steps after them."""
         if self.is_cuda:
             self.weight_stream.synchronize()
-            torch.cuda.current_stream(self.device).wait_stream(self.weight_stream)
+            self.compute_stream.wait_stream(self.weight_stream)
 
     # ------------------------------------------------------------ KV
 
@@ -59,7 +69,7 @@ class DeviceCopies:
                 destination.copy_(source)
             return num_bytes
         # KV written by steps queued so far (on the compute stream) must land before it is read.
-        self.kv_stream.wait_stream(torch.cuda.default_stream(self.device))
+        self.kv_stream.wait_stream(self.compute_stream)
         with torch.cuda.stream(self.kv_stream):
             for destination, source in pairs:
                 self._copy_share(destination, source)

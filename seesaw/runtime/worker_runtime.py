@@ -156,6 +156,7 @@ class WorkerRuntime:
         return self.copies.kv_copy([(state.kv_pages[b], share[h]) for h, b in pairs])
 
     def close(self) -> None:
+        self.copies.close()
         if self.host_buffer is not None:
             self.host_buffer.close()
         if isinstance(self.weights, WeightStore):

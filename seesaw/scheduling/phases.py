@@ -103,10 +103,27 @@ class PhaseScheduler(StaticScheduler):
         return bool(self.paused or self.swapped or self.has_kv_moves or self.running)
 
     def _should_prefill(self) -> bool:
-        """Back to prefill: prompts wait, the host buffer is low, and the next prompt fits now."""
+        """Back to prefill: prompts wait, the host buffer is low, and the device has room for a
+        step's worth of them (or for the next one, once nothing else will free blocks)."""
         if not self.waiting or self.host.used_fraction > self.config.host_low_water:
             return False
-        return self._can_start_prefill(self.waiting[0])
+        if not self._can_start_prefill(self.waiting[0]):
+            return False
+        will_free = any(s.status in (RequestStatus.RUNNING, RequestStatus.RESTORING) for s in self.requests.values())
+        return not will_free or self.pool.num_free >= self._prefill_room_wanted()
+
+    def _prefill_room_wanted(self) -> int:
+        """Device blocks for the waiting prompts that one step's token budget and the host buffer's
+        free space could take (at least the first; never more than the whole pool)."""
+        num_tokens = num_blocks = 0
+        for state in self.waiting:
+            needed = blocks_for(state.num_tokens, self.block_size)
+            if num_blocks and (num_tokens + state.num_tokens > self.config.max_num_batched_tokens
+                               or num_blocks + needed > self.host.num_free_blocks):
+                break
+            num_tokens += state.num_tokens
+            num_blocks += needed
+        return min(num_blocks, self.pool.num_blocks)
 
     def _is_holding_loads(self) -> bool:
         """Whether to stop loading host requests so the device frees room for the next prompt
@@ -116,9 +133,10 @@ class PhaseScheduler(StaticScheduler):
         return self.host.can_store(self.waiting[0].num_tokens)
 
     def _can_start_prefill(self, state: RequestState) -> bool:
+        """Whether the prompt can be admitted now. No watermark: during prefill nothing on the
+        device grows (paused requests wait, prompts hold all their blocks from the start)."""
         needed = blocks_for(state.num_tokens, self.block_size)
-        reserve = self.watermark_blocks if (self.running or self.paused) else 0
-        return self.host.can_store(state.num_tokens) and self.pool.num_free - needed >= reserve
+        return self.host.can_store(state.num_tokens) and self.pool.can_allocate(needed)
 
     def _switch(self, phase: Phase, plan: StepPlan) -> None:
         """Change phase now; steps already planned run first on every worker (each starts its

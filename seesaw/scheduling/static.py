@@ -168,6 +168,7 @@ class StaticScheduler:
         self.pool.free(state.block_ids)
         state.block_ids = []
         if state.is_stopped:
+            self.host.release(request_id)  # the copy has landed; nothing will release it later
             self._finish(state)
             return
         state.status = RequestStatus.SWAPPED

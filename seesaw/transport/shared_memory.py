@@ -68,10 +68,16 @@ def _reserve(fd: int, num_bytes: int, path: Path, what: str, flag: str) -> None:
         ) from error
 
 
-def register_with_cuda(tensor: torch.Tensor, what: str) -> None:
-    """Pin host memory in place so device copies go straight to and from it (no staging copy)."""
+def register_with_cuda(tensor: torch.Tensor, what: str) -> int:
+    """Pin host memory in place so device copies go straight to and from it (no staging copy);
+    returns the pointer to hand to `unregister_with_cuda` before the memory is unmapped."""
     size = tensor.numel() * tensor.element_size()
     status = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), size, 0)
     code = int(getattr(status, "value", status))
     if code != 0:
         raise RuntimeError(f"cudaHostRegister of the {what} failed with status {code}")
+    return tensor.data_ptr()
+
+
+def unregister_with_cuda(pointer: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(pointer)
