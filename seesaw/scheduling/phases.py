@@ -48,8 +48,7 @@ class PhaseScheduler(StaticScheduler):
         error = super().capacity_error(num_prompt_tokens, max_tokens)
         if error is not None:
             return error
-        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        needed = blocks_for(longest, self.block_size)
+        longest, needed = self.longest(num_prompt_tokens, max_tokens)
         if needed > self.host.num_blocks:
             return (
                 f"the request may grow to {longest} tokens ({needed} KV blocks); the host KV buffer "

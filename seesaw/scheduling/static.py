@@ -85,10 +85,14 @@ class StaticScheduler:
                       for state in self.requests.values())
         return pending, self.pool.num_used
 
+    def longest(self, num_prompt_tokens: int, max_tokens: int) -> tuple[int, int]:
+        """The most tokens a request of this size can hold, and the KV blocks they take."""
+        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
+        return longest, blocks_for(longest, self.block_size)
+
     def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request of this size can never fit the device KV pool, or None."""
-        longest = min(num_prompt_tokens + max_tokens, self.max_model_len)
-        needed = blocks_for(longest, self.block_size)
+        longest, needed = self.longest(num_prompt_tokens, max_tokens)
         if needed > self.pool.num_blocks:
             return (
                 f"the request may grow to {longest} tokens ({needed} KV blocks); the device "
