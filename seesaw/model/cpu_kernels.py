@@ -20,6 +20,80 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 
+// A block's tokens of one KV head are one contiguous run, but consecutive blocks may lie far
+// apart (pages of an arena), where the hardware prefetcher does not follow: ask for the next early.
+static inline void prefetch_run(const float* start, int64_t count) {
+  for (int64_t i = 0; i < count; i += 16) __builtin_prefetch(start + i);
+}
+
+struct Cache {
+  const float* data;
+  int64_t block_stride, head_stride;
+  const float* run(int64_t block, int64_t kv) const { return data + block * block_stride + kv * head_stride; }
+};
+
+// One request: every query head walks its KV head's tokens block by block (no division per
+// token); the first query head of a group prefetches, the others find the runs in cache. DIM > 0
+// fixes the head size at compile time, so a head's output stays in registers across its tokens.
+template <int64_t DIM>
+static void decode_row(const float* qr, float* out, const Cache& keys, const Cache& values, const int64_t* blocks,
+                       int64_t n, int64_t heads, int64_t group, int64_t block_size, int64_t runtime_dim,
+                       float scale, float* scores) {
+  const int64_t dim = DIM > 0 ? DIM : runtime_dim;
+  for (int64_t head = 0; head < heads; ++head) {
+    const int64_t kv = head / group;
+    const bool leads = head % group == 0;
+    const float* qh = qr + head * dim;
+    float* sh = scores + head * n;
+    for (int64_t j = 0, first = 0; first < n; ++j, first += block_size) {
+      const int64_t count = std::min(block_size, n - first);
+      if (leads && first + block_size < n) prefetch_run(keys.run(blocks[j + 1], kv), block_size * dim);
+      const float* key = keys.run(blocks[j], kv);
+      int64_t i = 0;
+      for (; i + 4 <= count; i += 4, key += 4 * dim) {  // four independent sums in flight
+        float dot0 = 0.f, dot1 = 0.f, dot2 = 0.f, dot3 = 0.f;
+#pragma omp simd reduction(+:dot0, dot1, dot2, dot3)
+        for (int64_t d = 0; d < dim; ++d) {
+          dot0 += qh[d] * key[d];
+          dot1 += qh[d] * key[dim + d];
+          dot2 += qh[d] * key[2 * dim + d];
+          dot3 += qh[d] * key[3 * dim + d];
+        }
+        sh[first + i] = dot0 * scale;
+        sh[first + i + 1] = dot1 * scale;
+        sh[first + i + 2] = dot2 * scale;
+        sh[first + i + 3] = dot3 * scale;
+      }
+      for (; i < count; ++i, key += dim) {
+        float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+        for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
+        sh[first + i] = dot * scale;
+      }
+    }
+    float top = sh[0];
+    for (int64_t t = 1; t < n; ++t) top = std::max(top, sh[t]);
+    float total = 0.f;
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) sh[t] = std::exp(sh[t] - top);
+    for (int64_t t = 0; t < n; ++t) total += sh[t];
+    const float inv = 1.f / total;
+    float acc[DIM > 0 ? DIM : 512] = {};
+    for (int64_t j = 0, first = 0; first < n; ++j, first += block_size) {
+      const int64_t count = std::min(block_size, n - first);
+      if (leads && first + block_size < n) prefetch_run(values.run(blocks[j + 1], kv), block_size * dim);
+      const float* value = values.run(blocks[j], kv);
+      for (int64_t i = 0; i < count; ++i, value += dim) {
+        const float p = sh[first + i];
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) acc[d] += p * value[d];
+      }
+    }
+    float* oh = out + head * dim;
+    for (int64_t d = 0; d < dim; ++d) oh[d] = acc[d] * inv;
+  }
+}
+
 // queries [rows, heads, dim], contiguous; caches [blocks, kv_heads, block_size, dim] with any
 // block and head strides (blocks are pages of a larger arena) and contiguous tokens; block_table
 // [rows, max_blocks]: row r attends to the first lengths[r] tokens of its blocks. All float32.
@@ -29,64 +103,24 @@ torch::Tensor paged_decode(torch::Tensor queries, torch::Tensor k_cache, torch::
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1);
   TORCH_CHECK(k_cache.stride(2) == k_cache.size(3) && v_cache.stride(2) == v_cache.size(3));
   const int64_t rows = queries.size(0), heads = queries.size(1), dim = queries.size(2);
-  const int64_t kv_heads = k_cache.size(1), block_size = k_cache.size(2);
-  const int64_t max_blocks = block_table.size(1), max_context = max_blocks * block_size;
-  const int64_t group = heads / kv_heads;
-  const int64_t k_block = k_cache.stride(0), k_head = k_cache.stride(1);
-  const int64_t v_block = v_cache.stride(0), v_head = v_cache.stride(1);
+  TORCH_CHECK(dim <= 512, "head_dim above 512");
+  const int64_t block_size = k_cache.size(2), max_blocks = block_table.size(1);
+  const int64_t group = heads / k_cache.size(1);
+  const Cache keys{k_cache.data_ptr<float>(), k_cache.stride(0), k_cache.stride(1)};
+  const Cache values{v_cache.data_ptr<float>(), v_cache.stride(0), v_cache.stride(1)};
   auto out = torch::empty_like(queries);
   const float* q = queries.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
   const int64_t* table = block_table.data_ptr<int64_t>();
   const int64_t* length = lengths.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
-  // One task per request; within it each KV head's tokens are read once, block by block.
+  auto row = dim == 64 ? decode_row<64> : dim == 128 ? decode_row<128> : decode_row<0>;
+  // One task per request.
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(heads * max_context);
+    std::vector<float> scores(heads * max_blocks * block_size);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = length[r];
-      const int64_t* blocks = table + r * max_blocks;
-      const float* qr = q + r * heads * dim;
-      for (int64_t kv = 0; kv < kv_heads; ++kv) {
-        for (int64_t t = 0; t < n; ++t) {
-          const float* key = kc + blocks[t / block_size] * k_block + kv * k_head + (t % block_size) * dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t head = kv * group + g;
-            const float* qh = qr + head * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+:dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
-            scores[head * max_context + t] = dot * s;
-          }
-        }
-      }
-      for (int64_t head = 0; head < heads; ++head) {
-        float* sh = scores.data() + head * max_context;
-        float top = sh[0];
-        for (int64_t t = 1; t < n; ++t) top = std::max(top, sh[t]);
-        float total = 0.f;
-#pragma omp simd
-        for (int64_t t = 0; t < n; ++t) sh[t] = std::exp(sh[t] - top);
-        for (int64_t t = 0; t < n; ++t) total += sh[t];
-        const float inv = 1.f / total;
-        for (int64_t t = 0; t < n; ++t) sh[t] *= inv;
-      }
-      float* orow = o + r * heads * dim;
-      std::fill(orow, orow + heads * dim, 0.f);
-      for (int64_t kv = 0; kv < kv_heads; ++kv) {
-        for (int64_t t = 0; t < n; ++t) {
-          const float* value = vc + blocks[t / block_size] * v_block + kv * v_head + (t % block_size) * dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t head = kv * group + g;
-            const float p = scores[head * max_context + t];
-            float* oh = orow + head * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) oh[d] += p * value[d];
-          }
-        }
-      }
+      row(q + r * heads * dim, o + r * heads * dim, keys, values, table + r * max_blocks, length[r], heads, group,
+          block_size, dim, s, scores.data());
     }
   });
   return out;
@@ -107,7 +141,7 @@ def load_paged_decode() -> PagedDecode | None:
     flags = ["-O3", "-ffast-math", "-fopenmp"] + (["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else [])
     try:
         module = load_inline(
-            name=f"seesaw_paged_decode_v2_{capability.lower()}",
+            name=f"seesaw_paged_decode_v8_{capability.lower()}",
             cpp_sources=_SOURCE,
             functions=["paged_decode"],
             extra_cflags=flags,
