@@ -44,8 +44,12 @@ def batch(
     memory_fraction: Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")] = 0.9,
     host_buffer_gb: Annotated[float, typer.Option(help="host KV buffer in GiB (evicted requests wait there)")] = 1.0,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")] = None,
-    seed: Annotated[int, typer.Option(help="seed for dummy weights and unseeded sampling")] = 0,
+    seed: Annotated[int, typer.Option(help="seed for dummy weights; lines without a seed sample with one derived from it and their custom_id")] = 0,
     max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
+    resume: Annotated[bool, typer.Option("--resume", help="finish an earlier run: skip every custom_id already in the output")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output instead of refusing")] = False,
+    errors: Annotated[Optional[Path], typer.Option(help="write failed lines here instead of into the output")] = None,
+    grace_s: Annotated[float, typer.Option(help="on SIGINT/SIGTERM: seconds the requests in flight get to finish")] = 30.0,
     head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
     local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
     metrics_json: Annotated[Optional[Path], typer.Option(help="write the run's metrics (phases, transitions, KV traffic) here as JSON")] = None,
@@ -67,21 +71,45 @@ def batch(
             host_low_water=host_low_water, threads=threads, seed=seed, head_address=head_address,
             local_workers=local_workers,
         )
-        defaults = _sampling_defaults(max_tokens, temperature, top_p)
+        defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        if grace_s < 0:
+            raise ValueError(f"grace_s must not be negative, got {grace_s}")
         if timeline is not None:
             from seesaw.frontend.report import check_timeline_support
 
             check_timeline_support()
+        job = _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline)
         engine = _engine(config)
-        sink = output.open("wb")  # a bad output path fails now, not after the model has loaded
     except (ValueError, OSError) as error:
         _fail(str(error))
-    with sink:
-        summary = _run(_batch(engine, sink, input_path, defaults, max_pending, started, metrics_json, timeline))
+    from seesaw.frontend.batch_job import run_job
+
+    with job.sink:
+        result = _run(run_job(engine, job, started))
     typer.echo(f"results: {output}", err=True)
-    raise typer.Exit(0 if summary is not None else 1)
+    raise typer.Exit(result.exit_code)
+
+
+def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline):
+    """The batch job, its output checked (and, on resume, scanned and repaired) before the model loads."""
+    from seesaw.frontend.batch_job import BatchJob
+    from seesaw.frontend.output import ResultSink, check_output, finished_ids
+
+    finished: set[int] = set()
+    for path in (output, errors):
+        if path is None:
+            continue
+        check_output(path, resume, overwrite)
+        if resume:
+            done, count = finished_ids(path)
+            finished |= done
+            if count:
+                typer.echo(f"resuming: {count} results already in {path}", err=True)
+    sink = ResultSink(output, errors, append=resume)
+    return BatchJob(input_path, output, sink, finished, defaults, max_pending, grace_s, metrics_json, timeline,
+                    argv=sys.argv[1:])
 
 
 def _layouts(layout: str, prefill_layout: str | None, decode_layout: str | None):
@@ -98,12 +126,12 @@ def _layouts(layout: str, prefill_layout: str | None, decode_layout: str | None)
     return Layout.parse(prefill_layout), Layout.parse(decode_layout)
 
 
-def _sampling_defaults(max_tokens: int, temperature: float, top_p: float):
+def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: int):
     from seesaw.frontend.batch_io import SamplingDefaults
     from seesaw.sampling import SamplingParams
 
     SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate()
-    return SamplingDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    return SamplingDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @app.command()
@@ -152,51 +180,6 @@ def _engine(config):
     if resolved.convert_s:
         typer.echo(f"converted {resolved.name} in {resolved.convert_s:.1f} s (cached for later runs)", err=True)
     return Engine(config, resolved)
-
-
-async def _batch(engine, sink, input_path, defaults, max_pending, started, metrics_json, timeline):
-    import zmq
-
-    from seesaw.engine import EngineError
-    from seesaw.frontend.batch import BatchRunner
-    from seesaw.frontend.progress import Progress
-
-    progress = Progress(sys.stderr, is_terminal=sys.stderr.isatty())
-    config, name = engine.config, engine.model.name
-    parallel = config.parallel
-    layouts = f"{parallel.layout} -> {parallel.decode_layout}" if parallel.is_seesaw else str(parallel.layout)
-    try:
-        await engine.start()
-        typer.echo(f"engine ready in {time.perf_counter() - started:.1f} s ({name}, "
-                   f"{layouts}, {config.model.device})", err=True)
-        runner = BatchRunner(engine, defaults, name, max_pending, progress)
-        summary = await runner.run(input_path, sink)
-        metrics = engine.metrics()
-    except (EngineError, ValueError, OSError, zmq.ZMQError) as error:
-        typer.echo(f"error: {error}", err=True)
-        return None
-    finally:
-        await engine.close()
-    for line in summary.lines():
-        typer.echo(line, err=True)
-    _report(metrics, parallel.is_seesaw, metrics_json, timeline)
-    return summary
-
-
-def _report(metrics, is_seesaw, metrics_json, timeline) -> None:
-    from seesaw.frontend.report import draw_timeline, phase_lines, write_metrics
-
-    if is_seesaw:
-        for line in phase_lines(metrics):
-            typer.echo(line, err=True)
-    for path, write, what in ((metrics_json, write_metrics, "metrics"), (timeline, draw_timeline, "timeline")):
-        if path is None:
-            continue
-        try:
-            write(path, metrics)
-            typer.echo(f"{what}: {path}", err=True)
-        except OSError as error:
-            typer.echo(f"error: cannot write the {what} to {path}: {error}", err=True)
 
 
 def _run(coroutine):

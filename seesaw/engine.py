@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
 from seesaw.scheduling.decisions import Phase
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
+from seesaw.transport.shared_memory import SHM_DIR, reclaim_orphans
 from seesaw.transport.weight_store import WeightStore
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,10 @@ class Engine:
 
     async def start(self) -> None:
         started = time.perf_counter()
+        for leftover in reclaim_orphans([SHM_DIR, Path(tempfile.gettempdir())]):
+            log.warning("removed %s, left behind by a run that no longer exists", leftover)
         self.context = zmq.asyncio.Context()
-        self._run_dir = Path(tempfile.mkdtemp(prefix="seesaw-"))
+        self._run_dir = Path(tempfile.mkdtemp(prefix=f"seesaw-run-{os.getpid()}-"))
         self._host_buffer = self._make_host_buffer()
         self._bind_inboxes()
         self._spawn_workers()  # they start while the tokenizer (and the weight store) load here
@@ -190,6 +194,7 @@ class Engine:
         )
         self._scheduler = scheduler
         self._kv_tier = kv_tier
+        self._request_queue = request_queue
         self._actors = [request_queue, scheduler, kv_tier, self._supervisor]
         for actor in self._actors:
             actor.start().add_done_callback(self._on_actor_done)
@@ -268,6 +273,11 @@ class Engine:
                 totals[name] = totals.get(name, 0) + count
         return totals
 
+    def live(self) -> tuple[int, int, int]:
+        """(tokens generated so far, requests running, requests waiting), for progress displays."""
+        running, waiting = self._scheduler.num_requests()
+        return self._request_queue.num_generated_tokens, running, waiting
+
     def metrics(self) -> dict:
         """The run so far: counters, KV traffic, and the phase metrics (transitions, time and steps
         per phase, decode batch sizes, host buffer fill), plus the timeline samples."""
@@ -293,12 +303,22 @@ class Engine:
         for box in self._outboxes:
             box.close(linger_s=0)
         if self.context is not None:
-            self.context.term()
+            await self._term_context()
         for segment in (self._host_buffer, self._weight_store):
             if segment is not None:
                 segment.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    async def _term_context(self) -> None:
+        """End ZeroMQ, but never wait on it for long: a socket left open would block term() forever,
+        and shared memory and the run folder must still be removed."""
+        ending = threading.Thread(target=self.context.term, name="zmq-term", daemon=True)
+        ending.start()
+        await asyncio.to_thread(ending.join, self.config.transport.shutdown_timeout_s)
+        if ending.is_alive():
+            log.warning("a ZeroMQ socket was still open after %.0f s; leaving it to the process exit",
+                        self.config.transport.shutdown_timeout_s)
 
     async def _reap_workers(self) -> None:
         deadline = time.monotonic() + self.config.transport.shutdown_timeout_s

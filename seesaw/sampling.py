@@ -19,6 +19,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    fit_max_tokens: bool = False  # max_tokens is a default: lower it to what the context leaves, do not refuse
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -42,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if not isinstance(self.fit_max_tokens, bool):
+            raise ValueError(f"fit_max_tokens must be true or false, got {self.fit_max_tokens!r}")
 
     @property
     def is_greedy(self) -> bool:

@@ -61,7 +61,12 @@ async def serve(args: argparse.Namespace) -> int:
     worker = ShardWorker(inbox, args.rank, supervisor, context)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stopped.set)
+        if args.parent_pid is None:
+            loop.add_signal_handler(signum, worker.stopped.set)
+        else:
+            # A signal to the whole process group (Ctrl-C, a cluster scheduler's SIGTERM) is the
+            # head's to handle: it finishes what is in flight, then shuts its workers down.
+            loop.add_signal_handler(signum, lambda: None)
     supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname(), inbox.bound_address))
     task = worker.start()
     heartbeat = loop.create_task(_heartbeat(worker, supervisor, args))
@@ -105,7 +110,7 @@ def _die_with_parent() -> None:
     """Ask Linux to end this process when its parent dies, so no worker outlives the head."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # it ignores SIGTERM, which is the head's to handle
 
 
 if __name__ == "__main__":

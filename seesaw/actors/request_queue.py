@@ -52,6 +52,7 @@ class RequestQueue(Actor):
         self.pending: dict[str, _Pending] = {}
         self._replies: dict[str, Outbox] = {}
         self._pending_per_address: dict[str, int] = {}  # reply_to -> requests pending here
+        self.num_generated_tokens = 0  # every token generated so far, for live progress
 
     def handle(self, message):
         match message:
@@ -77,19 +78,31 @@ class RequestQueue(Actor):
         if not prompt_ids:
             self._reply(submit, error="the prompt is empty")
             return
-        if len(prompt_ids) >= self.max_model_len:
+        num_prompt = len(prompt_ids)
+        if num_prompt >= self.max_model_len:
             self._reply(submit, error=(
-                f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                f"the prompt has {num_prompt} tokens; the model's context is "
                 f"{self.max_model_len} tokens, which leaves no room to generate"
-            ), prompt_tokens=len(prompt_ids))
+            ), prompt_tokens=num_prompt)
             return
         sampling = submit.sampling
+        room = self.max_model_len - num_prompt
+        max_tokens = sampling.max_tokens
+        if max_tokens > room:
+            if not sampling.fit_max_tokens:
+                self._reply(submit, error=(
+                    f"the prompt has {num_prompt} tokens and max_tokens is {max_tokens}: {num_prompt + max_tokens} "
+                    f"tokens do not fit the model's context of {self.max_model_len} tokens (at most {room} "
+                    f"new tokens fit)"
+                ), prompt_tokens=num_prompt)
+                return
+            max_tokens = room
         self.pending[submit.request_id] = _Pending(submit, len(prompt_ids), IncrementalText(self.codec, sampling.stop))
         self._pending_per_address[submit.reply_to] = self._pending_per_address.get(submit.reply_to, 0) + 1
         self.scheduler.send(AddRequest(
             request_id=submit.request_id,
             prompt_token_ids=prompt_ids,
-            max_tokens=sampling.max_tokens,
+            max_tokens=max_tokens,
             sampling=RowSampling(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed),
             stop_token_ids=list(sampling.stop_token_ids),
             ignore_eos=sampling.ignore_eos,
@@ -107,6 +120,7 @@ class RequestQueue(Actor):
 
     def _on_tokens_generated(self, message: TokensGenerated) -> None:
         for update in message.updates:
+            self.num_generated_tokens += len(update.token_ids)
             pending = self.pending.get(update.request_id)
             if pending is None:
                 continue  # finished already by a stop string; the scheduler has been told

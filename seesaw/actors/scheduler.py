@@ -309,6 +309,13 @@ class Scheduler(Actor):
         self._on_engine_failed(EngineFailed(reason))
         self.on_stall(reason)
 
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting): requests with KV on a device or moving, and requests waiting to
+        start or parked in the host buffer."""
+        waiting = len(self._early) + sum(len(core.waiting) + len(core.swapped) for core in self.cores)
+        total = len(self._early) + sum(len(core.requests) for core in self.cores)
+        return total - waiting, waiting
+
     def summary(self) -> dict:
         """The run's phase metrics so far (see RunMetrics.summary)."""
         return self.metrics.summary(time.monotonic())

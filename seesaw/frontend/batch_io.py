@@ -7,6 +7,7 @@ Input: OpenAI batch lines (`custom_id`, `method`, `url`, `body`) for `/v1/chat/c
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,14 @@ class SamplingDefaults:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    seed: int = 0  # the run's seed: a line without one gets a seed derived from this and its custom_id
+
+
+def derived_seed(run_seed: int, custom_id: str) -> int:
+    """The sampling seed of a line that sets none: the same in every run (and every resumed run)
+    with the same --seed, and independent of what else the line is batched with."""
+    digest = hashlib.blake2b(f"{run_seed}:{custom_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ def _parse_body(body: dict, kind: str, line_number: int, custom_id: str, default
         line_number=line_number,
         custom_id=custom_id,
         kind=kind,
-        sampling=_sampling(body, defaults),
+        sampling=_sampling(body, defaults, custom_id),
         prompt=prompt,
         messages=messages,
         prompt_token_ids=token_ids,
@@ -149,17 +158,19 @@ def _prompt(value) -> tuple[str | None, list[int] | None]:
     raise ValueError("prompt must be a non-empty string or a list of token ids")
 
 
-def _sampling(body: dict, defaults: SamplingDefaults) -> SamplingParams:
+def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
+    seed = body.get("seed")
     params = SamplingParams(
         max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+        fit_max_tokens=max_tokens is None,
         temperature=_default(body.get("temperature"), defaults.temperature),
         top_p=_default(body.get("top_p"), defaults.top_p),
         top_k=_top_k(body.get("top_k"), defaults.top_k),
-        seed=body.get("seed"),
+        seed=derived_seed(defaults.seed, custom_id) if seed is None else seed,
         stop=[] if stop is None else stop,
         stop_token_ids=_default(body.get("stop_token_ids"), []),
         ignore_eos=_default(body.get("ignore_eos"), False),

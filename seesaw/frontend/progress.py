@@ -1,4 +1,6 @@
-"""Batch progress: a live bar on a terminal, a periodic log line otherwise, and the closing summary."""
+"""Batch progress: a live display on a terminal (rich), a periodic log line otherwise, and the
+closing summary. It shows the work as it happens: every generated token counts at once, not only
+those of finished requests."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import TextIO
 class BatchSummary:
     num_ok: int = 0
     num_failed: int = 0
+    num_skipped: int = 0  # already in the output from an earlier run
+    num_abandoned: int = 0  # in flight when an interrupted run gave up on them
     prompt_tokens: int = 0
     output_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -29,17 +33,17 @@ class BatchSummary:
     def num_done(self) -> int:
         return self.num_ok + self.num_failed
 
-    def rates(self) -> tuple[float, float, float]:
-        """Requests, total tokens and output tokens per second so far."""
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return (self.num_done / elapsed, (self.prompt_tokens + self.output_tokens) / elapsed,
-                self.output_tokens / elapsed)
-
     def lines(self) -> list[str]:
+        self.elapsed_s = time.perf_counter() - self.started
         elapsed = max(self.elapsed_s, 1e-9)
         total = self.prompt_tokens + self.output_tokens
+        counts = f"requests: {self.num_ok} ok, {self.num_failed} failed"
+        if self.num_skipped:
+            counts += f", {self.num_skipped} already done"
+        if self.num_abandoned:
+            counts += f", {self.num_abandoned} abandoned"
         return [
-            f"requests: {self.num_ok} ok, {self.num_failed} failed",
+            counts,
             f"tokens:   {self.prompt_tokens} prompt, {self.output_tokens} output",
             f"elapsed:  {self.elapsed_s:.1f} s",
             f"throughput: {self.num_done / elapsed:.2f} requests/s, {total / elapsed:.1f} total tokens/s, "
@@ -47,35 +51,74 @@ class BatchSummary:
         ]
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The batch right now."""
+
+    fraction_read: float  # of the input file's bytes
+    num_lines: int  # lines read that hold something
+    num_done: int  # of those, answered (in this run or an earlier one)
+    num_failed: int
+    num_running: int  # in the engine with KV on a device
+    num_waiting: int  # in the engine, waiting to start or in the host buffer
+    generated_tokens: int  # every token generated so far, finished requests or not
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / max(self.elapsed_s, 1e-9)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left, from the pace so far and the requests the unread input should hold."""
+        if not self.num_done or self.fraction_read <= 0:
+            return None
+        expected = self.num_lines / self.fraction_read
+        return max(0.0, expected - self.num_done) * self.elapsed_s / self.num_done
+
+    def describe(self) -> str:
+        eta = self.eta_s
+        eta_text = "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        return (f"{self.num_done} done ({self.num_failed} failed), {self.num_running} running, "
+                f"{self.num_waiting} waiting | {self.tokens_per_s:,.0f} tok/s | ETA {eta_text}")
+
+
 class Progress:
-    """Reports a BatchSummary as it grows; `fraction` is how much of the input has been read."""
+    """Shows snapshots as they come: rich's live bar on a terminal, a log line every
+    `log_every_s` seconds otherwise."""
 
     def __init__(self, stream: TextIO, is_terminal: bool, log_every_s: float = 10.0):
         self.stream = stream
         self.is_terminal = is_terminal
         self.log_every_s = log_every_s
         self._last = 0.0
+        self._bar = None
+        self._task = None
 
-    def update(self, summary: BatchSummary, fraction: float, force: bool = False) -> None:
+    def update(self, snapshot: Snapshot, force: bool = False) -> None:
         now = time.perf_counter()
-        interval = 0.2 if self.is_terminal else self.log_every_s
-        if not force and now - self._last < interval:
+        if not force and now - self._last < (0.25 if self.is_terminal else self.log_every_s):
             return
         self._last = now
-        req_rate, tok_rate, out_rate = summary.rates()
-        status = (
-            f"{summary.num_done} done ({summary.num_failed} failed) | {req_rate:.2f} req/s | "
-            f"{tok_rate:.0f} tok/s ({out_rate:.0f} output)"
+        if not self.is_terminal:
+            self.stream.write(f"progress: {snapshot.fraction_read:.0%} of input read | {snapshot.describe()}\n")
+            self.stream.flush()
+            return
+        if self._bar is None:
+            self._start_bar()
+        self._bar.update(self._task, completed=snapshot.fraction_read * 100, status=snapshot.describe())
+
+    def _start_bar(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress as RichProgress, TextColumn
+
+        self._bar = RichProgress(
+            TextColumn("read"), BarColumn(bar_width=24), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[status]}"), console=Console(file=self.stream), transient=False,
         )
-        if self.is_terminal:
-            width = 24
-            filled = int(width * min(max(fraction, 0.0), 1.0))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} read | {status}\x1b[K")
-        else:
-            self.stream.write(f"progress: {fraction:.0%} of input read | {status}\n")
-        self.stream.flush()
+        self._task = self._bar.add_task("batch", total=100, status="")
+        self._bar.start()
 
     def finish(self) -> None:
-        if self.is_terminal:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.stop()

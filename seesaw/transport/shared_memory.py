@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
 import secrets
+import shutil
 from pathlib import Path
 
 import torch
 
 SHM_DIR = Path("/dev/shm")
+_OWNED_NAME = re.compile(r"^seesaw-[a-z]+-(\d+)-[0-9a-z_]+$")  # seesaw-KIND-PID-RANDOM
 
 
 class SharedSegment:
@@ -52,6 +55,37 @@ class SharedSegment:
             self._map.close()
         if self.is_owner:
             (SHM_DIR / self.name).unlink(missing_ok=True)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def reclaim_orphans(folders: list[Path]) -> list[str]:
+    """Remove the shared-memory segments and run folders (`seesaw-KIND-PID-RANDOM`) in `folders`
+    whose creating process no longer exists, as a killed run leaves them; returns what went."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            match = _OWNED_NAME.match(entry.name)
+            if match is None or is_alive(int(match.group(1))):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(str(entry))
+    return removed
 
 
 def _reserve(fd: int, num_bytes: int, path: Path, what: str, flag: str) -> None:
