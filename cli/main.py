@@ -95,16 +95,16 @@ def batch(
 def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline):
     """The batch job, its output checked (and, on resume, scanned and repaired) before the model loads."""
     from seesaw.frontend.batch_job import BatchJob
-    from seesaw.frontend.output import ResultSink, check_output, finished_ids
+    from seesaw.frontend.output import KeySet, ResultSink, check_output, finished_ids
 
-    finished: set[int] = set()
+    finished = KeySet()
     for path in (output, errors):
         if path is None:
             continue
         check_output(path, resume, overwrite)
         if resume:
             done, count = finished_ids(path)
-            finished |= done
+            finished.update(done)
             if count:
                 typer.echo(f"resuming: {count} results already in {path}", err=True)
     sink = ResultSink(output, errors, append=resume)

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import engine_config, generate
 from seesaw.frontend.batch_io import SamplingDefaults, derived_seed, parse_line
-from seesaw.frontend.output import OutputError, check_output, finished_ids, id_key
+from seesaw.frontend.output import KeySet, OutputError, check_output, finished_ids, id_key
 from seesaw.sampling import SamplingParams
 
 CLI = [sys.executable, "-m", "seesaw_cli.main"]
@@ -32,8 +32,22 @@ def test_a_torn_last_line_is_cut_off_and_whole_lines_count(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_bytes(_result("a") + _result("b") + _result("c")[:20])
     done, count = finished_ids(out)
-    assert count == 2 and done == {id_key("a"), id_key("b")}
+    assert count == 2 and len(done) == 2 and id_key("a") in done and id_key("b") in done and id_key("c") not in done
     assert out.read_bytes() == _result("a") + _result("b")
+
+
+def test_the_key_set_agrees_with_a_python_set():
+    import random
+
+    rng = random.Random(1)
+    keys = [rng.getrandbits(64) or 1 for _ in range(5000)] + [id_key(str(i)) for i in range(3000)]
+    compact, reference = KeySet(), set()
+    for key in keys + keys[:100]:
+        compact.add(key)
+        reference.add(key)
+    assert len(compact) == len(reference)
+    assert all(key in compact for key in reference)
+    assert not any(rng.getrandbits(64) in compact for _ in range(2000))
 
 
 def test_a_damaged_line_in_the_middle_is_an_error_naming_it(tmp_path):
@@ -209,3 +223,41 @@ def test_progress_counts_tokens_as_they_are_generated_and_estimates_the_time_lef
     assert snapshot.eta_s == pytest.approx(70.0)  # 400 lines expected, 350 to go at 5 per second
     text = snapshot.describe()
     assert all(part in text for part in ("50 done", "1 failed", "10 running", "40 waiting", "100 tok/s", "ETA 00:01:10"))
+
+
+def test_a_million_line_batch_keeps_resident_memory_flat(tmp_path):
+    """The input is read lazily and nothing is kept per finished request but its 8-byte key."""
+    import importlib.util
+
+    # bench/batch_memory.py writes the input and reads the head's resident memory.
+    spec = importlib.util.spec_from_file_location("batch_memory", Path(__file__).parent.parent / "bench" / "batch_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    count = 1_000_000
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    bench.write_input(source, count)
+    head = subprocess.Popen([*CLI, "batch", source, "-o", out, "--model", "dummy:tiny", "--threads", "1",
+                             "--kv-cache-gb", "0.05", "--host-buffer-gb", "0.01", "--max-num-batched-tokens", "2048"],
+                            stderr=subprocess.PIPE)
+    samples = []
+    try:
+        while head.poll() is None:
+            rss = bench.rss_kb(head.pid)
+            if rss is not None:
+                samples.append((out.stat().st_size if out.exists() else 0, rss))
+            time.sleep(0.5)
+        assert head.returncode == 0, head.stderr.read().decode()[-2000:]
+        with out.open("rb") as results:
+            assert sum(chunk.count(b"\n") for chunk in iter(lambda: results.read(1 << 24), b"")) == count
+        final = out.stat().st_size
+        peak = max(rss for _, rss in samples)
+        after_a_tenth = next(rss for size, rss in samples if size >= final / 10)
+        assert peak - after_a_tenth < 150 * 1024, f"grew from {after_a_tenth} kB to {peak} kB"
+        assert peak < 1536 * 1024
+    finally:
+        if head.poll() is None:
+            head.kill()
+            head.wait()
+        source.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)

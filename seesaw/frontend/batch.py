@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seesaw.engine import Engine, EngineError
 from seesaw.frontend.batch_io import BatchItem, LineError, SamplingDefaults, error_line, parse_line, result_line
-from seesaw.frontend.output import ResultSink, id_key
+from seesaw.frontend.output import KeySet, ResultSink, id_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
 from seesaw.messages import RequestFinished, Submit
 from seesaw.transport.channels import Inbox, Outbox
@@ -23,7 +23,7 @@ class BatchRunner:
     """Keeps up to `max_pending` requests in the engine, reading more input as results come back."""
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
-                 sink: ResultSink, finished: set[int] | None = None, progress: Progress | None = None):
+                 sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None):
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
@@ -31,11 +31,11 @@ class BatchRunner:
         self.model_name = model_name
         self.max_pending = max_pending
         self.sink = sink
-        self.finished = finished if finished is not None else set()  # keys of custom_ids already answered
+        self.finished = finished if finished is not None else KeySet()  # keys of custom_ids already answered
         self.progress = progress
         self.summary = BatchSummary()
         self.pending: dict[str, BatchItem] = {}
-        self._seen: set[int] = set()  # keys of custom_ids submitted in this run
+        self._seen = KeySet()  # keys of custom_ids submitted in this run
         self._num_lines = 0  # lines read that hold something (requests, bad lines, skipped ones)
         self._fraction = 0.0  # of the input file read so far
         self._is_stopping = False  # interrupted: read nothing more

@@ -18,7 +18,7 @@ import zmq
 from seesaw.engine import Engine, EngineError
 from seesaw.frontend.batch import BatchRunner
 from seesaw.frontend.batch_io import SamplingDefaults
-from seesaw.frontend.output import ResultSink
+from seesaw.frontend.output import KeySet, ResultSink
 from seesaw.frontend.progress import BatchSummary, Progress
 from seesaw.frontend.report import draw_timeline, phase_lines, write_metrics
 
@@ -30,7 +30,7 @@ class BatchJob:
     input_path: Path
     output: Path
     sink: ResultSink
-    finished: set[int]  # keys of custom_ids already answered (a resumed run)
+    finished: KeySet  # keys of custom_ids already answered (a resumed run)
     defaults: SamplingDefaults
     max_pending: int
     grace_s: float

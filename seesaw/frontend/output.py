@@ -10,14 +10,63 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import orjson
 
 SYNC_EVERY_S = 2.0
 
 
 def id_key(custom_id: str) -> int:
-    """A custom_id as a 64-bit key: a million of them fit in a few tens of MB."""
-    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
+    """A custom_id as a nonzero 64-bit key (two ids share one with odds of about n^2 / 2^65)."""
+    key = int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little")
+    return key or 1
+
+
+class KeySet:
+    """A set of 64-bit keys in an open-addressing table: 16 to 32 bytes a key, so the ids of a
+    million-line batch take tens of MB, not the hundreds a Python set of ints would."""
+
+    def __init__(self, keys=()):
+        self._table = np.zeros(1024, dtype=np.uint64)  # 0 marks an empty slot
+        self._count = 0
+        for key in keys:
+            self.add(key)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, key: int) -> bool:
+        return self._table[self._slot(key)] == key
+
+    def add(self, key: int) -> None:
+        slot = self._slot(key)
+        if self._table[slot] == key:
+            return
+        self._table[slot] = key
+        self._count += 1
+        if 2 * self._count > len(self._table):
+            self._grow()
+
+    def update(self, other: KeySet) -> None:
+        for key in other._table[other._table != 0]:
+            self.add(int(key))
+
+    def _slot(self, key: int) -> int:
+        """The slot holding `key`, or the empty one where it would go (linear probing)."""
+        table, mask = self._table, len(self._table) - 1
+        slot = key & mask
+        while True:
+            found = table[slot]
+            if found == key or found == 0:
+                return slot
+            slot = (slot + 1) & mask
+
+    def _grow(self) -> None:
+        keys = self._table[self._table != 0]
+        self._table = np.zeros(2 * len(self._table), dtype=np.uint64)
+        self._count = 0
+        for key in keys:
+            self.add(int(key))
 
 
 class OutputError(ValueError):
@@ -33,10 +82,10 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
                           f"or --overwrite to start it again")
 
 
-def finished_ids(path: Path) -> tuple[set[int], int]:
+def finished_ids(path: Path) -> tuple[KeySet, int]:
     """Keys of the custom_ids a results file holds, and how many lines; a torn last line (no
     newline, from a crash mid-write) is cut off so the file ends on a whole line."""
-    done: set[int] = set()
+    done = KeySet()
     if not path.is_file():
         return done, 0
     size = path.stat().st_size

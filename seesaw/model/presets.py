@@ -41,6 +41,12 @@ PRESETS: dict[str, dict] = {
         "rope_theta": 1000000.0, "attention_bias": True, "use_sliding_window": False,
         "bos_token_id": 151643, "eos_token_id": 151645,
     },
+    "tiny": {  # not a real model: small enough to measure everything but the model
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+        "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2,
+    },
     "smollm2-135m": {
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
