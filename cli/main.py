@@ -50,6 +50,7 @@ def batch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output instead of refusing")] = False,
     errors: Annotated[Optional[Path], typer.Option(help="write failed lines here instead of into the output")] = None,
     grace_s: Annotated[float, typer.Option(help="on SIGINT/SIGTERM: seconds the requests in flight get to finish")] = 30.0,
+    max_restarts: Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the batch gives up")] = 3,
     head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
     local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
     metrics_json: Annotated[Optional[Path], typer.Option(help="write the run's metrics (phases, transitions, KV traffic) here as JSON")] = None,
@@ -69,7 +70,7 @@ def batch(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
             host_low_water=host_low_water, threads=threads, seed=seed, head_address=head_address,
-            local_workers=local_workers,
+            local_workers=local_workers, max_restarts=max_restarts,
         )
         defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
         if max_pending < 1:
@@ -148,7 +149,7 @@ def worker(
 
 def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
                    block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, threads, seed,
-                   head_address, local_workers):
+                   head_address, local_workers, max_restarts):
     from seesaw.config import (
         CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, TransportConfig,
         default_cache_dir, default_token_budget,
@@ -162,7 +163,7 @@ def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batc
                           host_buffer_gb=host_buffer_gb),
         parallel=ParallelConfig(layout=layout, decode_layout=decode_layout, threads_per_worker=threads,
                                 num_local_workers=local_workers),
-        transport=TransportConfig(head_address=head_address),
+        transport=TransportConfig(head_address=head_address, max_restarts=max_restarts),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs,
             host_low_water=host_low_water,

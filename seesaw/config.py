@@ -128,8 +128,11 @@ class TransportConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
+    max_restarts: int = 3  # replicas restarted after a worker is lost, over the whole run
 
     def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must not be negative, got {self.max_restarts}")
         if self.head_address is not None and not self.head_address.startswith("tcp://"):
             raise ValueError(f"head_address must be tcp://HOST:PORT, got {self.head_address!r}")
         for name in ("worker_start_timeout_s", "step_timeout_s", "heartbeat_interval_s",

@@ -22,7 +22,7 @@ from seesaw.actors.base import Actor
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import ModelLimits, Scheduler
-from seesaw.actors.supervisor import Supervisor
+from seesaw.actors.supervisor import EngineHooks, Supervisor
 from seesaw.config import EngineConfig
 from seesaw.frontend.text import TextCodec
 from seesaw.layout import shard_for
@@ -70,7 +70,8 @@ class Engine:
         self._ready = asyncio.Event()
         self._actors: list[Actor] = []
         self._outboxes: list[Outbox] = []
-        self._processes: list[subprocess.Popen] = []
+        self._processes: dict[int, subprocess.Popen] = {}  # the current process of each local rank
+        self._retired: list[subprocess.Popen] = []  # processes ended by a restart, reaped at close
         self._watch: asyncio.Task | None = None
         self._closing = False
         self._run_dir: Path | None = None
@@ -188,9 +189,9 @@ class Engine:
         kv_tier = KVTier(inboxes["kv-tier"], context, parallel.layout, outbox("scheduler"))
         backend = "nccl" if config.model.device == "cuda" else "gloo"
         self._supervisor = Supervisor(
-            inboxes["supervisor"], context, parallel.layouts, backend, self._load_command,
+            inboxes["supervisor"], context, config.transport, parallel.layouts, backend, self._load_command,
             [outbox("scheduler"), outbox("kv-tier")], outbox("scheduler"),
-            config.transport.heartbeat_timeout_s, self._on_ready, self._fail, self._can_load,
+            EngineHooks(self._on_ready, self._fail, self._restart_workers), self._can_load,
         )
         self._scheduler = scheduler
         self._kv_tier = kv_tier
@@ -221,19 +222,35 @@ class Engine:
         )
 
     def _spawn_workers(self) -> None:
+        for rank in range(self.config.parallel.local_workers()):
+            self._processes[rank] = self._spawn_worker(rank)
+
+    def _spawn_worker(self, rank: int) -> subprocess.Popen:
         threads = str(self.config.parallel.threads())
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         level = logging.getLevelName(logging.getLogger("seesaw").getEffectiveLevel())
-        for rank in range(self.config.parallel.local_workers()):
-            command = [
-                sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
-                "--head", self._inboxes["supervisor"].bound_address,
-                "--inbox", f"ipc://{self._run_dir}/worker-{rank}",
-                "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),
-                "--parent-pid", str(os.getpid()),
-                "--log-level", level,
-            ]
-            self._processes.append(subprocess.Popen(command, env=env))
+        command = [
+            sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
+            "--head", self._inboxes["supervisor"].bound_address,
+            "--inbox", f"ipc://{self._run_dir}/worker-{rank}-{len(self._retired)}",
+            "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", level,
+        ]
+        return subprocess.Popen(command, env=env)
+
+    def _restart_workers(self, ranks: list[int]) -> bool:
+        """End these ranks' processes and start new ones (the Supervisor's restart of a replica);
+        False, doing nothing, if a rank's worker is not this host's to start."""
+        if any(rank not in self._processes for rank in ranks):
+            return False
+        for rank in ranks:
+            old = self._processes[rank]
+            if old.poll() is None:
+                old.kill()
+            self._retired.append(old)
+            self._processes[rank] = self._spawn_worker(rank)
+        return True
 
     # ------------------------------------------------------------ running
 
@@ -256,13 +273,13 @@ class Engine:
     async def _watch_processes(self) -> None:
         watch = Outbox(self.context, self._inboxes["supervisor"].bound_address)
         self._outboxes.append(watch)
-        reported: set[int] = set()
+        reported: set[int] = set()  # pids
         while True:
-            for rank, process in enumerate(self._processes):
+            for rank, process in list(self._processes.items()):
                 code = process.poll()
-                if code is not None and rank not in reported and not self._closing:
-                    reported.add(rank)
-                    watch.send(WorkerFailed(rank, _exit_description(code), ""))
+                if code is not None and process.pid not in reported and not self._closing:
+                    reported.add(process.pid)
+                    watch.send(WorkerFailed(rank, _exit_description(code), "", process.pid))
             await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, float]:
@@ -322,7 +339,7 @@ class Engine:
 
     async def _reap_workers(self) -> None:
         deadline = time.monotonic() + self.config.transport.shutdown_timeout_s
-        for process in self._processes:
+        for process in [*self._processes.values(), *self._retired]:
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 await asyncio.to_thread(process.wait, remaining)

@@ -197,14 +197,15 @@ def group_key(ranks: list[int]) -> str | None:
     return f"ranks:{','.join(map(str, ranks))}" if len(ranks) > 1 else None
 
 
-def groups_of(*layouts: Layout) -> list[tuple[str, list[int]]]:
-    """Every tensor-, pipeline- and data-parallel group of these layouts that has more than one
-    rank, as (key, global ranks), each rank set once, in a fixed order that every rank shares
-    (group creation is collective)."""
+def groups_of(layouts: list[Layout], replica: int) -> list[tuple[str, list[int]]]:
+    """Every tensor- and pipeline-parallel group of one data-parallel replica under these layouts
+    that has more than one rank, as (key, global ranks), each rank set once, in a fixed order that
+    every rank shares (group creation is collective). Replicas never communicate with each other,
+    so each forms its own groups (and can form them again after a restart)."""
     groups: dict[str, list[int]] = {}
     for layout in layouts:
-        for kind in ("tp", "pp", "dp"):
-            for rank in range(layout.world_size):
+        for kind in ("tp", "pp"):
+            for rank in layout.replica_ranks(replica):
                 members = layout.group(kind, rank)
                 key = group_key(members)
                 if key is not None:

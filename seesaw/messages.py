@@ -31,12 +31,14 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class CollectiveSpec:
-    """How workers meet for bulk transfers: gloo through rank 0's TCP store, or NCCL ids."""
+    """How one replica's workers meet for bulk transfers: gloo through its first rank's TCP store,
+    or NCCL ids. A gloo world is one replica: world rank = global rank - first_rank."""
 
     backend: str  # "gloo" or "nccl"
-    world_size: int
+    world_size: int  # the replica's workers
     groups: list[GroupSpec]
     init_address: str | None = None  # gloo only
+    first_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,25 @@ class EngineReady:
 
 
 @dataclass(frozen=True)
+class ReplicaLost:
+    """Supervisor -> Scheduler, KVTier: a replica's worker died and the replica is restarting;
+    its requests start over (keeping what they generated) once it is back."""
+
+    replica: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReplicaReady:
+    """Supervisor -> Scheduler, KVTier: a restarted replica is loaded again: its device pool and
+    its workers' addresses, in rank order."""
+
+    replica: int
+    num_device_blocks: int
+    worker_addresses: list[str]
+
+
+@dataclass(frozen=True)
 class EngineFailed:
     """Supervisor -> Scheduler: the engine cannot go on; fail every request in flight."""
 
@@ -210,6 +231,7 @@ class LoadKV:
 class SwappedOut:
     """ShardWorker -> KVTier: this worker's share of the request's KV is in the host buffer."""
 
+    transfer_id: int
     request_id: str
     rank: int
     num_bytes: int
@@ -220,6 +242,7 @@ class SwappedOut:
 class Prefetched:
     """ShardWorker -> KVTier: this worker's share of the request's KV is on its device."""
 
+    transfer_id: int
     request_id: str
     rank: int
     num_bytes: int
@@ -254,10 +277,12 @@ class LoadShard:
 
 @dataclass(frozen=True)
 class PrepareGroups:
-    """Supervisor -> ShardWorker (rank 0): make the rendezvous for these groups."""
+    """Supervisor -> ShardWorker (a replica's first rank): make the rendezvous for these groups."""
 
+    replica: int
     backend: str
     world_size: int
+    first_rank: int
     groups: list[GroupSpec]
 
 
@@ -280,6 +305,7 @@ class Reshard:
 class SwapOut:
     """KVTier -> ShardWorker: copy this worker's share of device blocks (laid out in `layout`) into host blocks."""
 
+    transfer_id: int
     request_id: str
     layout: str
     block_ids: list[int]
@@ -290,6 +316,7 @@ class SwapOut:
 class Prefetch:
     """KVTier -> ShardWorker: copy this worker's share of host blocks into device blocks laid out in `layout`."""
 
+    transfer_id: int
     request_id: str
     layout: str
     host_block_ids: list[int]
@@ -321,8 +348,9 @@ class WorkerHello:
 
 @dataclass(frozen=True)
 class GroupsPrepared:
-    """ShardWorker (rank 0) -> Supervisor: the rendezvous every worker joins."""
+    """ShardWorker (a replica's first rank) -> Supervisor: the rendezvous its replica's workers join."""
 
+    replica: int
     collective: CollectiveSpec
 
 
@@ -351,6 +379,7 @@ class WorkerFailed:
     rank: int
     error: str
     activity: str  # "" when the head saw the process exit and the worker could not say
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -375,7 +404,7 @@ _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
         Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone, Resharded,
-        EngineReady, EngineFailed, KVSaved, KVLoaded, SaveKV, LoadKV, SwappedOut, Prefetched, LoadShard,
+        EngineReady, ReplicaLost, ReplicaReady, EngineFailed, KVSaved, KVLoaded, SaveKV, LoadKV, SwappedOut, Prefetched, LoadShard,
         PrepareGroups, RunStep, Reshard, SwapOut, Prefetch, HeadAlive, Shutdown, WorkerHello, GroupsPrepared,
         RankAssigned, WorkerReady, WorkerFailed, Heartbeat, WorkersBusy,
     )

@@ -74,7 +74,7 @@ async def serve(args: argparse.Namespace) -> int:
     await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 1 if worker.has_failed else 0
     if task.done() and task.exception() is not None:
-        supervisor.send(WorkerFailed(worker.rank, repr(task.exception()), "handling a message"))
+        supervisor.send(WorkerFailed(worker.rank, repr(task.exception()), "handling a message", os.getpid()))
         exit_code = 1
     heartbeat.cancel()
     stopped.cancel()

@@ -12,8 +12,8 @@ from seesaw import messages as m
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import ModelLimits, Scheduler
-from seesaw.actors.supervisor import Supervisor
-from seesaw.config import SchedulerConfig
+from seesaw.actors.supervisor import EngineHooks, Supervisor
+from seesaw.config import SchedulerConfig, TransportConfig
 from seesaw.frontend.text import TextCodec
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
@@ -112,21 +112,38 @@ async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     # 1. A save goes to every worker of the replica; the scheduler hears once both have copied.
     to_actor.send(m.SaveKV("a", 0, "t2", [7, 8, 9], [0, 1, 2]))
     copies = [await expect(w, m.SwapOut) for w in workers]
-    assert copies[0] == copies[1] == m.SwapOut("a", "t2", [7, 8, 9], [0, 1, 2])
-    to_actor.send(m.SwappedOut("a", 1, 300, 0.5))
+    assert copies[0] == copies[1] and (copies[0].request_id, copies[0].block_ids) == ("a", [7, 8, 9])
+    saving = copies[0].transfer_id
+    to_actor.send(m.SwappedOut(saving, "a", 1, 300, 0.5))
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
-    to_actor.send(m.SwappedOut("a", 0, 300, 0.5))
+    to_actor.send(m.SwappedOut(saving, "a", 0, 300, 0.5))
     assert await expect(scheduler, m.KVSaved) == m.KVSaved("a")
     # 2. A load prefetches on every worker and is reported once all are done.
     to_actor.send(m.LoadKV("a", 0, "t2", [0, 1, 2], [3, 4, 5, 6]))
     prefetches = [await expect(w, m.Prefetch) for w in workers]
-    assert prefetches[0] == m.Prefetch("a", "t2", [0, 1, 2], [3, 4, 5, 6])
+    assert (prefetches[0].host_block_ids, prefetches[0].block_ids) == ([0, 1, 2], [3, 4, 5, 6])
     for rank in (0, 1):
-        to_actor.send(m.Prefetched("a", rank, 200, 0.25))
+        to_actor.send(m.Prefetched(prefetches[0].transfer_id, "a", rank, 200, 0.25))
     assert await expect(scheduler, m.KVLoaded) == m.KVLoaded("a")
     # 3. The bytes moved and the copy time are totalled.
     assert actor.totals == {"written_bytes": 600, "written_s": 1.0, "read_bytes": 400, "read_s": 0.5}
+    # 4. When a replica is lost, answers to its transfers no longer count, even for the same request.
+    to_actor.send(m.SaveKV("a", 0, "t2", [1], [5]))
+    stale = (await expect(workers[0], m.SwapOut)).transfer_id
+    await expect(workers[1], m.SwapOut)
+    to_actor.send(m.ReplicaLost(0, "worker 1 died"))
+    to_actor.send(m.ReplicaReady(0, 100, [w.addresses[0] for w in workers]))
+    to_actor.send(m.SaveKV("a", 0, "t2", [2], [6]))
+    fresh = (await expect(workers[0], m.SwapOut)).transfer_id
+    await expect(workers[1], m.SwapOut)
+    for rank in (0, 1):
+        to_actor.send(m.SwappedOut(stale, "a", rank, 1, 0.0))
+    with pytest.raises(TimeoutError):
+        await scheduler.recv(timeout_s=0.2)
+    for rank in (0, 1):
+        to_actor.send(m.SwappedOut(fresh, "a", rank, 1, 0.0))
+    assert await expect(scheduler, m.KVSaved) == m.KVSaved("a")
     await actor.stop()
 
 
@@ -170,9 +187,10 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
         return m.LoadShard({}, None, None, 0, "float32", "cpu", ["t2"], rank, 16, 1, 0.9, 1, None, collective, "s", "k")
 
     ready, failures = [], []
-    actor = Supervisor(inbox, wiring.context, [Layout(tp=2)], "gloo", load_command,
-                       [wiring.outbox(scheduler), wiring.outbox(kv)], wiring.outbox(scheduler),
-                       heartbeat_timeout_s=1.0, on_ready=ready.append, on_failure=failures.append)
+    hooks = EngineHooks(on_ready=ready.append, on_failure=failures.append, restart=lambda ranks: False)
+    actor = Supervisor(inbox, wiring.context, TransportConfig(heartbeat_timeout_s=1.0, max_restarts=0),
+                       [Layout(tp=2)], "gloo", load_command, [wiring.outbox(scheduler), wiring.outbox(kv)],
+                       wiring.outbox(scheduler), hooks)
     actor.start()
     to_actor = wiring.outbox(inbox)
     beating_ranks = {0, 1}
@@ -192,8 +210,9 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     prepare = await expect(workers[0], m.PrepareGroups)
     assert [(g.key, g.ranks) for g in prepare.groups] == [("ranks:0,1", [0, 1])]  # groups of one need none
     # 2. The prepared rendezvous goes to every worker with its own shard.
+    assert (prepare.replica, prepare.world_size, prepare.first_rank) == (0, 2, 0)
     collective = m.CollectiveSpec("gloo", 2, prepare.groups, "tcp://127.0.0.1:1")
-    to_actor.send(m.GroupsPrepared(collective))
+    to_actor.send(m.GroupsPrepared(0, collective))
     loads = [await expect(w, m.LoadShard) for w in workers]
     assert [(c.rank, c.collective) for c in loads] == [(0, collective), (1, collective)]
     # 3. Once all are ready the scheduler and the KV tier learn the pool and the addresses.
@@ -206,7 +225,7 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     beating_ranks.discard(0)
     failed = await expect(scheduler, m.EngineFailed, timeout_s=5.0)
     beating.cancel()
-    assert "worker 0" in failed.reason and "no heartbeat" in failed.reason
+    assert "worker 0" in failed.reason and "no heartbeat" in failed.reason and "--max-restarts" in failed.reason
     assert failures == [failed.reason] and len(ready) == 1
     await actor.stop()
 
@@ -223,5 +242,5 @@ async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
     to_actor = wiring.outbox(inbox)
     to_actor.send(m.EngineReady([10], worker.addresses))
     to_actor.send(m.SaveKV("a", 0, "t1", [1, 2, 3], [0, 1, 2]))
-    assert await expect(worker, m.SwapOut) == m.SwapOut("a", "t1", [1, 2, 3], [0, 1, 2])
+    assert (await expect(worker, m.SwapOut)).block_ids == [1, 2, 3]
     await actor.stop()

@@ -75,7 +75,7 @@ def _logits(default_model, layout: str, rows) -> torch.Tensor:
     parsed = Layout.parse(layout)
     collective = None
     if parsed.world_size > 1:
-        groups = [GroupSpec(key, ranks) for key, ranks in groups_of(parsed)]
+        groups = [GroupSpec(key, ranks) for key, ranks in groups_of([parsed], 0)]
         collective = CollectiveSpec("gloo", parsed.world_size, groups, free_tcp_address())
     fields = dict(
         hf_config=default_model.hf_config, weights_folder=str(default_model.weights_folder), weight_store=None,

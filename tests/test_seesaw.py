@@ -89,7 +89,7 @@ def test_tiny_model_switching_layouts_gives_t1_outputs(tiny_mha, tiny_prompts, t
 
 def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, tiny_prompts):
     config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48},
-                                   transport={"step_timeout_s": 60}), "p2", "t2",
+                                   transport={"step_timeout_s": 60, "max_restarts": 0}), "p2", "t2",
                      host_blocks=9, block_bytes=TINY_BLOCK_BYTES)
     resolved = resolve_model(config.model.model, config.cache_dir)
 
@@ -111,3 +111,29 @@ def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, t
     failure, errors = asyncio.run(asyncio.wait_for(run(), 120))
     assert "worker 1 failed while re-sharding to t2" in failure and "SIGKILL" in failure
     assert errors == [failure] * len(tiny_prompts)  # every request is answered, with the reason
+
+
+def test_a_worker_killed_during_a_transition_is_restarted_and_outputs_stay_as_at_t1(tiny_mha, tiny_prompts, tiny_t1):
+    config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48},
+                                   transport={"step_timeout_s": 60}), "p2", "t2",
+                     host_blocks=7, block_bytes=TINY_BLOCK_BYTES)
+    resolved = resolve_model(config.model.model, config.cache_dir)
+
+    async def run():
+        async with Engine(config, resolved) as engine, LocalClient(engine, "restart") as client:
+            switch = engine._scheduler._switch
+            killed = []
+
+            def switch_then_kill(replica, old, new):
+                switch(replica, old, new)
+                if not killed and engine.config.parallel.layouts[0] != engine._scheduler.layouts[new]:
+                    killed.append(engine._processes[1].pid)
+                    os.kill(killed[0], signal.SIGKILL)
+
+            engine._scheduler._switch = switch_then_kill
+            results = await asyncio.gather(*(client.submit(**r) for r in greedy_requests(tiny_prompts, 12)))
+            return results, engine.metrics(), killed
+
+    results, metrics, killed = asyncio.run(asyncio.wait_for(run(), 240))
+    assert killed and metrics["replica_restarts"] == 1
+    assert [r.token_ids for r in results] == tiny_t1

@@ -89,13 +89,11 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return pids
 
 
-def test_a_killed_worker_stops_the_batch_with_a_clear_error(tiny_models, tmp_path):
-    folder = tiny_models["llama-gqa-tied"]
-    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _token_batch(source, 40, 60)
+def _kill_a_worker_mid_batch(folder: Path, source: Path, output: Path, *flags: str) -> tuple[int, str]:
+    """Run a t2 batch, SIGKILL worker 1 once two results are written; the exit code and stderr."""
     # One request at a time keeps the batch going long enough to kill a worker in the middle.
     head = subprocess.Popen([*CLI, "batch", source, "-o", output, *_common(folder), "--layout", "t2",
-                             "--max-num-seqs", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--max-num-seqs", "1", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (output.exists() and output.read_text().count("\n") >= 2):
@@ -104,15 +102,41 @@ def test_a_killed_worker_stops_the_batch_with_a_clear_error(tiny_models, tmp_pat
         victims = _worker_pids(head.pid)
         assert len(victims) == 2
         os.kill(victims[1], signal.SIGKILL)
-        started = time.monotonic()
-        _, stderr = head.communicate(timeout=60)
-        assert time.monotonic() - started < 30
+        _, stderr = head.communicate(timeout=120)
     finally:
         if head.poll() is None:
             head.kill()
             head.wait()
-    assert head.returncode == 1
+    return head.returncode, stderr
+
+
+def test_a_killed_worker_is_restarted_and_the_batch_completes_with_every_request_once(tiny_models, tmp_path):
+    folder = tiny_models["llama-gqa-tied"]
+    source, reference, output = tmp_path / "in.jsonl", tmp_path / "t1.jsonl", tmp_path / "out.jsonl"
+    _token_batch(source, 40, 60)
+    done = subprocess.run([*CLI, "batch", source, "-o", reference, *_common(folder)], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    code, stderr = _kill_a_worker_mid_batch(folder, source, output)
+    assert code == 0, stderr
+    assert "restarting replica 0" in stderr and "requests: 40 ok, 0 failed" in stderr
+    lines = output.read_text().splitlines()
+    assert len(lines) == 40  # every request answered, none twice
+    expected = {cid: r["response"]["body"]["choices"][0]["text"] for cid, r in _results(reference).items()}
+    got = {cid: r["response"]["body"]["choices"][0]["text"] for cid, r in _results(output).items()}
+    assert got == expected  # the requests in flight started over and generated the same tokens
+
+
+def test_past_the_restart_limit_a_killed_worker_stops_the_batch_with_a_clear_error(tiny_models, tmp_path):
+    folder = tiny_models["llama-gqa-tied"]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _token_batch(source, 40, 60)
+    started = time.monotonic()
+    code, stderr = _kill_a_worker_mid_batch(folder, source, output, "--max-restarts", "0")
+    assert time.monotonic() - started < 150
+    assert code == 1
     assert "worker 1 failed while running steps: the process was killed by SIGKILL" in stderr
+    assert "--max-restarts" in stderr and "--resume" in stderr
     written = _results(output)
     assert 2 <= len(written) < 40
     assert all(r["response"]["status_code"] == 200 for r in written.values())

@@ -1,6 +1,7 @@
 """KVTier actor: moves requests' KV between device blocks and the node's host buffer.
 
-Inbox: SaveKV, LoadKV (Scheduler); SwappedOut, Prefetched (ShardWorker); EngineReady (Supervisor).
+Inbox: SaveKV, LoadKV (Scheduler); SwappedOut, Prefetched (ShardWorker); EngineReady, ReplicaLost,
+ReplicaReady (Supervisor).
 Sends: SwapOut and Prefetch to every worker of the request's replica; KVSaved and KVLoaded to the
 Scheduler once every one of them has moved its share.
 
@@ -22,6 +23,8 @@ from seesaw.messages import (
     LoadKV,
     Prefetch,
     Prefetched,
+    ReplicaLost,
+    ReplicaReady,
     SaveKV,
     SwapOut,
     SwappedOut,
@@ -46,35 +49,49 @@ class KVTier(Actor):
     def handle(self, message):
         match message:
             case SaveKV():
-                self._fan_out(self.saving, message.request_id, message.replica,
-                              SwapOut(message.request_id, message.layout, message.block_ids, message.host_block_ids))
+                transfer_id = self.saving.begin(message.request_id, message.replica, self._ranks(message.replica))
+                self._fan_out(message.replica, SwapOut(transfer_id, message.request_id, message.layout,
+                                                       message.block_ids, message.host_block_ids))
             case LoadKV():
-                self._fan_out(self.loading, message.request_id, message.replica,
-                              Prefetch(message.request_id, message.layout, message.host_block_ids, message.block_ids))
+                transfer_id = self.loading.begin(message.request_id, message.replica, self._ranks(message.replica))
+                self._fan_out(message.replica, Prefetch(transfer_id, message.request_id, message.layout,
+                                                        message.host_block_ids, message.block_ids))
             case SwappedOut():
                 self._count("written", message.num_bytes, message.seconds)
-                if self.saving.acknowledge(message.request_id, message.rank):
+                if self.saving.acknowledge(message.transfer_id, message.rank) is not None:
                     self.scheduler.send(KVSaved(message.request_id))
             case Prefetched():
                 self._count("read", message.num_bytes, message.seconds)
-                if self.loading.acknowledge(message.request_id, message.rank):
+                if self.loading.acknowledge(message.transfer_id, message.rank) is not None:
                     self.scheduler.send(KVLoaded(message.request_id))
             case EngineReady():
                 self._on_engine_ready(message)
+            case ReplicaLost():
+                self.saving.drop_replica(message.replica)
+                self.loading.drop_replica(message.replica)
+            case ReplicaReady():
+                self._connect(message.replica, message.worker_addresses)
             case _:
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_engine_ready(self, message: EngineReady) -> None:
-        addresses = message.worker_addresses
-        self.workers = [
-            [(rank, Outbox(self.context, addresses[rank])) for rank in self.layout.replica_ranks(replica)]
-            for replica in range(self.layout.dp)
-        ]
+        self.workers = [[] for _ in range(self.layout.dp)]
+        for replica in range(self.layout.dp):
+            ranks = self.layout.replica_ranks(replica)
+            self._connect(replica, [message.worker_addresses[rank] for rank in ranks])
 
-    def _fan_out(self, pending: PendingTransfers, request_id: str, replica: int, command) -> None:
-        workers = self.workers[replica]
-        pending.begin(request_id, [rank for rank, _ in workers])
-        for _, worker in workers:
+    def _connect(self, replica: int, addresses: list[str]) -> None:
+        """Outboxes to a replica's workers (again, after a restart)."""
+        for _, outbox in self.workers[replica]:
+            outbox.close(linger_s=0)
+        ranks = self.layout.replica_ranks(replica)
+        self.workers[replica] = [(rank, Outbox(self.context, address)) for rank, address in zip(ranks, addresses)]
+
+    def _ranks(self, replica: int) -> list[int]:
+        return [rank for rank, _ in self.workers[replica]]
+
+    def _fan_out(self, replica: int, command) -> None:
+        for _, worker in self.workers[replica]:
             worker.send(command)
 
     def _count(self, direction: str, num_bytes: int, seconds: float) -> None:

@@ -1,14 +1,15 @@
 """Scheduler actor: drives one scheduling core per replica and turns its decisions into messages.
 
 Inbox: AddRequest, StopRequest (RequestQueue); StepDone, Resharded (ShardWorker); KVSaved, KVLoaded
-(KVTier); EngineReady, EngineFailed (Supervisor).
+(KVTier); EngineReady, ReplicaLost, ReplicaReady, EngineFailed (Supervisor).
 Sends: RunStep and Reshard to every worker of a replica; SaveKV and LoadKV to the KVTier;
 TokensGenerated and RequestFailed to the RequestQueue; WorkersBusy to the Supervisor.
 
 Each data-parallel replica has its own core, KV pool and share of the host buffer; a new request
 goes to the least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline
 stage of its current layout. In seesaw mode the core is the phase machine and a phase switch
-sends Reshard to the replica's workers right behind the old phase's last steps.
+sends Reshard to the replica's workers right behind the old phase's last steps. While a lost
+replica restarts, its requests wait (keeping what they generated) for its new core.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from seesaw.messages import (
     KVLoaded,
     KVSaved,
     LoadKV,
+    ReplicaLost,
+    ReplicaReady,
     RequestFailed,
     Reshard,
     Resharded,
@@ -46,6 +49,7 @@ from seesaw.messages import (
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.metrics import RunMetrics
 from seesaw.scheduling.phases import PhaseScheduler
+from seesaw.scheduling.request import RequestState
 from seesaw.scheduling.static import StaticScheduler
 from seesaw.transport.channels import Inbox, Outbox
 
@@ -93,10 +97,12 @@ class Scheduler(Actor):
         self.cores: list[StaticScheduler] = []  # one per data-parallel replica, once ready
         self.workers: list[list[Outbox]] = []  # each replica's workers
         self.metrics = RunMetrics(time.monotonic(), [self._first_phase()] * self.layout.dp)
-        self._early: list[AddRequest] = []  # arrived before the engine was ready
+        self._early: list[AddRequest] = []  # arrived before the engine was ready (or with every replica down)
+        self._held: dict[int, list[RequestState]] = {}  # a restarting replica's requests
         self._timers: dict[tuple, asyncio.TimerHandle] = {}  # steps, re-shards and KV moves in flight
         # Each replica's re-shards in progress, oldest first: (metrics index, ranks yet to report).
         self._reshards: list[deque[tuple[int, set[int]]]] = [deque() for _ in range(self.layout.dp)]
+        self._next_step_ids = [0] * self.layout.dp  # where a restarted replica's step ids go on
         self.compute_ms = 0.0  # worker time inside steps, summed over replicas
 
     def _first_phase(self) -> Phase:
@@ -118,6 +124,10 @@ class Scheduler(Actor):
                 self._on_kv_moved(message.request_id, StaticScheduler.on_loaded)
             case EngineReady():
                 self._on_engine_ready(message)
+            case ReplicaLost():
+                self._on_replica_lost(message)
+            case ReplicaReady():
+                self._on_replica_ready(message)
             case EngineFailed():
                 self._on_engine_failed(message)
             case _:
@@ -140,23 +150,59 @@ class Scheduler(Actor):
         for request in early:
             self._on_add_request(request)
 
-    def _core(self, num_blocks: int, host: HostSlots) -> StaticScheduler:
+    def _core(self, num_blocks: int, host: HostSlots, first_step_id: int = 0) -> StaticScheduler:
         limits = self.limits
         if self.is_seesaw:
             micro_batches = {phase: layout.pp for phase, layout in self.layouts.items()}
             return PhaseScheduler(self.config, num_blocks, limits.block_size, limits.max_model_len,
-                                  limits.eos_token_ids, micro_batches, host)
+                                  limits.eos_token_ids, micro_batches, host, first_step_id)
         return StaticScheduler(self.config, num_blocks, limits.block_size, limits.max_model_len,
-                               limits.eos_token_ids, num_micro_batches=self.layout.pp, host=host)
+                               limits.eos_token_ids, num_micro_batches=self.layout.pp, host=host,
+                               first_step_id=first_step_id)
+
+    def _on_replica_lost(self, message: ReplicaLost) -> None:
+        """The replica's workers are being replaced: keep its requests for its next core."""
+        replica = message.replica
+        if not self.cores or replica in self._held:
+            return
+        core = self.cores[replica]
+        states = core.take_all()
+        self._held[replica] = states
+        self._next_step_ids[replica] = core.next_step_id
+        for key in [key for key in self._timers if key[0] == replica or key[1] in {s.request_id for s in states}]:
+            self._timers.pop(key).cancel()
+        self._reshards[replica].clear()
+        for outbox in self.workers[replica]:
+            outbox.close(linger_s=0)
+        self.workers[replica] = []
+        self.metrics.on_restart(time.monotonic(), replica, self._first_phase())
+        log.warning("replica %d lost (%s); %d requests wait for it to restart", replica, message.reason, len(states))
+
+    def _on_replica_ready(self, message: ReplicaReady) -> None:
+        replica = message.replica
+        states = self._held.pop(replica, None)
+        if states is None:
+            return
+        first, count = split_host_blocks(self.limits.num_host_blocks, self.layout.dp)[replica]
+        core = self._core(message.num_device_blocks, HostSlots(count, self.limits.block_size, first),
+                          self._next_step_ids[replica])
+        core.adopt(states)
+        self.cores[replica] = core
+        self.workers[replica] = [Outbox(self.context, address) for address in message.worker_addresses]
+        early, self._early = self._early, []
+        for request in early:
+            self._on_add_request(request)
+        self._pump(replica)
 
     def _on_add_request(self, request: AddRequest) -> None:
-        if not self.cores:
+        up = [r for r in range(len(self.cores)) if r not in self._held]
+        if not up:
             self._early.append(request)
             return
         size = (len(request.prompt_token_ids), request.max_tokens)
-        fits = [r for r, core in enumerate(self.cores) if core.capacity_error(*size) is None]
+        fits = [r for r in up if self.cores[r].capacity_error(*size) is None]
         if not fits:
-            problem = min((core.capacity_error(*size) for core in self.cores), key=len)
+            problem = min((self.cores[r].capacity_error(*size) for r in up), key=len)
             self.request_queue.send(RequestFailed(request.request_id, problem, status_code=400))
             return
         replica = fits[0] if len(fits) == 1 else min(fits, key=lambda r: self.cores[r].load)
@@ -167,6 +213,8 @@ class Scheduler(Actor):
         replica = self._replica_of(message.request_id)
         if replica is None:
             self._early = [r for r in self._early if r.request_id != message.request_id]
+            for replica, states in self._held.items():
+                self._held[replica] = [s for s in states if s.request_id != message.request_id]
             return
         self.cores[replica].stop(message.request_id)
         self._pump(replica)
@@ -176,8 +224,8 @@ class Scheduler(Actor):
         timer = self._timers.pop((replica, message.step_id), None)
         if timer is not None:
             timer.cancel()
-        if not self.cores:
-            return
+        if not self.cores or replica in self._held:
+            return  # a late answer from a replica being restarted
         self.compute_ms += message.compute_ms
         updates = self.cores[replica].complete(message.step_id, message.sampled)
         if updates:
@@ -223,9 +271,13 @@ class Scheduler(Actor):
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
         request_ids = [r.request_id for r in self._early]
-        for core in self.cores:
-            request_ids += core.fail_all()
+        for replica, core in enumerate(self.cores):
+            if replica not in self._held:
+                request_ids += core.fail_all()
+        for states in self._held.values():
+            request_ids += [s.request_id for s in states]
         self._early = []
+        self._held.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -311,9 +363,11 @@ class Scheduler(Actor):
 
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting): requests with KV on a device or moving, and requests waiting to
-        start or parked in the host buffer."""
-        waiting = len(self._early) + sum(len(core.waiting) + len(core.swapped) for core in self.cores)
-        total = len(self._early) + sum(len(core.requests) for core in self.cores)
+        start, parked in the host buffer, or waiting for their replica to restart."""
+        held = sum(len(states) for states in self._held.values())
+        up = [core for replica, core in enumerate(self.cores) if replica not in self._held]
+        waiting = len(self._early) + held + sum(len(core.waiting) + len(core.swapped) for core in up)
+        total = len(self._early) + held + sum(len(core.requests) for core in up)
         return total - waiting, waiting
 
     def summary(self) -> dict:

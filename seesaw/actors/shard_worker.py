@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import traceback
 from concurrent import futures
@@ -94,8 +95,10 @@ class ShardWorker(Actor):
 
             if command.backend == "nccl":
                 groups = [GroupSpec(g.key, g.ranks, make_nccl_id()) for g in command.groups]
-                return GroupsPrepared(CollectiveSpec("nccl", command.world_size, groups))
-            return GroupsPrepared(CollectiveSpec("gloo", command.world_size, command.groups, free_tcp_address()))
+                return GroupsPrepared(command.replica, CollectiveSpec("nccl", command.world_size, groups,
+                                                                      first_rank=command.first_rank))
+            return GroupsPrepared(command.replica, CollectiveSpec("gloo", command.world_size, command.groups,
+                                                                  free_tcp_address(), command.first_rank))
 
         self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")
 
@@ -139,7 +142,8 @@ class ShardWorker(Actor):
         def copy() -> SwappedOut:
             started = time.perf_counter()
             num_bytes = self.runtime.swap_out(command.layout, command.block_ids, command.host_block_ids)
-            return SwappedOut(command.request_id, self.rank, num_bytes, time.perf_counter() - started)
+            return SwappedOut(command.transfer_id, command.request_id, self.rank, num_bytes,
+                              time.perf_counter() - started)
 
         self._submit(self._copies, copy, self.kv_tier, f"swapping out request {command.request_id}")
 
@@ -147,7 +151,8 @@ class ShardWorker(Actor):
         def copy() -> Prefetched:
             started = time.perf_counter()
             num_bytes = self.runtime.prefetch(command.layout, command.host_block_ids, command.block_ids)
-            return Prefetched(command.request_id, self.rank, num_bytes, time.perf_counter() - started)
+            return Prefetched(command.transfer_id, command.request_id, self.rank, num_bytes,
+                              time.perf_counter() - started)
 
         self._submit(self._copies, copy, self.kv_tier, f"prefetching request {command.request_id}")
 
@@ -165,7 +170,7 @@ class ShardWorker(Actor):
                 detail = "".join(traceback.format_exception_only(type(error), error)).strip()
                 log.error("rank %d failed while %s:\n%s", self.rank, activity,
                           "".join(traceback.format_exception(error)))
-                self.supervisor.send(WorkerFailed(self.rank, detail, activity))
+                self.supervisor.send(WorkerFailed(self.rank, detail, activity, os.getpid()))
                 self.has_failed = True
                 self.stopped.set()
                 return

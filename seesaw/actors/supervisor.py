@@ -1,10 +1,11 @@
-"""Supervisor actor: gathers the world of workers, has them load their shards, watches them, and
-fails the engine loudly when one is lost.
+"""Supervisor actor: gathers the world of workers, has each replica form its groups and load its
+shards, watches the workers, and when one is lost restarts its replica (within a budget) or fails
+the engine loudly.
 
 Inbox: WorkerHello, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the
 engine's process watch); WorkersBusy (Scheduler).
-Sends: RankAssigned, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady to the
-Scheduler and the KVTier; EngineFailed to the Scheduler.
+Sends: RankAssigned, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady,
+ReplicaLost and ReplicaReady to the Scheduler and the KVTier; EngineFailed to the Scheduler.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.config import TransportConfig
 from seesaw.layout import Layout, groups_of
 from seesaw.messages import (
     CollectiveSpec,
@@ -29,6 +32,8 @@ from seesaw.messages import (
     LoadShard,
     PrepareGroups,
     RankAssigned,
+    ReplicaLost,
+    ReplicaReady,
     Shutdown,
     WorkerFailed,
     WorkerHello,
@@ -42,6 +47,15 @@ log = logging.getLogger(__name__)
 LoadCommand = Callable[[int, CollectiveSpec | None], LoadShard]
 
 
+@dataclass(frozen=True)
+class EngineHooks:
+    """What the Supervisor asks of the engine that owns the worker processes."""
+
+    on_ready: Callable[[list[WorkerReady]], None]
+    on_failure: Callable[[str], None]
+    restart: Callable[[list[int]], bool]  # end these ranks' processes and start new ones; False if not ours
+
+
 class Supervisor(Actor):
     name = "supervisor"
     FAILURE_GRACE_S = 1.0
@@ -50,38 +64,41 @@ class Supervisor(Actor):
         self,
         inbox: Inbox,
         context: zmq.asyncio.Context,
+        config: TransportConfig,
         layouts: list[Layout],  # the run's layouts (same world and replicas), the starting one first
         backend: str,  # "gloo" or "nccl"
         load_command: LoadCommand,
-        listeners: list[Outbox],  # Scheduler and KVTier: told when the engine is ready
+        listeners: list[Outbox],  # Scheduler and KVTier: told when the engine or a replica is ready or lost
         scheduler: Outbox,
-        heartbeat_timeout_s: float,
-        on_ready: Callable[[list[WorkerReady]], None],
-        on_failure: Callable[[str], None],
+        hooks: EngineHooks,
         can_load: asyncio.Event | None = None,  # set once what the load commands name exists (the weight store)
     ):
         super().__init__(inbox)
         self.context = context
+        self.config = config
         self.layouts = layouts
         self.layout = layout = layouts[0]
         self.backend = backend
         self.load_command = load_command
         self.listeners = listeners
         self.scheduler = scheduler
-        self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.on_ready = on_ready
-        self.report_failure = on_failure
+        self.hooks = hooks
         self.can_load = can_load
-        self._load_later: asyncio.Task | None = None
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
+        self.pids: dict[int, int] = {}  # rank -> the pid of its current process
         self.ready: dict[int, WorkerReady] = {}
         self.activity: dict[int, str] = {rank: "starting" for rank in range(world)}
         self.last_seen: dict[int, float] = {}
+        self.is_engine_ready = False
+        self.num_restarts = 0
         self.failed: str | None = None
         self._failures: list[WorkerFailed] = []
         self._verdict: asyncio.TimerHandle | None = None
         self._watch: asyncio.TimerHandle | None = None
+        self._waits: list[asyncio.Task] = []  # replicas waiting for the weight store
+        self._restart_deadlines: dict[int, asyncio.TimerHandle] = {}
+        self._replaced: set[int] = set()  # pids of processes a restart ended
 
     @property
     def addresses(self) -> list[str | None]:
@@ -93,7 +110,7 @@ class Supervisor(Actor):
             case WorkerHello():
                 self._on_worker_hello(message)
             case GroupsPrepared():
-                self._load_all(message.collective)
+                self._load_replica(message.replica, message.collective)
             case WorkerReady():
                 self._on_worker_ready(message)
             case WorkerFailed():
@@ -106,6 +123,8 @@ class Supervisor(Actor):
                     self.activity[rank] = message.activity
             case _:
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
+
+    # ------------------------------------------------------------ joining and loading
 
     def _on_worker_hello(self, message: WorkerHello) -> None:
         rank = message.rank
@@ -127,41 +146,44 @@ class Supervisor(Actor):
             return
         log.info("worker %d is up (pid %d on %s, %s)", rank, message.pid, message.hostname, message.inbox)
         self.workers[rank] = Outbox(self.context, message.inbox)
+        self.pids[rank] = message.pid
         if message.rank < 0:
             self.workers[rank].send(RankAssigned(rank))
         self.last_seen[rank] = time.monotonic()
         self.activity[rank] = "waiting for the other workers"
         self._arm_watch()
-        if all(address is not None for address in self.addresses):
-            self._world_complete()
+        replica = self.layout.coordinates(rank)[0]
+        if all(self.workers[r] is not None for r in self.layout.replica_ranks(replica)):
+            self._replica_joined(replica)
 
     def _send_away(self, address: str) -> None:
         outbox = Outbox(self.context, address)
         outbox.send(Shutdown())
         outbox.close()
 
-    def _world_complete(self) -> None:
+    def _replica_joined(self, replica: int) -> None:
         if self.can_load is not None and not self.can_load.is_set():
             # Keep watching the workers (and telling them the head is alive) while waiting.
-            self._load_later = asyncio.get_running_loop().create_task(self._load_when_allowed())
+            self._waits.append(asyncio.get_running_loop().create_task(self._prepare_when_allowed(replica)))
             return
-        self._prepare_groups()
+        self._prepare_groups(replica)
 
-    async def _load_when_allowed(self) -> None:
+    async def _prepare_when_allowed(self, replica: int) -> None:
         await self.can_load.wait()
-        self._prepare_groups()
+        self._prepare_groups(replica)
 
-    def _prepare_groups(self) -> None:
-        groups = [GroupSpec(key, ranks) for key, ranks in groups_of(*self.layouts)]
+    def _prepare_groups(self, replica: int) -> None:
+        groups = [GroupSpec(key, ranks) for key, ranks in groups_of(self.layouts, replica)]
+        ranks = self.layout.replica_ranks(replica)
         if not groups:  # every worker alone in every group: nothing to communicate
-            self._load_all(None)
+            self._load_replica(replica, None)
             return
-        self.workers[0].send(PrepareGroups(self.backend, self.layout.world_size, groups))
+        self.workers[ranks[0]].send(PrepareGroups(replica, self.backend, len(ranks), ranks[0], groups))
 
-    def _load_all(self, collective: CollectiveSpec | None) -> None:
-        for rank, worker in enumerate(self.workers):
+    def _load_replica(self, replica: int, collective: CollectiveSpec | None) -> None:
+        for rank in self.layout.replica_ranks(replica):
             self.activity[rank] = "loading its shard of the model"
-            worker.send(self.load_command(rank, collective))
+            self.workers[rank].send(self.load_command(rank, collective))
 
     def _on_worker_ready(self, message: WorkerReady) -> None:
         log.info(
@@ -170,39 +192,94 @@ class Supervisor(Actor):
         )
         self.ready[message.rank] = message
         self.activity[message.rank] = "running steps"
+        replica = self.layout.coordinates(message.rank)[0]
+        ranks = self.layout.replica_ranks(replica)
+        if any(rank not in self.ready for rank in ranks):
+            return
+        if self.is_engine_ready:
+            self._replica_restarted(replica)
+            return
         if len(self.ready) < self.layout.world_size:
             return
-        per_replica = [
-            min(min(self.ready[rank].num_device_blocks) for rank in self.layout.replica_ranks(replica))
-            for replica in range(self.layout.dp)
-        ]
+        self.is_engine_ready = True
+        blocks = [self._replica_blocks(r) for r in range(self.layout.dp)]
         for listener in self.listeners:
-            listener.send(EngineReady(per_replica, list(self.addresses)))
-        self.on_ready([self.ready[rank] for rank in sorted(self.ready)])
+            listener.send(EngineReady(blocks, list(self.addresses)))
+        self.hooks.on_ready([self.ready[rank] for rank in sorted(self.ready)])
+
+    def _replica_blocks(self, replica: int) -> int:
+        return min(min(self.ready[rank].num_device_blocks) for rank in self.layout.replica_ranks(replica))
+
+    # ------------------------------------------------------------ failures and restarts
 
     def _on_worker_failed(self, message: WorkerFailed) -> None:
-        if self.failed is not None:
-            return
+        if self.failed is not None or message.pid in self._replaced:
+            return  # the engine is down already, or this is a process a restart has replaced
         # A worker that dies takes its peers' collectives down with it; wait a moment so the
         # report names the worker that died, not a peer that noticed first.
         self._failures.append(message)
         if self._verdict is None:
-            self._verdict = asyncio.get_running_loop().call_later(self.FAILURE_GRACE_S, self._fail_engine)
+            self._verdict = asyncio.get_running_loop().call_later(self.FAILURE_GRACE_S, self._judge_failures)
 
-    def _fail_engine(self) -> None:
+    def _judge_failures(self) -> None:
         self._verdict = None
-        spoke = {f.rank for f in self._failures if f.activity}
-        silent_deaths = [f for f in self._failures if not f.activity and f.rank not in spoke]
-        first = (silent_deaths or self._failures)[0]
+        failures, self._failures = self._failures, []
+        spoke = {f.rank for f in failures if f.activity}
+        silent_deaths = [f for f in failures if not f.activity and f.rank not in spoke]
+        first = (silent_deaths or failures)[0]
         doing = first.activity or self.activity.get(first.rank, "unknown")
-        self.failed = f"worker {first.rank} failed while {doing}: {first.error}"
-        log.error("%s", self.failed)
-        self.scheduler.send(EngineFailed(self.failed))
-        self.report_failure(self.failed)
+        reason = f"worker {first.rank} failed while {doing}: {first.error}"
+        replicas = sorted({self.layout.coordinates(f.rank)[0] for f in failures})
+        if not self.is_engine_ready:
+            self._fail_engine(reason)
+        elif self.num_restarts + len(replicas) > self.config.max_restarts:
+            self._fail_engine(f"{reason} (restarts used: {self.num_restarts} of {self.config.max_restarts}, "
+                              f"--max-restarts)")
+        elif not self.hooks.restart([r for replica in replicas for r in self.layout.replica_ranks(replica)]):
+            self._fail_engine(f"{reason} (its replica has workers on other hosts, which this host cannot restart)")
+        else:
+            for replica in replicas:
+                self._replica_lost(replica, reason)
+
+    def _replica_lost(self, replica: int, reason: str) -> None:
+        self.num_restarts += 1
+        log.error("%s; restarting replica %d (restart %d of %d)", reason, replica, self.num_restarts,
+                  self.config.max_restarts)
+        for listener in self.listeners:
+            listener.send(ReplicaLost(replica, reason))
+        for rank in self.layout.replica_ranks(replica):
+            if self.workers[rank] is not None:
+                self.workers[rank].close(linger_s=0)
+            self.workers[rank] = None
+            self._replaced.add(self.pids.pop(rank, -1))
+            self.ready.pop(rank, None)
+            self.last_seen.pop(rank, None)
+            self.activity[rank] = f"restarting after: {reason}"
+        timeout_s = self.config.worker_start_timeout_s
+        self._restart_deadlines[replica] = asyncio.get_running_loop().call_later(
+            timeout_s, self._fail_engine, f"replica {replica} did not come back within {timeout_s:.0f} s of a restart"
+        )
+
+    def _replica_restarted(self, replica: int) -> None:
+        deadline = self._restart_deadlines.pop(replica, None)
+        if deadline is not None:
+            deadline.cancel()
+        log.info("replica %d is back", replica)
+        ranks = self.layout.replica_ranks(replica)
+        for listener in self.listeners:
+            listener.send(ReplicaReady(replica, self._replica_blocks(replica), [self.addresses[r] for r in ranks]))
+
+    def _fail_engine(self, reason: str) -> None:
+        if self.failed is not None:
+            return
+        self.failed = reason
+        log.error("%s", reason)
+        self.scheduler.send(EngineFailed(reason))
+        self.hooks.on_failure(reason)
 
     def _arm_watch(self) -> None:
         if self._watch is None:
-            interval_s = min(1.0, self.heartbeat_timeout_s / 4)
+            interval_s = min(1.0, self.config.heartbeat_timeout_s / 4)
             self._watch = asyncio.get_running_loop().call_later(interval_s, self._check_heartbeats)
 
     def _check_heartbeats(self) -> None:
@@ -211,12 +288,14 @@ class Supervisor(Actor):
             if worker is not None:
                 worker.send(HeadAlive())
         now = time.monotonic()
-        for rank, seen in self.last_seen.items():
-            if now - seen > self.heartbeat_timeout_s and self.failed is None:
+        for rank, seen in list(self.last_seen.items()):
+            if now - seen > self.config.heartbeat_timeout_s and self.failed is None:
                 self._on_worker_failed(WorkerFailed(
-                    rank, f"no heartbeat for {now - seen:.0f} s", self.activity.get(rank, "unknown")
+                    rank, f"no heartbeat for {now - seen:.0f} s", self.activity.get(rank, "unknown"),
+                    self.pids.get(rank, 0),
                 ))
-        if self.failed is None and self._verdict is None:
+                self.last_seen.pop(rank, None)  # reported once
+        if self.failed is None:
             self._arm_watch()
 
     def shutdown_workers(self) -> None:
@@ -225,7 +304,7 @@ class Supervisor(Actor):
                 worker.send(Shutdown())
 
     async def stop(self) -> None:
-        for timer in (self._watch, self._verdict, self._load_later):
+        for timer in (self._watch, self._verdict, *self._waits, *self._restart_deadlines.values()):
             if timer is not None:
                 timer.cancel()
         await super().stop()

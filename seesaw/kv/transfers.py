@@ -1,29 +1,48 @@
-"""Counting a transfer's acknowledgements: done once every worker has moved its shard (pure)."""
+"""Counting a transfer's acknowledgements: done once every worker has moved its share (pure)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Transfer:
+    """One request's KV moving on every worker of a replica."""
+
+    request_id: str
+    replica: int
+    waiting: set[int] = field(default_factory=set)  # ranks yet to answer
+
 
 class PendingTransfers:
-    """Outstanding per-request transfers, each waiting on a set of worker ranks."""
+    """Outstanding transfers by id; an answer for a transfer that is no longer pending (a worker
+    of a replica that was restarted since) is recognised and ignored."""
 
     def __init__(self):
-        self._waiting: dict[str, set[int]] = {}
+        self._transfers: dict[int, Transfer] = {}
+        self._next_id = 0
 
-    def begin(self, request_id: str, ranks: list[int]) -> None:
-        if request_id in self._waiting:
-            raise ValueError(f"request {request_id} already has a transfer in progress")
-        self._waiting[request_id] = set(ranks)
+    def begin(self, request_id: str, replica: int, ranks: list[int]) -> int:
+        """Record a new transfer; returns its id, which the workers' answers carry."""
+        transfer_id = self._next_id
+        self._next_id += 1
+        self._transfers[transfer_id] = Transfer(request_id, replica, set(ranks))
+        return transfer_id
 
-    def acknowledge(self, request_id: str, rank: int) -> bool:
-        """Record one worker's part; True when this completes the transfer."""
-        waiting = self._waiting.get(request_id)
-        if waiting is None or rank not in waiting:
-            raise ValueError(f"unexpected acknowledgement from rank {rank} for request {request_id}")
-        waiting.discard(rank)
-        if waiting:
-            return False
-        del self._waiting[request_id]
-        return True
+    def acknowledge(self, transfer_id: int, rank: int) -> str | None:
+        """Record one worker's part; the request id when this completes the transfer."""
+        transfer = self._transfers.get(transfer_id)
+        if transfer is None or rank not in transfer.waiting:
+            return None
+        transfer.waiting.discard(rank)
+        if transfer.waiting:
+            return None
+        del self._transfers[transfer_id]
+        return transfer.request_id
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._waiting
+    def drop_replica(self, replica: int) -> None:
+        """Forget a lost replica's transfers: their answers will not come (or no longer count)."""
+        self._transfers = {tid: t for tid, t in self._transfers.items() if t.replica != replica}
+
+    def __len__(self) -> int:
+        return len(self._transfers)

@@ -67,6 +67,7 @@ class RunMetrics:
         self.peak_decode_rows = 0
         self.peak_host_fill = 0.0
         self.transitions: list[Transition] = []
+        self.restarts = 0
         self.timeline = Timeline()
 
     def on_step(self, now_s: float, replica: int, num_decode_rows: int, host_fill: float) -> None:
@@ -88,6 +89,12 @@ class RunMetrics:
         self.phase[replica] = phase
         self.transitions.append(Transition(replica, phase.value, direction, now_s - self.started_s))
         return len(self.transitions) - 1
+
+    def on_restart(self, now_s: float, replica: int, phase: Phase) -> None:
+        """A replica lost a worker and starts over in its first phase."""
+        self._close_phase(now_s, replica)
+        self.phase[replica] = phase
+        self.restarts += 1
 
     def on_resharded(self, index: int, drain_s: float, load_s: float, num_bytes: int) -> None:
         transition = self.transitions[index]
@@ -119,5 +126,6 @@ class RunMetrics:
             "mean_decode_batch": self.decode_rows / self.decode_steps if self.decode_steps else 0.0,
             "peak_decode_batch": self.peak_decode_rows,
             "peak_host_fill": self.peak_host_fill,
+            "replica_restarts": self.restarts,
             "transitions": [asdict(t) for t in self.transitions],
         }

@@ -32,8 +32,10 @@ class PhaseScheduler(StaticScheduler):
         eos_token_ids: tuple[int, ...],
         micro_batches: dict[Phase, int],
         host: HostSlots,
+        first_step_id: int = 0,
     ):
-        super().__init__(config, num_device_blocks, block_size, max_model_len, eos_token_ids, host=host)
+        super().__init__(config, num_device_blocks, block_size, max_model_len, eos_token_ids, host=host,
+                         first_step_id=first_step_id)
         self.micro_batches = micro_batches  # steps in flight in each phase: its layout's pipeline depth
         self.phase = Phase.PREFILL
         self.paused: list[RequestState] = []  # decoding requests kept on the device during prefill

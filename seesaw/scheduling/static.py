@@ -37,6 +37,7 @@ class StaticScheduler:
         eos_token_ids: tuple[int, ...],
         num_micro_batches: int = 1,
         host: HostSlots | None = None,
+        first_step_id: int = 0,
     ):
         self.config = config
         self.block_size = block_size
@@ -53,7 +54,7 @@ class StaticScheduler:
         self.swapped: deque[RequestState] = deque()
         self._in_flight: dict[int, list[StepRow]] = {}
         self._moves: list[ToHost | ToDevice] = []  # decided outside schedule(), sent with the next plan
-        self._next_step_id = 0
+        self._next_step_id = first_step_id  # a replica restarted keeps counting: late answers stay unmatched
         self._next_arrival = 0
         self._evicting_blocks = 0
         self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0}
@@ -188,6 +189,36 @@ class StaticScheduler:
             self._finish(state)
             return
         self._resume(state)
+
+    def take_all(self) -> list[RequestState]:
+        """Every request still wanted, stripped of its KV to start over elsewhere (its replica was
+        lost): the tokens it generated stay and are recomputed, like an eviction without room."""
+        states = []
+        for state in sorted(self.requests.values(), key=lambda s: s.arrival):
+            if state.is_stopped:
+                continue  # finished for the user already
+            state.block_ids = []
+            state.num_computed_tokens = 0
+            state.num_in_flight = 0
+            state.status = RequestStatus.WAITING
+            state.kv_phase = Phase.MIXED
+            states.append(state)
+        self.requests.clear()
+        self._in_flight.clear()
+        self._moves.clear()
+        return states
+
+    def adopt(self, states: list[RequestState]) -> None:
+        """Queue requests taken from a lost replica's core, ahead of new ones and in their order."""
+        for state in reversed(states):
+            self.requests[state.request_id] = state
+            self.waiting.appendleft(state)
+        if states:
+            self._next_arrival = max(self._next_arrival, max(s.arrival for s in states) + 1)
+
+    @property
+    def next_step_id(self) -> int:
+        return self._next_step_id
 
     def fail_all(self) -> list[str]:
         """Drop every request (the engine cannot go on); return their ids."""

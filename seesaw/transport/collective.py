@@ -55,12 +55,12 @@ def make_nccl_id() -> list[int]:
 
 
 class GlooCommunicator:
-    """torch.distributed gloo over one subgroup of the process group."""
+    """torch.distributed gloo over one subgroup of the process group; `ranks` are world ranks."""
 
-    def __init__(self, group, ranks: list[int], global_rank: int):
+    def __init__(self, group, ranks: list[int], world_rank: int):
         self.group = group
         self.ranks = ranks
-        self.rank = ranks.index(global_rank)
+        self.rank = ranks.index(world_rank)
         self.size = len(ranks)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
@@ -85,18 +85,21 @@ class GlooCommunicator:
 
 
 def gloo_groups(init_address: str, global_rank: int, world_size: int, groups: list[GroupSpec],
-                timeout_s: float) -> dict[str, GlooCommunicator]:
-    """Join the gloo world and create every group; every rank must pass the same `groups` in order."""
+                timeout_s: float, first_rank: int = 0) -> dict[str, GlooCommunicator]:
+    """Join the gloo world of ranks first_rank .. first_rank + world_size - 1 and create every
+    group; every rank must pass the same `groups` (global ranks) in order."""
+    world_rank = global_rank - first_rank
     torch.distributed.init_process_group(
-        "gloo", init_method=init_address, rank=global_rank, world_size=world_size,
+        "gloo", init_method=init_address, rank=world_rank, world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
     communicators = {}
     for spec in groups:
+        ranks = [rank - first_rank for rank in spec.ranks]
         # new_group is collective over the world: every rank creates every group.
-        group = torch.distributed.new_group(spec.ranks, backend="gloo")
-        if global_rank in spec.ranks:
-            communicators[spec.key] = GlooCommunicator(group, spec.ranks, global_rank)
+        group = torch.distributed.new_group(ranks, backend="gloo")
+        if world_rank in ranks:
+            communicators[spec.key] = GlooCommunicator(group, ranks, world_rank)
     return communicators
 
 
@@ -108,7 +111,7 @@ def join_groups(spec: CollectiveSpec | None, global_rank: int, device: torch.dev
     if spec.backend == "nccl":
         return nccl_groups(spec.groups, global_rank, device)
     if spec.backend == "gloo":
-        return gloo_groups(spec.init_address, global_rank, spec.world_size, spec.groups, timeout_s)
+        return gloo_groups(spec.init_address, global_rank, spec.world_size, spec.groups, timeout_s, spec.first_rank)
     raise ValueError(f"unknown collective backend {spec.backend!r}")
 
 
