@@ -32,7 +32,7 @@ from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
 from seesaw.scheduling.decisions import Phase
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
-from seesaw.transport.shared_memory import SHM_DIR, reclaim_orphans
+from seesaw.transport.shared_memory import SHM_DIR, hold_lock, reclaim_orphans
 from seesaw.transport.weight_store import WeightStore
 
 log = logging.getLogger(__name__)
@@ -72,11 +72,13 @@ class Engine:
         self._outboxes: list[Outbox] = []
         self._processes: dict[int, subprocess.Popen] = {}  # the current process of each local rank
         self._retired: list[subprocess.Popen] = []  # processes ended by a restart, reaped at close
+        self._restarts: list[asyncio.Task] = []  # respawns waiting for the old processes to go
         self._watch: asyncio.Task | None = None
         self._closing = False
         self._run_dir: Path | None = None
         self._host_buffer: HostBuffer | None = None
         self._weight_store: WeightStore | None = None
+        self._store_filled: threading.Event | None = None  # set once the filling thread is done
         self._can_load = asyncio.Event()  # workers may load once the weight store (if any) is filled
         self._inboxes: dict[str, Inbox] = {}
 
@@ -88,6 +90,8 @@ class Engine:
             log.warning("removed %s, left behind by a run that no longer exists", leftover)
         self.context = zmq.asyncio.Context()
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"seesaw-run-{os.getpid()}-"))
+        self._run_dir_lock = os.open(self._run_dir, os.O_RDONLY)
+        hold_lock(self._run_dir_lock)
         self._host_buffer = self._make_host_buffer()
         self._bind_inboxes()
         self._spawn_workers()  # they start while the tokenizer (and the weight store) load here
@@ -96,7 +100,8 @@ class Engine:
         self._wire_actors()  # the Supervisor gathers and watches the workers from now on
         self._watch = asyncio.get_running_loop().create_task(self._watch_processes())
         if self.config.parallel.reshards:
-            self._weight_store = await asyncio.to_thread(self._make_weight_store)
+            self._store_filled = threading.Event()
+            await asyncio.to_thread(self._make_weight_store, self._store_filled)
         self._can_load.set()
         timeout_s = self.config.transport.worker_start_timeout_s
         waiters = [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self.failed.wait())]
@@ -143,21 +148,21 @@ class Engine:
         num_blocks = int(self.config.cache.host_buffer_gb * (1 << 30)) // block_bytes
         return HostBuffer.create(num_blocks, block_shape, dtype) if num_blocks else None
 
-    def _make_weight_store(self) -> WeightStore:
-        """The whole model once in shared memory, filled from the checkpoint (or seeded random values)."""
-        started = time.perf_counter()
-        spec, model = self.spec, self.model
-        store = WeightStore.create(neutral_shapes(spec), self.config.model.resolved_dtype)
+    def _make_weight_store(self, finished: threading.Event) -> None:
+        """The whole model once in shared memory, filled from the checkpoint (or seeded random
+        values); runs on a thread, which stops early (and says so through `finished`) if the
+        engine closes meanwhile, so close() never unmaps the store under it."""
         try:
+            started = time.perf_counter()
+            spec, model = self.spec, self.model
+            self._weight_store = WeightStore.create(neutral_shapes(spec), self.config.model.resolved_dtype)
             source = (SafetensorsSource(model.weights_folder) if model.weights_folder
                       else RandomSource(spec, self.config.model.seed))
-            store.fill(source.rows)
-        except BaseException:
-            store.close()
-            raise
-        log.info("host weight store filled: %.1f MB in %.1f s", store.spec.num_bytes / 1e6,
-                 time.perf_counter() - started)
-        return store
+            if self._weight_store.fill(source.rows, should_stop=lambda: self._closing):
+                log.info("host weight store filled: %.1f MB in %.1f s", self._weight_store.spec.num_bytes / 1e6,
+                         time.perf_counter() - started)
+        finally:
+            finished.set()
 
     def _bind_inboxes(self) -> None:
         context = self.context
@@ -240,17 +245,27 @@ class Engine:
         return subprocess.Popen(command, env=env)
 
     def _restart_workers(self, ranks: list[int]) -> bool:
-        """End these ranks' processes and start new ones (the Supervisor's restart of a replica);
-        False, doing nothing, if a rank's worker is not this host's to start."""
+        """End these ranks' processes and start new ones once the old are gone (so a new worker finds
+        its device free); the Supervisor's restart of a replica. False, doing nothing, if a rank's
+        worker is not this host's to start."""
         if any(rank not in self._processes for rank in ranks):
             return False
-        for rank in ranks:
-            old = self._processes[rank]
-            if old.poll() is None:
-                old.kill()
-            self._retired.append(old)
-            self._processes[rank] = self._spawn_worker(rank)
+        old = {rank: self._processes[rank] for rank in ranks}
+        for process in old.values():
+            if process.poll() is None:
+                process.kill()
+            self._retired.append(process)
+        self._restarts.append(asyncio.get_running_loop().create_task(self._respawn(old)))
         return True
+
+    async def _respawn(self, old: dict[int, subprocess.Popen]) -> None:
+        for rank, process in old.items():
+            try:
+                await asyncio.to_thread(process.wait, self.config.transport.shutdown_timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not exit after SIGKILL; starting rank %d anyway", process.pid, rank)
+            if not self._closing:
+                self._processes[rank] = self._spawn_worker(rank)
 
     # ------------------------------------------------------------ running
 
@@ -311,6 +326,9 @@ class Engine:
         for inbox in self._inboxes.values():
             if all(inbox is not actor.inbox for actor in self._actors):
                 inbox.close()
+        for respawn in self._restarts:
+            respawn.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         await self._reap_workers()
         if self._watch is not None:
             self._watch.cancel()
@@ -321,11 +339,14 @@ class Engine:
             box.close(linger_s=0)
         if self.context is not None:
             await self._term_context()
+        if self._store_filled is not None:  # a start cut short may still be filling it
+            await asyncio.to_thread(self._store_filled.wait, self.config.transport.shutdown_timeout_s)
         for segment in (self._host_buffer, self._weight_store):
             if segment is not None:
                 segment.close()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+            os.close(self._run_dir_lock)
 
     async def _term_context(self) -> None:
         """End ZeroMQ, but never wait on it for long: a socket left open would block term() forever,

@@ -352,6 +352,7 @@ class GroupsPrepared:
 
     replica: int
     collective: CollectiveSpec
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,7 @@ class WorkerReady:
     num_device_blocks: list[int]
     load_s: float
     device_name: str
+    pid: int = 0
 
 
 @dataclass(frozen=True)

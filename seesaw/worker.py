@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
     if args.parent_pid is not None:
+        # A signal to the whole process group (Ctrl-C, a cluster scheduler's SIGTERM) is the head's
+        # to handle: it finishes what is in flight, then shuts its workers down.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         _die_with_parent()
     with contextlib.suppress(ImportError):  # uvloop is optional; asyncio's own loop works too
         import uvloop
@@ -60,13 +64,9 @@ async def serve(args: argparse.Namespace) -> int:
     inbox = Inbox(context, args.inbox or f"tcp://{_local_ip(args.head)}:*")
     worker = ShardWorker(inbox, args.rank, supervisor, context)
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if args.parent_pid is None:
+    if args.parent_pid is None:  # a worker started by hand stops on a signal
+        for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stopped.set)
-        else:
-            # A signal to the whole process group (Ctrl-C, a cluster scheduler's SIGTERM) is the
-            # head's to handle: it finishes what is in flight, then shuts its workers down.
-            loop.add_signal_handler(signum, lambda: None)
     supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname(), inbox.bound_address))
     task = worker.start()
     heartbeat = loop.create_task(_heartbeat(worker, supervisor, args))

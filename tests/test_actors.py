@@ -205,19 +205,20 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     # 1. Rank 0 joins with its rank, a remote worker asks for one; once the world is complete,
     #    rank 0 prepares the communicator groups.
     to_actor.send(m.WorkerHello(0, 100, "host", workers[0].addresses[0]))
-    to_actor.send(m.WorkerHello(-1, 101, "far", workers[1].addresses[0]))
+    to_actor.send(m.WorkerHello(-1, 101, "far", workers[1].addresses[0]))  # pids 100 and 101
     assert await expect(workers[1], m.RankAssigned) == m.RankAssigned(1)
     prepare = await expect(workers[0], m.PrepareGroups)
     assert [(g.key, g.ranks) for g in prepare.groups] == [("ranks:0,1", [0, 1])]  # groups of one need none
     # 2. The prepared rendezvous goes to every worker with its own shard.
     assert (prepare.replica, prepare.world_size, prepare.first_rank) == (0, 2, 0)
     collective = m.CollectiveSpec("gloo", 2, prepare.groups, "tcp://127.0.0.1:1")
-    to_actor.send(m.GroupsPrepared(0, collective))
+    to_actor.send(m.GroupsPrepared(0, collective, 999))  # from a process that is not rank 0's: ignored
+    to_actor.send(m.GroupsPrepared(0, collective, 100))
     loads = [await expect(w, m.LoadShard) for w in workers]
     assert [(c.rank, c.collective) for c in loads] == [(0, collective), (1, collective)]
     # 3. Once all are ready the scheduler and the KV tier learn the pool and the addresses.
-    to_actor.send(m.WorkerReady(0, [50], 1.0, "cpu"))
-    to_actor.send(m.WorkerReady(1, [40], 1.0, "cpu"))
+    to_actor.send(m.WorkerReady(0, [50], 1.0, "cpu", 100))
+    to_actor.send(m.WorkerReady(1, [40], 1.0, "cpu", 101))
     expected = m.EngineReady([40], [w.addresses[0] for w in workers])
     assert await expect(scheduler, m.EngineReady) == expected == await expect(kv, m.EngineReady)
 

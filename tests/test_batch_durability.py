@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from helpers import engine_config, generate
-from seesaw.frontend.batch_io import SamplingDefaults, derived_seed, parse_line
+from seesaw.frontend.batch_io import DUPLICATE_CODE, SamplingDefaults, derived_seed, error_line, parse_line
 from seesaw.frontend.output import KeySet, OutputError, check_output, finished_ids, id_key
 from seesaw.sampling import SamplingParams
 
@@ -55,6 +55,15 @@ def test_a_damaged_line_in_the_middle_is_an_error_naming_it(tmp_path):
     out.write_bytes(_result("a") + b"garbage\n" + _result("b"))
     with pytest.raises(OutputError, match="line 2: not a batch result"):
         finished_ids(out)
+
+
+def test_a_duplicate_lines_400_does_not_count_as_the_requests_result(tmp_path):
+    out = tmp_path / "out.jsonl"
+    duplicate = error_line("a", 2, "custom_id 'a' appears on an earlier line", code=DUPLICATE_CODE)
+    unreadable = error_line("line-5", 5, "not valid JSON")
+    out.write_bytes(orjson.dumps(duplicate) + b"\n" + orjson.dumps(unreadable) + b"\n")
+    done, count = finished_ids(out)
+    assert count == 2 and id_key("a") not in done and id_key("line-5") in done
 
 
 def test_an_existing_output_needs_resume_or_overwrite(tmp_path):
@@ -203,7 +212,8 @@ def test_a_line_torn_by_a_crash_is_repaired_on_resume(tiny_models, tmp_path, uni
 def test_a_repeated_custom_id_gets_its_own_400_and_errors_can_go_to_their_own_file(tiny_models, tmp_path):
     source, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     lines = [{"id": "a", "prompt": [5, 6], "max_tokens": 3}, {"id": "b", "prompt": [7], "max_tokens": 3},
-             {"id": "a", "prompt": [8], "max_tokens": 3}, {"id": "c", "prompt": [9], "max_tokens": 10_000}]
+             {"id": "a", "prompt": [8], "max_tokens": 3}, {"id": "c", "prompt": [9], "max_tokens": 10_000},
+             {"id": "d", "prompt": [9], "max_tokens": -1}, {"id": "d", "prompt": [9], "max_tokens": 2}]
     source.write_bytes(b"\n".join(orjson.dumps(line) for line in lines) + b"\n")
     done = subprocess.run([*_cli(tiny_models["llama-gqa-tied"], source, "-o", out, "--errors", errors)],
                           capture_output=True, text=True, timeout=120)
@@ -212,6 +222,7 @@ def test_a_repeated_custom_id_gets_its_own_400_and_errors_can_go_to_their_own_fi
     failed = {orjson.loads(line)["error"]["message"] for line in errors.read_bytes().splitlines()}
     assert any(message.startswith("line 3: custom_id 'a' appears on an earlier line") for message in failed)
     assert any(message.startswith("line 4:") and "max_tokens is 10000" in message for message in failed)
+    assert any(message.startswith("line 6: custom_id 'd' appears on an earlier line") for message in failed)
 
 
 def test_progress_counts_tokens_as_they_are_generated_and_estimates_the_time_left(tiny_models, tmp_path):

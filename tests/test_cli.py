@@ -41,7 +41,7 @@ def test_every_line_gets_exactly_one_result(batch_run):
     done, results = batch_run
     assert done.returncode == 0, done.stderr
     assert sorted(str(r["custom_id"]) for r in results) == sorted(
-        ["chat", "plain", "None", "no-prompt", "embed", "hot", "too-long", "stop"]
+        ["chat", "plain", "line-3", "no-prompt", "embed", "hot", "too-long", "stop"]
     )
 
 
@@ -60,7 +60,7 @@ def test_good_lines_succeed_in_openai_batch_format(batch_run):
 
 
 @pytest.mark.parametrize("custom_id,line,problem", [
-    (None, 3, "not valid JSON"),
+    ("line-3", 3, "not valid JSON"),
     ("no-prompt", 4, "has no prompt"),
     ("embed", 5, "unknown url"),
     ("hot", 6, "temperature"),

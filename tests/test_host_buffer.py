@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seesaw.transport.host_buffer import HostBuffer
-from seesaw.transport.shared_memory import reclaim_orphans
+from seesaw.transport.shared_memory import is_held, reclaim_orphans
 
 
 def _fill(spec, value):
@@ -40,20 +40,40 @@ def test_a_buffer_larger_than_shared_memory_is_refused_up_front():
     assert not list(Path("/dev/shm").glob(f"seesaw-kv-{os.getpid()}-*"))  # this process left nothing
 
 
-def test_what_processes_that_are_gone_left_is_reclaimed_and_what_live_ones_hold_is_kept(tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(gone.stdout)
+def test_leftovers_no_live_process_holds_are_reclaimed_and_held_ones_kept(tmp_path):
     shm, runs = tmp_path / "shm", tmp_path / "tmp"
     shm.mkdir()
     runs.mkdir()
-    orphan = shm / f"seesaw-kv-{dead_pid}-deadbeef"
+    orphan = shm / "seesaw-kv-123456-deadbeef"  # as a killed run leaves it: nobody holds its lock
     orphan.write_bytes(b"x")
-    orphan_run = runs / f"seesaw-run-{dead_pid}-abc123"
+    orphan_run = runs / "seesaw-run-123456-abc123"
     orphan_run.mkdir()
-    mine = shm / f"seesaw-weights-{os.getpid()}-cafe"
-    mine.write_bytes(b"x")
+    held = shm / "seesaw-weights-123457-cafe"
+    held.write_bytes(b"x")
+    held_run = runs / "seesaw-run-123457-def456"
+    held_run.mkdir()
     unrelated = shm / "other-program-1"
     unrelated.write_bytes(b"x")
-    removed = reclaim_orphans([shm, runs])
+    # Another process holds the locks, as a live run in this or another PID namespace would.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"locks = [os.open(p, os.O_RDONLY) for p in ({str(held)!r}, {str(held_run)!r})]\n"
+        "[fcntl.flock(fd, fcntl.LOCK_EX) for fd in locks]\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        removed = reclaim_orphans([shm, runs])
+    finally:
+        holder.communicate("", timeout=30)
     assert sorted(removed) == sorted([str(orphan), str(orphan_run)])
-    assert mine.exists() and unrelated.exists()
+    assert held.exists() and held_run.exists() and unrelated.exists()
+
+
+def test_a_segment_is_held_while_its_creator_has_it_open():
+    buffer = HostBuffer.create(num_blocks=1, block_shape=[1, 2, 1, 4, 8], dtype="float32")
+    try:
+        assert is_held(Path("/dev/shm") / buffer.spec.name)
+    finally:
+        buffer.close()

@@ -29,12 +29,12 @@ EXAMPLES = [
                 m.CollectiveSpec("nccl", 2, [m.GroupSpec("ranks:2,3", [2, 3], [1, 2, 3])], first_rank=2),
                 "tcp://h:1", "tcp://h:2"),
     m.PrepareGroups(1, "gloo", 2, 2, [m.GroupSpec("ranks:2,3", [2, 3])]),
-    m.GroupsPrepared(0, m.CollectiveSpec("gloo", 2, [m.GroupSpec("ranks:0,1", [0, 1])], "tcp://h:3")),
+    m.GroupsPrepared(0, m.CollectiveSpec("gloo", 2, [m.GroupSpec("ranks:0,1", [0, 1])], "tcp://h:3"), 77),
     m.RankAssigned(3),
     m.RunStep(3, [StepRow("r1", [1, 2], 0, [5], None), StepRow("r2", [9], 4, [6, 7], RowSampling(0.0))]),
     m.Reshard("t2"),
     m.SwapOut(7, "r1", "p2", [1], [2]), m.Prefetch(8, "r1", "t2", [2], [1]), m.HeadAlive(), m.Shutdown(),
-    m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerReady(0, [10, 10], 1.2, "cpu"),
+    m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerReady(0, [10, 10], 1.2, "cpu", 77),
     m.WorkerFailed(0, "oom", "loading", 4242), m.Heartbeat(1), m.WorkersBusy([0, 1], "re-sharding to t2"),
 ]
 

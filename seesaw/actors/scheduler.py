@@ -166,10 +166,11 @@ class Scheduler(Actor):
         if not self.cores or replica in self._held:
             return
         core = self.cores[replica]
+        request_ids = set(core.requests)  # stopped ones too: their copies will not land either
         states = core.take_all()
         self._held[replica] = states
         self._next_step_ids[replica] = core.next_step_id
-        for key in [key for key in self._timers if key[0] == replica or key[1] in {s.request_id for s in states}]:
+        for key in [key for key in self._timers if key[0] == replica or key[1] in request_ids]:
             self._timers.pop(key).cancel()
         self._reshards[replica].clear()
         for outbox in self.workers[replica]:
@@ -186,7 +187,15 @@ class Scheduler(Actor):
         first, count = split_host_blocks(self.limits.num_host_blocks, self.layout.dp)[replica]
         core = self._core(message.num_device_blocks, HostSlots(count, self.limits.block_size, first),
                           self._next_step_ids[replica])
-        core.adopt(states)
+        fitting = []
+        for state in states:  # the new workers may have found less room for KV than the old ones
+            problem = core.capacity_error(len(state.prompt_token_ids), state.max_tokens)
+            if problem is None:
+                fitting.append(state)
+            else:
+                self.request_queue.send(RequestFailed(state.request_id, f"after replica {replica} restarted, "
+                                                                        f"{problem}", status_code=500))
+        core.adopt(fitting)
         self.cores[replica] = core
         self.workers[replica] = [Outbox(self.context, address) for address in message.worker_addresses]
         early, self._early = self._early, []

@@ -96,9 +96,9 @@ class ShardWorker(Actor):
             if command.backend == "nccl":
                 groups = [GroupSpec(g.key, g.ranks, make_nccl_id()) for g in command.groups]
                 return GroupsPrepared(command.replica, CollectiveSpec("nccl", command.world_size, groups,
-                                                                      first_rank=command.first_rank))
+                                                                      first_rank=command.first_rank), os.getpid())
             return GroupsPrepared(command.replica, CollectiveSpec("gloo", command.world_size, command.groups,
-                                                                  free_tcp_address(), command.first_rank))
+                                                                  free_tcp_address(), command.first_rank), os.getpid())
 
         self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")
 
@@ -114,7 +114,7 @@ class ShardWorker(Actor):
             device = self.runtime.device
             name = "cpu" if device.type == "cpu" else _cuda_name(device)
             blocks = [self.runtime.num_blocks] * len(command.layouts)
-            return WorkerReady(self.rank, blocks, self.runtime.load_s, name)
+            return WorkerReady(self.rank, blocks, self.runtime.load_s, name, os.getpid())
 
         self._submit(self._compute, load, self.supervisor, "loading its shard of the model")
 

@@ -110,9 +110,11 @@ class Supervisor(Actor):
             case WorkerHello():
                 self._on_worker_hello(message)
             case GroupsPrepared():
-                self._load_replica(message.replica, message.collective)
+                if self._is_current(self.layout.replica_ranks(message.replica)[0], message.pid):
+                    self._load_replica(message.replica, message.collective)
             case WorkerReady():
-                self._on_worker_ready(message)
+                if self._is_current(message.rank, message.pid):
+                    self._on_worker_ready(message)
             case WorkerFailed():
                 self._on_worker_failed(message)
             case Heartbeat():
@@ -123,6 +125,10 @@ class Supervisor(Actor):
                     self.activity[rank] = message.activity
             case _:
                 raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
+
+    def _is_current(self, rank: int, pid: int) -> bool:
+        """Whether a report comes from the rank's present process, not one a restart replaced."""
+        return self.pids.get(rank) == pid
 
     # ------------------------------------------------------------ joining and loading
 
@@ -256,6 +262,9 @@ class Supervisor(Actor):
             self.last_seen.pop(rank, None)
             self.activity[rank] = f"restarting after: {reason}"
         timeout_s = self.config.worker_start_timeout_s
+        earlier = self._restart_deadlines.pop(replica, None)
+        if earlier is not None:  # a second loss while it was restarting
+            earlier.cancel()
         self._restart_deadlines[replica] = asyncio.get_running_loop().call_later(
             timeout_s, self._fail_engine, f"replica {replica} did not come back within {timeout_s:.0f} s of a restart"
         )

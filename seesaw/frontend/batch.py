@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 
 from seesaw.engine import Engine, EngineError
-from seesaw.frontend.batch_io import BatchItem, LineError, SamplingDefaults, error_line, parse_line, result_line
+from seesaw.frontend.batch_io import (
+    DUPLICATE_CODE,
+    BatchItem,
+    LineError,
+    SamplingDefaults,
+    error_line,
+    parse_line,
+    result_line,
+)
 from seesaw.frontend.output import KeySet, ResultSink, id_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
 from seesaw.messages import RequestFinished, Submit
@@ -86,22 +94,22 @@ class BatchRunner:
             return  # blank lines carry no request
         self._num_lines += 1
         try:
-            item = parse_line(raw, line_number, self.defaults)
+            item, custom_id, problem = parse_line(raw, line_number, self.defaults), None, None
+            custom_id = item.custom_id
         except LineError as error:
-            if error.custom_id is not None and id_key(error.custom_id) in self.finished:
-                self.summary.num_skipped += 1
-                return
-            self._write_error(error.custom_id, line_number, error.message)
-            return
-        key = id_key(item.custom_id)
+            item, custom_id, problem = None, error.custom_id, error.message
+        key = id_key(custom_id)
         if key in self.finished:
             self.summary.num_skipped += 1
             return
         if key in self._seen:
-            self._write_error(item.custom_id, line_number, f"custom_id {item.custom_id!r} appears on an earlier line; "
-                                                           f"each request needs its own")
+            self._write_error(custom_id, line_number, f"custom_id {custom_id!r} appears on an earlier line; "
+                                                      f"each request needs its own", code=DUPLICATE_CODE)
             return
         self._seen.add(key)
+        if item is None:
+            self._write_error(custom_id, line_number, problem)
+            return
         request_id = f"line-{line_number}"
         self.pending[request_id] = item
         queue.send(Submit(
@@ -140,9 +148,9 @@ class BatchRunner:
                                     message.completion_tokens, item.model or self.model_name))
         self.summary.record(ok=True, prompt_tokens=message.prompt_tokens, output_tokens=message.completion_tokens)
 
-    def _write_error(self, custom_id: str | None, line_number: int, message: str, status_code: int = 400,
-                     prompt_tokens: int = 0) -> None:
-        self.sink.write(error_line(custom_id, line_number, message, status_code), is_error=True)
+    def _write_error(self, custom_id: str, line_number: int, message: str, status_code: int = 400,
+                     prompt_tokens: int = 0, code: str | None = None) -> None:
+        self.sink.write(error_line(custom_id, line_number, message, status_code, code), is_error=True)
         self.summary.record(ok=False, prompt_tokens=prompt_tokens)
 
     def _report(self, force: bool = False) -> None:

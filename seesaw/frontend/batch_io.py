@@ -56,10 +56,11 @@ class BatchItem:
 
 @dataclass
 class LineError(ValueError):
-    """A line that cannot run; it still gets its own output line."""
+    """A line that cannot run; it still gets its own output line (under `line-N` when the line's
+    own custom_id cannot be read)."""
 
     line_number: int
-    custom_id: str | None
+    custom_id: str
     message: str = field(default="")
 
     def __str__(self) -> str:
@@ -71,15 +72,15 @@ def parse_line(text: str | bytes, line_number: int, defaults: SamplingDefaults) 
     try:
         record = orjson.loads(text)
     except orjson.JSONDecodeError as error:
-        raise LineError(line_number, None, f"not valid JSON ({error})") from None
+        raise LineError(line_number, f"line-{line_number}", f"not valid JSON ({error})") from None
     if not isinstance(record, dict):
-        raise LineError(line_number, None, "a line must be a JSON object")
+        raise LineError(line_number, f"line-{line_number}", "a line must be a JSON object")
     is_openai = "body" in record or "url" in record or "custom_id" in record
     custom_id = record.get("custom_id") if is_openai else record.get("id")
     if custom_id is None:
         custom_id = f"line-{line_number}"
     elif not isinstance(custom_id, (str, int)):
-        raise LineError(line_number, None, "custom_id must be a string")
+        raise LineError(line_number, f"line-{line_number}", "custom_id must be a string")
     custom_id = str(custom_id)
     try:
         if is_openai:
@@ -219,10 +220,15 @@ def result_line(item: BatchItem, text: str, finish_reason: str, prompt_tokens: i
     }
 
 
-def error_line(custom_id: str | None, line_number: int, message: str, status_code: int = 400) -> dict:
+DUPLICATE_CODE = "duplicate_custom_id"  # the error code of a line that repeats an earlier line's custom_id
+
+
+def error_line(custom_id: str | None, line_number: int, message: str, status_code: int = 400,
+               code: str | None = None) -> dict:
     """The output line of a request that could not run; the message names the input line."""
     text = f"line {line_number}: {message}"
     kind = "invalid_request_error" if status_code == 400 else "server_error"
+    code = code or ("invalid_request" if status_code == 400 else "server_error")
     return {
         "id": f"batch_req_{secrets.token_hex(12)}",
         "custom_id": custom_id,
@@ -231,5 +237,5 @@ def error_line(custom_id: str | None, line_number: int, message: str, status_cod
             "request_id": None,
             "body": {"error": {"message": text, "type": kind, "param": None, "code": None}},
         },
-        "error": {"code": "invalid_request" if status_code == 400 else "server_error", "message": text},
+        "error": {"code": code, "message": text},
     }

@@ -13,6 +13,8 @@ from typing import BinaryIO
 import numpy as np
 import orjson
 
+from seesaw.frontend.batch_io import DUPLICATE_CODE
+
 SYNC_EVERY_S = 2.0
 
 
@@ -101,11 +103,14 @@ def finished_ids(path: Path) -> tuple[KeySet, int]:
             try:
                 record = orjson.loads(line)
                 custom_id = record["custom_id"]
-            except (orjson.JSONDecodeError, KeyError, TypeError) as error:
-                raise OutputError(f"{path}, line {number}: not a batch result ({error}); "
+                error = record.get("error") or {}
+            except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as problem:
+                raise OutputError(f"{path}, line {number}: not a batch result ({problem}); "
                                   f"the file is not one Seesaw wrote, or it was edited") from None
-            done.add(id_key(str(custom_id)))
             count += 1
+            if custom_id is None or error.get("code") == DUPLICATE_CODE:
+                continue  # a repeated line's 400 says nothing of the request that owns the id
+            done.add(id_key(str(custom_id)))
     if whole < size:
         with path.open("r+b") as repair:
             repair.truncate(whole)

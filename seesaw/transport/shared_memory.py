@@ -1,12 +1,14 @@
 """POSIX shared-memory segments mapped as tensors: the host KV buffer and the host weight store.
 
-The creator reserves the whole segment up front and removes it on close; other processes attach
-by name. Names carry the creator's pid, so a segment is always traceable to its process.
+The creator reserves the whole segment up front, holds a lock on it for as long as it lives, and
+removes it on close; other processes attach by name. Names carry the creator's pid, so a segment
+is traceable to its process; the lock, which dies with the process, is what tells a leftover.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import re
@@ -30,11 +32,18 @@ class SharedSegment:
         path = SHM_DIR / name
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if is_owner else 0)
         fd = os.open(path, flags, 0o600)
+        self._lock_fd: int | None = None
         try:
             if is_owner:
+                hold_lock(fd)
                 _reserve(fd, self.num_bytes, path, what, flag)
             self._map = mmap.mmap(fd, self.num_bytes)
-        finally:
+        except BaseException:
+            os.close(fd)
+            raise
+        if is_owner:
+            self._lock_fd = fd  # kept open: the lock lasts as long as this process or close()
+        else:
             os.close(fd)
 
     @classmethod
@@ -55,21 +64,35 @@ class SharedSegment:
             self._map.close()
         if self.is_owner:
             (SHM_DIR / self.name).unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
-def is_alive(pid: int) -> bool:
+def hold_lock(fd: int) -> None:
+    """Mark a segment or folder as in use for as long as `fd` stays open in this process."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def is_held(path: Path) -> bool:
+    """Whether a live process holds the lock of a segment or folder (even one in another PID
+    namespace that shares this /dev/shm); unreadable entries count as held."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def reclaim_orphans(folders: list[Path]) -> list[str]:
     """Remove the shared-memory segments and run folders (`seesaw-KIND-PID-RANDOM`) in `folders`
-    whose creating process no longer exists, as a killed run leaves them; returns what went."""
+    that no live process holds, as a killed run leaves them; returns what went."""
     removed = []
     for folder in folders:
         try:
@@ -77,8 +100,7 @@ def reclaim_orphans(folders: list[Path]) -> list[str]:
         except OSError:
             continue
         for entry in entries:
-            match = _OWNED_NAME.match(entry.name)
-            if match is None or is_alive(int(match.group(1))):
+            if _OWNED_NAME.match(entry.name) is None or is_held(entry):
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)

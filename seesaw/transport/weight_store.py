@@ -63,11 +63,15 @@ class WeightStore:
         first = self._offsets[name] + start * row_elements
         return self.flat[first : first + (end - start) * row_elements].view(end - start, *shape[1:])
 
-    def fill(self, read: Callable[[str], torch.Tensor]) -> None:
-        """Write every tensor once, from `read(name)` (a checkpoint or seeded random values)."""
+    def fill(self, read: Callable[[str], torch.Tensor], should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Write every tensor once, from `read(name)` (a checkpoint or seeded random values);
+        False if `should_stop` said so before the end."""
         with torch.no_grad():
             for name in self.shapes:
+                if should_stop():
+                    return False
                 self.rows(name).copy_(read(name))
+        return True
 
     def close(self) -> None:
         self.flat = None
