@@ -49,7 +49,6 @@ def _median_s(run, iters: int, sync) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
 
     from seesaw.config import default_cache_dir
     from seesaw.layout import Layout

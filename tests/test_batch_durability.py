@@ -3,7 +3,6 @@ SIGTERM with a grace period, duplicate ids, an errors file, max_tokens against t
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -8,7 +8,7 @@ import multiprocessing
 import pytest
 import torch
 
-from helpers import default_config, engine_config, generate, greedy, greedy_requests, random_prompts
+from helpers import default_config, engine_config, generate, greedy_requests, random_prompts
 from seesaw.layout import Layout, groups_of
 from seesaw.messages import CollectiveSpec, GroupSpec, LoadShard
 from seesaw.step import RowSampling, StepRow

@@ -12,7 +12,7 @@ from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import blocks_for
 from seesaw.kv.host_slots import HostSlots
 from seesaw.messages import AddRequest
-from seesaw.scheduling.decisions import Phase, ToDevice, ToHost
+from seesaw.scheduling.decisions import Phase, ToHost
 from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.request import RequestStatus
 from seesaw.scheduling.static import StaticScheduler

@@ -49,10 +49,6 @@ class BatchRunner:
         self._is_stopping = False  # interrupted: read nothing more
         self._deadline: float | None = None  # interrupted: give up on what is in flight after this
 
-    @property
-    def is_interrupted(self) -> bool:
-        return self._is_stopping
-
     def interrupt(self, grace_s: float) -> None:
         """Stop reading; requests in flight may finish within `grace_s` (a second call: none)."""
         now = time.monotonic()

@@ -89,7 +89,7 @@ class WorkerRuntime:
             self.states[str(shard.layout)] = LayoutState(shard, model, pages, communicators, context)
         self.current = self.states[str(shards[0].layout)]
         self.sampler = Sampler(self.device, seed=config.seed)
-        self.load_bytes = load_shard(self.current.model, weights, self._weight_copy())
+        load_shard(self.current.model, weights, self._weight_copy())
         self.copies.wait_for_weights()
         self.load_s = time.perf_counter() - started
 
