@@ -150,7 +150,7 @@ class BatchRunner:
         self.summary.record(ok=False, prompt_tokens=prompt_tokens)
 
     def _report(self, force: bool = False) -> None:
-        if self.progress is None:
+        if self.progress is None or not (force or self.progress.is_due()):
             return
         generated, running, waiting = self.engine.live()
         self.progress.update(Snapshot(

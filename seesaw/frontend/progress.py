@@ -95,11 +95,14 @@ class Progress:
         self._bar = None
         self._task = None
 
+    def is_due(self) -> bool:
+        """Whether a new snapshot would be shown now (taking one is not free)."""
+        return time.perf_counter() - self._last >= (0.25 if self.is_terminal else self.log_every_s)
+
     def update(self, snapshot: Snapshot, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self._last < (0.25 if self.is_terminal else self.log_every_s):
+        if not force and not self.is_due():
             return
-        self._last = now
+        self._last = time.perf_counter()
         if not self.is_terminal:
             self.stream.write(f"progress: {snapshot.fraction_read:.0%} of input read | {snapshot.describe()}\n")
             self.stream.flush()
