@@ -94,7 +94,7 @@ def run_seesaw(args: argparse.Namespace) -> dict:
             errors = [r.error for r in results if r.error]
             if errors:
                 raise SystemExit(f"{len(errors)} requests failed, first: {errors[0]}")
-            return elapsed, sum(r.completion_tokens for r in results), engine.start_s, engine.metrics()
+            return elapsed, sum(r.completion_tokens for r in results), engine.start_s, await engine.query_stats(with_timeline=True)
 
     elapsed, output_tokens, start_s, metrics = asyncio.run(main())
     totals = metrics["totals"]

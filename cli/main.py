@@ -11,10 +11,30 @@ from typing import Annotated, Optional
 
 import typer
 
+from .client_commands import register as register_client_commands
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seesaw: throughput-first LLM inference.")
 
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="'default' (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder, or dummy:<preset>")]
 DeviceOption = Annotated[str, typer.Option(help="cpu or cuda")]
+DtypeOption = Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 (CUDA default) or float16")]
+LayoutOption = Annotated[str, typer.Option(help="static mode: the one parallel layout (t1, t2, p2, d2, t2p2, ...)")]
+PrefillLayoutOption = Annotated[Optional[str], typer.Option(help="seesaw mode: prefill in this layout (with --decode-layout)")]
+DecodeLayoutOption = Annotated[Optional[str], typer.Option(help="seesaw mode: decode in this layout (with --prefill-layout)")]
+HostLowWaterOption = Annotated[float, typer.Option(help="seesaw mode: back to prefill once the host buffer is this empty (0-1)")]
+MaxTokensOption = Annotated[int, typer.Option(help="max_tokens for requests that do not set it")]
+TemperatureOption = Annotated[float, typer.Option(help="temperature for requests that do not set it (0 = greedy)")]
+TopPOption = Annotated[float, typer.Option(help="top_p for requests that do not set it")]
+MaxModelLenOption = Annotated[Optional[int], typer.Option(help="cap on prompt + output tokens (default: the model's context)")]
+TokenBudgetOption = Annotated[Optional[int], typer.Option(help="token budget of one step, chunked prefill (default: 512 on CPU, 8192 on CUDA)")]
+MaxNumSeqsOption = Annotated[int, typer.Option(help="most requests running at once")]
+BlockSizeOption = Annotated[int, typer.Option(help="tokens per KV block")]
+KVCacheOption = Annotated[Optional[float], typer.Option(help="device KV pool per worker in GiB (CPU default 2)")]
+MemoryFractionOption = Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")]
+HostBufferOption = Annotated[float, typer.Option(help="host KV buffer in GiB (evicted requests wait there)")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")]
+MaxRestartsOption = Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the engine gives up")]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")]
 
 
 @app.callback()
@@ -28,34 +48,34 @@ def batch(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="where results go (default: INPUT.results.jsonl)")] = None,
     model: ModelOption = "default",
     device: DeviceOption = "cpu",
-    dtype: Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 (CUDA default) or float16")] = None,
-    layout: Annotated[str, typer.Option(help="static mode: the one parallel layout (t1, t2, p2, d2, t2p2, ...)")] = "t1",
-    prefill_layout: Annotated[Optional[str], typer.Option(help="seesaw mode: prefill in this layout (with --decode-layout)")] = None,
-    decode_layout: Annotated[Optional[str], typer.Option(help="seesaw mode: decode in this layout (with --prefill-layout)")] = None,
-    host_low_water: Annotated[float, typer.Option(help="seesaw mode: back to prefill once the host buffer is this empty (0-1)")] = 0.2,
-    max_tokens: Annotated[int, typer.Option(help="max_tokens for lines that do not set it")] = 256,
-    temperature: Annotated[float, typer.Option(help="temperature for lines that do not set it (0 = greedy)")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="top_p for lines that do not set it")] = 1.0,
-    max_model_len: Annotated[Optional[int], typer.Option(help="cap on prompt + output tokens (default: the model's context)")] = None,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="token budget of one step, chunked prefill (default: 512 on CPU, 8192 on CUDA)")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="most requests running at once")] = 256,
-    block_size: Annotated[int, typer.Option(help="tokens per KV block")] = 16,
-    kv_cache_gb: Annotated[Optional[float], typer.Option(help="device KV pool per worker in GiB (CPU default 2)")] = None,
-    memory_fraction: Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")] = 0.9,
-    host_buffer_gb: Annotated[float, typer.Option(help="host KV buffer in GiB (evicted requests wait there)")] = 1.0,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")] = None,
+    dtype: DtypeOption = None,
+    layout: LayoutOption = "t1",
+    prefill_layout: PrefillLayoutOption = None,
+    decode_layout: DecodeLayoutOption = None,
+    host_low_water: HostLowWaterOption = 0.2,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    max_model_len: MaxModelLenOption = None,
+    max_num_batched_tokens: TokenBudgetOption = None,
+    max_num_seqs: MaxNumSeqsOption = 256,
+    block_size: BlockSizeOption = 16,
+    kv_cache_gb: KVCacheOption = None,
+    memory_fraction: MemoryFractionOption = 0.9,
+    host_buffer_gb: HostBufferOption = 1.0,
+    threads: ThreadsOption = None,
     seed: Annotated[int, typer.Option(help="seed for dummy weights; lines without a seed sample with one derived from it and their custom_id")] = 0,
     max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
     resume: Annotated[bool, typer.Option("--resume", help="finish an earlier run: skip every custom_id already in the output")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output instead of refusing")] = False,
     errors: Annotated[Optional[Path], typer.Option(help="write failed lines here instead of into the output")] = None,
     grace_s: Annotated[float, typer.Option(help="on SIGINT/SIGTERM: seconds the requests in flight get to finish")] = 30.0,
-    max_restarts: Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the batch gives up")] = 3,
+    max_restarts: MaxRestartsOption = 3,
     head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
     local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
     metrics_json: Annotated[Optional[Path], typer.Option(help="write the run's metrics (phases, transitions, KV traffic) here as JSON")] = None,
     timeline: Annotated[Optional[Path], typer.Option(help="draw the run's timeline into this PNG (needs matplotlib)")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run every line of INPUT.jsonl; write one OpenAI batch output line per request as it finishes."""
     _setup_logging(verbose)
@@ -91,6 +111,70 @@ def batch(
         result = _run(run_job(engine, job, started))
     typer.echo(f"results: {output}", err=True)
     raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def serve(
+    bind: Annotated[Optional[str], typer.Option(help="where clients connect: ipc://PATH or tcp://HOST:PORT (default: an ipc socket in the user's runtime folder)")] = None,
+    curve_secret_key: Annotated[Optional[Path], typer.Option(help="CURVE secret key (from `seesaw-cli keys`); required for a tcp address other hosts can reach")] = None,
+    model: ModelOption = "default",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = None,
+    layout: LayoutOption = "t1",
+    prefill_layout: PrefillLayoutOption = None,
+    decode_layout: DecodeLayoutOption = None,
+    host_low_water: HostLowWaterOption = 0.2,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = 1.0,
+    top_p: TopPOption = 1.0,
+    max_model_len: MaxModelLenOption = None,
+    max_num_batched_tokens: TokenBudgetOption = None,
+    max_num_seqs: MaxNumSeqsOption = 256,
+    block_size: BlockSizeOption = 16,
+    kv_cache_gb: KVCacheOption = None,
+    memory_fraction: MemoryFractionOption = 0.9,
+    host_buffer_gb: HostBufferOption = 1.0,
+    threads: ThreadsOption = None,
+    seed: Annotated[int, typer.Option(help="seed for dummy weights")] = 0,
+    max_restarts: MaxRestartsOption = 3,
+    max_queued: Annotated[int, typer.Option(help="requests held at once; past this clients get 'busy' and retry")] = 4096,
+    max_jobs: Annotated[int, typer.Option(help="batch jobs at once; past this clients get 'busy'")] = 16,
+    max_frame_bytes: Annotated[int, typer.Option(help="larger client frames are dropped at the socket")] = 8 << 20,
+    drain_timeout: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: seconds the requests in flight get to finish")] = 60.0,
+    metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Load the model once and serve requests and batch jobs on a ZeroMQ socket until stopped."""
+    _setup_logging(verbose)
+    started = time.perf_counter()
+    try:
+        from seesaw.config import ServeConfig
+        from seesaw.transport.curve import default_address
+
+        serving = ServeConfig(
+            address=bind or default_address(), curve_secret_key=curve_secret_key, max_queued=max_queued,
+            max_jobs=max_jobs, max_frame_bytes=max_frame_bytes, drain_timeout_s=drain_timeout,
+            metrics_port=metrics_port,
+        )
+        if curve_secret_key is not None:
+            from seesaw.transport.curve import read_secret
+
+            read_secret(curve_secret_key)  # a bad key file is an error now, not after the model loads
+        config = _engine_config(
+            model=model, device=device, dtype=dtype,
+            layouts=_layouts(layout, prefill_layout, decode_layout), max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
+            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
+            host_low_water=host_low_water, threads=threads, seed=seed, head_address=None,
+            local_workers=None, max_restarts=max_restarts,
+        )
+        defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
+        engine = _engine(config)
+    except (ValueError, OSError) as error:
+        _fail(str(error))
+    from seesaw.frontend.serve_job import run_server
+
+    raise typer.Exit(_run(run_server(engine, serving, defaults, started)))
 
 
 def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline):
@@ -138,13 +222,14 @@ def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: 
 @app.command()
 def worker(
     head: Annotated[str, typer.Option(help="the head's address, tcp://HOST:PORT (its --head-address)")],
-    rank: Annotated[int, typer.Option(help="rank to take (default: the head assigns one)")] = -1,
+    rank: Annotated[Optional[int], typer.Option(help="rank to take (default: the head assigns one)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log worker events")] = False,
 ) -> None:
     """Join a head on another host as one worker; exits when the head shuts down."""
     from seesaw.worker import main as worker_main
 
-    worker_main(["--head", head, "--rank", str(rank), "--log-level", "INFO" if verbose else "WARNING"])
+    ranks = [] if rank is None else ["--rank", str(rank)]
+    worker_main(["--head", head, *ranks, "--log-level", "INFO" if verbose else "WARNING"])
 
 
 def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
@@ -205,6 +290,8 @@ def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
+
+register_client_commands(app)
 
 if __name__ == "__main__":
     app()

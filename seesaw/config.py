@@ -142,6 +142,43 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The daemon's socket and its bounds (`seesaw-cli serve`)."""
+
+    address: str  # ipc://PATH or tcp://HOST:PORT
+    curve_secret_key: Path | None = None  # needed for a tcp address off this host
+    max_queued: int = 4096  # requests held at once before "busy"
+    max_jobs: int = 16  # batch jobs at once before "busy"
+    max_job_pending: int = 256  # a job's requests in the engine at once
+    max_frame_bytes: int = 8 << 20
+    high_water_mark: int = 10_000  # replies queued in ZeroMQ per client
+    receive_high_water_mark: int = 64  # frames queued in ZeroMQ per client (each up to max_frame_bytes)
+    max_backlog_frames: int = 10_000  # replies held beyond that; past it the client counts as gone
+    retry_after_s: float = 0.5  # the hint sent with "busy"
+    drain_timeout_s: float = 60.0
+    job_stop_timeout_s: float = 5.0
+    client_stall_s: float = 60.0  # a client whose held replies did not move for this long counts as gone
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        from seesaw.transport.curve import is_loopback
+
+        if not self.address.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"bind must be ipc://PATH or tcp://HOST:PORT, got {self.address!r}")
+        if not is_loopback(self.address) and self.curve_secret_key is None:
+            raise ValueError(f"{self.address} is reachable from other hosts: give --curve-secret-key "
+                             f"(make a pair with `seesaw-cli keys DIR`), or bind a loopback or ipc address")
+        for name in ("max_queued", "max_jobs", "max_job_pending", "max_frame_bytes", "high_water_mark",
+                     "receive_high_water_mark", "max_backlog_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.drain_timeout_s < 0 or self.retry_after_s <= 0:
+            raise ValueError("drain_timeout_s must not be negative and retry_after_s must be positive")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be a TCP port, got {self.metrics_port}")
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Scheduling limits and the seesaw phase thresholds; validated once."""
 

@@ -1,9 +1,16 @@
 """The head process: wires RequestQueue, Scheduler, KVTier and Supervisor, spawns the workers, and
-tears everything down again, leaving no process, socket or shared-memory segment behind."""
+tears everything down again, leaving no process, socket or shared-memory segment behind.
+
+The engine has an inbox like every actor. It takes EngineReady (Supervisor), EngineFailed (any
+actor that finds the engine cannot go on, or its own watch over the actors' tasks), RestartWorkers
+(Supervisor) and StatsReport (Scheduler, for `query_stats`). It passes a failure on once, to the
+Scheduler and the RequestQueue, which answers every request in flight with it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -22,11 +29,24 @@ from seesaw.actors.base import Actor
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import ModelLimits, Scheduler
-from seesaw.actors.supervisor import EngineHooks, Supervisor
+from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
 from seesaw.frontend.text import TextCodec
 from seesaw.layout import shard_for
-from seesaw.messages import CollectiveSpec, LoadShard, WorkerFailed, WorkerReady
+from seesaw.messages import (
+    Backend,
+    CollectiveSpec,
+    EngineFailed,
+    EngineReady,
+    LoadShard,
+    QueryStats,
+    RestartWorkers,
+    Shutdown,
+    StatsReport,
+    ToEngine,
+    WeightsStored,
+    WorkerFailed,
+)
 from seesaw.model.resolve import ResolvedModel
 from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
 from seesaw.scheduling.decisions import Phase
@@ -42,8 +62,23 @@ class EngineError(RuntimeError):
     """The engine could not start or cannot go on."""
 
 
+class _EngineInbox(Actor):
+    """The engine's own inbox, drained like any actor's."""
+
+    name = "engine"
+    accepts = ToEngine
+
+    def __init__(self, inbox: Inbox, engine: Engine):
+        super().__init__(inbox)
+        self.engine = engine
+
+    def handle(self, message):
+        self.engine.handle(message)
+
+
 class Engine:
-    """Start with `await engine.start()`; front doors send Submit to `request_queue_address`."""
+    """Start with `await engine.start()`; front doors send Submit to `request_queue_address` and
+    QueryStats to `scheduler_address`."""
 
     def __init__(self, config: EngineConfig, model: ResolvedModel, codec: TextCodec | None = None):
         self.config = config
@@ -65,9 +100,11 @@ class Engine:
         self.context: zmq.asyncio.Context | None = None
         self.failure: str | None = None
         self.failed = asyncio.Event()
-        self.ready_workers: list[WorkerReady] = []
+        self.is_ready = False
         self.start_s = 0.0
         self._ready = asyncio.Event()
+        self._stats: dict[int, asyncio.Future] = {}  # query id -> the StatsReport awaited
+        self._next_query_ids = itertools.count()
         self._actors: list[Actor] = []
         self._outboxes: list[Outbox] = []
         self._processes: dict[int, subprocess.Popen] = {}  # the current process of each local rank
@@ -79,8 +116,8 @@ class Engine:
         self._host_buffer: HostBuffer | None = None
         self._weight_store: WeightStore | None = None
         self._store_filled: threading.Event | None = None  # set once the filling thread is done
-        self._can_load = asyncio.Event()  # workers may load once the weight store (if any) is filled
         self._inboxes: dict[str, Inbox] = {}
+        self._senders: dict[str, Outbox] = {}
 
     # ------------------------------------------------------------ start
 
@@ -102,8 +139,10 @@ class Engine:
         if self.config.parallel.reshards:
             self._store_filled = threading.Event()
             await asyncio.to_thread(self._make_weight_store, self._store_filled)
-        self._can_load.set()
-        timeout_s = self.config.transport.worker_start_timeout_s
+            self._send("supervisor", WeightsStored())
+        # The Supervisor fails the engine when the workers miss the start timeout; this wait is
+        # only a backstop in case that message never comes.
+        timeout_s = self.config.transport.worker_start_timeout_s + 30
         waiters = [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self.failed.wait())]
         done, pending = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
@@ -111,11 +150,7 @@ class Engine:
         if self.failure is not None:
             raise EngineError(self.failure)
         if not done:
-            joined = sum(address is not None for address in self._supervisor.addresses)
-            raise EngineError(
-                f"workers were not ready within {timeout_s:.0f} s "
-                f"({joined} of {self.config.parallel.layout.world_size} joined)"
-            )
+            raise EngineError(f"the engine did not start within {timeout_s:.0f} s")
         self.start_s = time.perf_counter() - started
 
     def address(self, name: str) -> str:
@@ -130,6 +165,10 @@ class Engine:
     @property
     def request_queue_address(self) -> str:
         return f"inproc://{self._run_dir.name}/request-queue"
+
+    @property
+    def scheduler_address(self) -> str:
+        return self._inboxes["scheduler"].bound_address
 
     def reply_address(self, name: str) -> str:
         """An in-process address for a front door's inbox."""
@@ -168,15 +207,24 @@ class Engine:
         context = self.context
         self._inboxes = {name: Inbox(context, self.address(name)) for name in ("supervisor", "scheduler", "kv-tier")}
         self._inboxes["request-queue"] = Inbox(context, self.request_queue_address)
+        self._inboxes["engine"] = Inbox(context, self.reply_address("engine"))
+
+    def _outbox(self, name: str) -> Outbox:
+        """A new outbox to one of the head's inboxes, closed with the engine."""
+        box = Outbox(self.context, self._inboxes[name].bound_address)
+        self._outboxes.append(box)
+        return box
+
+    def _send(self, name: str, message) -> None:
+        """Send from the engine itself, over one outbox per head inbox."""
+        if name not in self._senders:
+            self._senders[name] = self._outbox(name)
+        self._senders[name].send(message)
 
     def _wire_actors(self) -> None:
         config, context, parallel = self.config, self.context, self.config.parallel
         inboxes = self._inboxes
-
-        def outbox(name: str) -> Outbox:
-            box = Outbox(context, inboxes[name].bound_address)
-            self._outboxes.append(box)
-            return box
+        outbox = self._outbox
 
         request_queue = RequestQueue(
             inboxes["request-queue"], context, outbox("scheduler"), self.codec, self.max_model_len, self.spec.vocab_size,
@@ -189,19 +237,16 @@ class Engine:
         limits = ModelLimits(config.cache.block_size, self.max_model_len, self.spec.eos_token_ids, num_host_blocks)
         scheduler = Scheduler(
             inboxes["scheduler"], context, config.scheduler, layouts, limits, outbox("kv-tier"),
-            outbox("request-queue"), outbox("supervisor"), config.transport.step_timeout_s, self._fail,
+            outbox("request-queue"), outbox("supervisor"), outbox("engine"), config.transport.step_timeout_s,
         )
         kv_tier = KVTier(inboxes["kv-tier"], context, parallel.layout, outbox("scheduler"))
-        backend = "nccl" if config.model.device == "cuda" else "gloo"
-        self._supervisor = Supervisor(
+        backend = Backend.NCCL if config.model.device == "cuda" else Backend.GLOO
+        supervisor = Supervisor(
             inboxes["supervisor"], context, config.transport, parallel.layouts, backend, self._load_command,
-            [outbox("scheduler"), outbox("kv-tier")], outbox("scheduler"),
-            EngineHooks(self._on_ready, self._fail, self._restart_workers), self._can_load,
+            [outbox("scheduler"), outbox("kv-tier")], outbox("engine"), parallel.local_workers(),
+            is_store_pending=parallel.reshards,
         )
-        self._scheduler = scheduler
-        self._kv_tier = kv_tier
-        self._request_queue = request_queue
-        self._actors = [request_queue, scheduler, kv_tier, self._supervisor]
+        self._actors = [_EngineInbox(inboxes["engine"], self), request_queue, scheduler, kv_tier, supervisor]
         for actor in self._actors:
             actor.start().add_done_callback(self._on_actor_done)
 
@@ -244,19 +289,15 @@ class Engine:
         ]
         return subprocess.Popen(command, env=env)
 
-    def _restart_workers(self, ranks: list[int]) -> bool:
+    def _restart_workers(self, ranks: list[int]) -> None:
         """End these ranks' processes and start new ones once the old are gone (so a new worker finds
-        its device free); the Supervisor's restart of a replica. False, doing nothing, if a rank's
-        worker is not this host's to start."""
-        if any(rank not in self._processes for rank in ranks):
-            return False
-        old = {rank: self._processes[rank] for rank in ranks}
+        its device free); the Supervisor's restart of a replica."""
+        old = {rank: self._processes[rank] for rank in ranks if rank in self._processes}
         for process in old.values():
             if process.poll() is None:
                 process.kill()
             self._retired.append(process)
         self._restarts.append(asyncio.get_running_loop().create_task(self._respawn(old)))
-        return True
 
     async def _respawn(self, old: dict[int, subprocess.Popen]) -> None:
         for rank, process in old.items():
@@ -269,21 +310,49 @@ class Engine:
 
     # ------------------------------------------------------------ running
 
-    def _on_ready(self, workers: list[WorkerReady]) -> None:
-        self.ready_workers = workers
-        self._ready.set()
+    def handle(self, message) -> None:
+        match message:
+            case EngineReady():
+                self.is_ready = True
+                self._ready.set()
+            case EngineFailed():
+                self._on_engine_failed(message)
+            case RestartWorkers():
+                self._restart_workers(message.ranks)
+            case StatsReport():
+                future = self._stats.pop(message.query_id, None)
+                if future is not None and not future.done():
+                    future.set_result(message.stats)
 
-    def _fail(self, reason: str) -> None:
-        if self.failure is None:
-            self.failure = reason
-            self.failed.set()
+    def _on_engine_failed(self, message: EngineFailed) -> None:
+        """The first failure is the engine's: pass it on once; later ones add nothing."""
+        if self.failure is not None:
+            return
+        log.error("the engine failed: %s", message.reason)
+        self.failure = message.reason
+        self.failed.set()
+        for name in ("scheduler", "request-queue"):
+            self._send(name, message)
 
     def _on_actor_done(self, task: asyncio.Task) -> None:
         if task.cancelled():
             return
         error = task.exception()
-        if error is not None:
-            self._fail(f"{task.get_name()} failed: {error!r}")
+        if error is not None and not self._closing:  # handled here: the dead task may be the engine's own inbox
+            self._on_engine_failed(EngineFailed(f"{task.get_name()} failed: {error!r}"))
+
+    async def query_stats(self, with_timeline: bool = False, timeout_s: float = 10.0) -> dict:
+        """The Scheduler's counters, request counts, KV pool use and phase metrics (see Scheduler.stats)."""
+        query_id = next(self._next_query_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._stats[query_id] = future
+        self._send("scheduler", QueryStats(query_id, self._inboxes["engine"].bound_address, with_timeline))
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise EngineError(f"the scheduler did not answer a stats query within {timeout_s:.0f} s") from None
+        finally:
+            self._stats.pop(query_id, None)
 
     async def _watch_processes(self) -> None:
         watch = Outbox(self.context, self._inboxes["supervisor"].bound_address)
@@ -294,27 +363,8 @@ class Engine:
                 code = process.poll()
                 if code is not None and process.pid not in reported and not self._closing:
                     reported.add(process.pid)
-                    watch.send(WorkerFailed(rank, _exit_description(code), "", process.pid))
+                    watch.send(WorkerFailed(rank, _exit_description(code), None, process.pid))
             await asyncio.sleep(0.2)
-
-    def stats(self) -> dict[str, float]:
-        """Steps run, KV moves made, KV bytes moved and worker compute time so far, summed over replicas."""
-        totals: dict[str, float] = {"compute_s": self._scheduler.compute_ms / 1000, **self._kv_tier.totals}
-        for core in self._scheduler.cores:
-            for name, count in core.counters.items():
-                totals[name] = totals.get(name, 0) + count
-        return totals
-
-    def live(self) -> tuple[int, int, int]:
-        """(tokens generated so far, requests running, requests waiting), for progress displays."""
-        running, waiting = self._scheduler.num_requests()
-        return self._request_queue.num_generated_tokens, running, waiting
-
-    def metrics(self) -> dict:
-        """The run so far: counters, KV traffic, and the phase metrics (transitions, time and steps
-        per phase, decode batch sizes, host buffer fill), plus the timeline samples."""
-        return {**self._scheduler.summary(), "totals": self.stats(),
-                "timeline": self._scheduler.metrics.timeline_dict()}
 
     # ------------------------------------------------------------ stop
 
@@ -322,7 +372,7 @@ class Engine:
         """Stop workers (killing any that do not exit in time), actors, sockets and shared memory."""
         self._closing = True
         if self._actors:
-            self._supervisor.shutdown_workers()
+            self._send("supervisor", Shutdown())
         for inbox in self._inboxes.values():
             if all(inbox is not actor.inbox for actor in self._actors):
                 inbox.close()

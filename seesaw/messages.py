@@ -7,17 +7,42 @@ Tensors never ride here: a message names a transfer, the bytes move on the data 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import orjson
 
 from seesaw.sampling import SamplingParams
-from seesaw.step import RowSampling, StepRow, TokenUpdate
+from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
 
 # ---------------------------------------------------------------- shared parts
+
+
+class RequestKind(StrEnum):
+    """Which OpenAI endpoint a request speaks: its prompt form and its reply form."""
+
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+class Backend(StrEnum):
+    """The collective library workers move bulk data with."""
+
+    GLOO = "gloo"
+    NCCL = "nccl"
+
+
+class ErrorCode(StrEnum):
+    """Why a request got an error instead of a result."""
+
+    INVALID_REQUEST = "invalid_request"  # 400: malformed, or never runnable (too large for the context or the pool)
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # 400
+    ENGINE_FAILED = "engine_failed"  # 500: the engine cannot go on
+    SERVER_ERROR = "server_error"  # 500: this request failed; the engine goes on
 
 
 @dataclass(frozen=True)
@@ -34,7 +59,7 @@ class CollectiveSpec:
     """How one replica's workers meet for bulk transfers: gloo through its first rank's TCP store,
     or NCCL ids. A gloo world is one replica: world rank = global rank - first_rank."""
 
-    backend: str  # "gloo" or "nccl"
+    backend: Backend
     world_size: int  # the replica's workers
     groups: list[GroupSpec]
     init_address: str | None = None  # gloo only
@@ -65,15 +90,26 @@ class WeightStoreSpec:
 
 @dataclass(frozen=True)
 class Submit:
-    """front door -> RequestQueue: a user's request, not yet tokenized."""
+    """front door -> RequestQueue: a user's request, not yet tokenized. The engine gives it its own
+    request id; `label` is the front door's name for it, carried back on every reply."""
 
-    request_id: str
+    label: str
     reply_to: str
-    kind: str  # "chat" or "completion"
+    kind: RequestKind
     sampling: SamplingParams
     prompt: str | None = None
     messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
+    stream: bool = False  # send TextDelta as tokens arrive
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """front door -> RequestQueue: stop the requests this front door submitted under `label`
+    (each is answered with finish_reason "cancelled"); its KV is freed at once."""
+
+    label: str
+    reply_to: str
 
 
 @dataclass(frozen=True)
@@ -85,11 +121,11 @@ class TokensGenerated:
 
 @dataclass(frozen=True)
 class RequestFailed:
-    """Scheduler -> RequestQueue: a request cannot run (too large, or the engine failed)."""
+    """Scheduler -> RequestQueue: a request cannot run (too large for the pool, or lost with a replica)."""
 
     request_id: str
     error: str
-    status_code: int = 500
+    code: ErrorCode = ErrorCode.SERVER_ERROR
 
 
 # ---------------------------------------------------------------- to a front door
@@ -97,17 +133,42 @@ class RequestFailed:
 
 @dataclass(frozen=True)
 class RequestFinished:
-    """RequestQueue -> front door: a request's final result or its error."""
+    """RequestQueue -> front door: a request's final result or its error (`error` and `code` set)."""
 
-    request_id: str
-    kind: str
+    label: str
+    request_id: str | None  # None: refused before the engine took it
+    kind: RequestKind
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     error: str | None = None
-    status_code: int = 200
+    code: ErrorCode | None = None
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status an OpenAI server would give this result."""
+        if self.code is None:
+            return 200
+        return 500 if self.code in (ErrorCode.ENGINE_FAILED, ErrorCode.SERVER_ERROR) else 400
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """RequestQueue -> front door: new text of a streaming request (stop strings already held back)."""
+
+    label: str
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class StatsReport:
+    """Scheduler -> whoever sent QueryStats: the engine's counters and phase metrics so far."""
+
+    query_id: int
+    stats: dict
 
 
 # ---------------------------------------------------------------- to the Scheduler
@@ -130,6 +191,15 @@ class StopRequest:
     """RequestQueue -> Scheduler: stop generating this request (stop string or cancel)."""
 
     request_id: str
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    """front door or Engine -> Scheduler: send a StatsReport to `reply_to`."""
+
+    query_id: int
+    reply_to: str
+    with_timeline: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,23 +253,37 @@ class ReplicaReady:
 
 @dataclass(frozen=True)
 class EngineFailed:
-    """Supervisor -> Scheduler: the engine cannot go on; fail every request in flight."""
+    """Supervisor, Scheduler -> Engine: the engine cannot go on. Engine -> Scheduler, RequestQueue
+    (once): drop every request in flight; the RequestQueue answers each with the reason."""
 
     reason: str
 
 
 @dataclass(frozen=True)
+class RestartWorkers:
+    """Supervisor -> Engine: end these ranks' processes and start new ones (they are this host's)."""
+
+    ranks: list[int]
+
+
+@dataclass(frozen=True)
 class KVSaved:
-    """KVTier -> Scheduler: every worker of the replica copied its share of the request's KV to the host."""
+    """KVTier -> Scheduler: every worker of the replica copied its share of the request's KV to the
+    host; the bytes they moved and their copy time, summed over them."""
 
     request_id: str
+    num_bytes: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class KVLoaded:
-    """KVTier -> Scheduler: every worker of the replica copied its share of the request's KV onto its device."""
+    """KVTier -> Scheduler: every worker of the replica copied its share of the request's KV onto its
+    device; the bytes they moved and their copy time, summed over them."""
 
     request_id: str
+    num_bytes: int = 0
+    seconds: float = 0.0
 
 
 # ---------------------------------------------------------------- to the KVTier
@@ -280,7 +364,7 @@ class PrepareGroups:
     """Supervisor -> ShardWorker (a replica's first rank): make the rendezvous for these groups."""
 
     replica: int
-    backend: str
+    backend: Backend
     world_size: int
     first_rank: int
     groups: list[GroupSpec]
@@ -330,7 +414,8 @@ class HeadAlive:
 
 @dataclass(frozen=True)
 class Shutdown:
-    """Supervisor -> ShardWorker: finish, release everything and exit."""
+    """Supervisor -> ShardWorker: finish, release everything and exit. Engine -> Supervisor: send
+    it to every worker."""
 
 
 # ---------------------------------------------------------------- to the Supervisor
@@ -338,9 +423,9 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class WorkerHello:
-    """ShardWorker -> Supervisor: a worker process is up; `rank` -1 asks the head to assign one."""
+    """ShardWorker -> Supervisor: a worker process is up; `rank` None asks the head to assign one."""
 
-    rank: int
+    rank: int | None
     pid: int
     hostname: str
     inbox: str  # where the worker listens for commands
@@ -352,7 +437,7 @@ class GroupsPrepared:
 
     replica: int
     collective: CollectiveSpec
-    pid: int = 0
+    pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -371,7 +456,7 @@ class WorkerReady:
     num_device_blocks: list[int]
     load_s: float
     device_name: str
-    pid: int = 0
+    pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -380,8 +465,8 @@ class WorkerFailed:
 
     rank: int
     error: str
-    activity: str  # "" when the head saw the process exit and the worker could not say
-    pid: int = 0
+    activity: str | None  # None when the head saw the process exit and the worker could not say
+    pid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -389,6 +474,11 @@ class Heartbeat:
     """ShardWorker -> Supervisor: still alive."""
 
     rank: int
+
+
+@dataclass(frozen=True)
+class WeightsStored:
+    """Engine -> Supervisor: the host weight store is filled; replicas may load from it."""
 
 
 @dataclass(frozen=True)
@@ -401,15 +491,22 @@ class WorkersBusy:
 
 # ---------------------------------------------------------------- encoding
 
+# What each inbox takes; an actor drops (and logs) anything else.
+ToRequestQueue = Submit | CancelRequest | TokensGenerated | RequestFailed | EngineFailed
+ToFrontDoor = RequestFinished | TextDelta | StatsReport
+ToScheduler = (AddRequest | StopRequest | QueryStats | StepDone | Resharded | EngineReady | ReplicaLost | ReplicaReady
+               | EngineFailed | KVSaved | KVLoaded)
+ToKVTier = SaveKV | LoadKV | SwappedOut | Prefetched | EngineReady | ReplicaLost | ReplicaReady
+ToShardWorker = LoadShard | PrepareGroups | RunStep | Reshard | SwapOut | Prefetch | HeadAlive | Shutdown | RankAssigned
+ToSupervisor = (WorkerHello | GroupsPrepared | WorkerReady | WorkerFailed | Heartbeat | WorkersBusy | WeightsStored
+                | Shutdown)
+ToEngine = EngineReady | EngineFailed | RestartWorkers | StatsReport
+
 Message = typing.Any
 _TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (
-        Submit, TokensGenerated, RequestFailed, RequestFinished, AddRequest, StopRequest, StepDone, Resharded,
-        EngineReady, ReplicaLost, ReplicaReady, EngineFailed, KVSaved, KVLoaded, SaveKV, LoadKV, SwappedOut, Prefetched, LoadShard,
-        PrepareGroups, RunStep, Reshard, SwapOut, Prefetch, HeadAlive, Shutdown, WorkerHello, GroupsPrepared,
-        RankAssigned, WorkerReady, WorkerFailed, Heartbeat, WorkersBusy,
-    )
+    for union in (ToRequestQueue, ToFrontDoor, ToScheduler, ToKVTier, ToShardWorker, ToSupervisor, ToEngine)
+    for cls in typing.get_args(union)
 }
 
 
@@ -442,6 +539,8 @@ def _convert(hint, value):
         return None
     if dataclasses.is_dataclass(hint):
         return _build(hint, value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -452,4 +551,6 @@ def _convert(hint, value):
         for option in typing.get_args(hint):
             if dataclasses.is_dataclass(option):
                 return _build(option, value)
+            if isinstance(option, type) and issubclass(option, enum.Enum):
+                return option(value)
     return value

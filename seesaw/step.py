@@ -4,6 +4,15 @@ the step, the messages that carry it and the model that runs it (pure, no torch)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    """Why a request stopped generating (the OpenAI `finish_reason`)."""
+
+    STOP = "stop"  # an end-of-sequence token, a stop token or a stop string
+    LENGTH = "length"  # max_tokens, or the model's context
+    CANCELLED = "cancelled"  # its client cancelled it
 
 
 @dataclass(frozen=True)
@@ -34,4 +43,4 @@ class TokenUpdate:
 
     request_id: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None

@@ -30,7 +30,7 @@ _PR_SET_PDEATHSIG = 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="seesaw.worker")
     parser.add_argument("--head", required=True, help="the head's supervisor address")
-    parser.add_argument("--rank", type=int, default=-1, help="-1: the head assigns one")
+    parser.add_argument("--rank", type=int, default=None, help="the rank to take (default: the head assigns one)")
     parser.add_argument("--inbox", default=None, help="address to bind for commands (default: a free TCP port)")
     parser.add_argument("--heartbeat-s", type=float, default=1.0)
     parser.add_argument("--head-timeout-s", type=float, default=60.0, help="exit after this long without the head")
@@ -101,7 +101,7 @@ async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Nam
             log.error("nothing from the head for %.0f s; exiting", args.head_timeout_s)
             worker.stopped.set()
             return
-        if worker.rank >= 0:  # a worker that joined without a rank waits for the head's answer
+        if worker.rank is not None:  # a worker that joined without a rank waits for the head's answer
             supervisor.send(Heartbeat(worker.rank))
         await asyncio.sleep(args.heartbeat_s)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -55,18 +56,39 @@ def default_t1(default_prompts):
 
 
 def _leftovers() -> set[str]:
-    """Seesaw worker processes, shared-memory segments and run folders that exist right now."""
-    found = {f"shm:{p.name}" for p in Path("/dev/shm").glob("seesaw-*")}
-    found |= {f"dir:{p}" for p in Path(tempfile.gettempdir()).glob("seesaw-*")}
+    """Seesaw worker processes, shared-memory segments and run folders that exist right now, but
+    not those of another live program (a second test run on this machine): each name carries the
+    pid of the head that made it, and a worker its head's pid."""
+    found = {(f"shm:{p.name}", _pid_in(p.name)) for p in Path("/dev/shm").glob("seesaw-*")}
+    found |= {(f"dir:{p}", _pid_in(p.name)) for p in Path(tempfile.gettempdir()).glob("seesaw-*")}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+                args = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"seesaw.worker" in cmdline:
-                found.add(f"pid:{proc.name}")
-    return found
+            if b"seesaw.worker" in args:
+                head = args[args.index(b"--parent-pid") + 1] if b"--parent-pid" in args else b""
+                found.add((f"pid:{proc.name}", int(head) if head.isdigit() else None))
+    return {name for name, head in found if head is None or not _is_anothers(head)}
+
+
+def _pid_in(name: str) -> int | None:
+    """The head's pid in a name like seesaw-kv-1234-ab12cd."""
+    parts = name.split("-")
+    return int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+
+
+def _is_anothers(pid: int) -> bool:
+    """Whether `pid` is a live process that is neither this one nor one it started."""
+    while pid > 1:
+        if pid == os.getpid():
+            return False
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False  # gone: whatever it left is for this run to answer for
+    return True
 
 
 @pytest.fixture(autouse=True)

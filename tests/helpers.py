@@ -95,10 +95,10 @@ def generate(config: EngineConfig, requests: list[dict], sequential: bool = Fals
                 results = [await client.generate(**request) for request in requests]
             else:
                 results = await asyncio.gather(*(client.submit(**request) for request in requests))
-            if stats is not None:
-                stats.update(engine.stats())
-            if metrics is not None:
-                metrics.update(engine.metrics())
+            if stats is not None or metrics is not None:
+                report = await engine.query_stats(with_timeline=True)
+                (stats if stats is not None else {}).update(report["totals"])
+                (metrics if metrics is not None else {}).update(report)
             return results
 
     return asyncio.run(asyncio.wait_for(main(), timeout_s))

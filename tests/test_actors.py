@@ -12,13 +12,13 @@ from seesaw import messages as m
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import ModelLimits, Scheduler
-from seesaw.actors.supervisor import EngineHooks, Supervisor
+from seesaw.actors.supervisor import Supervisor
 from seesaw.config import SchedulerConfig, TransportConfig
 from seesaw.frontend.text import TextCodec
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase
-from seesaw.step import RowSampling, TokenUpdate
+from seesaw.step import FinishReason, RowSampling, TokenUpdate
 from seesaw.transport.channels import Inbox, Outbox
 
 _names = itertools.count()
@@ -30,6 +30,13 @@ class Wiring:
     def __init__(self):
         self.context = zmq.asyncio.Context()
         self.closables = []
+        self.actors = []
+
+    def start(self, actor):
+        """Start an actor under test; it is stopped at teardown even if the test fails first."""
+        self.actors.append(actor)
+        actor.start()
+        return actor
 
     def address(self) -> str:
         return f"inproc://test-{next(_names)}"
@@ -44,7 +51,9 @@ class Wiring:
         self.closables.append(box)
         return box
 
-    def close(self):
+    async def close(self):
+        for actor in self.actors:
+            await actor.stop()
         for box in self.closables:
             box.close() if isinstance(box, Inbox) else box.close(linger_s=0)
         self.context.term()
@@ -54,7 +63,7 @@ class Wiring:
 async def wiring():
     wires = Wiring()
     yield wires
-    wires.close()
+    await wires.close()
 
 
 async def expect(inbox: Inbox, kind: type, timeout_s: float = 5.0):
@@ -69,12 +78,11 @@ def row_sampling():
 
 async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     worker, kv, queue, supervisor = wiring.inbox(), wiring.inbox(), wiring.inbox(), wiring.inbox()
-    inbox = wiring.inbox()
-    stalls = []
+    engine, inbox, front_door = wiring.inbox(), wiring.inbox(), wiring.inbox()
     actor = Scheduler(inbox, wiring.context, SchedulerConfig(max_num_batched_tokens=8), {Phase.MIXED: Layout()},
                       ModelLimits(block_size=4, max_model_len=64, eos_token_ids=(2,), num_host_blocks=0),
-                      wiring.outbox(kv), wiring.outbox(queue), wiring.outbox(supervisor), 30.0, stalls.append)
-    actor.start()
+                      wiring.outbox(kv), wiring.outbox(queue), wiring.outbox(supervisor), wiring.outbox(engine), 30.0)
+    wiring.start(actor)
     to_actor = wiring.outbox(inbox)
     # 1. A request that arrives before the engine is ready waits for it.
     to_actor.send(m.AddRequest("a", [5, 6, 7, 8, 9, 10], 2, row_sampling()))
@@ -88,25 +96,33 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     assert [(r.token_ids, r.start) for r in step.rows] == [([42], 6)]
     # 3. The second token reaches max_tokens.
     to_actor.send(m.StepDone(step.step_id, 0, [43], 1.0))
-    assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [43], "length")]
+    assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [43], FinishReason.LENGTH)]
     # 4. A request larger than the pool is refused with a reason.
     to_actor.send(m.AddRequest("huge", [1] * 60, 60, row_sampling()))
     failed = await expect(queue, m.RequestFailed)
-    assert failed.request_id == "huge" and failed.status_code == 400
-    # 5. An engine failure fails every request in flight.
+    assert failed.request_id == "huge" and failed.code == m.ErrorCode.INVALID_REQUEST
+    # 5. Stats answer whoever asks: requests, tokens and the KV pool in use.
     to_actor.send(m.AddRequest("b", [5, 6], 4, row_sampling()))
     await expect(worker, m.RunStep)
+    to_actor.send(m.QueryStats(7, front_door.addresses[0]))
+    report = await expect(front_door, m.StatsReport)
+    assert report.query_id == 7 and report.stats["requests"] == {"running": 1, "waiting": 0}
+    assert report.stats["totals"]["generated_tokens"] == 2 and report.stats["totals"]["requests_added"] == 3
+    assert report.stats["kv"]["device_blocks"] == 8 and report.stats["kv"]["device_blocks_used"] == 1
+    # 6. An engine failure (which the RequestQueue answers) drops every request: nothing more runs.
     to_actor.send(m.EngineFailed("worker 0 died"))
-    failed = await expect(queue, m.RequestFailed)
-    assert (failed.request_id, failed.error) == ("b", "worker 0 died")
+    to_actor.send(m.QueryStats(8, front_door.addresses[0]))
+    report = await expect(front_door, m.StatsReport)
+    assert report.stats["kv"]["device_blocks_used"] == 0 and report.stats["failure"] == "worker 0 died"
+    with pytest.raises(TimeoutError):
+        await engine.recv(timeout_s=0.2)  # nothing stalled
     await actor.stop()
-    assert stalls == []
 
 
 async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
     actor = KVTier(inbox, wiring.context, Layout(tp=2), wiring.outbox(scheduler))
-    actor.start()
+    wiring.start(actor)
     to_actor = wiring.outbox(inbox)
     to_actor.send(m.EngineReady([100], [w.addresses[0] for w in workers]))
     # 1. A save goes to every worker of the replica; the scheduler hears once both have copied.
@@ -118,17 +134,15 @@ async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
     to_actor.send(m.SwappedOut(saving, "a", 0, 300, 0.5))
-    assert await expect(scheduler, m.KVSaved) == m.KVSaved("a")
+    assert await expect(scheduler, m.KVSaved) == m.KVSaved("a", 600, 1.0)
     # 2. A load prefetches on every worker and is reported once all are done.
     to_actor.send(m.LoadKV("a", 0, "t2", [0, 1, 2], [3, 4, 5, 6]))
     prefetches = [await expect(w, m.Prefetch) for w in workers]
     assert (prefetches[0].host_block_ids, prefetches[0].block_ids) == ([0, 1, 2], [3, 4, 5, 6])
     for rank in (0, 1):
         to_actor.send(m.Prefetched(prefetches[0].transfer_id, "a", rank, 200, 0.25))
-    assert await expect(scheduler, m.KVLoaded) == m.KVLoaded("a")
-    # 3. The bytes moved and the copy time are totalled.
-    assert actor.totals == {"written_bytes": 600, "written_s": 1.0, "read_bytes": 400, "read_s": 0.5}
-    # 4. When a replica is lost, answers to its transfers no longer count, even for the same request.
+    assert await expect(scheduler, m.KVLoaded) == m.KVLoaded("a", 400, 0.5)
+    # 3. When a replica is lost, answers to its transfers no longer count, even for the same request.
     to_actor.send(m.SaveKV("a", 0, "t2", [1], [5]))
     stale = (await expect(workers[0], m.SwapOut)).transfer_id
     await expect(workers[1], m.SwapOut)
@@ -143,7 +157,7 @@ async def test_kv_tier_counts_every_worker_before_reporting(wiring):
         await scheduler.recv(timeout_s=0.2)
     for rank in (0, 1):
         to_actor.send(m.SwappedOut(fresh, "a", rank, 1, 0.0))
-    assert await expect(scheduler, m.KVSaved) == m.KVSaved("a")
+    assert await expect(scheduler, m.KVSaved) == m.KVSaved("a", 2, 0.0)
     await actor.stop()
 
 
@@ -155,28 +169,53 @@ def codec(default_model):
 async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiring, codec):
     scheduler, replies, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
     actor = RequestQueue(inbox, wiring.context, wiring.outbox(scheduler), codec, max_model_len=64, vocab_size=49152)
-    actor.start()
+    wiring.start(actor)
     to_actor = wiring.outbox(inbox)
     reply_to = replies.addresses[0]
-    # 1. A prompt is tokenized and handed to the scheduler.
-    to_actor.send(m.Submit("r", reply_to, "completion", SamplingParams(max_tokens=20, stop=["three"]), prompt="Count:"))
+    completion = m.RequestKind.COMPLETION
+    # 1. A prompt is tokenized and handed to the scheduler under the engine's own request id; a
+    #    second request reusing the label is a request of its own.
+    to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20, stop=["three"]), prompt="Count:",
+                           stream=True))
     added = await expect(scheduler, m.AddRequest)
     assert added.prompt_token_ids == codec.encode_prompt("Count:") and added.max_tokens == 20
-    # 2. Tokens come back; the stop string ends the request and tells the scheduler.
+    to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20), prompt="Again:"))
+    again = await expect(scheduler, m.AddRequest)
+    assert again.request_id != added.request_id
+    # 2. Tokens come back and stream as text; the stop string ends the request and tells the scheduler.
     for token in codec.encode_prompt(" one two three four"):
-        to_actor.send(m.TokensGenerated([TokenUpdate("r", [token])]))
-    assert await expect(scheduler, m.StopRequest) == m.StopRequest("r")
-    finished = await expect(replies, m.RequestFinished)
-    assert (finished.text, finished.finish_reason, finished.error) == (" one two ", "stop", None)
+        to_actor.send(m.TokensGenerated([TokenUpdate(added.request_id, [token])]))
+    assert await expect(scheduler, m.StopRequest) == m.StopRequest(added.request_id)
+    streamed = ""
+    while not isinstance(message := await replies.recv(timeout_s=5), m.RequestFinished):
+        assert isinstance(message, m.TextDelta) and message.label == "r"
+        streamed += message.text
+    assert (message.label, message.request_id) == ("r", added.request_id)
+    assert (message.text, message.finish_reason, message.error) == (" one two ", FinishReason.STOP, None)
+    assert streamed == message.text  # nothing of the stop string was streamed
     # 3. Invalid requests are answered at once and never reach the scheduler.
-    to_actor.send(m.Submit("bad", reply_to, "completion", SamplingParams(top_k=-3), prompt="x"))
-    to_actor.send(m.Submit("long", reply_to, "completion", SamplingParams(), prompt_token_ids=[5] * 64))
+    to_actor.send(m.Submit("bad", reply_to, completion, SamplingParams(top_k=-3), prompt="x"))
+    to_actor.send(m.Submit("long", reply_to, completion, SamplingParams(), prompt_token_ids=[5] * 64))
+    to_actor.send(m.Submit("junk", reply_to, m.RequestKind.CHAT, SamplingParams(), messages=[{"role": 3}, "x"]))
     # Each reply may travel on its own socket, so they can arrive in either order.
-    answers = {r.request_id: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(3)]}
     assert "top_k" in answers["bad"].error and answers["bad"].status_code == 400
-    assert "context is 64 tokens" in answers["long"].error and answers["long"].status_code == 400
+    assert "context is 64 tokens" in answers["long"].error and answers["long"].code == m.ErrorCode.CONTEXT_LENGTH_EXCEEDED
+    assert "messages[0]" in answers["junk"].error and answers["junk"].request_id is None
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
+    # 4. Cancelling by label stops the request and answers it as cancelled.
+    to_actor.send(m.CancelRequest("r", reply_to))
+    assert await expect(scheduler, m.StopRequest) == m.StopRequest(again.request_id)
+    cancelled = await expect(replies, m.RequestFinished)
+    assert (cancelled.label, cancelled.finish_reason) == ("r", FinishReason.CANCELLED)
+    # 5. An engine failure answers what is pending and refuses what comes later.
+    to_actor.send(m.Submit("c", reply_to, completion, SamplingParams(max_tokens=4), prompt="x"))
+    await expect(scheduler, m.AddRequest)
+    to_actor.send(m.EngineFailed("worker 0 died"))
+    to_actor.send(m.Submit("d", reply_to, completion, SamplingParams(), prompt="x"))
+    answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    assert all((a.code, a.error) == (m.ErrorCode.ENGINE_FAILED, "worker 0 died") for a in answers.values())
     await actor.stop()
 
 
@@ -186,12 +225,11 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     def load_command(rank, collective):
         return m.LoadShard({}, None, None, 0, "float32", "cpu", ["t2"], rank, 16, 1, 0.9, 1, None, collective, "s", "k")
 
-    ready, failures = [], []
-    hooks = EngineHooks(on_ready=ready.append, on_failure=failures.append, restart=lambda ranks: False)
+    engine = wiring.inbox()
     actor = Supervisor(inbox, wiring.context, TransportConfig(heartbeat_timeout_s=1.0, max_restarts=0),
-                       [Layout(tp=2)], "gloo", load_command, [wiring.outbox(scheduler), wiring.outbox(kv)],
-                       wiring.outbox(scheduler), hooks)
-    actor.start()
+                       [Layout(tp=2)], m.Backend.GLOO, load_command, [wiring.outbox(scheduler), wiring.outbox(kv)],
+                       wiring.outbox(engine), num_local_workers=1)
+    wiring.start(actor)
     to_actor = wiring.outbox(inbox)
     beating_ranks = {0, 1}
 
@@ -205,40 +243,53 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     # 1. Rank 0 joins with its rank, a remote worker asks for one; once the world is complete,
     #    rank 0 prepares the communicator groups.
     to_actor.send(m.WorkerHello(0, 100, "host", workers[0].addresses[0]))
-    to_actor.send(m.WorkerHello(-1, 101, "far", workers[1].addresses[0]))  # pids 100 and 101
+    to_actor.send(m.WorkerHello(None, 101, "far", workers[1].addresses[0]))  # pids 100 and 101
     assert await expect(workers[1], m.RankAssigned) == m.RankAssigned(1)
     prepare = await expect(workers[0], m.PrepareGroups)
     assert [(g.key, g.ranks) for g in prepare.groups] == [("ranks:0,1", [0, 1])]  # groups of one need none
     # 2. The prepared rendezvous goes to every worker with its own shard.
     assert (prepare.replica, prepare.world_size, prepare.first_rank) == (0, 2, 0)
-    collective = m.CollectiveSpec("gloo", 2, prepare.groups, "tcp://127.0.0.1:1")
+    collective = m.CollectiveSpec(m.Backend.GLOO, 2, prepare.groups, "tcp://127.0.0.1:1")
     to_actor.send(m.GroupsPrepared(0, collective, 999))  # from a process that is not rank 0's: ignored
     to_actor.send(m.GroupsPrepared(0, collective, 100))
     loads = [await expect(w, m.LoadShard) for w in workers]
     assert [(c.rank, c.collective) for c in loads] == [(0, collective), (1, collective)]
-    # 3. Once all are ready the scheduler and the KV tier learn the pool and the addresses.
+    # 3. Once all are ready the scheduler, the KV tier and the engine learn the pool and the addresses.
     to_actor.send(m.WorkerReady(0, [50], 1.0, "cpu", 100))
     to_actor.send(m.WorkerReady(1, [40], 1.0, "cpu", 101))
     expected = m.EngineReady([40], [w.addresses[0] for w in workers])
     assert await expect(scheduler, m.EngineReady) == expected == await expect(kv, m.EngineReady)
+    assert await expect(engine, m.EngineReady) == expected
 
-    # 4. Worker 1 keeps beating, worker 0 goes silent: the engine fails, naming worker 0.
+    # 4. Worker 1 keeps beating, worker 0 goes silent: the engine is told once, naming worker 0.
     beating_ranks.discard(0)
-    failed = await expect(scheduler, m.EngineFailed, timeout_s=5.0)
+    failed = await expect(engine, m.EngineFailed, timeout_s=5.0)
     beating.cancel()
     assert "worker 0" in failed.reason and "no heartbeat" in failed.reason and "--max-restarts" in failed.reason
-    assert failures == [failed.reason] and len(ready) == 1
+    with pytest.raises(TimeoutError):
+        await engine.recv(timeout_s=0.3)
+    await actor.stop()
+
+
+async def test_supervisor_fails_the_engine_when_workers_miss_the_start_timeout(wiring):
+    engine, inbox = wiring.inbox(), wiring.inbox()
+    actor = Supervisor(inbox, wiring.context, TransportConfig(worker_start_timeout_s=0.3), [Layout(tp=2)],
+                       m.Backend.GLOO, lambda rank, collective: None, [], wiring.outbox(engine), num_local_workers=2)
+    wiring.start(actor)
+    failed = await expect(engine, m.EngineFailed)
+    assert "not ready within 0 s (0 of 2 joined" in failed.reason
     await actor.stop()
 
 
 async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
     worker, scheduler, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
     actor = KVTier(inbox, wiring.context, Layout(), wiring.outbox(scheduler))
-    actor.start()
+    wiring.start(actor)
     raw = wiring.context.socket(zmq.PUSH)
     raw.connect(inbox.addresses[0])
     await raw.send(b"not a message")
     await raw.send(b'["SaveKV", {"request_id": "x", "nonsense": 1}]')
+    await raw.send(m.encode(m.RunStep(1, [])))  # a real message, but not one a KVTier takes
     raw.close(linger=0)
     to_actor = wiring.outbox(inbox)
     to_actor.send(m.EngineReady([10], worker.addresses))

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import default_config, engine_config, generate, greedy_requests, random_prompts
 from seesaw.engine import Engine, EngineError
+from seesaw.actors.scheduler import Scheduler
 from seesaw.frontend.local import LocalClient
 from seesaw.layout import Layout
 from seesaw.model.resolve import resolve_model
@@ -95,14 +96,15 @@ def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, t
 
     async def run() -> str:
         async with Engine(config, resolved) as engine, LocalClient(engine, "kill") as client:
-            switch = engine._scheduler._switch
+            scheduler = _scheduler_of(engine)
+            switch = scheduler._switch
 
             def switch_then_kill(replica, old, new):
                 switch(replica, old, new)
-                if engine.config.parallel.layouts[0] != engine._scheduler.layouts[new]:
+                if engine.config.parallel.layouts[0] != scheduler.layouts[new]:
                     os.kill(engine._processes[1].pid, signal.SIGKILL)  # right behind the Reshard command
 
-            engine._scheduler._switch = switch_then_kill
+            scheduler._switch = switch_then_kill
             futures = [client.submit(**request) for request in greedy_requests(tiny_prompts, 12)]
             results = await asyncio.gather(*futures, return_exceptions=True)
             assert all(isinstance(r, EngineError) or r.status_code == 500 for r in results)
@@ -121,19 +123,25 @@ def test_a_worker_killed_during_a_transition_is_restarted_and_outputs_stay_as_at
 
     async def run():
         async with Engine(config, resolved) as engine, LocalClient(engine, "restart") as client:
-            switch = engine._scheduler._switch
+            scheduler = _scheduler_of(engine)
+            switch = scheduler._switch
             killed = []
 
             def switch_then_kill(replica, old, new):
                 switch(replica, old, new)
-                if not killed and engine.config.parallel.layouts[0] != engine._scheduler.layouts[new]:
+                if not killed and engine.config.parallel.layouts[0] != scheduler.layouts[new]:
                     killed.append(engine._processes[1].pid)
                     os.kill(killed[0], signal.SIGKILL)
 
-            engine._scheduler._switch = switch_then_kill
+            scheduler._switch = switch_then_kill
             results = await asyncio.gather(*(client.submit(**r) for r in greedy_requests(tiny_prompts, 12)))
-            return results, engine.metrics(), killed
+            return results, await engine.query_stats(with_timeline=True), killed
 
     results, metrics, killed = asyncio.run(asyncio.wait_for(run(), 240))
     assert killed and metrics["replica_restarts"] == 1
     assert [r.token_ids for r in results] == tiny_t1
+
+
+def _scheduler_of(engine: Engine) -> Scheduler:
+    """The engine's Scheduler actor, for a test that injects a fault right behind its Reshard."""
+    return next(actor for actor in engine._actors if isinstance(actor, Scheduler))

@@ -6,22 +6,42 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import typing
 from abc import ABC, abstractmethod
 
+import zmq.asyncio
+
 from seesaw.messages import Message
-from seesaw.transport.channels import Inbox
+from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
 
 
 class Actor(ABC):
-    """An asyncio task draining one inbox into `handle`; subclasses implement `handle`."""
+    """An asyncio task draining one inbox into `handle`. Subclasses name the message types their
+    inbox takes in `accepts` (a union from seesaw.messages) and implement `handle`; anything
+    else is dropped with a warning. Outboxes made with `connect` are closed when the actor stops."""
 
     name = "actor"
+    accepts: typing.Any = None
 
     def __init__(self, inbox: Inbox):
         self.inbox = inbox
         self.task: asyncio.Task | None = None
+        self._owned: list[Outbox] = []
+        self._accepted = tuple(typing.get_args(self.accepts)) or (self.accepts,)
+
+    def connect(self, context: zmq.asyncio.Context, address: str) -> Outbox:
+        """An outbox this actor owns: closed at stop (or earlier with `disconnect`)."""
+        outbox = Outbox(context, address)
+        self._owned.append(outbox)
+        return outbox
+
+    def disconnect(self, outbox: Outbox) -> None:
+        """Close an owned outbox now; what it was still sending gets a moment to go out."""
+        if outbox in self._owned:
+            self._owned.remove(outbox)
+        outbox.close()
 
     def start(self) -> asyncio.Task:
         self.task = asyncio.get_running_loop().create_task(self.run(), name=self.name)
@@ -35,6 +55,9 @@ class Actor(ABC):
                 except ValueError as error:  # a frame that is not one of our messages
                     log.warning("%s dropped %s", self.name, error)
                     continue
+                if not isinstance(message, self._accepted):
+                    log.warning("%s dropped a %s: not a message its inbox takes", self.name, type(message).__name__)
+                    continue
                 result = self.handle(message)
                 if inspect.isawaitable(result):
                     await result
@@ -46,7 +69,7 @@ class Actor(ABC):
 
     @abstractmethod
     def handle(self, message: Message):
-        """React to one message; may return an awaitable."""
+        """React to one message of `accepts`; may return an awaitable."""
 
     async def stop(self) -> None:
         if self.task is not None and not self.task.done():  # a finished task was awaited by its watcher
@@ -54,3 +77,6 @@ class Actor(ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
         self.inbox.close()
+        for outbox in self._owned:
+            outbox.close(linger_s=0)
+        self._owned.clear()

@@ -1,9 +1,11 @@
 """Scheduler actor: drives one scheduling core per replica and turns its decisions into messages.
 
-Inbox: AddRequest, StopRequest (RequestQueue); StepDone, Resharded (ShardWorker); KVSaved, KVLoaded
-(KVTier); EngineReady, ReplicaLost, ReplicaReady, EngineFailed (Supervisor).
+Inbox: AddRequest, StopRequest (RequestQueue); QueryStats (front doors, Engine); StepDone, Resharded
+(ShardWorker); KVSaved, KVLoaded (KVTier); EngineReady, ReplicaLost, ReplicaReady (Supervisor);
+EngineFailed (Engine).
 Sends: RunStep and Reshard to every worker of a replica; SaveKV and LoadKV to the KVTier;
-TokensGenerated and RequestFailed to the RequestQueue; WorkersBusy to the Supervisor.
+TokensGenerated and RequestFailed to the RequestQueue; WorkersBusy to the Supervisor; EngineFailed
+to the Engine when a step, a copy or a re-shard outlives its timeout; StatsReport to whoever asked.
 
 Each data-parallel replica has its own core, KV pool and share of the host buffer; a new request
 goes to the least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline
@@ -29,11 +31,13 @@ from seesaw.kv.host_slots import HostSlots, split_host_blocks
 from seesaw.layout import Layout
 from seesaw.messages import (
     AddRequest,
+    ErrorCode,
     EngineFailed,
     EngineReady,
     KVLoaded,
     KVSaved,
     LoadKV,
+    QueryStats,
     ReplicaLost,
     ReplicaReady,
     RequestFailed,
@@ -41,8 +45,10 @@ from seesaw.messages import (
     Resharded,
     RunStep,
     SaveKV,
+    StatsReport,
     StepDone,
     StopRequest,
+    ToScheduler,
     TokensGenerated,
     WorkersBusy,
 )
@@ -68,6 +74,7 @@ class ModelLimits:
 
 class Scheduler(Actor):
     name = "scheduler"
+    accepts = ToScheduler
 
     def __init__(
         self,
@@ -79,8 +86,8 @@ class Scheduler(Actor):
         kv_tier: Outbox,
         request_queue: Outbox,
         supervisor: Outbox,
+        engine: Outbox,
         step_timeout_s: float,
-        on_stall: Callable[[str], None],
     ):
         super().__init__(inbox)
         self.context = context
@@ -91,8 +98,8 @@ class Scheduler(Actor):
         self.kv_tier = kv_tier
         self.request_queue = request_queue
         self.supervisor = supervisor
+        self.engine = engine
         self.step_timeout_s = step_timeout_s
-        self.on_stall = on_stall  # called with a reason when a step or a transition outlives its timeout
         self.is_seesaw = Phase.MIXED not in layouts
         self.cores: list[StaticScheduler] = []  # one per data-parallel replica, once ready
         self.workers: list[list[Outbox]] = []  # each replica's workers
@@ -104,6 +111,11 @@ class Scheduler(Actor):
         self._reshards: list[deque[tuple[int, set[int]]]] = [deque() for _ in range(self.layout.dp)]
         self._next_step_ids = [0] * self.layout.dp  # where a restarted replica's step ids go on
         self.compute_ms = 0.0  # worker time inside steps, summed over replicas
+        self.failure: str | None = None
+        # Requests and tokens so far, and KV bytes moved and copy seconds (summed over workers).
+        self.totals = {"requests_added": 0, "prompt_tokens": 0, "generated_tokens": 0, "written_bytes": 0,
+                       "written_s": 0.0, "read_bytes": 0, "read_s": 0.0}
+        self._replies: dict[str, Outbox] = {}  # where stats go, by address
 
     def _first_phase(self) -> Phase:
         return Phase.PREFILL if self.is_seesaw else Phase.MIXED
@@ -119,9 +131,13 @@ class Scheduler(Actor):
             case Resharded():
                 self._on_resharded(message)
             case KVSaved():
+                self._count_kv("written", message.num_bytes, message.seconds)
                 self._on_kv_moved(message.request_id, StaticScheduler.on_saved)
             case KVLoaded():
+                self._count_kv("read", message.num_bytes, message.seconds)
                 self._on_kv_moved(message.request_id, StaticScheduler.on_loaded)
+            case QueryStats():
+                self._on_query_stats(message)
             case EngineReady():
                 self._on_engine_ready(message)
             case ReplicaLost():
@@ -130,8 +146,6 @@ class Scheduler(Actor):
                 self._on_replica_ready(message)
             case EngineFailed():
                 self._on_engine_failed(message)
-            case _:
-                raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_engine_ready(self, message: EngineReady) -> None:
         limits, layout = self.limits, self.layout
@@ -143,12 +157,12 @@ class Scheduler(Actor):
         ]
         addresses = message.worker_addresses
         self.workers = [
-            [Outbox(self.context, addresses[rank]) for rank in layout.replica_ranks(replica)]
+            [self.connect(self.context, addresses[rank]) for rank in layout.replica_ranks(replica)]
             for replica in range(layout.dp)
         ]
         early, self._early = self._early, []
         for request in early:
-            self._on_add_request(request)
+            self._place(request)
 
     def _core(self, num_blocks: int, host: HostSlots, first_step_id: int = 0) -> StaticScheduler:
         limits = self.limits
@@ -174,7 +188,7 @@ class Scheduler(Actor):
             self._timers.pop(key).cancel()
         self._reshards[replica].clear()
         for outbox in self.workers[replica]:
-            outbox.close(linger_s=0)
+            self.disconnect(outbox)
         self.workers[replica] = []
         self.metrics.on_restart(time.monotonic(), replica, self._first_phase())
         log.warning("replica %d lost (%s); %d requests wait for it to restart", replica, message.reason, len(states))
@@ -194,16 +208,23 @@ class Scheduler(Actor):
                 fitting.append(state)
             else:
                 self.request_queue.send(RequestFailed(state.request_id, f"after replica {replica} restarted, "
-                                                                        f"{problem}", status_code=500))
+                                                                        f"{problem}"))
         core.adopt(fitting)
         self.cores[replica] = core
-        self.workers[replica] = [Outbox(self.context, address) for address in message.worker_addresses]
+        self.workers[replica] = [self.connect(self.context, address) for address in message.worker_addresses]
         early, self._early = self._early, []
         for request in early:
-            self._on_add_request(request)
+            self._place(request)
         self._pump(replica)
 
     def _on_add_request(self, request: AddRequest) -> None:
+        if self.failure is not None:
+            return  # the RequestQueue has answered it already
+        self.totals["requests_added"] += 1
+        self.totals["prompt_tokens"] += len(request.prompt_token_ids)
+        self._place(request)
+
+    def _place(self, request: AddRequest) -> None:
         up = [r for r in range(len(self.cores)) if r not in self._held]
         if not up:
             self._early.append(request)
@@ -212,7 +233,7 @@ class Scheduler(Actor):
         fits = [r for r in up if self.cores[r].capacity_error(*size) is None]
         if not fits:
             problem = min((self.cores[r].capacity_error(*size) for r in up), key=len)
-            self.request_queue.send(RequestFailed(request.request_id, problem, status_code=400))
+            self.request_queue.send(RequestFailed(request.request_id, problem, ErrorCode.INVALID_REQUEST))
             return
         replica = fits[0] if len(fits) == 1 else min(fits, key=lambda r: self.cores[r].load)
         self.cores[replica].add(request)
@@ -237,6 +258,7 @@ class Scheduler(Actor):
             return  # a late answer from a replica being restarted
         self.compute_ms += message.compute_ms
         updates = self.cores[replica].complete(message.step_id, message.sampled)
+        self.totals["generated_tokens"] += sum(len(update.token_ids) for update in updates)
         if updates:
             self.request_queue.send(TokensGenerated(updates))
         self._pump(replica)
@@ -279,19 +301,16 @@ class Scheduler(Actor):
             self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), "running steps"))
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
-        request_ids = [r.request_id for r in self._early]
+        """Drop every request and timer; the RequestQueue answers the requests (the Engine told it too)."""
+        self.failure = message.reason
         for replica, core in enumerate(self.cores):
             if replica not in self._held:
-                request_ids += core.fail_all()
-        for states in self._held.values():
-            request_ids += [s.request_id for s in states]
+                core.fail_all()
         self._early = []
         self._held.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        for request_id in request_ids:
-            self.request_queue.send(RequestFailed(request_id, message.reason, status_code=500))
 
     def _replica_of(self, request_id: str) -> int | None:
         """The replica whose core holds this request (None once it finished or before it arrived)."""
@@ -349,7 +368,7 @@ class Scheduler(Actor):
         reason = f"replica {replica} cannot schedule its requests (the device KV pool is too small for them)"
         log.error("%s", reason)
         for request_id in self.cores[replica].fail_all():
-            self.request_queue.send(RequestFailed(request_id, reason, status_code=500))
+            self.request_queue.send(RequestFailed(request_id, reason))
 
     def _run(self, replica: int, plan: StepPlan) -> None:
         step = RunStep(plan.step_id, plan.rows)
@@ -368,7 +387,45 @@ class Scheduler(Actor):
     def _on_stalled(self, reason: str) -> None:
         log.error("%s", reason)
         self._on_engine_failed(EngineFailed(reason))
-        self.on_stall(reason)
+        self.engine.send(EngineFailed(reason))
+
+    # ------------------------------------------------------------ stats
+
+    def _count_kv(self, direction: str, num_bytes: int, seconds: float) -> None:
+        self.totals[f"{direction}_bytes"] += num_bytes
+        self.totals[f"{direction}_s"] += seconds
+
+    def _on_query_stats(self, message: QueryStats) -> None:
+        if message.reply_to not in self._replies:
+            if len(self._replies) >= 64:  # askers come and go; keep a few outboxes, not one per asker ever
+                self.disconnect(self._replies.pop(next(iter(self._replies))))
+            self._replies[message.reply_to] = self.connect(self.context, message.reply_to)
+        self._replies[message.reply_to].send(StatsReport(message.query_id, self.stats(message.with_timeline)))
+
+    def stats(self, with_timeline: bool = False) -> dict:
+        """Counters, live request counts, KV pool use and the phase metrics so far."""
+        running, waiting = self.num_requests()
+        up = [core for replica, core in enumerate(self.cores) if replica not in self._held]
+        counters: dict[str, float] = {"compute_s": self.compute_ms / 1000, **self.totals}
+        for core in self.cores:
+            for name, count in core.counters.items():
+                counters[name] = counters.get(name, 0) + count
+        stats = {
+            **self.metrics.summary(time.monotonic(), with_transitions=with_timeline),
+            "totals": counters,
+            "requests": {"running": running, "waiting": waiting},
+            "kv": {
+                "device_blocks": sum(core.pool.num_blocks for core in up),
+                "device_blocks_used": sum(core.pool.num_used for core in up),
+                "host_blocks": self.limits.num_host_blocks,
+                "host_blocks_used": sum(core.host.num_used for core in up),
+            },
+            "phases": [phase.value for phase in self.metrics.phase],
+            "failure": self.failure,
+        }
+        if with_timeline:
+            stats["timeline"] = self.metrics.timeline_dict()
+        return stats
 
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting): requests with KV on a device or moving, and requests waiting to
@@ -379,12 +436,4 @@ class Scheduler(Actor):
         total = len(self._early) + held + sum(len(core.requests) for core in up)
         return total - waiting, waiting
 
-    def summary(self) -> dict:
-        """The run's phase metrics so far (see RunMetrics.summary)."""
-        return self.metrics.summary(time.monotonic())
 
-    async def stop(self) -> None:
-        await super().stop()
-        for outboxes in self.workers:
-            for outbox in outboxes:
-                outbox.close(linger_s=0)

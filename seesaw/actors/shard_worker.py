@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from seesaw.actors.base import Actor
 from seesaw.messages import (
+    Backend,
     CollectiveSpec,
     GroupSpec,
     GroupsPrepared,
@@ -40,6 +41,7 @@ from seesaw.messages import (
     StepDone,
     SwapOut,
     SwappedOut,
+    ToShardWorker,
     WorkerFailed,
     WorkerReady,
 )
@@ -50,8 +52,9 @@ log = logging.getLogger(__name__)
 
 class ShardWorker(Actor):
     name = "shard-worker"
+    accepts = ToShardWorker
 
-    def __init__(self, inbox: Inbox, rank: int, supervisor: Outbox, context: zmq.asyncio.Context):
+    def __init__(self, inbox: Inbox, rank: int | None, supervisor: Outbox, context: zmq.asyncio.Context):
         super().__init__(inbox)
         self.rank = rank
         self.supervisor = supervisor
@@ -86,18 +89,16 @@ class ShardWorker(Actor):
                 self.head_seen = time.monotonic()
             case Shutdown():
                 self.stopped.set()
-            case _:
-                raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
 
     def _on_prepare_groups(self, command: PrepareGroups) -> None:
         def prepare() -> GroupsPrepared:
             from seesaw.transport.collective import free_tcp_address, make_nccl_id  # torch, off the loop
 
-            if command.backend == "nccl":
+            if command.backend == Backend.NCCL:
                 groups = [GroupSpec(g.key, g.ranks, make_nccl_id()) for g in command.groups]
-                return GroupsPrepared(command.replica, CollectiveSpec("nccl", command.world_size, groups,
+                return GroupsPrepared(command.replica, CollectiveSpec(Backend.NCCL, command.world_size, groups,
                                                                       first_rank=command.first_rank), os.getpid())
-            return GroupsPrepared(command.replica, CollectiveSpec("gloo", command.world_size, command.groups,
+            return GroupsPrepared(command.replica, CollectiveSpec(Backend.GLOO, command.world_size, command.groups,
                                                                   free_tcp_address(), command.first_rank), os.getpid())
 
         self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")

@@ -3,9 +3,10 @@ shards, watches the workers, and when one is lost restarts its replica (within a
 the engine loudly.
 
 Inbox: WorkerHello, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the
-engine's process watch); WorkersBusy (Scheduler).
+engine's process watch); WorkersBusy (Scheduler); WeightsStored and Shutdown (Engine).
 Sends: RankAssigned, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady,
-ReplicaLost and ReplicaReady to the Scheduler and the KVTier; EngineFailed to the Scheduler.
+ReplicaLost and ReplicaReady to the Scheduler and the KVTier (EngineReady to the Engine too);
+RestartWorkers and EngineFailed to the Engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq.asyncio
 
@@ -34,7 +34,10 @@ from seesaw.messages import (
     RankAssigned,
     ReplicaLost,
     ReplicaReady,
+    RestartWorkers,
     Shutdown,
+    ToSupervisor,
+    WeightsStored,
     WorkerFailed,
     WorkerHello,
     WorkerReady,
@@ -47,17 +50,9 @@ log = logging.getLogger(__name__)
 LoadCommand = Callable[[int, CollectiveSpec | None], LoadShard]
 
 
-@dataclass(frozen=True)
-class EngineHooks:
-    """What the Supervisor asks of the engine that owns the worker processes."""
-
-    on_ready: Callable[[list[WorkerReady]], None]
-    on_failure: Callable[[str], None]
-    restart: Callable[[list[int]], bool]  # end these ranks' processes and start new ones; False if not ours
-
-
 class Supervisor(Actor):
     name = "supervisor"
+    accepts = ToSupervisor
     FAILURE_GRACE_S = 1.0
 
     def __init__(
@@ -69,9 +64,9 @@ class Supervisor(Actor):
         backend: str,  # "gloo" or "nccl"
         load_command: LoadCommand,
         listeners: list[Outbox],  # Scheduler and KVTier: told when the engine or a replica is ready or lost
-        scheduler: Outbox,
-        hooks: EngineHooks,
-        can_load: asyncio.Event | None = None,  # set once what the load commands name exists (the weight store)
+        engine: Outbox,
+        num_local_workers: int,  # ranks below this are the head's own processes, which it can restart
+        is_store_pending: bool = False,  # workers may load only once WeightsStored arrives
     ):
         super().__init__(inbox)
         self.context = context
@@ -81,9 +76,9 @@ class Supervisor(Actor):
         self.backend = backend
         self.load_command = load_command
         self.listeners = listeners
-        self.scheduler = scheduler
-        self.hooks = hooks
-        self.can_load = can_load
+        self.engine = engine
+        self.num_local_workers = num_local_workers
+        self.is_store_pending = is_store_pending
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
         self.pids: dict[int, int] = {}  # rank -> the pid of its current process
@@ -96,7 +91,8 @@ class Supervisor(Actor):
         self._failures: list[WorkerFailed] = []
         self._verdict: asyncio.TimerHandle | None = None
         self._watch: asyncio.TimerHandle | None = None
-        self._waits: list[asyncio.Task] = []  # replicas waiting for the weight store
+        self._waiting_replicas: list[int] = []  # joined, waiting for the weight store
+        self._start_deadline: asyncio.TimerHandle | None = None
         self._restart_deadlines: dict[int, asyncio.TimerHandle] = {}
         self._replaced: set[int] = set()  # pids of processes a restart ended
 
@@ -123,10 +119,27 @@ class Supervisor(Actor):
             case WorkersBusy():
                 for rank in message.ranks:
                     self.activity[rank] = message.activity
-            case _:
-                raise ValueError(f"{self.name} cannot handle {type(message).__name__}")
+            case WeightsStored():
+                self.is_store_pending = False
+                waiting, self._waiting_replicas = self._waiting_replicas, []
+                for replica in waiting:
+                    self._prepare_groups(replica)
+            case Shutdown():
+                self._shutdown_workers()
 
-    def _is_current(self, rank: int, pid: int) -> bool:
+    def start(self) -> asyncio.Task:
+        """Start, and fail the engine unless every worker is ready within the start timeout."""
+        task = super().start()
+        timeout_s = self.config.worker_start_timeout_s
+        self._start_deadline = asyncio.get_running_loop().call_later(timeout_s, self._start_timed_out, timeout_s)
+        return task
+
+    def _start_timed_out(self, timeout_s: float) -> None:
+        joined = sum(address is not None for address in self.addresses)
+        self._fail_engine(f"workers were not ready within {timeout_s:.0f} s "
+                          f"({joined} of {self.layout.world_size} joined, {len(self.ready)} loaded)")
+
+    def _is_current(self, rank: int, pid: int | None) -> bool:
         """Whether a report comes from the rank's present process, not one a restart replaced."""
         return self.pids.get(rank) == pid
 
@@ -134,12 +147,12 @@ class Supervisor(Actor):
 
     def _on_worker_hello(self, message: WorkerHello) -> None:
         rank = message.rank
-        if rank >= self.layout.world_size:
+        if rank is not None and rank >= self.layout.world_size:
             log.warning("worker pid %d on %s asked for rank %d, but %s has %d workers; sending it away",
                         message.pid, message.hostname, rank, self.layout, self.layout.world_size)
             self._send_away(message.inbox)
             return
-        if rank < 0:
+        if rank is None:
             free = [r for r, address in enumerate(self.addresses) if address is None]
             if not free:
                 log.warning("worker pid %d on %s joined a full world; sending it away", message.pid, message.hostname)
@@ -151,9 +164,9 @@ class Supervisor(Actor):
             self._send_away(message.inbox)
             return
         log.info("worker %d is up (pid %d on %s, %s)", rank, message.pid, message.hostname, message.inbox)
-        self.workers[rank] = Outbox(self.context, message.inbox)
+        self.workers[rank] = self.connect(self.context, message.inbox)
         self.pids[rank] = message.pid
-        if message.rank < 0:
+        if message.rank is None:
             self.workers[rank].send(RankAssigned(rank))
         self.last_seen[rank] = time.monotonic()
         self.activity[rank] = "waiting for the other workers"
@@ -168,14 +181,9 @@ class Supervisor(Actor):
         outbox.close()
 
     def _replica_joined(self, replica: int) -> None:
-        if self.can_load is not None and not self.can_load.is_set():
-            # Keep watching the workers (and telling them the head is alive) while waiting.
-            self._waits.append(asyncio.get_running_loop().create_task(self._prepare_when_allowed(replica)))
+        if self.is_store_pending:
+            self._waiting_replicas.append(replica)  # the workers are still watched meanwhile
             return
-        self._prepare_groups(replica)
-
-    async def _prepare_when_allowed(self, replica: int) -> None:
-        await self.can_load.wait()
         self._prepare_groups(replica)
 
     def _prepare_groups(self, replica: int) -> None:
@@ -208,10 +216,11 @@ class Supervisor(Actor):
         if len(self.ready) < self.layout.world_size:
             return
         self.is_engine_ready = True
+        if self._start_deadline is not None:
+            self._start_deadline.cancel()
         blocks = [self._replica_blocks(r) for r in range(self.layout.dp)]
-        for listener in self.listeners:
+        for listener in [*self.listeners, self.engine]:
             listener.send(EngineReady(blocks, list(self.addresses)))
-        self.hooks.on_ready([self.ready[rank] for rank in sorted(self.ready)])
 
     def _replica_blocks(self, replica: int) -> int:
         return min(min(self.ready[rank].num_device_blocks) for rank in self.layout.replica_ranks(replica))
@@ -241,9 +250,12 @@ class Supervisor(Actor):
         elif self.num_restarts + len(replicas) > self.config.max_restarts:
             self._fail_engine(f"{reason} (restarts used: {self.num_restarts} of {self.config.max_restarts}, "
                               f"--max-restarts)")
-        elif not self.hooks.restart([r for replica in replicas for r in self.layout.replica_ranks(replica)]):
-            self._fail_engine(f"{reason} (its replica has workers on other hosts, which this host cannot restart)")
         else:
+            ranks = [r for replica in replicas for r in self.layout.replica_ranks(replica)]
+            if max(ranks) >= self.num_local_workers:
+                self._fail_engine(f"{reason} (its replica has workers on other hosts, which this host cannot restart)")
+                return
+            self.engine.send(RestartWorkers(ranks))
             for replica in replicas:
                 self._replica_lost(replica, reason)
 
@@ -255,9 +267,11 @@ class Supervisor(Actor):
             listener.send(ReplicaLost(replica, reason))
         for rank in self.layout.replica_ranks(replica):
             if self.workers[rank] is not None:
-                self.workers[rank].close(linger_s=0)
+                self.disconnect(self.workers[rank])
             self.workers[rank] = None
-            self._replaced.add(self.pids.pop(rank, -1))
+            pid = self.pids.pop(rank, None)
+            if pid is not None:
+                self._replaced.add(pid)
             self.ready.pop(rank, None)
             self.last_seen.pop(rank, None)
             self.activity[rank] = f"restarting after: {reason}"
@@ -283,8 +297,7 @@ class Supervisor(Actor):
             return
         self.failed = reason
         log.error("%s", reason)
-        self.scheduler.send(EngineFailed(reason))
-        self.hooks.on_failure(reason)
+        self.engine.send(EngineFailed(reason))
 
     def _arm_watch(self) -> None:
         if self._watch is None:
@@ -301,22 +314,26 @@ class Supervisor(Actor):
             if now - seen > self.config.heartbeat_timeout_s and self.failed is None:
                 self._on_worker_failed(WorkerFailed(
                     rank, f"no heartbeat for {now - seen:.0f} s", self.activity.get(rank, "unknown"),
-                    self.pids.get(rank, 0),
+                    self.pids.get(rank),
                 ))
                 self.last_seen.pop(rank, None)  # reported once
         if self.failed is None:
             self._arm_watch()
 
-    def shutdown_workers(self) -> None:
+    def _shutdown_workers(self) -> None:
         for worker in self.workers:
             if worker is not None:
                 worker.send(Shutdown())
 
     async def stop(self) -> None:
-        for timer in (self._watch, self._verdict, *self._waits, *self._restart_deadlines.values()):
+        for timer in (self._watch, self._verdict, self._start_deadline, *self._restart_deadlines.values()):
             if timer is not None:
                 timer.cancel()
-        await super().stop()
-        for worker in self.workers:
+        # Workers on other hosts are not the head's to reap: make sure they hear Shutdown, and
+        # give it a moment to go out (closing an owned outbox at stop drops what it holds).
+        self._shutdown_workers()
+        for rank, worker in enumerate(self.workers):
             if worker is not None:
-                worker.close()
+                self.disconnect(worker)
+                self.workers[rank] = None
+        await super().stop()

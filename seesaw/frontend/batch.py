@@ -5,9 +5,13 @@ grace period, and leaves the output whole."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from seesaw.engine import Engine, EngineError
 from seesaw.frontend.batch_io import (
@@ -21,17 +25,20 @@ from seesaw.frontend.batch_io import (
 )
 from seesaw.frontend.output import KeySet, ResultSink, id_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
-from seesaw.messages import RequestFinished, Submit
+from seesaw.messages import CancelRequest, ErrorCode, QueryStats, RequestFinished, StatsReport, Submit
+from seesaw.step import FinishReason
 from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
 
 
 class BatchRunner:
-    """Keeps up to `max_pending` requests in the engine, reading more input as results come back."""
+    """Keeps up to `max_pending` requests in the engine, reading more input as results come back.
+    `sink` takes each output line (`write(line, is_error)`); `name` names the runner's reply inbox."""
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
-                 sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None):
+                 sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None,
+                 name: str = "batch"):
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
@@ -41,6 +48,7 @@ class BatchRunner:
         self.sink = sink
         self.finished = finished if finished is not None else KeySet()  # keys of custom_ids already answered
         self.progress = progress
+        self.name = name
         self.summary = BatchSummary()
         self.pending: dict[str, BatchItem] = {}
         self._seen = KeySet()  # keys of custom_ids submitted in this run
@@ -48,6 +56,11 @@ class BatchRunner:
         self._fraction = 0.0  # of the input file read so far
         self._is_stopping = False  # interrupted: read nothing more
         self._deadline: float | None = None  # interrupted: give up on what is in flight after this
+        self._queue: Outbox | None = None
+        self._reply_to = ""
+        self._live = (0, 0, 0)  # (tokens generated, requests running, requests waiting), from the last stats
+        self._query_ids = itertools.count()
+        self._is_asking = False  # a stats query is out
 
     def interrupt(self, grace_s: float) -> None:
         """Stop reading; requests in flight may finish within `grace_s` (a second call: none)."""
@@ -55,29 +68,54 @@ class BatchRunner:
         self._deadline = now if self._is_stopping else now + grace_s
         self._is_stopping = True
 
+    @property
+    def num_lines(self) -> int:
+        """Lines read so far that hold something."""
+        return self._num_lines
+
+    def cancel(self) -> None:
+        """Read nothing more and cancel the requests in flight (each is answered as cancelled)."""
+        self._is_stopping = True
+        if self._queue is not None:
+            for label in self.pending:
+                self._queue.send(CancelRequest(label, self._reply_to))
+
     async def run(self, input_path: Path) -> BatchSummary:
         """Run every line; raises EngineError if the engine fails (results written so far stay)."""
+        with input_path.open("rb") as source:
+            return await self.run_source(source, max(input_path.stat().st_size, 1))
+
+    async def run_source(self, source: BinaryIO, size: int) -> BatchSummary:
+        """Run every line of an open binary file of `size` bytes (see `run`)."""
         self.summary = BatchSummary()
-        replies = Inbox(self.engine.context, self.engine.reply_address("batch"))
-        queue = Outbox(self.engine.context, self.engine.request_queue_address)
-        size = max(input_path.stat().st_size, 1)
+        replies = Inbox(self.engine.context, self.engine.reply_address(self.name))
+        self._queue = queue = Outbox(self.engine.context, self.engine.request_queue_address)
+        self._stats = Outbox(self.engine.context, self.engine.scheduler_address)
+        self._reply_to = replies.addresses[0]
+        failed = asyncio.ensure_future(self.engine.failed.wait())
         try:
-            with input_path.open("rb") as source:
-                lines = enumerate(source, start=1)
-                is_read = False
-                while (not is_read and not self._is_stopping) or self.pending:
-                    while not is_read and not self._is_stopping and len(self.pending) < self.max_pending:
-                        entry = next(lines, None)
-                        if entry is None:
-                            is_read = True
-                            break
-                        self._submit(*entry, queue, replies.addresses[0])
-                    self._fraction = source.tell() / size
-                    if self.pending and not await self._collect(replies):
+            lines = enumerate(source, start=1)
+            is_read = False
+            while (not is_read and not self._is_stopping) or self.pending:
+                while (not is_read and not self._is_stopping and len(self.pending) < self.max_pending
+                       and not self.sink.is_backlogged):
+                    entry = next(lines, None)
+                    if entry is None:
+                        is_read = True
                         break
-                    self._report()
+                    self._submit(*entry, queue)
+                self._fraction = source.tell() / size
+                if not self.pending and self.sink.is_backlogged:
+                    await asyncio.sleep(0.05)  # the reader of the output lags: read on once it catches up
+                    continue
+                if self.pending and not await self._collect(replies, failed):
+                    break
+                self._ask_progress()
         finally:
-            queue.close(linger_s=0)
+            failed.cancel()
+            self._queue = None
+            for outbox in (queue, self._stats):
+                outbox.close(linger_s=0)
             replies.close()
         self.summary.num_abandoned = len(self.pending)
         self._report(force=True)
@@ -85,7 +123,7 @@ class BatchRunner:
             self.progress.finish()
         return self.summary
 
-    def _submit(self, line_number: int, raw: bytes, queue: Outbox, reply_to: str) -> None:
+    def _submit(self, line_number: int, raw: bytes, queue: Outbox) -> None:
         if not raw.strip():
             return  # blank lines carry no request
         self._num_lines += 1
@@ -106,53 +144,86 @@ class BatchRunner:
         if item is None:
             self._write_error(custom_id, line_number, problem)
             return
-        request_id = f"line-{line_number}"
-        self.pending[request_id] = item
+        label = f"line-{line_number}"
+        self.pending[label] = item
         queue.send(Submit(
-            request_id=request_id, reply_to=reply_to, kind=item.kind, sampling=item.sampling,
+            label=label, reply_to=self._reply_to, kind=item.kind, sampling=item.sampling,
             prompt=item.prompt, messages=item.messages, prompt_token_ids=item.prompt_token_ids,
         ))
 
-    async def _collect(self, replies: Inbox) -> bool:
-        """Write at least one finished result, waiting at most a second at a time for the engine;
-        False when an interrupted run's grace period is over."""
+    async def _collect(self, replies: Inbox, failed: asyncio.Future) -> bool:
+        """Write at least one finished result; False when an interrupted run's grace period is over.
+        Raises EngineError when the engine fails."""
         while True:
-            if self.engine.failure is not None:
-                raise EngineError(self.engine.failure)
-            if self._deadline is not None and time.monotonic() >= self._deadline:
+            now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
                 return False
-            try:
-                message = await replies.recv(timeout_s=1.0)
-            except TimeoutError:
-                self._report()
+            message = replies.recv_nowait()  # a busy engine has answers waiting: take them without a wait
+            if message is not None:
+                if self._take(message):
+                    return True
                 continue
-            self._finish(message)
-            return True
+            timeout_s = 1.0 if self._deadline is None else min(1.0, self._deadline - now)
+            receiving = asyncio.ensure_future(replies.recv())
+            done, _ = await asyncio.wait([receiving, failed], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if receiving not in done:
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await receiving
+                if failed in done:
+                    raise EngineError(self.engine.failure)
+                self._ask_progress()
+                continue
+            if self._take(receiving.result()):
+                return True
+
+    def _take(self, message: RequestFinished | StatsReport) -> bool:
+        """Handle one reply; whether it was a result."""
+        if isinstance(message, StatsReport):
+            self._on_stats(message)
+            return False
+        self._finish(message)
+        return True
 
     def _finish(self, message: RequestFinished) -> None:
-        item = self.pending.pop(message.request_id, None)
+        item = self.pending.pop(message.label, None)
         if item is None:
-            log.warning("result for unknown request %s", message.request_id)
+            log.warning("result for unknown request %s", message.label)
             return
         if message.error is not None:
-            if self.engine.failure is not None and message.status_code >= 500:
-                raise EngineError(self.engine.failure)
+            if message.code == ErrorCode.ENGINE_FAILED:
+                raise EngineError(message.error)
             self._write_error(item.custom_id, item.line_number, message.error, message.status_code,
                               message.prompt_tokens)
             return
         self.sink.write(result_line(item, message.text, message.finish_reason, message.prompt_tokens,
                                     message.completion_tokens, item.model or self.model_name))
         self.summary.record(ok=True, prompt_tokens=message.prompt_tokens, output_tokens=message.completion_tokens)
+        if message.finish_reason == FinishReason.CANCELLED:
+            self.summary.num_cancelled += 1
 
     def _write_error(self, custom_id: str, line_number: int, message: str, status_code: int = 400,
                      prompt_tokens: int = 0, code: str | None = None) -> None:
         self.sink.write(error_line(custom_id, line_number, message, status_code, code), is_error=True)
         self.summary.record(ok=False, prompt_tokens=prompt_tokens)
 
+    def _ask_progress(self) -> None:
+        """Ask the scheduler for live counts when a progress line is due; the answer shows it."""
+        if self.progress is None or self._is_asking or not self.progress.is_due():
+            return
+        self._is_asking = True
+        self._stats.send(QueryStats(next(self._query_ids), self._reply_to))
+
+    def _on_stats(self, message: StatsReport) -> None:
+        self._is_asking = False
+        totals, requests = message.stats["totals"], message.stats["requests"]
+        self._live = (int(totals["generated_tokens"]), requests["running"], requests["waiting"])
+        self._report(force=True)
+
     def _report(self, force: bool = False) -> None:
         if self.progress is None or not (force or self.progress.is_due()):
             return
-        generated, running, waiting = self.engine.live()
+        generated, running, waiting = self._live
         self.progress.update(Snapshot(
             fraction_read=self._fraction, num_lines=self._num_lines,
             num_done=self.summary.num_done + self.summary.num_skipped, num_failed=self.summary.num_failed,

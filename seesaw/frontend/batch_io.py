@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from seesaw.frontend.text import normalize_messages
+from seesaw.messages import RequestKind
 from seesaw.sampling import SamplingParams
 
 CHAT_URL = "/v1/chat/completions"
@@ -46,7 +48,7 @@ class BatchItem:
 
     line_number: int
     custom_id: str
-    kind: str  # "chat" or "completion"
+    kind: RequestKind
     sampling: SamplingParams
     prompt: str | None = None
     messages: list[dict] | None = None
@@ -85,7 +87,7 @@ def parse_line(text: str | bytes, line_number: int, defaults: SamplingDefaults) 
     try:
         if is_openai:
             return _parse_openai(record, line_number, custom_id, defaults)
-        return _parse_body(record, _simple_kind(record), line_number, custom_id, defaults)
+        return parse_body(record, _simple_kind(record), custom_id, defaults, line_number)
     except ValueError as error:
         raise LineError(line_number, custom_id, str(error)) from None
 
@@ -100,23 +102,27 @@ def _parse_openai(record: dict, line_number: int, custom_id: str, defaults: Samp
     body = record.get("body")
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
-    kind = "chat" if url == CHAT_URL else "completion"
+    kind = RequestKind.CHAT if url == CHAT_URL else RequestKind.COMPLETION
     if kind == "chat" and "messages" not in body:
         raise ValueError(f"body of a {CHAT_URL} request needs messages")
     if kind == "completion" and "prompt" not in body:
         raise ValueError(f"body of a {COMPLETION_URL} request needs prompt")
-    return _parse_body(body, kind, line_number, custom_id, defaults)
+    return parse_body(body, kind, custom_id, defaults, line_number)
 
 
-def _simple_kind(record: dict) -> str:
+def _simple_kind(record: dict) -> RequestKind:
     if "messages" in record:
-        return "chat"
+        return RequestKind.CHAT
     if "prompt" in record:
-        return "completion"
+        return RequestKind.COMPLETION
     raise ValueError("the line has no prompt: give prompt, messages, or an OpenAI batch body")
 
 
-def _parse_body(body: dict, kind: str, line_number: int, custom_id: str, defaults: SamplingDefaults) -> BatchItem:
+def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: SamplingDefaults, line_number: int = 0,
+               derive_seed: bool = True) -> BatchItem:
+    """One OpenAI request body as a runnable item; ValueError names the first bad field. Without a
+    seed in the body, the item samples with one derived from `custom_id` (or, without
+    `derive_seed`, with none: a fresh random stream)."""
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, False):
             raise ValueError(f"{name} is not supported")
@@ -130,8 +136,7 @@ def _parse_body(body: dict, kind: str, line_number: int, custom_id: str, default
     prompt, token_ids, messages = None, None, None
     if kind == "chat":
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list")
+        normalize_messages(messages)  # the schema is checked here, before anything tokenizes them
     else:
         prompt, token_ids = _prompt(body.get("prompt"))
     model = body.get("model")
@@ -139,7 +144,7 @@ def _parse_body(body: dict, kind: str, line_number: int, custom_id: str, default
         line_number=line_number,
         custom_id=custom_id,
         kind=kind,
-        sampling=_sampling(body, defaults, custom_id),
+        sampling=_sampling(body, defaults, custom_id if derive_seed else None),
         prompt=prompt,
         messages=messages,
         prompt_token_ids=token_ids,
@@ -159,7 +164,7 @@ def _prompt(value) -> tuple[str | None, list[int] | None]:
     raise ValueError("prompt must be a non-empty string or a list of token ids")
 
 
-def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str) -> SamplingParams:
+def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str | None) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -171,7 +176,7 @@ def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str) -> Samplin
         temperature=_default(body.get("temperature"), defaults.temperature),
         top_p=_default(body.get("top_p"), defaults.top_p),
         top_k=_top_k(body.get("top_k"), defaults.top_k),
-        seed=derived_seed(defaults.seed, custom_id) if seed is None else seed,
+        seed=derived_seed(defaults.seed, custom_id) if seed is None and custom_id is not None else seed,
         stop=[] if stop is None else stop,
         stop_token_ids=_default(body.get("stop_token_ids"), []),
         ignore_eos=_default(body.get("ignore_eos"), False),
@@ -194,13 +199,25 @@ def _top_k(value, default: int):
 def result_line(item: BatchItem, text: str, finish_reason: str, prompt_tokens: int,
                 completion_tokens: int, model: str) -> dict:
     """The OpenAI batch output line of a finished request."""
-    if item.kind == "chat":
+    body = response_body(item.kind, text, finish_reason, prompt_tokens, completion_tokens, model)
+    return {
+        "id": f"batch_req_{secrets.token_hex(12)}",
+        "custom_id": item.custom_id,
+        "response": {"status_code": 200, "request_id": body["id"], "body": body},
+        "error": None,
+    }
+
+
+def response_body(kind: RequestKind, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                  model: str) -> dict:
+    """The OpenAI chat.completion or text_completion object of a finished request."""
+    if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
         obj, prefix = "chat.completion", "chatcmpl"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason}
         obj, prefix = "text_completion", "cmpl"
-    body = {
+    return {
         "id": f"{prefix}-{secrets.token_hex(12)}",
         "object": obj,
         "created": int(time.time()),
@@ -211,12 +228,6 @@ def result_line(item: BatchItem, text: str, finish_reason: str, prompt_tokens: i
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },
-    }
-    return {
-        "id": f"batch_req_{secrets.token_hex(12)}",
-        "custom_id": item.custom_id,
-        "response": {"status_code": 200, "request_id": body["id"], "body": body},
-        "error": None,
     }
 
 

@@ -64,7 +64,7 @@ async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO 
         name = signal.Signals(signum).name
         if closing:
             return  # already shutting down; what follows takes seconds at most
-        if not engine.ready_workers:  # still starting: nothing in flight to wait for
+        if not engine.is_ready:  # still starting: nothing in flight to wait for
             main.cancel()
         elif len(received) == 1:
             print(f"\n{name}: reading no more input; {len(runner.pending)} requests in flight get up to "
@@ -81,7 +81,7 @@ async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO 
         _echo(stream, f"engine ready in {time.perf_counter() - started:.1f} s ({engine.model.name}, "
                       f"{_layouts(engine)}, {engine.config.model.device})")
         summary = await runner.run(job.input_path)
-        metrics = engine.metrics()
+        metrics = await engine.query_stats(with_timeline=True)
     except asyncio.CancelledError:
         if not received:
             raise

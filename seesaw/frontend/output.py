@@ -129,6 +129,8 @@ class ResultSink:
             self._files.append(self._errors)
         self._last_sync = time.monotonic()
 
+    is_backlogged = False  # a file takes every line at once
+
     def write(self, line: dict, is_error: bool = False) -> None:
         target = self._errors if is_error and self._errors is not None else self._files[0]
         target.write(orjson.dumps(line) + b"\n")

@@ -15,6 +15,7 @@ class BatchSummary:
     num_failed: int = 0
     num_skipped: int = 0  # already in the output from an earlier run
     num_abandoned: int = 0  # in flight when an interrupted run gave up on them
+    num_cancelled: int = 0  # of the ok ones, cancelled before they finished (a daemon's job)
     prompt_tokens: int = 0
     output_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)

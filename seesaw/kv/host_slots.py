@@ -35,6 +35,10 @@ class HostSlots:
         return self._pool.num_free
 
     @property
+    def num_used(self) -> int:
+        return self._pool.num_used
+
+    @property
     def used_fraction(self) -> float:
         return self._pool.num_used / self._pool.num_blocks if self._pool.num_blocks else 0.0
 

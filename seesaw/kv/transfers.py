@@ -12,6 +12,8 @@ class Transfer:
     request_id: str
     replica: int
     waiting: set[int] = field(default_factory=set)  # ranks yet to answer
+    num_bytes: int = 0  # moved so far, summed over the workers that answered
+    seconds: float = 0.0  # their copy threads' time, summed
 
 
 class PendingTransfers:
@@ -29,16 +31,18 @@ class PendingTransfers:
         self._transfers[transfer_id] = Transfer(request_id, replica, set(ranks))
         return transfer_id
 
-    def acknowledge(self, transfer_id: int, rank: int) -> str | None:
-        """Record one worker's part; the request id when this completes the transfer."""
+    def acknowledge(self, transfer_id: int, rank: int, num_bytes: int = 0, seconds: float = 0.0) -> Transfer | None:
+        """Record one worker's part; the whole transfer when this completes it."""
         transfer = self._transfers.get(transfer_id)
         if transfer is None or rank not in transfer.waiting:
             return None
         transfer.waiting.discard(rank)
+        transfer.num_bytes += num_bytes
+        transfer.seconds += seconds
         if transfer.waiting:
             return None
         del self._transfers[transfer_id]
-        return transfer.request_id
+        return transfer
 
     def drop_replica(self, replica: int) -> None:
         """Forget a lost replica's transfers: their answers will not come (or no longer count)."""

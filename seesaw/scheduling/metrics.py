@@ -113,8 +113,9 @@ class RunMetrics:
         return {"at_s": timeline.at_s, "replica": timeline.replica, "phase": timeline.phase,
                 "decode_rows": timeline.decode_rows, "host_fill": timeline.host_fill}
 
-    def summary(self, now_s: float) -> dict:
-        """Totals so far: per-phase seconds are summed over replicas."""
+    def summary(self, now_s: float, with_transitions: bool = True) -> dict:
+        """Totals so far: per-phase seconds are summed over replicas. Each transition is listed
+        only `with_transitions` (a long-running server's list only grows); the count always is."""
         for replica in range(len(self.phase)):
             self._close_phase(now_s, replica)
         return {
@@ -127,5 +128,6 @@ class RunMetrics:
             "peak_decode_batch": self.peak_decode_rows,
             "peak_host_fill": self.peak_host_fill,
             "replica_restarts": self.restarts,
-            "transitions": [asdict(t) for t in self.transitions],
+            "num_transitions": len(self.transitions),
+            **({"transitions": [asdict(t) for t in self.transitions]} if with_transitions else {}),
         }

@@ -18,7 +18,7 @@ from seesaw.kv.host_slots import HostSlots
 from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.request import RequestState, RequestStatus
-from seesaw.step import RowSampling, StepRow, TokenUpdate
+from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
 
 _MOVING = (RequestStatus.EVICTING, RequestStatus.RESTORING)
 _HOLDS_BLOCKS = (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING, RequestStatus.PAUSED)
@@ -370,9 +370,9 @@ class StaticScheduler:
         state.output_token_ids.append(token)
         reason = None
         if token in state.stop_token_ids:
-            reason = "stop"
+            reason = FinishReason.STOP
         elif len(state.output_token_ids) >= state.max_tokens or state.num_tokens >= self.max_model_len:
-            reason = "length"
+            reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(state)
         return TokenUpdate(state.request_id, [token], reason)

@@ -35,6 +35,16 @@ class Inbox:
             raise TimeoutError(f"no message on {self.addresses[0]} within {timeout_s:.1f} s")
         return decode(await self._socket.recv())
 
+    def recv_nowait(self) -> Message | None:
+        """The next message if one is already here, else None (never waits)."""
+        received = self._socket.recv(flags=zmq.NOBLOCK)  # an already finished future
+        error = received.exception()
+        if isinstance(error, zmq.Again):
+            return None
+        if error is not None:
+            raise error
+        return decode(received.result())
+
     def close(self) -> None:
         self._socket.close(linger=0)
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from seesaw.messages import CollectiveSpec, GroupSpec
+from seesaw.messages import Backend, CollectiveSpec, GroupSpec
 from seesaw.transport.channels import routable_ip
 
 
@@ -108,9 +108,9 @@ def join_groups(spec: CollectiveSpec | None, global_rank: int, device: torch.dev
     """This rank's communicators for every group of the run (none for a single worker on a CPU)."""
     if spec is None:
         return {}
-    if spec.backend == "nccl":
+    if spec.backend == Backend.NCCL:
         return nccl_groups(spec.groups, global_rank, device)
-    if spec.backend == "gloo":
+    if spec.backend == Backend.GLOO:
         return gloo_groups(spec.init_address, global_rank, spec.world_size, spec.groups, timeout_s, spec.first_rank)
     raise ValueError(f"unknown collective backend {spec.backend!r}")
 

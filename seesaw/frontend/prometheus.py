@@ -1,0 +1,45 @@
+"""The daemon's stats as Prometheus text on `--metrics-port` (loopback only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def serve_metrics(port: int, latest: Callable[[], dict | None]) -> Callable[[], None]:
+    """Serve the stats `latest()` returns (the server's last stats reply) at
+    http://127.0.0.1:PORT/metrics; returns the function that stops serving."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class StatsCollector:
+        def collect(self):
+            stats = latest()
+            if stats is None:
+                return
+            requests = CounterMetricFamily("seesaw_requests", "Requests answered, by outcome", labels=["outcome"])
+            for outcome in ("done", "failed", "cancelled", "rejected", "busy"):
+                requests.add_metric([outcome], stats["requests"][outcome])
+            yield requests
+            for state in ("running", "waiting", "queued"):
+                yield GaugeMetricFamily(f"seesaw_requests_{state}", f"Requests {state} now", stats["requests"][state])
+            tokens = CounterMetricFamily("seesaw_tokens", "Tokens processed, by kind", labels=["kind"])
+            for kind in ("prompt", "generated"):
+                tokens.add_metric([kind], stats["tokens"][kind])
+            yield tokens
+            yield GaugeMetricFamily("seesaw_generated_tokens_per_second", "Generation rate", stats["tokens_per_s"])
+            yield CounterMetricFamily("seesaw_transitions", "Phase transitions", stats["transitions"])
+            for name, value in stats["kv"].items():
+                yield GaugeMetricFamily(f"seesaw_kv_{name}", f"KV {name.replace('_', ' ')}", value)
+            yield GaugeMetricFamily("seesaw_jobs_running", "Batch jobs running", stats["jobs"]["running"])
+            yield GaugeMetricFamily("seesaw_uptime_seconds", "Seconds since the server started", stats["uptime_s"])
+
+    registry = CollectorRegistry()
+    registry.register(StatsCollector())
+    http_server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    def stop() -> None:
+        http_server.shutdown()
+        http_server.server_close()
+        thread.join(timeout=5)
+
+    return stop
