@@ -118,6 +118,7 @@ class BatchRunner:
                 outbox.close(linger_s=0)
             replies.close()
         self.summary.num_abandoned = len(self.pending)
+        self.summary.finish()
         self._report(force=True)
         if self.progress is not None:
             self.progress.finish()

@@ -20,6 +20,7 @@ class BatchSummary:
     output_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     elapsed_s: float = 0.0
+    is_finished: bool = False  # the run is over: `elapsed_s` stays what it was then
 
     def record(self, ok: bool, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         if ok:
@@ -30,12 +31,18 @@ class BatchSummary:
         self.output_tokens += output_tokens
         self.elapsed_s = time.perf_counter() - self.started
 
+    def finish(self) -> None:
+        """Stop the clock (what follows, such as shutting the engine down, is not the run's time)."""
+        self.elapsed_s = time.perf_counter() - self.started
+        self.is_finished = True
+
     @property
     def num_done(self) -> int:
         return self.num_ok + self.num_failed
 
     def lines(self) -> list[str]:
-        self.elapsed_s = time.perf_counter() - self.started
+        if not self.is_finished:
+            self.elapsed_s = time.perf_counter() - self.started
         elapsed = max(self.elapsed_s, 1e-9)
         total = self.prompt_tokens + self.output_tokens
         counts = f"requests: {self.num_ok} ok, {self.num_failed} failed"

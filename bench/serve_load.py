@@ -1,0 +1,138 @@
+"""What the daemon path costs: the same workload through `seesaw-cli batch` and through
+`seesaw-cli serve` with N clients on a local socket, one after the other, each engine in its own
+process. Fixed-length random-token prompts, EOS ignored, greedy.
+
+    python bench/serve_load.py --num-clients 4 --num-requests 128 --input-len 128 --output-len 32
+
+Prints requests/s, output tokens/s and, for the daemon, p50/p99 seconds per request (from a
+client's send to its result), and the daemon's throughput as a share of the batch's. Both
+throughputs are measured from the first request to the last result (model loading excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = str(Path(sys.executable).parent / "seesaw-cli")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--num-clients", type=int, default=4)
+    parser.add_argument("--num-requests", type=int, default=128, help="over all clients")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kv-cache-gb", type=float, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-json", default=None)
+    return parser.parse_args(argv)
+
+
+def engine_flags(args) -> list[str]:
+    flags = ["--model", args.model, "--device", args.device, "--max-num-seqs", str(args.max_num_seqs),
+             "--max-tokens", str(args.output_len), "--temperature", "0"]
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    if args.kv_cache_gb:
+        flags += ["--kv-cache-gb", str(args.kv_cache_gb)]
+    return flags
+
+
+def workload(args) -> list[dict]:
+    """The request bodies: random token ids of the model's vocabulary, above where tokenizers
+    keep their special tokens."""
+    import random
+
+    from seesaw.config import default_cache_dir
+    from seesaw.model.resolve import resolve_model
+
+    vocab_size = resolve_model(args.model, default_cache_dir()).hf_config["vocab_size"]
+    low = min(1000, vocab_size // 2)
+    rng = random.Random(args.seed)
+    return [{"prompt": [rng.randrange(low, vocab_size) for _ in range(args.input_len)], "max_tokens": args.output_len,
+             "temperature": 0, "ignore_eos": True} for _ in range(args.num_requests)]
+
+
+def run_batch(args, requests: list[dict], folder: Path) -> dict:
+    source = folder / "load.jsonl"
+    source.write_text("".join(json.dumps({"custom_id": f"r{i}", "url": "/v1/completions", "body": body}) + "\n"
+                              for i, body in enumerate(requests)))
+    done = subprocess.run([CLI, "batch", str(source), "-o", str(folder / "out.jsonl"), *engine_flags(args)],
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        sys.exit(f"seesaw-cli batch failed:\n{done.stderr}")
+    rates = re.search(r"throughput: ([\d.]+) requests/s, [\d.]+ total tokens/s, ([\d.]+) output tokens/s", done.stderr)
+    return {"requests_per_s": float(rates[1]), "output_tokens_per_s": float(rates[2])}
+
+
+def run_daemon(args, requests: list[dict], folder: Path) -> dict:
+    address = f"ipc://{folder}/serve.sock"
+    server = subprocess.Popen([CLI, "serve", "--bind", address, *engine_flags(args)], stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        if "serving" not in line:
+            sys.exit(f"seesaw-cli serve did not start: {line}{server.stderr.read()}")
+        return asyncio.run(_load(address, requests, args.num_clients))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+async def _load(address: str, requests: list[dict], num_clients: int) -> dict:
+    from seesaw.client import AsyncClient
+
+    latencies: list[float] = []
+    tokens = 0
+
+    async def one(client: AsyncClient, body: dict) -> None:
+        nonlocal tokens
+        sent = time.perf_counter()
+        response = await client.complete(body)
+        latencies.append(time.perf_counter() - sent)
+        tokens += response["usage"]["completion_tokens"]
+
+    clients = [AsyncClient(address, timeout_s=3600) for _ in range(num_clients)]
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(clients[i % num_clients], body) for i, body in enumerate(requests)))
+    finally:
+        for client in clients:
+            await client.close()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"requests_per_s": len(requests) / elapsed, "output_tokens_per_s": tokens / elapsed,
+            "p50_s": latencies[len(latencies) // 2], "p99_s": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    requests = workload(args)
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as folder:
+        batch = run_batch(args, requests, Path(folder))
+        daemon = run_daemon(args, requests, Path(folder))
+    print(f"workload: {args.num_requests} requests x {args.input_len} prompt + {args.output_len} output tokens, "
+          f"{args.model} on {args.device} ({os.cpu_count()} cores)")
+    print(f"batch:  {batch['requests_per_s']:.2f} requests/s, {batch['output_tokens_per_s']:.1f} output tokens/s")
+    print(f"daemon: {daemon['requests_per_s']:.2f} requests/s, {daemon['output_tokens_per_s']:.1f} output tokens/s, "
+          f"p50 {daemon['p50_s']:.2f} s, p99 {daemon['p99_s']:.2f} s per request ({args.num_clients} clients)")
+    print(f"daemon / batch output tokens/s: {daemon['output_tokens_per_s'] / batch['output_tokens_per_s']:.3f}")
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"batch": batch, "daemon": daemon, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
