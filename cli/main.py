@@ -223,12 +223,14 @@ def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: 
 def worker(
     head: Annotated[str, typer.Option(help="the head's address, tcp://HOST:PORT (its --head-address)")],
     rank: Annotated[Optional[int], typer.Option(help="rank to take (default: the head assigns one)")] = None,
+    local_rank: Annotated[Optional[int], typer.Option(help="which of this host's GPUs to use (default: LOCAL_RANK or SLURM_LOCALID, else the first one no other worker here holds)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log worker events")] = False,
 ) -> None:
     """Join a head on another host as one worker; exits when the head shuts down."""
     from seesaw.worker import main as worker_main
 
     ranks = [] if rank is None else ["--rank", str(rank)]
+    ranks += [] if local_rank is None else ["--local-rank", str(local_rank)]
     worker_main(["--head", head, *ranks, "--log-level", "INFO" if verbose else "WARNING"])
 
 

@@ -51,8 +51,9 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
-        if not 0.05 <= self.memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in [0.05, 1], got {self.memory_fraction}")
+        if not 0.05 <= self.memory_fraction < 1.0:
+            raise ValueError(f"memory_fraction must be in [0.05, 1): the driver, NCCL and the attention "
+                             f"workspace need some of the card, got {self.memory_fraction}")
         if self.host_buffer_gb < 0:
             raise ValueError(f"host_buffer_gb must not be negative, got {self.host_buffer_gb}")
 

@@ -283,6 +283,7 @@ class Engine:
             sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
             "--head", self._inboxes["supervisor"].bound_address,
             "--inbox", f"ipc://{self._run_dir}/worker-{rank}-{len(self._retired)}",
+            "--local-rank", str(rank),  # the head's own workers are ranks 0 .. n-1 of this host
             "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),
             "--parent-pid", str(os.getpid()),
             "--log-level", level,

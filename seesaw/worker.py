@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head", required=True, help="the head's supervisor address")
     parser.add_argument("--rank", type=int, default=None, help="the rank to take (default: the head assigns one)")
     parser.add_argument("--inbox", default=None, help="address to bind for commands (default: a free TCP port)")
+    parser.add_argument("--local-rank", type=int, default=None,
+                        help="which of this host's GPUs to use (default: LOCAL_RANK or SLURM_LOCALID, else the "
+                             "first GPU no other Seesaw worker on this host holds)")
     parser.add_argument("--heartbeat-s", type=float, default=1.0)
     parser.add_argument("--head-timeout-s", type=float, default=60.0, help="exit after this long without the head")
     parser.add_argument("--parent-pid", type=int, default=None)
@@ -62,7 +65,7 @@ async def serve(args: argparse.Namespace) -> int:
     context = zmq.asyncio.Context()
     supervisor = Outbox(context, args.head)
     inbox = Inbox(context, args.inbox or f"tcp://{_local_ip(args.head)}:*")
-    worker = ShardWorker(inbox, args.rank, supervisor, context)
+    worker = ShardWorker(inbox, args.rank, supervisor, context, local_rank(args.local_rank, os.environ))
     loop = asyncio.get_running_loop()
     if args.parent_pid is None:  # a worker started by hand stops on a signal
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -82,6 +85,37 @@ async def serve(args: argparse.Namespace) -> int:
     supervisor.close()
     context.term()
     return exit_code
+
+
+def local_rank(given: int | None, environ) -> int:
+    """Which of this host's GPUs the worker takes: as given, or as a launcher says (LOCAL_RANK,
+    SLURM_LOCALID); else the first one no other worker on this host has claimed (CPU: 0)."""
+    if given is not None:
+        return given
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return _claim_free_gpu()
+
+
+def _claim_free_gpu() -> int:
+    """Hold a lock on the first unclaimed GPU index of this host for as long as this process lives."""
+    import fcntl
+    import tempfile
+
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in range(count):
+        fd = os.open(f"{tempfile.gettempdir()}/seesaw-gpu-{os.getuid()}-{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return index  # the descriptor stays open: the claim lasts as long as the process
+        except BlockingIOError:
+            os.close(fd)
+    if count:
+        raise RuntimeError(f"all {count} GPUs of this host are held by other Seesaw workers; give --local-rank")
+    return 0
 
 
 def _local_ip(head: str) -> str:

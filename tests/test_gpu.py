@@ -27,6 +27,31 @@ def test_one_rank_nccl_communicator_round_trip():
     comm.barrier()
 
 
+@pytest.mark.parametrize(("group", "head_dim"), [(4, 128), (1, 64)])
+def test_triton_paged_attention_in_bf16_at_real_shapes(group, head_dim):
+    from seesaw.model.attention import RowShape, build_attention_batch, paged_attention
+    from seesaw.model.triton_attention import paged_attention_triton
+
+    generator = torch.Generator().manual_seed(0)
+    block, kv_heads, num_blocks = 16, 8, 1024
+    shapes = [(2000, 1)] * 24 + [(0, 700), (1500, 512), (31, 1), (4000, 1)]  # decodes, a prompt, chunks
+    permutation = torch.randperm(num_blocks, generator=generator).tolist()
+    rows, used = [], 0
+    for start, new in shapes:
+        count = -(-(start + new) // block)
+        rows.append(RowShape(start, new, permutation[used : used + count]))
+        used += count
+    num_tokens = sum(new for _, new in shapes)
+    q = torch.randn(num_tokens, kv_heads * group, head_dim, generator=generator)  # [tokens, heads, hd]
+    k, v = (torch.randn(num_tokens, kv_heads, head_dim, generator=generator) for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_blocks, kv_heads, block, head_dim, generator=generator) for _ in range(2))
+    expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(rows, block, head_dim, "cpu"))
+    cuda = [t.to("cuda", torch.bfloat16) for t in (q, k, v, k_cache, v_cache)]
+    batch = build_attention_batch(rows, block, head_dim, "cuda", ragged_kernel=paged_attention_triton)
+    out = paged_attention(*cuda, batch)
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=3e-2, atol=3e-2)
+
+
 def _cuda(folder, **cache):
     return engine_config(str(folder), model={"device": "cuda", "dtype": "float32"}, cache={"kv_cache_gb": 0.05, **cache})
 

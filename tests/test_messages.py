@@ -71,3 +71,4 @@ def test_every_message_says_who_sends_it_to_whom():
 def test_malformed_messages_are_rejected(data):
     with pytest.raises(ValueError, match="malformed message"):
         m.decode(data)
+

@@ -54,9 +54,11 @@ class ShardWorker(Actor):
     name = "shard-worker"
     accepts = ToShardWorker
 
-    def __init__(self, inbox: Inbox, rank: int | None, supervisor: Outbox, context: zmq.asyncio.Context):
+    def __init__(self, inbox: Inbox, rank: int | None, supervisor: Outbox, context: zmq.asyncio.Context,
+                 local_rank: int = 0):
         super().__init__(inbox)
         self.rank = rank
+        self.local_rank = local_rank  # which of this host's GPUs is this worker's
         self.supervisor = supervisor
         self.context = context
         self.scheduler: Outbox | None = None
@@ -111,7 +113,7 @@ class ShardWorker(Actor):
         def load() -> WorkerReady:
             from seesaw.actors.worker_setup import build_runtime  # torch loads on this thread, not the loop's
 
-            self.runtime = build_runtime(command)
+            self.runtime = build_runtime(command, self.local_rank)
             device = self.runtime.device
             name = "cpu" if device.type == "cpu" else _cuda_name(device)
             blocks = [self.runtime.num_blocks] * len(command.layouts)

@@ -15,7 +15,7 @@ from seesaw.transport.host_buffer import HostBuffer
 from seesaw.transport.weight_store import WeightStore
 
 
-def runtime_config(command: LoadShard) -> RuntimeConfig:
+def runtime_config(command: LoadShard, device_index: int = 0) -> RuntimeConfig:
     return RuntimeConfig(
         spec=ModelSpec.from_hf_config(command.hf_config),
         rank=command.rank,
@@ -27,12 +27,14 @@ def runtime_config(command: LoadShard) -> RuntimeConfig:
         memory_fraction=command.memory_fraction,
         num_threads=command.num_threads,
         seed=command.dummy_seed,
+        device_index=device_index,
     )
 
 
-def build_runtime(command: LoadShard) -> WorkerRuntime:
-    config = runtime_config(command)
-    device = device_for(config.device, config.rank)
+def build_runtime(command: LoadShard, device_index: int = 0) -> WorkerRuntime:
+    """`device_index`: which of this host's GPUs the worker owns (its local rank)."""
+    config = runtime_config(command, device_index)
+    device = device_for(config.device, config.device_index)
     communicators = join_groups(command.collective, command.rank, device)
     weights: WeightSource
     if command.weight_store is not None:

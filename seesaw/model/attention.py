@@ -7,6 +7,8 @@ arena that several layouts share), so the cache is addressed by (block, offset),
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,6 +49,19 @@ class PrefillRow:
 
 
 @dataclass
+class RaggedRows:
+    """Every row of a step for a kernel that reads the paged cache in place, in one launch."""
+
+    row_starts: torch.Tensor  # [num_rows + 1] int32 each row's first token in the flat step
+    row_contexts: torch.Tensor  # [num_rows] int32 cached plus new tokens
+    block_table: torch.Tensor  # [num_rows, max_blocks] int32, padding points at block 0
+
+
+# (q, k_cache, v_cache, row_starts, row_contexts, block_table, scale) -> out: seesaw.model.triton_attention
+RaggedKernel = Callable[..., torch.Tensor]
+
+
+@dataclass
 class AttentionBatch:
     """Everything the attention layers need for one step, shared by all layers."""
 
@@ -56,14 +71,20 @@ class AttentionBatch:
     prefills: list[PrefillRow]
     scale: float
     decode_kernel: PagedDecode | None = None  # reads the cache in place; None: gather, then attend
+    ragged: RaggedRows | None = None  # set with a ragged kernel, which then attends every row
+    ragged_kernel: RaggedKernel | None = None
 
 
 def build_attention_batch(
     rows: list[RowShape], block_size: int, head_dim: int, device: torch.device | str,
     decode_kernel: PagedDecode | None = None, dtype: torch.dtype = torch.float32,
+    ragged_kernel: RaggedKernel | None = None,
 ) -> AttentionBatch:
     """Metadata for a step whose flat token list is the rows' new tokens, in row order; masks
-    are built in `dtype`, the queries' dtype."""
+    are built in `dtype`, the queries' dtype. With a `ragged_kernel` (the GPU's), one launch per
+    layer attends every row and no masks are built."""
+    if ragged_kernel is not None:
+        return _ragged_batch(rows, block_size, head_dim, device, ragged_kernel)
     write_blocks: list[int] = []
     write_offsets: list[int] = []
     decode_rows: list[tuple[int, RowShape]] = []
@@ -85,6 +106,31 @@ def build_attention_batch(
         prefills=prefills,
         scale=head_dim**-0.5,
         decode_kernel=decode_kernel,
+    )
+
+
+def _ragged_batch(rows: list[RowShape], block_size: int, head_dim: int, device, kernel: RaggedKernel) -> AttentionBatch:
+    """The step as a few flat arrays, built on the host and copied over once each."""
+    contexts = [row.start + row.num_new for row in rows]
+    max_blocks = max(-(-context // block_size) for context in contexts)
+    table = torch.zeros(len(rows), max_blocks, dtype=torch.int32)  # [rows, max_blocks]
+    positions = torch.cat([torch.arange(row.start, row.start + row.num_new) for row in rows])  # [num_tokens]
+    write_blocks = torch.empty(len(positions), dtype=torch.long)  # [num_tokens]
+    offset = 0
+    for index, row in enumerate(rows):
+        blocks = torch.tensor(row.block_ids[: -(-contexts[index] // block_size)], dtype=torch.int32)
+        table[index, : len(blocks)] = blocks
+        write_blocks[offset : offset + row.num_new] = blocks[positions[offset : offset + row.num_new] // block_size]
+        offset += row.num_new
+    starts = torch.tensor([0, *itertools.accumulate(row.num_new for row in rows)], dtype=torch.int32)
+    return AttentionBatch(
+        write_blocks=write_blocks.to(device, non_blocking=True),
+        write_offsets=(positions % block_size).to(device, non_blocking=True),
+        decode=None, prefills=[], scale=head_dim**-0.5,
+        ragged=RaggedRows(starts.to(device, non_blocking=True),
+                          torch.tensor(contexts, dtype=torch.int32).to(device, non_blocking=True),
+                          table.to(device, non_blocking=True)),
+        ragged_kernel=kernel,
     )
 
 
@@ -139,6 +185,10 @@ def paged_attention(
     """Write the new k/v into the cache, then attend each token over its request's context."""
     k_cache[batch.write_blocks, :, batch.write_offsets] = k
     v_cache[batch.write_blocks, :, batch.write_offsets] = v
+    if batch.ragged is not None:
+        rows = batch.ragged
+        return batch.ragged_kernel(q, k_cache, v_cache, rows.row_starts, rows.row_contexts, rows.block_table,
+                                   batch.scale)
     out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
     if batch.decode is not None:
         group = batch.decode

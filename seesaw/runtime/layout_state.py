@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from seesaw.layout import Layout, Shard, padded_vocab_rows, split_evenly
-from seesaw.model.attention import RowShape, build_attention_batch
+from seesaw.model.attention import RaggedKernel, RowShape, build_attention_batch
 from seesaw.model.cpu_kernels import PagedDecode
 from seesaw.model.llama import ShardModel
 from seesaw.model.rope import rotation
@@ -27,6 +27,7 @@ class StageContext:
     block_size: int
     inv_freq: torch.Tensor
     decode_kernel: PagedDecode | None
+    ragged_kernel: RaggedKernel | None = None  # on GPUs: attends every row of a step in one launch per layer
 
 
 class LayoutState:
@@ -73,7 +74,8 @@ class LayoutState:
         device = context.device
         with torch.inference_mode():
             batch = build_attention_batch(
-                shapes, context.block_size, context.spec.head_dim, device, context.decode_kernel, context.dtype
+                shapes, context.block_size, context.spec.head_dim, device, context.decode_kernel, context.dtype,
+                context.ragged_kernel,
             )
             positions_t = torch.tensor(positions, dtype=torch.long, device=device)
             cos, sin = rotation(positions_t, context.inv_freq, context.dtype)

@@ -8,6 +8,7 @@ on one of the worker's executor threads, never on its event loop.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from seesaw.transport.collective import Communicator, leave_groups
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 from seesaw.transport.weight_store import WeightStore
 
+log = logging.getLogger(__name__)
+
 GIB = 1 << 30
 
 
@@ -45,6 +48,7 @@ class RuntimeConfig:
     memory_fraction: float
     num_threads: int
     seed: int
+    device_index: int = 0  # which of this host's GPUs (the worker's local rank); unused on CPU
 
 
 class WorkerRuntime:
@@ -55,7 +59,7 @@ class WorkerRuntime:
         started = time.perf_counter()
         spec = config.spec
         self.spec = spec
-        self.device = device_for(config.device, config.rank)
+        self.device = device_for(config.device, config.device_index)
         self.dtype = torch_dtype(config.dtype)
         self.block_size = config.block_size
         if self.device.type == "cpu":
@@ -81,6 +85,7 @@ class WorkerRuntime:
             spec=spec, device=self.device, dtype=self.dtype, block_size=self.block_size,
             inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device),
             decode_kernel=load_paged_decode() if is_cpu_float32 else None,
+            ragged_kernel=_gpu_attention() if self.device.type == "cuda" else None,
         )
         self.states: dict[str, LayoutState] = {}
         for shard in shards:
@@ -171,8 +176,21 @@ def _host_share(host_buffer: HostBuffer | None, state: LayoutState) -> torch.Ten
     return host_buffer.blocks[:, layers.start : layers.end, :, heads.start : heads.end]
 
 
-def device_for(kind: str, rank: int) -> torch.device:
-    """Worker i owns this host's device i (ranks on a host are consecutive)."""
+def _gpu_attention():
+    """The Triton paged-attention kernel, or None (the torch path) where Triton is missing."""
+    try:
+        from seesaw.model.triton_attention import paged_attention_triton
+    except ImportError:
+        log.warning("triton is not importable: attention runs on the torch reference path")
+        return None
+    return paged_attention_triton
+
+
+def device_for(kind: str, device_index: int) -> torch.device:
+    """The worker's device: this host's GPU `device_index` (its local rank), or the CPU."""
     if kind == "cuda":
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if not 0 <= device_index < count:
+            raise ValueError(f"this worker's local rank is {device_index}, but this host has {count} GPUs")
+        return torch.device("cuda", device_index)
     return torch.device(kind)
