@@ -73,6 +73,8 @@ def batch(
     max_restarts: MaxRestartsOption = 3,
     head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
     local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
+    advertise_address: Annotated[Optional[str], typer.Option(help="this host's address as workers on other hosts reach it (default: the routed one)")] = None,
+    join_timeout: Annotated[float, typer.Option(help="seconds for every worker to join and form its groups before the run stops, saying why")] = 60.0,
     metrics_json: Annotated[Optional[Path], typer.Option(help="write the run's metrics (phases, transitions, KV traffic) here as JSON")] = None,
     timeline: Annotated[Optional[Path], typer.Option(help="draw the run's timeline into this PNG (needs matplotlib)")] = None,
     verbose: VerboseOption = False,
@@ -90,7 +92,8 @@ def batch(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
             host_low_water=host_low_water, threads=threads, seed=seed, head_address=head_address,
-            local_workers=local_workers, max_restarts=max_restarts,
+            local_workers=local_workers, max_restarts=max_restarts, advertise_address=advertise_address,
+            join_timeout=join_timeout,
         )
         defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
         if max_pending < 1:
@@ -221,22 +224,34 @@ def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: 
 
 @app.command()
 def worker(
-    head: Annotated[str, typer.Option(help="the head's address, tcp://HOST:PORT (its --head-address)")],
-    rank: Annotated[Optional[int], typer.Option(help="rank to take (default: the head assigns one)")] = None,
+    head: Annotated[Optional[str], typer.Option(help="the head's address, tcp://HOST:PORT (its --head-address); default: $SEESAW_HEAD")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="rank to take (default: $SLURM_PROCID or $RANK when set, else the head assigns one)")] = None,
     local_rank: Annotated[Optional[int], typer.Option(help="which of this host's GPUs to use (default: LOCAL_RANK or SLURM_LOCALID, else the first one no other worker here holds)")] = None,
+    advertise_address: Annotated[Optional[str], typer.Option(help="this host's address as the head and the other workers reach it (default: the interface toward the head)")] = None,
+    join_timeout: Annotated[float, typer.Option(help="seconds to wait for the head before giving up, saying why")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log worker events")] = False,
 ) -> None:
     """Join a head on another host as one worker; exits when the head shuts down."""
+    import os
+
     from seesaw.worker import main as worker_main
 
-    ranks = [] if rank is None else ["--rank", str(rank)]
-    ranks += [] if local_rank is None else ["--local-rank", str(local_rank)]
-    worker_main(["--head", head, *ranks, "--log-level", "INFO" if verbose else "WARNING"])
+    head = head or os.environ.get("SEESAW_HEAD")
+    if not head:
+        _fail("give the head's address: --head tcp://HOST:PORT, or SEESAW_HEAD")
+    if rank is None:
+        launched = next((os.environ[name] for name in ("SLURM_PROCID", "RANK") if os.environ.get(name, "").isdigit()), None)
+        rank = int(launched) if launched is not None else None
+    flags = [] if rank is None else ["--rank", str(rank)]
+    flags += [] if local_rank is None else ["--local-rank", str(local_rank)]
+    flags += [] if advertise_address is None else ["--advertise-address", advertise_address]
+    raise typer.Exit(worker_main(["--head", head, *flags, "--join-timeout-s", str(join_timeout),
+                                  "--log-level", "INFO" if verbose else "WARNING"]))
 
 
 def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
                    block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, threads, seed,
-                   head_address, local_workers, max_restarts):
+                   head_address, local_workers, max_restarts, advertise_address=None, join_timeout=60.0):
     from seesaw.config import (
         CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, TransportConfig,
         default_cache_dir, default_token_budget,
@@ -250,7 +265,8 @@ def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batc
                           host_buffer_gb=host_buffer_gb),
         parallel=ParallelConfig(layout=layout, decode_layout=decode_layout, threads_per_worker=threads,
                                 num_local_workers=local_workers),
-        transport=TransportConfig(head_address=head_address, max_restarts=max_restarts),
+        transport=TransportConfig(head_address=head_address, max_restarts=max_restarts,
+                                  advertise_address=advertise_address, join_timeout_s=join_timeout),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs,
             host_low_water=host_low_water,

@@ -130,6 +130,8 @@ class TransportConfig:
     heartbeat_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
     max_restarts: int = 3  # replicas restarted after a worker is lost, over the whole run
+    join_timeout_s: float = 60.0  # workers not joined, or groups not formed, by then: say why and stop
+    advertise_address: str | None = None  # this host's address as workers reach it (default: by route)
 
     def __post_init__(self) -> None:
         if self.max_restarts < 0:
@@ -137,7 +139,7 @@ class TransportConfig:
         if self.head_address is not None and not self.head_address.startswith("tcp://"):
             raise ValueError(f"head_address must be tcp://HOST:PORT, got {self.head_address!r}")
         for name in ("worker_start_timeout_s", "step_timeout_s", "heartbeat_interval_s",
-                     "heartbeat_timeout_s", "shutdown_timeout_s"):
+                     "heartbeat_timeout_s", "shutdown_timeout_s", "join_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 

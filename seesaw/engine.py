@@ -50,6 +50,7 @@ from seesaw.messages import (
 from seesaw.model.resolve import ResolvedModel
 from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
 from seesaw.scheduling.decisions import Phase
+from seesaw.transport.addresses import advertise_ip, reachable
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 from seesaw.transport.shared_memory import SHM_DIR, hold_lock, reclaim_orphans
@@ -162,6 +163,16 @@ class Engine:
             return head
         return head.rsplit(":", 1)[0] + ":*"
 
+    def _for_workers(self, name: str) -> str:
+        """Where workers reach a head inbox: its bound address, a wildcard host replaced by the
+        address workers can reach this host at (--advertise-address, else the routed one)."""
+        transport = self.config.transport
+        address = self._inboxes[name].bound_address
+        if transport.head_address is None:
+            return address
+        ip = transport.advertise_address or advertise_ip("10.255.255.255", None, os.environ)
+        return reachable(address, ip)
+
     @property
     def request_queue_address(self) -> str:
         return f"inproc://{self._run_dir.name}/request-queue"
@@ -267,8 +278,9 @@ class Engine:
             num_threads=config.parallel.threads(),
             host_buffer=self._host_buffer.spec if self._host_buffer else None,
             collective=collective,
-            scheduler_address=self._inboxes["scheduler"].bound_address,
-            kv_tier_address=self._inboxes["kv-tier"].bound_address,
+            scheduler_address=self._for_workers("scheduler"),
+            kv_tier_address=self._for_workers("kv-tier"),
+            join_timeout_s=config.transport.join_timeout_s,
         )
 
     def _spawn_workers(self) -> None:
@@ -279,9 +291,12 @@ class Engine:
         threads = str(self.config.parallel.threads())
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         level = logging.getLevelName(logging.getLogger("seesaw").getEffectiveLevel())
+        transport = self.config.transport
+        advertise = [] if transport.advertise_address is None else ["--advertise-address", transport.advertise_address]
         command = [
             sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
-            "--head", self._inboxes["supervisor"].bound_address,
+            "--head", self._for_workers("supervisor"), *advertise,
+            "--join-timeout-s", str(transport.join_timeout_s),
             "--inbox", f"ipc://{self._run_dir}/worker-{rank}-{len(self._retired)}",
             "--local-rank", str(rank),  # the head's own workers are ranks 0 .. n-1 of this host
             "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),

@@ -357,6 +357,7 @@ class LoadShard:
     collective: CollectiveSpec | None
     scheduler_address: str
     kv_tier_address: str
+    join_timeout_s: float = 60.0  # forming the communicator groups gives up after this
 
 
 @dataclass(frozen=True)
@@ -463,7 +464,7 @@ class WorkerReady:
 class WorkerFailed:
     """ShardWorker (or the Supervisor's own watch) -> Supervisor: a worker cannot go on."""
 
-    rank: int
+    rank: int | None  # None: a worker that never learnt its rank
     error: str
     activity: str | None  # None when the head saw the process exit and the worker could not say
     pid: int | None = None

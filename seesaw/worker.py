@@ -21,7 +21,8 @@ import zmq.asyncio
 
 from seesaw.actors.shard_worker import ShardWorker
 from seesaw.messages import Heartbeat, WorkerFailed, WorkerHello
-from seesaw.transport.channels import Inbox, Outbox, routable_ip
+from seesaw.transport.addresses import advertise_ip, host_of, pin_interfaces, reachable
+from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger("seesaw.worker")
 _PR_SET_PDEATHSIG = 1
@@ -37,6 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "first GPU no other Seesaw worker on this host holds)")
     parser.add_argument("--heartbeat-s", type=float, default=1.0)
     parser.add_argument("--head-timeout-s", type=float, default=60.0, help="exit after this long without the head")
+    parser.add_argument("--join-timeout-s", type=float, default=60.0,
+                        help="give up joining when the head has not answered within this long")
+    parser.add_argument("--advertise-address", default=None,
+                        help="this host's address as the head and the other workers reach it (default: the "
+                             "interface toward the head, or GLOO_SOCKET_IFNAME's)")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--log-level", default="WARNING")
     return parser.parse_args(argv)
@@ -64,15 +70,19 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(args: argparse.Namespace) -> int:
     context = zmq.asyncio.Context()
     supervisor = Outbox(context, args.head)
-    inbox = Inbox(context, args.inbox or f"tcp://{_local_ip(args.head)}:*")
-    worker = ShardWorker(inbox, args.rank, supervisor, context, local_rank(args.local_rank, os.environ))
+    ip = _local_ip(args.head, args.advertise_address)
+    pin_interfaces(ip, os.environ)  # before torch.distributed starts: gloo and NCCL use this interface too
+    # An address given by hand may belong to a NAT or a container's host: listen everywhere, announce it.
+    inbox = Inbox(context, args.inbox or f"tcp://{'0.0.0.0' if args.advertise_address else ip}:*")
+    announced = reachable(inbox.bound_address, ip)
+    worker = ShardWorker(inbox, args.rank, supervisor, context, local_rank(args.local_rank, os.environ), ip)
     loop = asyncio.get_running_loop()
     if args.parent_pid is None:  # a worker started by hand stops on a signal
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stopped.set)
-    supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname(), inbox.bound_address))
+    supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname(), announced))
     task = worker.start()
-    heartbeat = loop.create_task(_heartbeat(worker, supervisor, args))
+    heartbeat = loop.create_task(_heartbeat(worker, supervisor, args, announced))
     stopped = loop.create_task(worker.stopped.wait())
     await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 1 if worker.has_failed else 0
@@ -118,26 +128,43 @@ def _claim_free_gpu() -> int:
     return 0
 
 
-def _local_ip(head: str) -> str:
-    """The address other hosts reach this one at: the interface that routes to the head."""
+def _local_ip(head: str, override: str | None) -> str:
+    """The address other hosts reach this one at: as given, else the interface toward the head."""
     if not head.startswith("tcp://"):
-        return "127.0.0.1"
-    return routable_ip(head.removeprefix("tcp://").rsplit(":", 1)[0])
+        return override or "127.0.0.1"
+    return advertise_ip(host_of(head), override, os.environ)
 
 
-async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Namespace) -> None:
+async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Namespace, inbox: str) -> None:
+    started = time.monotonic()
     while True:
         if args.parent_pid is not None and os.getppid() != args.parent_pid:
             log.error("the head process is gone; exiting")
             worker.stopped.set()
             return
-        if time.monotonic() - worker.head_seen > args.head_timeout_s:
+        if worker.heard_head is None and time.monotonic() - started > args.join_timeout_s:
+            reason = _no_answer(args, inbox)
+            log.error("%s", reason)
+            supervisor.send(WorkerFailed(worker.rank, reason, "joining", os.getpid()))
+            worker.has_failed = True
+            worker.stopped.set()
+            return
+        if worker.heard_head is not None and time.monotonic() - worker.heard_head > args.head_timeout_s:
             log.error("nothing from the head for %.0f s; exiting", args.head_timeout_s)
+            worker.has_failed = True
             worker.stopped.set()
             return
         if worker.rank is not None:  # a worker that joined without a rank waits for the head's answer
             supervisor.send(Heartbeat(worker.rank))
         await asyncio.sleep(args.heartbeat_s)
+
+
+def _no_answer(args: argparse.Namespace, inbox: str) -> str:
+    """Why a worker that never heard its head gives up, and what to try."""
+    return (f"the worker on {socket.gethostname()} heard nothing from the head within {args.join_timeout_s:.0f} s. "
+            f"Either it cannot reach the head at {args.head} (check --head or SEESAW_HEAD, and that the head runs "
+            f"with that --head-address), or the head cannot reach this worker at {inbox} (give this worker "
+            f"--advertise-address with an address of this host the head's host can reach)")
 
 
 def _die_with_parent() -> None:

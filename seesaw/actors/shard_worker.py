@@ -46,6 +46,7 @@ from seesaw.messages import (
     WorkerReady,
 )
 from seesaw.transport.channels import Inbox, Outbox
+from seesaw.transport.addresses import JoinError
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ class ShardWorker(Actor):
     accepts = ToShardWorker
 
     def __init__(self, inbox: Inbox, rank: int | None, supervisor: Outbox, context: zmq.asyncio.Context,
-                 local_rank: int = 0):
+                 local_rank: int = 0, advertise_ip: str = "127.0.0.1"):
         super().__init__(inbox)
         self.rank = rank
         self.local_rank = local_rank  # which of this host's GPUs is this worker's
+        self.advertise_ip = advertise_ip  # this host's address as the other workers reach it
         self.supervisor = supervisor
         self.context = context
         self.scheduler: Outbox | None = None
@@ -66,12 +68,13 @@ class ShardWorker(Actor):
         self.runtime = None
         self.stopped = asyncio.Event()
         self.has_failed = False
-        self.head_seen = time.monotonic()
+        self.heard_head: float | None = None  # when the head last said anything; None: not yet
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
         self._outstanding: set[Future] = set()
 
     def handle(self, message):
+        self.heard_head = time.monotonic()  # every command comes from the head's side
         match message:
             case RankAssigned():
                 self.rank = message.rank
@@ -88,7 +91,7 @@ class ShardWorker(Actor):
             case Prefetch():
                 self._on_prefetch(message)
             case HeadAlive():
-                self.head_seen = time.monotonic()
+                pass
             case Shutdown():
                 self.stopped.set()
 
@@ -101,7 +104,8 @@ class ShardWorker(Actor):
                 return GroupsPrepared(command.replica, CollectiveSpec(Backend.NCCL, command.world_size, groups,
                                                                       first_rank=command.first_rank), os.getpid())
             return GroupsPrepared(command.replica, CollectiveSpec(Backend.GLOO, command.world_size, command.groups,
-                                                                  free_tcp_address(), command.first_rank), os.getpid())
+                                                                  free_tcp_address(self.advertise_ip),
+                                                                  command.first_rank), os.getpid())
 
         self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")
 
@@ -171,8 +175,12 @@ class ShardWorker(Actor):
             error = finished.exception()
             if error is not None:
                 detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-                log.error("rank %d failed while %s:\n%s", self.rank, activity,
-                          "".join(traceback.format_exception(error)))
+                if isinstance(error, JoinError):  # says what went wrong and what to try: no stack trace
+                    detail = str(error)
+                    log.error("%s", detail)
+                else:
+                    log.error("rank %d failed while %s:\n%s", self.rank, activity,
+                              "".join(traceback.format_exception(error)))
                 self.supervisor.send(WorkerFailed(self.rank, detail, activity, os.getpid()))
                 self.has_failed = True
                 self.stopped.set()

@@ -12,6 +12,7 @@ RestartWorkers and EngineFailed to the Engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -93,6 +94,8 @@ class Supervisor(Actor):
         self._watch: asyncio.TimerHandle | None = None
         self._waiting_replicas: list[int] = []  # joined, waiting for the weight store
         self._start_deadline: asyncio.TimerHandle | None = None
+        self._join_deadline: asyncio.TimerHandle | None = None
+        self._report: asyncio.TimerHandle | None = None
         self._restart_deadlines: dict[int, asyncio.TimerHandle] = {}
         self._replaced: set[int] = set()  # pids of processes a restart ended
 
@@ -127,12 +130,37 @@ class Supervisor(Actor):
             case Shutdown():
                 self._shutdown_workers()
 
+    REPORT_EVERY_S = 10.0
+
     def start(self) -> asyncio.Task:
-        """Start, and fail the engine unless every worker is ready within the start timeout."""
+        """Start; fail the engine unless every worker joins within the join timeout and is ready
+        within the start timeout, and say every ten seconds which workers it still waits for."""
         task = super().start()
+        loop = asyncio.get_running_loop()
         timeout_s = self.config.worker_start_timeout_s
-        self._start_deadline = asyncio.get_running_loop().call_later(timeout_s, self._start_timed_out, timeout_s)
+        self._start_deadline = loop.call_later(timeout_s, self._start_timed_out, timeout_s)
+        self._join_deadline = loop.call_later(self.config.join_timeout_s, self._join_timed_out)
+        self._report = loop.call_later(self.REPORT_EVERY_S, self._report_waiting)
         return task
+
+    def _missing(self) -> list[int]:
+        return [rank for rank, address in enumerate(self.addresses) if address is None]
+
+    def _report_waiting(self) -> None:
+        missing = self._missing()
+        if missing and self.failed is None:
+            log.warning("waiting for %d of %d workers at %s (ranks %s have not joined)", len(missing),
+                        self.layout.world_size, self.inbox.bound_address, ", ".join(map(str, missing)))
+            self._report = asyncio.get_running_loop().call_later(self.REPORT_EVERY_S, self._report_waiting)
+
+    def _join_timed_out(self) -> None:
+        missing = self._missing()
+        if missing:
+            self._fail_engine(
+                f"{len(missing)} of {self.layout.world_size} workers did not join within "
+                f"{self.config.join_timeout_s:.0f} s (ranks {', '.join(map(str, missing))}): start them with "
+                f"`seesaw-cli worker --head {self.inbox.bound_address}` and check that their hosts reach that "
+                f"address (the head's --head-address, or --advertise-address when it binds a wildcard)")
 
     def _start_timed_out(self, timeout_s: float) -> None:
         joined = sum(address is not None for address in self.addresses)
@@ -230,6 +258,12 @@ class Supervisor(Actor):
     def _on_worker_failed(self, message: WorkerFailed) -> None:
         if self.failed is not None or message.pid in self._replaced:
             return  # the engine is down already, or this is a process a restart has replaced
+        if message.rank is None:  # a worker that never heard its rank: name it by its process
+            rank = next((r for r, pid in self.pids.items() if pid == message.pid), None)
+            if rank is None:
+                self._fail_engine(f"a worker (pid {message.pid}) failed while {message.activity}: {message.error}")
+                return
+            message = dataclasses.replace(message, rank=rank)
         # A worker that dies takes its peers' collectives down with it; wait a moment so the
         # report names the worker that died, not a peer that noticed first.
         self._failures.append(message)
@@ -326,7 +360,8 @@ class Supervisor(Actor):
                 worker.send(Shutdown())
 
     async def stop(self) -> None:
-        for timer in (self._watch, self._verdict, self._start_deadline, *self._restart_deadlines.values()):
+        for timer in (self._watch, self._verdict, self._start_deadline, self._join_deadline, self._report,
+                      *self._restart_deadlines.values()):
             if timer is not None:
                 timer.cancel()
         # Workers on other hosts are not the head's to reap: make sure they hear Shutdown, and

@@ -35,7 +35,7 @@ def build_runtime(command: LoadShard, device_index: int = 0) -> WorkerRuntime:
     """`device_index`: which of this host's GPUs the worker owns (its local rank)."""
     config = runtime_config(command, device_index)
     device = device_for(config.device, config.device_index)
-    communicators = join_groups(command.collective, command.rank, device)
+    communicators = join_groups(command.collective, command.rank, device, command.join_timeout_s)
     weights: WeightSource
     if command.weight_store is not None:
         weights = WeightStore.attach(command.weight_store, neutral_shapes(config.spec))

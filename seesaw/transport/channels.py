@@ -6,8 +6,6 @@ only the address differs.
 
 from __future__ import annotations
 
-import socket
-
 import zmq
 import zmq.asyncio
 
@@ -66,14 +64,3 @@ class Outbox:
     def close(self, linger_s: float = 2.0) -> None:
         self._socket.close(linger=int(linger_s * 1000))
 
-
-def routable_ip(toward: str) -> str:
-    """This host's address on the interface that routes toward `toward` (127.0.0.1 if none)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect((toward, 9))  # UDP: picks a route, sends nothing
-        return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-    finally:
-        probe.close()

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from seesaw.messages import Backend, CollectiveSpec, GroupSpec
-from seesaw.transport.channels import routable_ip
+from seesaw.transport.addresses import JoinError
 
 
 class Communicator(Protocol):
@@ -39,12 +39,13 @@ class Communicator(Protocol):
     def barrier(self) -> None: ...
 
 
-def free_tcp_address() -> str:
-    """A `tcp://ip:port` on this host that is free right now, for a gloo rendezvous."""
-    ip = routable_ip("10.255.255.255")
+def free_tcp_address(ip: str = "127.0.0.1") -> str:
+    """A `tcp://ip:port` of this host that is free right now, for a gloo rendezvous; `ip` is the
+    address the replica's other workers reach this host at."""
     with socket.socket() as sock:
         sock.bind(("", 0))
         return f"tcp://{ip}:{sock.getsockname()[1]}"
+
 
 
 def make_nccl_id() -> list[int]:
@@ -89,10 +90,18 @@ def gloo_groups(init_address: str, global_rank: int, world_size: int, groups: li
     """Join the gloo world of ranks first_rank .. first_rank + world_size - 1 and create every
     group; every rank must pass the same `groups` (global ranks) in order."""
     world_rank = global_rank - first_rank
-    torch.distributed.init_process_group(
-        "gloo", init_method=init_address, rank=world_rank, world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    try:
+        torch.distributed.init_process_group(
+            "gloo", init_method=init_address, rank=world_rank, world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except (RuntimeError, ValueError) as error:  # torch's store and gloo errors: said plainly instead
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise JoinError(
+            f"rank {global_rank} could not form its communicator groups through the rendezvous at {init_address} "
+            f"within {timeout_s:.0f} s ({first}). Rank {first_rank} listens there: if the other workers' hosts "
+            f"cannot reach that address, give that worker --advertise-address (or set GLOO_SOCKET_IFNAME)"
+        ) from None
     communicators = {}
     for spec in groups:
         ranks = [rank - first_rank for rank in spec.ranks]

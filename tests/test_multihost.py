@@ -1,0 +1,132 @@
+"""Workers on two hosts: two network namespaces joined by a veth pair stand in for them (root and
+`ip` needed, else skipped), and a world that cannot form says why within the join timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+CLI = str(Path(sys.executable).parent / "seesaw-cli")
+PROMPTS = ["The capital of France is", "One, two, three,", "Water boils at", "A cat is a kind of"]
+ENGINE = ["--model", "default", "--threads", "1", "--kv-cache-gb", "0.05", "--max-tokens", "8", "--temperature", "0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _prompts(path: Path) -> Path:
+    path.write_text("".join(orjson.dumps({"custom_id": f"p{i}", "url": "/v1/completions",
+                                          "body": {"prompt": text, "ignore_eos": True}}).decode() + "\n"
+                            for i, text in enumerate(PROMPTS)))
+    return path
+
+
+def _texts(path: Path) -> dict[str, str]:
+    lines = [orjson.loads(line) for line in path.read_text().splitlines()]
+    return {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines}
+
+
+def test_a_worker_given_a_wrong_head_address_says_so_within_the_join_timeout():
+    started = time.monotonic()
+    done = subprocess.run([CLI, "worker", "--head", f"tcp://127.0.0.1:{_free_port()}", "--join-timeout", "3"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and time.monotonic() - started < 30
+    assert "heard nothing from the head within 3 s" in done.stderr and "--advertise-address" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_the_head_cannot_reach_fails_the_run_within_the_join_timeout(tmp_path):
+    port = _free_port()
+    head = subprocess.Popen([CLI, "batch", str(_prompts(tmp_path / "in.jsonl")), "-o", str(tmp_path / "out.jsonl"),
+                             *ENGINE, "--layout", "t2", "--head-address", f"tcp://127.0.0.1:{port}",
+                             "--local-workers", "1", "--join-timeout", "8"], stderr=subprocess.PIPE, text=True)
+    # 198.51.100.7 is a documentation address: nothing of ours answers there, as with a worker behind NAT.
+    worker = subprocess.Popen([CLI, "worker", "--head", f"tcp://127.0.0.1:{port}", "--advertise-address", "198.51.100.7",
+                               "--join-timeout", "8"], stderr=subprocess.PIPE, text=True)
+    try:
+        _, head_errors = head.communicate(timeout=90)
+        _, worker_errors = worker.communicate(timeout=30)
+    finally:
+        for process in (head, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert head.returncode == 1 and worker.returncode != 0
+    assert "worker 1 failed while joining" in head_errors and "198.51.100.7" in head_errors
+    assert "--advertise-address" in head_errors and "Traceback" not in head_errors + worker_errors
+
+
+def _can_make_namespaces() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    name = f"seesaw-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return made
+
+
+@pytest.fixture
+def two_hosts():
+    """Namespaces A (10.231.0.1) and B (10.231.0.2) joined by a veth pair, with no default route."""
+    if not _can_make_namespaces():
+        pytest.skip("needs root and `ip netns`")
+    tag = os.getpid() % 100000
+    a, b = f"seesaw-a-{tag}", f"seesaw-b-{tag}"
+    steps = [
+        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
+        ["ip", "link", "add", f"ssa{tag}", "type", "veth", "peer", "name", f"ssb{tag}"],
+        ["ip", "link", "set", f"ssa{tag}", "netns", a], ["ip", "link", "set", f"ssb{tag}", "netns", b],
+        ["ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", f"ssa{tag}"],
+        ["ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", f"ssb{tag}"],
+        *[["ip", "-n", ns, "link", "set", dev, "up"] for ns, dev in ((a, f"ssa{tag}"), (b, f"ssb{tag}"), (a, "lo"), (b, "lo"))],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes the veth pair with it
+
+
+@pytest.fixture(scope="module")
+def t1_texts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("t1")
+    done = subprocess.run([CLI, "batch", str(_prompts(folder / "in.jsonl")), "-o", str(folder / "out.jsonl"), *ENGINE],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return _texts(folder / "out.jsonl")
+
+
+@pytest.mark.parametrize("layout", ["t2", "p2"])
+def test_a_head_and_a_worker_on_two_hosts_give_t1s_outputs(two_hosts, t1_texts, layout, tmp_path):
+    a, b = two_hosts
+    head = subprocess.Popen(["ip", "netns", "exec", a, CLI, "batch", str(_prompts(tmp_path / "in.jsonl")),
+                             "-o", str(tmp_path / "out.jsonl"), *ENGINE, "--layout", layout,
+                             "--head-address", "tcp://10.231.0.1:5555", "--local-workers", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(["ip", "netns", "exec", b, CLI, "worker", "--head", "tcp://10.231.0.1:5555"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        _, head_errors = head.communicate(timeout=240)
+        _, worker_errors = worker.communicate(timeout=60)
+    finally:
+        for process in (head, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert head.returncode == 0, head_errors + worker_errors
+    assert worker.returncode == 0, worker_errors
+    assert _texts(tmp_path / "out.jsonl") == t1_texts
