@@ -52,6 +52,18 @@ def test_triton_paged_attention_in_bf16_at_real_shapes(group, head_dim):
     torch.testing.assert_close(out.float().cpu(), expected, rtol=3e-2, atol=3e-2)
 
 
+def test_triton_norms_in_bf16_match_torch():
+    from seesaw.model.llama import add_rms_norm, rms_norm
+    from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
+
+    generator = torch.Generator().manual_seed(1)
+    hidden, update = (torch.randn(300, 4096, generator=generator).to("cuda", torch.bfloat16) for _ in range(2))
+    weight = torch.rand(4096, generator=generator).to("cuda", torch.bfloat16)
+    torch.testing.assert_close(rms_norm_triton(hidden, weight, 1e-5), rms_norm(hidden, weight, 1e-5), rtol=2e-2, atol=2e-2)
+    for ours, theirs in zip(add_rms_norm_triton(hidden, update, weight, 1e-5), add_rms_norm(hidden, update, weight, 1e-5)):
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
 def _cuda(folder, **cache):
     return engine_config(str(folder), model={"device": "cuda", "dtype": "float32"}, cache={"kv_cache_gb": 0.05, **cache})
 

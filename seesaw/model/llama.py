@@ -13,6 +13,7 @@ worker can lay several layouts' shards over one block of memory.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(x.dtype)
 
 
+def add_rms_norm(hidden: torch.Tensor, update: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden + update, its rms_norm): the residual step and the next norm, which a GPU fuses."""
+    hidden = hidden + update
+    return hidden, rms_norm(hidden, weight, eps)
+
+
+@dataclass(frozen=True)
+class NormKernels:
+    """The norms a forward pass calls: torch here, Triton kernels on GPUs (same results)."""
+
+    norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
+    add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
+
+
 class DecoderLayer:
     """One transformer block's shard: fused qkv and gate/up weights, paged attention."""
 
-    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate):
+    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate, norms: NormKernels = NormKernels()):
+        self.norms = norms
         self.num_heads = shard.heads.size
         self.num_kv_heads = shard.kv_heads.size
         self.head_dim = spec.head_dim
@@ -64,15 +81,15 @@ class DecoderLayer:
         reduce: Reduce,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        x = rms_norm(hidden, self.input_norm, self.eps)
+        x = self.norms.norm(hidden, self.input_norm, self.eps)
         qkv = F.linear(x, self.qkv, self.qkv_bias)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = apply_rotation(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotation(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch)  # [num_tokens, heads, head_dim]
-        hidden = hidden + reduce(F.linear(attn.view(num_tokens, -1), self.o_proj_t.t(), self.o_bias))
-        x = rms_norm(hidden, self.post_attention_norm, self.eps)
+        attended = reduce(F.linear(attn.view(num_tokens, -1), self.o_proj_t.t(), self.o_bias))
+        hidden, x = self.norms.add_norm(hidden, attended, self.post_attention_norm, self.eps)
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [num_tokens, ffn_shard] each
         return hidden + reduce(F.linear(F.silu(gate) * up, self.down_t.t()))
 
@@ -80,10 +97,11 @@ class DecoderLayer:
 class ShardModel:
     """The layers of one pipeline stage; the first stage embeds, the last projects to logits."""
 
-    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate):
+    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate, norms: NormKernels = NormKernels()):
         self.spec = spec
         self.shard = shard
-        self.layers = [DecoderLayer(spec, shard, allocate) for _ in range(shard.layers.size)]
+        self.norms = norms
+        self.layers = [DecoderLayer(spec, shard, allocate, norms) for _ in range(shard.layers.size)]
         self.embed = allocate(spec.vocab_size, spec.hidden_size) if shard.is_first_stage else None
         self.norm = allocate(spec.hidden_size) if shard.is_last_stage else None
         self.lm_head = None
@@ -110,5 +128,5 @@ class ShardModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab rows of this shard] for the sampled rows' final hidden states."""
-        x = rms_norm(hidden, self.norm, self.spec.rms_norm_eps)
+        x = self.norms.norm(hidden, self.norm, self.spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
