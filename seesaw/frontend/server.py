@@ -21,9 +21,9 @@ import zmq
 import zmq.asyncio
 
 from seesaw.config import ServeConfig
-from seesaw.engine import Engine, EngineError
-from seesaw.frontend.batch import BatchRunner
+from seesaw.engine import Engine
 from seesaw.frontend.batch_io import SamplingDefaults
+from seesaw.frontend.jobs import Job
 from seesaw.frontend.protocol import (
     BUSY,
     SHUTTING_DOWN,
@@ -134,7 +134,7 @@ class Server:
         leftovers = list(self._calls.items())
         for label, call in leftovers:
             self._queue.send(CancelRequest(label, self._replies.addresses[0]))
-            self._send(call.identity, error_frame(call.label, code, reason))
+            self.send(call.identity, error_frame(call.label, code, reason))
             self._forget(label)
         jobs = list(self._jobs.values())
         for job in jobs:
@@ -144,7 +144,7 @@ class Server:
         for job in jobs:
             if not job.task.done():
                 job.task.cancel()
-                self._send(job.identity, error_frame(job.label, code, reason))
+                self.send(job.identity, error_frame(job.label, code, reason))
         await self._flush_once(timeout_s=1.0)  # the last frames go out before the socket closes
         return len(leftovers) + len(jobs)
 
@@ -171,14 +171,14 @@ class Server:
                 call = parse_frames(frames, self.defaults)
             except ProtocolError as error:
                 self.counts["rejected"] += 1
-                self._send(identity, error_frame(error.label, error.code, error.message))
+                self.send(identity, error_frame(error.label, error.code, error.message))
                 continue
             try:
                 self._on_call(identity, call)
             except Exception as error:  # one client's call never ends the server
                 log.exception("a call from a client failed")
                 with contextlib.suppress(zmq.ZMQError):
-                    self._send(identity, error_frame(call.label, ErrorCode.SERVER_ERROR, f"the call failed: {error!r}"))
+                    self.send(identity, error_frame(call.label, ErrorCode.SERVER_ERROR, f"the call failed: {error!r}"))
 
     def _on_call(self, identity: bytes, call) -> None:
         match call:
@@ -195,9 +195,9 @@ class Server:
                 if status is None and finished is not None and finished["identity"] == identity:
                     status = finished["status"]
                 if status is None:
-                    self._send(identity, error_frame(call.label, ErrorCode.INVALID_REQUEST, f"no job {call.job_id!r}"))
+                    self.send(identity, error_frame(call.label, ErrorCode.INVALID_REQUEST, f"no job {call.job_id!r}"))
                 else:
-                    self._send(identity, frame("job_status", id=call.label, **status))
+                    self.send(identity, frame("job_status", id=call.label, **status))
             case StatsCall():
                 self._ask_stats(identity, call.label)
 
@@ -217,7 +217,7 @@ class Server:
     def _on_submit(self, identity: bytes, call: SubmitCall) -> None:
         refusal = self._refusal(call.label)
         if refusal is not None:
-            self._send(identity, refusal)
+            self.send(identity, refusal)
             return
         label = str(next(self._next_labels))
         item = call.item
@@ -230,12 +230,12 @@ class Server:
     def _on_batch(self, identity: bytes, call: BatchCall) -> None:
         refusal = self._refusal(call.label, jobs=True)
         if refusal is not None:
-            self._send(identity, refusal)
+            self.send(identity, refusal)
             return
         if call.path is not None:
             problem = self._path_problem(call.path)
             if problem is not None:
-                self._send(identity, error_frame(call.label, ErrorCode.INVALID_REQUEST, problem))
+                self.send(identity, error_frame(call.label, ErrorCode.INVALID_REQUEST, problem))
                 return
             source = open(call.path, "rb")  # noqa: SIM115 (the job closes it)
         else:
@@ -245,7 +245,7 @@ class Server:
         job = Job(self, job_id, identity, call.label, source, max_pending)
         self._jobs[job_id] = job
         self._idle.clear()
-        self._send(identity, frame("job", id=call.label, job_id=job_id))
+        self.send(identity, frame("job", id=call.label, job_id=job_id))
         job.task = asyncio.get_running_loop().create_task(job.run(), name=job_id)
 
     def _path_problem(self, path: str) -> str | None:
@@ -280,7 +280,7 @@ class Server:
             num_requests += len(job.runner.pending)
             job.cancel()
         fields = {"id": call.label} if call.job_id is None else {"id": call.label, "job_id": call.job_id}
-        self._send(identity, frame("cancelled", num_requests=num_requests, **fields))
+        self.send(identity, frame("cancelled", num_requests=num_requests, **fields))
 
     # ------------------------------------------------------------ from the engine
 
@@ -293,7 +293,7 @@ class Server:
                 case TextDelta():
                     call = self._calls.get(message.label)
                     if call is not None and not call.is_gone:
-                        self._send(call.identity, frame("token", id=call.label, text=message.text,
+                        self.send(call.identity, frame("token", id=call.label, text=message.text,
                                                         token_ids=message.token_ids))
                 case StatsReport():
                     self._on_stats(message)
@@ -310,7 +310,7 @@ class Server:
         else:
             self.counts["done"] += 1
         if not call.is_gone:
-            self._send(call.identity, result_frame(call.label, result, call.model))
+            self.send(call.identity, result_frame(call.label, result, call.model))
 
     def _forget(self, label: str) -> None:
         call = self._calls.pop(label)
@@ -345,7 +345,7 @@ class Server:
         stats = self.stats(report.stats)
         self.latest_stats = stats
         for identity, label in waiters:
-            self._send(identity, frame("stats", id=label, stats=stats))
+            self.send(identity, frame("stats", id=label, stats=stats))
 
     def stats(self, engine: dict) -> dict:
         """The stats reply: this server's counts joined with the engine's."""
@@ -371,7 +371,8 @@ class Server:
 
     # ------------------------------------------------------------ to clients
 
-    def _send(self, identity: bytes, data: bytes) -> None:
+    def send(self, identity: bytes, data: bytes) -> None:
+        """Send one frame to a client without waiting: held back while the client lags."""
         backlog = self._backlogs.get(identity)
         if backlog is not None:  # keep a client's frames in order
             self._hold(identity, data)
@@ -453,62 +454,3 @@ class Server:
             if job.identity == identity:
                 job.cancel()
 
-
-class Job:
-    """A batch job run for one client: the batch front door, its output lines sent as frames."""
-
-    def __init__(self, server: Server, job_id: str, identity: bytes, label: str, source, max_pending: int):
-        self.server, self.job_id, self.identity, self.label = server, job_id, identity, label
-        self.source = source
-        self.state = "running"
-        self.task: asyncio.Task | None = None
-        self.runner = BatchRunner(server.engine, server.defaults, server.model_name, max_pending,
-                                  _JobSink(self), name=job_id)
-
-    async def run(self) -> None:
-        server = self.server
-        try:
-            size = max(self.source.seek(0, io.SEEK_END), 1)
-            self.source.seek(0)
-            summary = await self.runner.run_source(self.source, size)
-            if self.state == "running":
-                self.state = "done"
-            server._send(self.identity, frame("job_done", job_id=self.job_id, state=self.state,
-                                              num_done=summary.num_ok, num_failed=summary.num_failed,
-                                              num_cancelled=summary.num_cancelled + summary.num_abandoned))
-        except EngineError as error:
-            self.state = "failed"
-            server._send(self.identity, error_frame(self.label, ErrorCode.ENGINE_FAILED, str(error)))
-        except (OSError, ValueError) as error:
-            self.state = "failed"
-            server._send(self.identity, error_frame(self.label, ErrorCode.INVALID_REQUEST, str(error)))
-        except Exception as error:  # a job's failure is its own error, never the server's end
-            log.exception("%s failed", self.job_id)
-            self.state = "failed"
-            server._send(self.identity, error_frame(self.label, ErrorCode.SERVER_ERROR, f"the job failed: {error!r}"))
-        finally:
-            self.source.close()
-            server.job_ended(self)
-
-    def cancel(self) -> None:
-        self.state = "cancelled"
-        self.runner.cancel()
-
-    def status(self) -> dict:
-        summary = self.runner.summary
-        return {"job_id": self.job_id, "state": self.state, "num_lines": self.runner.num_lines,
-                "num_done": summary.num_ok, "num_failed": summary.num_failed, "num_pending": len(self.runner.pending)}
-
-
-class _JobSink:
-    """Where a job's output lines go: frames to its client, held back while the client lags."""
-
-    def __init__(self, job: Job):
-        self.job = job
-
-    def write(self, line: dict, is_error: bool = False) -> None:
-        self.job.server._send(self.job.identity, frame("job_line", job_id=self.job.job_id, line=line))
-
-    @property
-    def is_backlogged(self) -> bool:
-        return self.job.server.is_backlogged(self.job.identity)

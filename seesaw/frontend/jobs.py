@@ -1,0 +1,79 @@
+"""A batch job run inside the daemon for one client: the batch front door, its output lines sent
+to the client as frames, reading no more input while the client lags."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import TYPE_CHECKING
+
+from seesaw.engine import EngineError
+from seesaw.frontend.batch import BatchRunner
+from seesaw.frontend.protocol import error_frame, frame
+from seesaw.messages import ErrorCode
+
+if TYPE_CHECKING:
+    from seesaw.frontend.server import Server
+
+log = logging.getLogger(__name__)
+
+
+class Job:
+    """A batch job run for one client: the batch front door, its output lines sent as frames."""
+
+    def __init__(self, server: Server, job_id: str, identity: bytes, label: str, source, max_pending: int):
+        self.server, self.job_id, self.identity, self.label = server, job_id, identity, label
+        self.source = source
+        self.state = "running"
+        self.task: asyncio.Task | None = None
+        self.runner = BatchRunner(server.engine, server.defaults, server.model_name, max_pending,
+                                  _JobSink(self), name=job_id)
+
+    async def run(self) -> None:
+        server = self.server
+        try:
+            size = max(self.source.seek(0, io.SEEK_END), 1)
+            self.source.seek(0)
+            summary = await self.runner.run_source(self.source, size)
+            if self.state == "running":
+                self.state = "done"
+            server.send(self.identity, frame("job_done", job_id=self.job_id, state=self.state,
+                                              num_done=summary.num_ok, num_failed=summary.num_failed,
+                                              num_cancelled=summary.num_cancelled + summary.num_abandoned))
+        except EngineError as error:
+            self.state = "failed"
+            server.send(self.identity, error_frame(self.label, ErrorCode.ENGINE_FAILED, str(error)))
+        except (OSError, ValueError) as error:
+            self.state = "failed"
+            server.send(self.identity, error_frame(self.label, ErrorCode.INVALID_REQUEST, str(error)))
+        except Exception as error:  # a job's failure is its own error, never the server's end
+            log.exception("%s failed", self.job_id)
+            self.state = "failed"
+            server.send(self.identity, error_frame(self.label, ErrorCode.SERVER_ERROR, f"the job failed: {error!r}"))
+        finally:
+            self.source.close()
+            server.job_ended(self)
+
+    def cancel(self) -> None:
+        self.state = "cancelled"
+        self.runner.cancel()
+
+    def status(self) -> dict:
+        summary = self.runner.summary
+        return {"job_id": self.job_id, "state": self.state, "num_lines": self.runner.num_lines,
+                "num_done": summary.num_ok, "num_failed": summary.num_failed, "num_pending": len(self.runner.pending)}
+
+
+class _JobSink:
+    """Where a job's output lines go: frames to its client, held back while the client lags."""
+
+    def __init__(self, job: Job):
+        self.job = job
+
+    def write(self, line: dict, is_error: bool = False) -> None:
+        self.job.server.send(self.job.identity, frame("job_line", job_id=self.job.job_id, line=line))
+
+    @property
+    def is_backlogged(self) -> bool:
+        return self.job.server.is_backlogged(self.job.identity)
