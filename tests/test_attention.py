@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,3 +47,20 @@ def test_mixed_step_matches_dense_attention(use_kernel):
         expected = _dense(q[offset : offset + row.num_new], k_cache[blocks, :, places], v_cache[blocks, :, places])
         torch.testing.assert_close(out[offset : offset + row.num_new], expected, atol=1e-5, rtol=1e-5)
         offset += row.num_new
+
+
+def test_a_lock_left_by_a_killed_kernel_build_does_not_hang_the_next_start(tmp_path, monkeypatch):
+    import os
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from seesaw.model.cpu_kernels import STALE_LOCK_S, _remove_stale_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = Path(_get_build_directory("seesaw_test_kernel", verbose=False)) / "lock"
+    lock.touch()
+    _remove_stale_lock("seesaw_test_kernel")
+    assert lock.exists()  # a build may be running right now
+    os.utime(lock, (lock.stat().st_atime, lock.stat().st_mtime - STALE_LOCK_S - 1))
+    _remove_stale_lock("seesaw_test_kernel")
+    assert not lock.exists()

@@ -6,8 +6,11 @@ attending; this kernel reads them in place through the block table, one request 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -139,9 +142,13 @@ def load_paged_decode() -> PagedDecode | None:
     # reordered sums (outputs are compared with the reference within 1e-6).
     # OpenMP makes ATen's parallel_for use torch's threads (without it the header runs serially).
     flags = ["-O3", "-ffast-math", "-fopenmp"] + (["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else [])
+    # One build per torch install (another venv's build would be rebuilt over, again and again).
+    install = hashlib.blake2b(str(Path(torch.__file__).parent).encode(), digest_size=4).hexdigest()
+    name = f"seesaw_paged_decode_v8_{capability.lower()}_{install}"
+    _remove_stale_lock(name)
     try:
         module = load_inline(
-            name=f"seesaw_paged_decode_v8_{capability.lower()}",
+            name=name,
             cpp_sources=_SOURCE,
             functions=["paged_decode"],
             extra_cflags=flags,
@@ -152,3 +159,20 @@ def load_paged_decode() -> PagedDecode | None:
         log.warning("decode attention kernel unavailable, using the torch path: %s", error)
         return None
     return module.paged_decode
+
+
+STALE_LOCK_S = 600.0  # a build takes about a minute; a lock this old was left by a build that was killed
+
+
+def _remove_stale_lock(name: str) -> None:
+    """torch waits, without limit, for the lock a build holds; a build that was killed leaves it
+    behind, so every later start would hang. Remove it once it is clearly stale."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing %s, left by a kernel build that did not finish", lock)
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
