@@ -42,18 +42,20 @@ def add_rms_norm(hidden: torch.Tensor, update: torch.Tensor, weight: torch.Tenso
 
 
 @dataclass(frozen=True)
-class NormKernels:
-    """The norms a forward pass calls: torch here, Triton kernels on GPUs (same results)."""
+class LayerKernels:
+    """The norms and the rotation a forward pass calls: torch here, Triton kernels on GPUs (the
+    same results, up to rounding)."""
 
     norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
+    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rotation
 
 
 class DecoderLayer:
     """One transformer block's shard: fused qkv and gate/up weights, paged attention."""
 
-    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate, norms: NormKernels = NormKernels()):
-        self.norms = norms
+    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate, kernels: LayerKernels = LayerKernels()):
+        self.kernels = kernels
         self.num_heads = shard.heads.size
         self.num_kv_heads = shard.kv_heads.size
         self.head_dim = spec.head_dim
@@ -81,15 +83,15 @@ class DecoderLayer:
         reduce: Reduce,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        x = self.norms.norm(hidden, self.input_norm, self.eps)
+        x = self.kernels.norm(hidden, self.input_norm, self.eps)
         qkv = F.linear(x, self.qkv, self.qkv_bias)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-        q = apply_rotation(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotation(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q = self.kernels.rotate(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = self.kernels.rotate(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q, k, v, k_cache, v_cache, batch)  # [num_tokens, heads, head_dim]
         attended = reduce(F.linear(attn.view(num_tokens, -1), self.o_proj_t.t(), self.o_bias))
-        hidden, x = self.norms.add_norm(hidden, attended, self.post_attention_norm, self.eps)
+        hidden, x = self.kernels.add_norm(hidden, attended, self.post_attention_norm, self.eps)
         gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [num_tokens, ffn_shard] each
         return hidden + reduce(F.linear(F.silu(gate) * up, self.down_t.t()))
 
@@ -97,11 +99,11 @@ class DecoderLayer:
 class ShardModel:
     """The layers of one pipeline stage; the first stage embeds, the last projects to logits."""
 
-    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate, norms: NormKernels = NormKernels()):
+    def __init__(self, spec: ModelSpec, shard: Shard, allocate: Allocate, kernels: LayerKernels = LayerKernels()):
         self.spec = spec
         self.shard = shard
-        self.norms = norms
-        self.layers = [DecoderLayer(spec, shard, allocate, norms) for _ in range(shard.layers.size)]
+        self.kernels = kernels
+        self.layers = [DecoderLayer(spec, shard, allocate, kernels) for _ in range(shard.layers.size)]
         self.embed = allocate(spec.vocab_size, spec.hidden_size) if shard.is_first_stage else None
         self.norm = allocate(spec.hidden_size) if shard.is_last_stage else None
         self.lm_head = None
@@ -128,5 +130,5 @@ class ShardModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab rows of this shard] for the sampled rows' final hidden states."""
-        x = self.norms.norm(hidden, self.norm, self.spec.rms_norm_eps)
+        x = self.kernels.norm(hidden, self.norm, self.spec.rms_norm_eps)
         return F.linear(x, self.lm_head).float()

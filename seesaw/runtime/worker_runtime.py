@@ -16,7 +16,7 @@ import torch
 
 from seesaw.layout import Layout, shard_for
 from seesaw.model.cpu_kernels import load_paged_decode
-from seesaw.model.llama import NormKernels, ShardModel
+from seesaw.model.llama import LayerKernels, ShardModel
 from seesaw.model.rope import inverse_frequencies
 from seesaw.model.sampler import Sampler
 from seesaw.model.spec import ModelSpec
@@ -87,10 +87,10 @@ class WorkerRuntime:
             decode_kernel=load_paged_decode() if is_cpu_float32 else None,
             ragged_kernel=_gpu_attention() if self.device.type == "cuda" else None,
         )
-        norms = _gpu_norms() if self.device.type == "cuda" else NormKernels()
+        kernels = _gpu_kernels() if self.device.type == "cuda" else LayerKernels()
         self.states: dict[str, LayoutState] = {}
         for shard in shards:
-            model = ShardModel(spec, shard, self.weight_arena.allocator(self.dtype), norms)
+            model = ShardModel(spec, shard, self.weight_arena.allocator(self.dtype), kernels)
             pages = self.kv_arena.pages(shard, self.block_size, spec.head_dim)
             self.states[str(shard.layout)] = LayoutState(shard, model, pages, communicators, context)
         self.current = self.states[str(shards[0].layout)]
@@ -177,13 +177,15 @@ def _host_share(host_buffer: HostBuffer | None, state: LayoutState) -> torch.Ten
     return host_buffer.blocks[:, layers.start : layers.end, :, heads.start : heads.end]
 
 
-def _gpu_norms() -> NormKernels:
-    """RMSNorm (and the residual add before it) as Triton kernels, or torch's where Triton is missing."""
+def _gpu_kernels() -> LayerKernels:
+    """RMSNorm (with the residual add before it) and the rotation as Triton kernels, or torch's
+    where Triton is missing."""
     try:
         from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
+        from seesaw.model.triton_rope import apply_rotation_triton
     except ImportError:
-        return NormKernels()
-    return NormKernels(rms_norm_triton, add_rms_norm_triton)
+        return LayerKernels()
+    return LayerKernels(rms_norm_triton, add_rms_norm_triton, apply_rotation_triton)
 
 
 def _gpu_attention():
