@@ -218,10 +218,9 @@ class AsyncClient:
 
     async def _ask(self, frame: dict, answer_type: str) -> dict:
         """The final reply to `frame`, checked to be of `answer_type`."""
-        last = None
         async with aclosing(self._frames(frame)) as frames:
-            async for last in frames:
-                pass
+            replies = [reply async for reply in frames]  # tokens (if any), then the answer
+        last = replies[-1] if replies else None
         if last is None or last.get("type") != answer_type:
             raise ServerError("protocol", 0, f"{self.address} answered a {frame['type']} with {last and last.get('type')}")
         return last

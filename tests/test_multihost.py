@@ -37,6 +37,19 @@ def _texts(path: Path) -> dict[str, str]:
     return {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines}
 
 
+def _wait_for(head: subprocess.Popen, worker: subprocess.Popen, head_timeout_s: float) -> tuple[str, str]:
+    """Both processes' stderr once they exit; whatever outlives its timeout is killed."""
+    try:
+        _, head_errors = head.communicate(timeout=head_timeout_s)
+        _, worker_errors = worker.communicate(timeout=60)
+    finally:
+        for process in (head, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return head_errors, worker_errors
+
+
 def test_a_worker_given_a_wrong_head_address_says_so_within_the_join_timeout():
     started = time.monotonic()
     done = subprocess.run([CLI, "worker", "--head", f"tcp://127.0.0.1:{_free_port()}", "--join-timeout", "3"],
@@ -54,14 +67,7 @@ def test_a_worker_the_head_cannot_reach_fails_the_run_within_the_join_timeout(tm
     # 198.51.100.7 is a documentation address: nothing of ours answers there, as with a worker behind NAT.
     worker = subprocess.Popen([CLI, "worker", "--head", f"tcp://127.0.0.1:{port}", "--advertise-address", "198.51.100.7",
                                "--join-timeout", "8"], stderr=subprocess.PIPE, text=True)
-    try:
-        _, head_errors = head.communicate(timeout=90)
-        _, worker_errors = worker.communicate(timeout=30)
-    finally:
-        for process in (head, worker):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    head_errors, worker_errors = _wait_for(head, worker, head_timeout_s=90)
     assert head.returncode == 1 and worker.returncode != 0
     assert "worker 1 failed while joining" in head_errors and "198.51.100.7" in head_errors
     assert "--advertise-address" in head_errors and "Traceback" not in head_errors + worker_errors
@@ -119,14 +125,7 @@ def test_a_head_and_a_worker_on_two_hosts_give_t1s_outputs(two_hosts, t1_texts, 
                             stderr=subprocess.PIPE, text=True)
     worker = subprocess.Popen(["ip", "netns", "exec", b, CLI, "worker", "--head", "tcp://10.231.0.1:5555"],
                               stderr=subprocess.PIPE, text=True)
-    try:
-        _, head_errors = head.communicate(timeout=240)
-        _, worker_errors = worker.communicate(timeout=60)
-    finally:
-        for process in (head, worker):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    head_errors, worker_errors = _wait_for(head, worker, head_timeout_s=240)
     assert head.returncode == 0, head_errors + worker_errors
     assert worker.returncode == 0, worker_errors
     assert _texts(tmp_path / "out.jsonl") == t1_texts

@@ -183,12 +183,11 @@ class RequestQueue(Actor):
         text = pending.text.text
         held = 0 if is_final else max((len(s) for s in pending.submit.sampling.stop), default=1) - 1
         end = max(pending.num_streamed_chars, len(text) - held)
-        if end > pending.num_streamed_chars or (is_final and pending.num_output_tokens):
+        if end > pending.num_streamed_chars:
             piece = text[pending.num_streamed_chars:end]
             token_ids = pending.text.token_ids[pending.num_streamed_tokens:]
             pending.num_streamed_chars, pending.num_streamed_tokens = end, len(pending.text.token_ids)
-            if piece:
-                self._outbox(pending.submit.reply_to).send(TextDelta(pending.submit.label, piece, token_ids))
+            self._outbox(pending.submit.reply_to).send(TextDelta(pending.submit.label, piece, token_ids))
 
     def _on_request_failed(self, message: RequestFailed) -> None:
         pending = self.pending.get(message.request_id)

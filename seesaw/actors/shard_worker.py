@@ -28,7 +28,6 @@ from seesaw.messages import (
     CollectiveSpec,
     GroupSpec,
     GroupsPrepared,
-    HeadAlive,
     LoadShard,
     Prefetch,
     Prefetched,
@@ -74,7 +73,8 @@ class ShardWorker(Actor):
         self._outstanding: set[Future] = set()
 
     def handle(self, message):
-        self.heard_head = time.monotonic()  # every command comes from the head's side
+        # Every command comes from the head's side; HeadAlive says nothing more than that.
+        self.heard_head = time.monotonic()
         match message:
             case RankAssigned():
                 self.rank = message.rank
@@ -90,8 +90,6 @@ class ShardWorker(Actor):
                 self._on_swap_out(message)
             case Prefetch():
                 self._on_prefetch(message)
-            case HeadAlive():
-                pass
             case Shutdown():
                 self.stopped.set()
 

@@ -170,9 +170,6 @@ def _remove_stale_lock(name: str) -> None:
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            log.warning("removing %s, left by a kernel build that did not finish", lock)
-            lock.unlink(missing_ok=True)
-    except FileNotFoundError:
-        pass
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing %s, left by a kernel build that did not finish", lock)
+        lock.unlink(missing_ok=True)
