@@ -35,6 +35,7 @@ HostBufferOption = Annotated[float, typer.Option(help="host KV buffer in GiB (ev
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")]
 MaxRestartsOption = Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the engine gives up")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")]
+OverlapOption = Annotated[bool, typer.Option("--overlap/--no-overlap", help="single-stage layouts: plan each step while the one before runs")]
 
 
 @app.callback()
@@ -63,6 +64,7 @@ def batch(
     kv_cache_gb: KVCacheOption = None,
     memory_fraction: MemoryFractionOption = 0.9,
     host_buffer_gb: HostBufferOption = 1.0,
+    overlap: OverlapOption = True,
     threads: ThreadsOption = None,
     seed: Annotated[int, typer.Option(help="seed for dummy weights; lines without a seed sample with one derived from it and their custom_id")] = 0,
     max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
@@ -91,7 +93,7 @@ def batch(
             layouts=_layouts(layout, prefill_layout, decode_layout), max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
-            host_low_water=host_low_water, threads=threads, seed=seed, head_address=head_address,
+            host_low_water=host_low_water, overlap=overlap, threads=threads, seed=seed, head_address=head_address,
             local_workers=local_workers, max_restarts=max_restarts, advertise_address=advertise_address,
             join_timeout=join_timeout,
         )
@@ -137,6 +139,7 @@ def serve(
     kv_cache_gb: KVCacheOption = None,
     memory_fraction: MemoryFractionOption = 0.9,
     host_buffer_gb: HostBufferOption = 1.0,
+    overlap: OverlapOption = True,
     threads: ThreadsOption = None,
     seed: Annotated[int, typer.Option(help="seed for dummy weights")] = 0,
     max_restarts: MaxRestartsOption = 3,
@@ -168,7 +171,7 @@ def serve(
             layouts=_layouts(layout, prefill_layout, decode_layout), max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
             kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
-            host_low_water=host_low_water, threads=threads, seed=seed, head_address=None,
+            host_low_water=host_low_water, overlap=overlap, threads=threads, seed=seed, head_address=None,
             local_workers=None, max_restarts=max_restarts,
         )
         defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
@@ -250,7 +253,7 @@ def worker(
 
 
 def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
-                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, threads, seed,
+                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, overlap, threads, seed,
                    head_address, local_workers, max_restarts, advertise_address=None, join_timeout=60.0):
     from seesaw.config import (
         CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, TransportConfig,
@@ -269,7 +272,7 @@ def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batc
                                   advertise_address=advertise_address, join_timeout_s=join_timeout),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs,
-            host_low_water=host_low_water,
+            host_low_water=host_low_water, overlap=overlap,
         ),
         cache_dir=cache_dir,
     )

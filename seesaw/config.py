@@ -189,6 +189,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     watermark: float = 0.01  # fraction of device blocks kept free when admitting requests
     host_low_water: float = 0.2  # seesaw: back to prefill once the host buffer is this empty
+    overlap: bool = True  # single-stage layouts: plan the next step while one runs (two in flight)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

@@ -281,6 +281,8 @@ class Engine:
             scheduler_address=self._for_workers("scheduler"),
             kv_tier_address=self._for_workers("kv-tier"),
             join_timeout_s=config.transport.join_timeout_s,
+            max_step_tokens=config.scheduler.max_num_batched_tokens,
+            max_step_rows=config.scheduler.max_num_seqs,
         )
 
     def _spawn_workers(self) -> None:

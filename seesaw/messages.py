@@ -358,6 +358,8 @@ class LoadShard:
     scheduler_address: str
     kv_tier_address: str
     join_timeout_s: float = 60.0  # forming the communicator groups gives up after this
+    max_step_tokens: int = 2048  # the largest step the scheduler may plan: what a GPU worker profiles
+    max_step_rows: int = 256
 
 
 @dataclass(frozen=True)
@@ -373,10 +375,12 @@ class PrepareGroups:
 
 @dataclass(frozen=True)
 class RunStep:
-    """Scheduler -> ShardWorker: run one forward pass over these rows and sample."""
+    """Scheduler -> ShardWorker: run one forward pass over these rows and sample; first forget
+    the block tables of `released` requests (finished, or gone from the device)."""
 
     step_id: int
     rows: list[StepRow]
+    released: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,26 @@ class RowSampling:
 
 @dataclass(frozen=True)
 class StepRow:
-    """One request's part of a step: `token_ids` at positions start, start + 1, ..."""
+    """One request's part of a step: its new tokens at positions start, start + 1, ...
+
+    A row carries only the blocks the workers have not seen yet: they keep each request's block
+    table and put `new_block_ids` at `first_new_block` in it (0: the table starts over, as on a
+    request's first step and after its KV moved). A row that `awaits_token` was planned while the
+    step before it, which samples this request's next token, was still running: that token, which
+    only the workers have yet, is the row's first, and `token_ids` follow it.
+    """
 
     request_id: str
     token_ids: list[int]
     start: int
-    block_ids: list[int]
+    new_block_ids: list[int]
+    first_new_block: int = 0
     sampling: RowSampling | None = None  # None: a prefill chunk that does not reach the end
+    awaits_token: bool = False
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids) + self.awaits_token
 
 
 @dataclass(frozen=True)

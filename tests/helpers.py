@@ -137,3 +137,27 @@ def hf_greedy(folder: Path, prompts: list[list[int]], max_tokens: int) -> list[l
 def random_prompts(count: int, lengths: list[int], vocab: int = TINY_VOCAB, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=generator).tolist() for i in range(count)]
+
+
+def check_block_deltas(tables, core, plan) -> None:
+    """Apply a plan's block deltas as a worker does (`tables`: its BlockTables) and check that the
+    worker's tables are the core's and cover every row's tokens."""
+    tables.release(plan.released)
+    tables.update(plan.rows)
+    for row in plan.rows:
+        state = core.requests[row.request_id]
+        assert tables.blocks[row.request_id] == state.block_ids, f"the workers' table of {row.request_id} is stale"
+        assert len(state.block_ids) >= -(-(row.start + row.num_new_tokens) // core.block_size)
+    assert not set(plan.released) & {row.request_id for row in plan.rows if row.first_new_block}
+
+
+def ragged_attention_batch(shapes, block_size: int, head_dim: int, device: str, kernel):
+    """The attention metadata a GPU worker builds for rows of these shapes (RowShape: each row a
+    request seen for the first time), through the worker's own step builder."""
+    from seesaw.runtime.step_inputs import AttentionKernels, BlockTables, Uploader, build_step_inputs
+    from seesaw.step import StepRow
+
+    rows = [StepRow(f"r{i}", [0] * shape.num_new, shape.start, list(shape.block_ids)) for i, shape in enumerate(shapes)]
+    kernels = AttentionKernels(block_size, head_dim, torch.float32, ragged_kernel=kernel)
+    tables = BlockTables(torch.device(device), mirrored=True)
+    return build_step_inputs(rows, [], tables, None, kernels, Uploader(torch.device(device))).attention

@@ -89,13 +89,13 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     to_actor.send(m.EngineReady(num_device_blocks=[8], worker_addresses=worker.addresses))
     step = await expect(worker, m.RunStep)
     assert [(r.request_id, r.token_ids, r.start) for r in step.rows] == [("a", [5, 6, 7, 8, 9, 10], 0)]
-    # 2. The sampled token goes to the RequestQueue and the next step decodes it.
+    # 2. The next step goes out at once, its row awaiting the token the first one samples.
+    ahead = await expect(worker, m.RunStep)
+    assert [(r.token_ids, r.start, r.awaits_token) for r in ahead.rows] == [([], 6, True)]
     to_actor.send(m.StepDone(step.step_id, 0, [42], 1.0))
     assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [42], None)]
-    step = await expect(worker, m.RunStep)
-    assert [(r.token_ids, r.start) for r in step.rows] == [([42], 6)]
     # 3. The second token reaches max_tokens.
-    to_actor.send(m.StepDone(step.step_id, 0, [43], 1.0))
+    to_actor.send(m.StepDone(ahead.step_id, 0, [43], 1.0))
     assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [43], FinishReason.LENGTH)]
     # 4. A request larger than the pool is refused with a reason.
     to_actor.send(m.AddRequest("huge", [1] * 60, 60, row_sampling()))

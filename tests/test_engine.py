@@ -72,3 +72,20 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny_models):
     alone = generate(config, [{"sampling": sampling, "prompt_token_ids": prompts[4]}])
     assert first[4].token_ids == alone[0].token_ids
     assert len({tuple(r.token_ids) for r in first}) > 1
+
+
+def test_two_steps_in_flight_give_the_tokens_of_one(tiny_models):
+    """Greedy runs that stop on stop tokens and max_tokens, at t1 and t2 (every tensor-parallel rank
+    fills in the tokens rows await): planning a step ahead changes no output."""
+    folder = str(tiny_models["llama-gqa-tied"])
+    prompts = random_prompts(10, [3, 40, 17, 90], seed=11)
+    sampling = [SamplingParams(max_tokens=6 + i % 5, temperature=0.0, stop_token_ids=[t for t in range(3, 320, 7)])
+                for i in range(len(prompts))]
+    requests = [{"sampling": s, "prompt_token_ids": p} for s, p in zip(sampling, prompts)]
+    for layout in ("t1", "t2"):
+        ahead: dict = {}
+        one = generate(engine_config(folder, layout=layout, scheduler={"overlap": False}), requests)
+        two = generate(engine_config(folder, layout=layout), requests, stats=ahead)
+        assert ahead["rows_ahead"] > 0
+        assert [(r.token_ids, r.finish_reason) for r in two] == [(r.token_ids, r.finish_reason) for r in one]
+        assert {r.finish_reason for r in one} == {"stop", "length"}, layout

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import engine_config, generate, greedy, hf_greedy, random_prompts
+from helpers import engine_config, generate, greedy, hf_greedy, random_prompts, ragged_attention_batch
 from seesaw.messages import GroupSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -47,7 +47,7 @@ def test_triton_paged_attention_in_bf16_at_real_shapes(group, head_dim):
     k_cache, v_cache = (torch.randn(num_blocks, kv_heads, block, head_dim, generator=generator) for _ in range(2))
     expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(rows, block, head_dim, "cpu"))
     cuda = [t.to("cuda", torch.bfloat16) for t in (q, k, v, k_cache, v_cache)]
-    batch = build_attention_batch(rows, block, head_dim, "cuda", ragged_kernel=paged_attention_triton)
+    batch = ragged_attention_batch(rows, block, head_dim, "cuda", paged_attention_triton)
     out = paged_attention(*cuda, batch)
     torch.testing.assert_close(out.float().cpu(), expected, rtol=3e-2, atol=3e-2)
 
@@ -94,3 +94,25 @@ def test_cuda_eviction_through_the_registered_host_buffer_keeps_outputs(tiny_mod
     roomy = generate(_cuda(folder), requests)
     assert stats["evictions"] > 0
     assert [r.token_ids for r in tight] == [r.token_ids for r in roomy]
+
+
+def test_cuda_two_steps_in_flight_give_the_tokens_of_one(tiny_models):
+    folder = tiny_models["llama-gqa-tied"]
+    prompts = random_prompts(10, [3, 40, 90], seed=12)
+    requests = [{"sampling": greedy(10), "prompt_token_ids": p} for p in prompts]
+    ahead: dict = {}
+    one = generate(engine_config(str(folder), model={"device": "cuda", "dtype": "float32"},
+                                 cache={"kv_cache_gb": 0.05}, scheduler={"overlap": False}), requests)
+    two = generate(_cuda(folder), requests, stats=ahead)
+    assert ahead["rows_ahead"] > 0 and [r.token_ids for r in two] == [r.token_ids for r in one]
+
+
+def test_cuda_kv_pool_sized_by_a_profiling_step(tiny_models):
+    folder = str(tiny_models["llama-gqa-tied"])
+    metrics: dict = {}
+    config = engine_config(folder, model={"device": "cuda"}, cache={"kv_cache_gb": None, "memory_fraction": 0.5})
+    results = generate(config, [{"sampling": greedy(4), "prompt_token_ids": [5, 6, 7]}], metrics=metrics)
+    assert results[0].error is None
+    free, total = torch.cuda.mem_get_info()
+    # Half the card, less what was in use: tens of thousands of this tiny model's blocks.
+    assert metrics["kv"]["device_blocks"] > 10_000

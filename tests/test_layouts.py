@@ -64,7 +64,7 @@ def _shard_logits(layout: str, rank: int, command_fields: dict, rows, queue) -> 
 
     runtime = build_runtime(LoadShard(rank=rank, layouts=[layout], **command_fields))
     try:
-        logits = runtime.current.forward(rows)
+        logits = runtime.current.forward(runtime.inputs(rows))
         if runtime.is_sampling:
             queue.put(logits.numpy().copy())  # by value: the process may exit before it is read
     finally:
@@ -101,7 +101,7 @@ def _logits(default_model, layout: str, rows) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", ["t2", "t3", "t2p2"])
 def test_default_model_logits_agree_with_t1_within_1e_4(default_model, default_prompts, layout):
-    rows = [StepRow(str(i), p, 0, list(range(8 * i, 8 * i + 8)), RowSampling(0.0))
+    rows = [StepRow(str(i), p, 0, list(range(8 * i, 8 * i + 8)), sampling=RowSampling(0.0))
             for i, p in enumerate(default_prompts[:4])]
     reference = _logits(default_model, "t1", rows)
     split = _logits(default_model, layout, rows)

@@ -8,15 +8,18 @@ from collections import deque
 
 import pytest
 
+import torch
+
 from seesaw.config import SchedulerConfig
-from seesaw.kv.block_pool import blocks_for
 from seesaw.kv.host_slots import HostSlots
 from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, ToHost
 from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.request import RequestStatus
 from seesaw.scheduling.static import StaticScheduler
+from seesaw.runtime.step_inputs import BlockTables
 from seesaw.step import RowSampling
+from helpers import check_block_deltas
 
 EOS = 2
 
@@ -50,6 +53,7 @@ class Driver:
         self.outputs: dict[str, list[int]] = {}
         self.finished: list[str] = []
         self.switches: list[Phase] = []
+        self.tables = BlockTables(torch.device("cpu"), mirrored=False)
 
     def pump(self):
         core = self.core
@@ -74,8 +78,8 @@ class Driver:
             # Prefill rows only in the prefill phase, decode rows only in the decode phase.
             assert state.kv_phase is phase, f"{row} of a {state.kv_phase} request planned in the {phase} phase"
             if phase is Phase.DECODE:
-                assert len(row.token_ids) == 1
-            assert len(row.block_ids) >= blocks_for(row.start + len(row.token_ids), self.core.block_size)
+                assert row.num_new_tokens == 1
+        check_block_deltas(self.tables, self.core, plan)
         owned = [b for s in self.core.requests.values() for b in s.block_ids]
         assert len(owned) == len(set(owned)), "a block is owned twice"
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
-from seesaw.kv.block_pool import blocks_for
 from seesaw.messages import AddRequest
 from seesaw.step import RowSampling
 from seesaw.config import SchedulerConfig
 from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import ToHost
 from seesaw.scheduling.static import StaticScheduler
+from seesaw.runtime.step_inputs import BlockTables
+from helpers import check_block_deltas
 
 EOS = 2
 
@@ -37,6 +39,7 @@ class Model:
         self.finish: dict[str, str] = {}
         self.num_evictions = 0
         self.num_restores = 0
+        self.tables = BlockTables(torch.device("cpu"), mirrored=False)
 
     def step(self):
         plan = self.core.schedule()
@@ -60,8 +63,7 @@ class Model:
     def check(self, plan):
         assert sum(len(row.token_ids) for row in plan.rows) <= self.core.config.max_num_batched_tokens
         assert len({row.request_id for row in plan.rows}) == len(plan.rows)
-        for row in plan.rows:
-            assert len(row.block_ids) >= blocks_for(row.start + len(row.token_ids), self.core.block_size)
+        check_block_deltas(self.tables, self.core, plan)
         owned = [b for state in self.core.requests.values() for b in state.block_ids]
         assert len(owned) == len(set(owned)), "a block is owned twice"
         assert len(owned) + self.core.pool.num_free == self.core.pool.num_blocks

@@ -15,6 +15,9 @@ pytest.importorskip("triton")
 
 from seesaw.model.attention import RowShape, build_attention_batch, paged_attention  # noqa: E402
 from seesaw.model.triton_attention import paged_attention_triton  # noqa: E402
+from seesaw.runtime.step_inputs import AttentionKernels, BlockTables, Uploader, build_step_inputs  # noqa: E402
+from seesaw.step import StepRow  # noqa: E402
+from helpers import ragged_attention_batch  # noqa: E402
 
 BLOCK, KV_HEADS, NUM_BLOCKS = 16, 2, 24
 
@@ -143,7 +146,27 @@ def test_the_engines_attention_layer_gives_the_same_through_the_kernel():
     k, v = (torch.randn(num_tokens, KV_HEADS, 64, generator=generator) for _ in range(2))
     k_cache, v_cache = (torch.randn(NUM_BLOCKS, KV_HEADS, BLOCK, 64, generator=generator) for _ in range(2))
     expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(rows, BLOCK, 64, "cpu"))
-    batch = build_attention_batch(rows, BLOCK, 64, "cpu", ragged_kernel=paged_attention_triton)
+    batch = ragged_attention_batch(rows, BLOCK, 64, "cpu", paged_attention_triton)
     assert batch.ragged is not None and batch.decode is None and not batch.prefills
+    out = paged_attention(q, k, v, k_cache, v_cache, batch)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_tables_kept_on_the_device_by_deltas_feed_the_kernel():
+    """A second step carries only the blocks the worker lacks, and a released request's slot is
+    taken by a new one: the kernel reading the device table still gives the torch path's output."""
+    generator = torch.Generator().manual_seed(6)
+    kernels = AttentionKernels(BLOCK, 64, torch.float32, ragged_kernel=paged_attention_triton)
+    tables, uploader = BlockTables(torch.device("cpu"), mirrored=True), Uploader(torch.device("cpu"))
+    first = [StepRow("a", [1] * 20, 0, [3, 7]), StepRow("b", [1] * 5, 0, [1]), StepRow("c", [1] * 16, 0, [9])]
+    build_step_inputs(first, [], tables, None, kernels, uploader)
+    second = [StepRow("a", [1], 20, [], 2), StepRow("c", [1], 16, [4], 1), StepRow("d", [1] * 3, 0, [5])]
+    batch = build_step_inputs(second, ["b"], tables, None, kernels, uploader).attention
+    assert tables.slots["d"] == 1  # b's slot, reused
+    shapes = [RowShape(20, 1, [3, 7]), RowShape(16, 1, [9, 4]), RowShape(0, 3, [5])]
+    q = torch.randn(5, KV_HEADS * 2, 64, generator=generator)  # [tokens, heads, hd]
+    k, v = (torch.randn(5, KV_HEADS, 64, generator=generator) for _ in range(2))
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, KV_HEADS, BLOCK, 64, generator=generator) for _ in range(2))
+    expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(shapes, BLOCK, 64, "cpu"))
     out = paged_attention(q, k, v, k_cache, v_cache, batch)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

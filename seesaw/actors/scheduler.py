@@ -9,7 +9,8 @@ to the Engine when a step, a copy or a re-shard outlives its timeout; StatsRepor
 
 Each data-parallel replica has its own core, KV pool and share of the host buffer; a new request
 goes to the least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline
-stage of its current layout. In seesaw mode the core is the phase machine and a phase switch
+stage of its current layout (two at one stage: the next is planned while one runs, its
+rows awaiting the tokens that one samples). In seesaw mode the core is the phase machine and a phase switch
 sends Reshard to the replica's workers right behind the old phase's last steps. While a lost
 replica restarts, its requests wait (keeping what they generated) for its new core.
 """
@@ -114,7 +115,11 @@ class Scheduler(Actor):
         self.failure: str | None = None
         # Requests and tokens so far, and KV bytes moved and copy seconds (summed over workers).
         self.totals = {"requests_added": 0, "prompt_tokens": 0, "generated_tokens": 0, "written_bytes": 0,
-                       "written_s": 0.0, "read_bytes": 0, "read_s": 0.0}
+                       "written_s": 0.0, "read_bytes": 0, "read_s": 0.0,
+                       # decode-only steps: how many, their time, and the context tokens their rows attended
+                       "decode_steps": 0, "decode_s": 0.0, "decode_context_tokens": 0}
+        self._decode_steps: dict[tuple[int, int], int] = {}  # decode-only steps in flight -> context tokens
+        self._last_done_s = [0.0] * self.layout.dp  # when each replica last finished a step
         self._replies: dict[str, Outbox] = {}  # where stats go, by address
 
     def _first_phase(self) -> Phase:
@@ -186,6 +191,8 @@ class Scheduler(Actor):
         self._next_step_ids[replica] = core.next_step_id
         for key in [key for key in self._timers if key[0] == replica or key[1] in request_ids]:
             self._timers.pop(key).cancel()
+        self._decode_steps = {key: tokens for key, tokens in self._decode_steps.items() if key[0] != replica}
+        self._last_done_s[replica] = 0.0
         self._reshards[replica].clear()
         for outbox in self.workers[replica]:
             self.disconnect(outbox)
@@ -257,6 +264,7 @@ class Scheduler(Actor):
         if not self.cores or replica in self._held:
             return  # a late answer from a replica being restarted
         self.compute_ms += message.compute_ms
+        self._count_decode_step(replica, message.step_id)
         updates = self.cores[replica].complete(message.step_id, message.sampled)
         self.totals["generated_tokens"] += sum(len(update.token_ids) for update in updates)
         if updates:
@@ -371,11 +379,13 @@ class Scheduler(Actor):
             self.request_queue.send(RequestFailed(request_id, reason))
 
     def _run(self, replica: int, plan: StepPlan) -> None:
-        step = RunStep(plan.step_id, plan.rows)
+        step = RunStep(plan.step_id, plan.rows, plan.released)
         for worker in self.workers[replica]:
             worker.send(step)
         core = self.cores[replica]
-        num_decode_rows = sum(1 for row in plan.rows if len(row.token_ids) == 1 and row.start > 0)
+        num_decode_rows = sum(1 for row in plan.rows if row.num_new_tokens == 1 and row.start > 0)
+        if num_decode_rows == len(plan.rows):
+            self._decode_steps[(replica, plan.step_id)] = sum(row.start + 1 for row in plan.rows)
         self.metrics.on_step(time.monotonic(), replica, num_decode_rows, core.host.used_fraction)
         self._arm((replica, plan.step_id), f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
                                            f"requests) did not finish within {self.step_timeout_s:.0f} s")
@@ -390,6 +400,17 @@ class Scheduler(Actor):
         self.engine.send(EngineFailed(reason))
 
     # ------------------------------------------------------------ stats
+
+    def _count_decode_step(self, replica: int, step_id: int) -> None:
+        """A decode-only step's time is the gap since its replica's step before it finished: with
+        steps queued behind one another, that is what each one adds to the run."""
+        now = time.monotonic()
+        context_tokens = self._decode_steps.pop((replica, step_id), None)
+        if context_tokens is not None and self._last_done_s[replica]:
+            self.totals["decode_steps"] += 1
+            self.totals["decode_s"] += now - self._last_done_s[replica]
+            self.totals["decode_context_tokens"] += context_tokens
+        self._last_done_s[replica] = now
 
     def _count_kv(self, direction: str, num_bytes: int, seconds: float) -> None:
         self.totals[f"{direction}_bytes"] += num_bytes
@@ -435,5 +456,3 @@ class Scheduler(Actor):
         waiting = len(self._early) + held + sum(len(core.waiting) + len(core.swapped) for core in up)
         total = len(self._early) + held + sum(len(core.requests) for core in up)
         return total - waiting, waiting
-
-

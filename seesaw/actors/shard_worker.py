@@ -18,6 +18,7 @@ import os
 import time
 import traceback
 from concurrent import futures
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq.asyncio
@@ -70,6 +71,7 @@ class ShardWorker(Actor):
         self.heard_head: float | None = None  # when the head last said anything; None: not yet
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
+        self._tokens = ThreadPoolExecutor(1, thread_name_prefix="tokens")  # waits for sampled tokens, in order
         self._outstanding: set[Future] = set()
 
     def handle(self, message):
@@ -105,7 +107,7 @@ class ShardWorker(Actor):
                                                                   free_tcp_address(self.advertise_ip),
                                                                   command.first_rank), os.getpid())
 
-        self._submit(self._compute, prepare, self.supervisor, "preparing the communicator groups")
+        self._submit(self._compute, prepare, self.supervisor.send, "preparing the communicator groups")
 
     def _on_load_shard(self, command: LoadShard) -> None:
         self.rank = command.rank
@@ -121,17 +123,25 @@ class ShardWorker(Actor):
             blocks = [self.runtime.num_blocks] * len(command.layouts)
             return WorkerReady(self.rank, blocks, self.runtime.load_s, name, os.getpid())
 
-        self._submit(self._compute, load, self.supervisor, "loading its shard of the model")
+        self._submit(self._compute, load, self.supervisor.send, "loading its shard of the model")
 
     def _on_run_step(self, step: RunStep) -> None:
-        def run() -> StepDone | None:
+        def run():
             started = time.perf_counter()
-            sampled = self.runtime.execute(step.rows)
-            if not self.runtime.is_sampling:
-                return None
-            return StepDone(step.step_id, self.rank, sampled, (time.perf_counter() - started) * 1000)
+            pending = self.runtime.execute(step.rows, step.released)
+            return None if pending is None else (pending, started)
 
-        self._submit(self._compute, run, self.scheduler, f"running step {step.step_id}")
+        def report(result) -> None:
+            # The tokens are awaited on a thread of their own: the step thread starts the next step.
+            pending, started = result
+
+            def wait() -> StepDone:
+                sampled = pending.wait()
+                return StepDone(step.step_id, self.rank, sampled, (time.perf_counter() - started) * 1000)
+
+            self._submit(self._tokens, wait, self.scheduler.send, f"reading step {step.step_id}'s tokens")
+
+        self._submit(self._compute, run, report, f"running step {step.step_id}")
 
     def _on_reshard(self, command: Reshard) -> None:
         arrived = time.perf_counter()
@@ -141,7 +151,7 @@ class ShardWorker(Actor):
             load_s, num_bytes = self.runtime.reshard(command.layout)
             return Resharded(self.rank, command.layout, drain_s, load_s, num_bytes)
 
-        self._submit(self._compute, reshard, self.scheduler, f"re-sharding to {command.layout}")
+        self._submit(self._compute, reshard, self.scheduler.send, f"re-sharding to {command.layout}")
 
     def _on_swap_out(self, command: SwapOut) -> None:
         def copy() -> SwappedOut:
@@ -150,7 +160,7 @@ class ShardWorker(Actor):
             return SwappedOut(command.transfer_id, command.request_id, self.rank, num_bytes,
                               time.perf_counter() - started)
 
-        self._submit(self._copies, copy, self.kv_tier, f"swapping out request {command.request_id}")
+        self._submit(self._copies, copy, self.kv_tier.send, f"swapping out request {command.request_id}")
 
     def _on_prefetch(self, command: Prefetch) -> None:
         def copy() -> Prefetched:
@@ -159,9 +169,10 @@ class ShardWorker(Actor):
             return Prefetched(command.transfer_id, command.request_id, self.rank, num_bytes,
                               time.perf_counter() - started)
 
-        self._submit(self._copies, copy, self.kv_tier, f"prefetching request {command.request_id}")
+        self._submit(self._copies, copy, self.kv_tier.send, f"prefetching request {command.request_id}")
 
-    def _submit(self, executor: ThreadPoolExecutor, work, reply_to: Outbox, activity: str) -> None:
+    def _submit(self, executor: ThreadPoolExecutor, work, deliver: Callable, activity: str) -> None:
+        """Run `work` on `executor`; its result, unless None, goes to `deliver` on the event loop."""
         loop = asyncio.get_running_loop()
         future: Future = executor.submit(work)
         self._outstanding.add(future)
@@ -185,13 +196,13 @@ class ShardWorker(Actor):
                 return
             reply = finished.result()
             if reply is not None:
-                reply_to.send(reply)
+                deliver(reply)
 
         future.add_done_callback(lambda finished: loop.call_soon_threadsafe(done, finished))
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         await super().stop()
-        for executor in (self._compute, self._copies):
+        for executor in (self._compute, self._copies, self._tokens):
             executor.shutdown(wait=False, cancel_futures=True)
         # Release the model only once no step or copy still uses it; a step stuck in a collective
         # whose peer died is left to the process exit.

@@ -28,6 +28,8 @@ def runtime_config(command: LoadShard, device_index: int = 0) -> RuntimeConfig:
         num_threads=command.num_threads,
         seed=command.dummy_seed,
         device_index=device_index,
+        max_step_tokens=command.max_step_tokens,
+        max_step_rows=command.max_step_rows,
     )
 
 

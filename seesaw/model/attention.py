@@ -7,7 +7,6 @@ arena that several layouts share), so the cache is addressed by (block, offset),
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -78,13 +77,10 @@ class AttentionBatch:
 def build_attention_batch(
     rows: list[RowShape], block_size: int, head_dim: int, device: torch.device | str,
     decode_kernel: PagedDecode | None = None, dtype: torch.dtype = torch.float32,
-    ragged_kernel: RaggedKernel | None = None,
 ) -> AttentionBatch:
-    """Metadata for a step whose flat token list is the rows' new tokens, in row order; masks
-    are built in `dtype`, the queries' dtype. With a `ragged_kernel` (the GPU's), one launch per
-    layer attends every row and no masks are built."""
-    if ragged_kernel is not None:
-        return _ragged_batch(rows, block_size, head_dim, device, ragged_kernel)
+    """Metadata for the torch path, for a step whose flat token list is the rows' new tokens, in
+    row order; masks are built in `dtype`, the queries' dtype. (A ragged kernel's metadata is
+    built with the step's other inputs: seesaw.runtime.step_inputs.)"""
     write_blocks: list[int] = []
     write_offsets: list[int] = []
     decode_rows: list[tuple[int, RowShape]] = []
@@ -106,31 +102,6 @@ def build_attention_batch(
         prefills=prefills,
         scale=head_dim**-0.5,
         decode_kernel=decode_kernel,
-    )
-
-
-def _ragged_batch(rows: list[RowShape], block_size: int, head_dim: int, device, kernel: RaggedKernel) -> AttentionBatch:
-    """The step as a few flat arrays, built on the host and copied over once each."""
-    contexts = [row.start + row.num_new for row in rows]
-    max_blocks = max(-(-context // block_size) for context in contexts)
-    table = torch.zeros(len(rows), max_blocks, dtype=torch.int32)  # [rows, max_blocks]
-    positions = torch.cat([torch.arange(row.start, row.start + row.num_new) for row in rows])  # [num_tokens]
-    write_blocks = torch.empty(len(positions), dtype=torch.long)  # [num_tokens]
-    offset = 0
-    for index, row in enumerate(rows):
-        blocks = torch.tensor(row.block_ids[: -(-contexts[index] // block_size)], dtype=torch.int32)
-        table[index, : len(blocks)] = blocks
-        write_blocks[offset : offset + row.num_new] = blocks[positions[offset : offset + row.num_new] // block_size]
-        offset += row.num_new
-    starts = torch.tensor([0, *itertools.accumulate(row.num_new for row in rows)], dtype=torch.int32)
-    return AttentionBatch(
-        write_blocks=write_blocks.to(device, non_blocking=True),
-        write_offsets=(positions % block_size).to(device, non_blocking=True),
-        decode=None, prefills=[], scale=head_dim**-0.5,
-        ragged=RaggedRows(starts.to(device, non_blocking=True),
-                          torch.tensor(contexts, dtype=torch.int32).to(device, non_blocking=True),
-                          table.to(device, non_blocking=True)),
-        ragged_kernel=kernel,
     )
 
 

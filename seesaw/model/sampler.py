@@ -19,15 +19,15 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._row_generator = torch.Generator(device=device)
 
-    def sample(self, logits: torch.Tensor, rows: list[RowSampling]) -> list[int]:
-        """One token id per row of logits: [rows, vocab], float32."""
+    def sample(self, logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
+        """One token id per row of logits: [rows, vocab], float32 -> [rows] int64, on their device."""
         tokens = logits.argmax(dim=-1)  # [rows]
         random_rows = [index for index, row in enumerate(rows) if row.temperature > 0.0]
         if random_rows:
             chosen = torch.tensor(random_rows, device=logits.device)
             picked = self._sample_random(logits.index_select(0, chosen), [rows[i] for i in random_rows])
             tokens = tokens.index_copy(0, chosen, picked)
-        return tokens.tolist()
+        return tokens
 
     def _sample_random(self, logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
         temperatures = torch.tensor([row.temperature for row in rows], device=logits.device)

@@ -8,26 +8,21 @@ from dataclasses import dataclass
 import torch
 
 from seesaw.layout import Layout, Shard, padded_vocab_rows, split_evenly
-from seesaw.model.attention import RaggedKernel, RowShape, build_attention_batch
-from seesaw.model.cpu_kernels import PagedDecode
 from seesaw.model.llama import ShardModel
 from seesaw.model.rope import rotation
 from seesaw.model.spec import ModelSpec
-from seesaw.step import StepRow
+from seesaw.runtime.step_inputs import StepInputs
 from seesaw.transport.collective import Communicator
 
 
 @dataclass(frozen=True)
 class StageContext:
-    """What every layout's forward pass shares: the model's shape, device, dtype and kernels."""
+    """What every layout's forward pass shares: the model's shape, device and dtype."""
 
     spec: ModelSpec
     device: torch.device
     dtype: torch.dtype
-    block_size: int
     inv_freq: torch.Tensor
-    decode_kernel: PagedDecode | None
-    ragged_kernel: RaggedKernel | None = None  # on GPUs: attends every row of a step in one launch per layer
 
 
 class LayoutState:
@@ -57,41 +52,25 @@ class LayoutState:
             self.tp.all_reduce(partial)
         return partial
 
-    def forward(self, rows: list[StepRow]) -> torch.Tensor | None:
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """Run this stage; on the last stage, float32 logits [sampled rows, vocab] (every tensor-
         parallel rank gets the gathered logits), elsewhere None."""
         context, shard = self.context, self.shard
-        token_ids: list[int] = []
-        positions: list[int] = []
-        shapes: list[RowShape] = []
-        last_index: list[int] = []
-        for row in rows:
-            token_ids.extend(row.token_ids)
-            positions.extend(range(row.start, row.start + len(row.token_ids)))
-            shapes.append(RowShape(row.start, len(row.token_ids), row.block_ids))
-            if row.sampling is not None:
-                last_index.append(len(token_ids) - 1)
-        device = context.device
         with torch.inference_mode():
-            batch = build_attention_batch(
-                shapes, context.block_size, context.spec.head_dim, device, context.decode_kernel, context.dtype,
-                context.ragged_kernel,
-            )
-            positions_t = torch.tensor(positions, dtype=torch.long, device=device)
-            cos, sin = rotation(positions_t, context.inv_freq, context.dtype)
+            cos, sin = rotation(inputs.positions, context.inv_freq, context.dtype)
+            num_tokens = inputs.token_ids.shape[0]
             if shard.is_first_stage:
-                hidden = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=device))
+                hidden = self.model.embed_tokens(inputs.token_ids)  # [num_tokens, hidden]
             else:
-                hidden = torch.empty(len(token_ids), context.spec.hidden_size, dtype=context.dtype, device=device)
+                hidden = torch.empty(num_tokens, context.spec.hidden_size, dtype=context.dtype, device=context.device)
                 self.pp.recv(hidden, shard.pp_rank - 1)
-            hidden = self.model(hidden, cos, sin, self.kv_pages, batch, self.reduce)
+            hidden = self.model(hidden, cos, sin, self.kv_pages, inputs.attention, self.reduce)
             if not shard.is_last_stage:
                 self.pp.send(hidden, shard.pp_rank + 1)
                 return None
-            if not last_index:
+            if not inputs.sampled_ids:
                 return None
-            chosen = torch.tensor(last_index, dtype=torch.long, device=device)
-            logits = self.model.logits(hidden.index_select(0, chosen))  # [sampled rows, vocab rows here]
+            logits = self.model.logits(hidden.index_select(0, inputs.sample_index))  # [sampled rows, vocab here]
             if self.vocab_index is not None:
                 logits = gather_vocab(self.tp, logits, self.vocab_index)
             return logits

@@ -23,8 +23,16 @@ from seesaw.model.spec import ModelSpec
 from seesaw.model.weights import Copy, WeightSource, load_shard, plain_copy
 from seesaw.runtime.arena import Arena, KVArena, block_elements, measure
 from seesaw.runtime.layout_state import LayoutState, StageContext
+from seesaw.runtime.step_inputs import (
+    AttentionKernels,
+    BlockTables,
+    SampledTokens,
+    StepInputs,
+    Uploader,
+    build_step_inputs,
+)
 from seesaw.runtime.transfers import DeviceCopies
-from seesaw.step import StepRow
+from seesaw.step import RowSampling, StepRow
 from seesaw.transport.collective import Communicator, leave_groups
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 from seesaw.transport.weight_store import WeightStore
@@ -49,6 +57,8 @@ class RuntimeConfig:
     num_threads: int
     seed: int
     device_index: int = 0  # which of this host's GPUs (the worker's local rank); unused on CPU
+    max_step_tokens: int = 2048  # the largest step the scheduler may plan, profiled to size the KV pool
+    max_step_rows: int = 256
 
 
 class WorkerRuntime:
@@ -78,15 +88,22 @@ class WorkerRuntime:
         weight_bytes = max(measure(lambda a, s=s: ShardModel(spec, s, a), self.dtype) for s in shards)
         self.weight_arena = Arena(weight_bytes, self.device)
         page_elements = max(block_elements(s, self.block_size, spec.head_dim) for s in shards)
-        kv_bytes = self._kv_budget(config)
+        self.page_bytes = page_elements * self.dtype.itemsize
+        # Without a set size, a pool just large enough for the profiling step comes first.
+        self._profile = None if config.kv_cache_bytes is not None else ProfileStep.largest(config)
+        kv_bytes = config.kv_cache_bytes or self._profile.num_blocks(self.block_size) * self.page_bytes
         self.kv_arena = KVArena(kv_bytes, page_elements, self.dtype, self.device)
         is_cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
-        context = StageContext(
-            spec=spec, device=self.device, dtype=self.dtype, block_size=self.block_size,
-            inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device),
+        context = StageContext(spec=spec, device=self.device, dtype=self.dtype,
+                               inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device))
+        self.attention = AttentionKernels(
+            self.block_size, spec.head_dim, self.dtype,
             decode_kernel=load_paged_decode() if is_cpu_float32 else None,
             ragged_kernel=_gpu_attention() if self.device.type == "cuda" else None,
         )
+        self.block_tables = BlockTables(self.device, mirrored=self.attention.ragged_kernel is not None)
+        self.uploader = Uploader(self.device)
+        self.sampled: SampledTokens | None = None  # the last step's tokens, for rows that await them
         kernels = _gpu_kernels() if self.device.type == "cuda" else LayerKernels()
         self.states: dict[str, LayoutState] = {}
         for shard in shards:
@@ -97,6 +114,8 @@ class WorkerRuntime:
         self.sampler = Sampler(self.device, seed=config.seed)
         load_shard(self.current.model, weights, self._weight_copy())
         self.copies.wait_for_weights()
+        if self._profile is not None:
+            self._size_kv_pool(config.memory_fraction, page_elements)
         self.load_s = time.perf_counter() - started
 
     @property
@@ -108,22 +127,58 @@ class WorkerRuntime:
     def is_sampling(self) -> bool:
         return self.current.is_sampling
 
-    def _kv_budget(self, config: RuntimeConfig) -> int:
-        if config.kv_cache_bytes is not None:
-            return config.kv_cache_bytes
+    def _size_kv_pool(self, memory_fraction: float, page_elements: int) -> None:
+        """Run the largest step the scheduler may plan, then give the KV pool what is left of
+        `memory_fraction` of the card beyond everything in use (weights, communicators, other
+        processes) and that step's peak of activations and workspaces."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self.execute(self._profile.rows(self.block_size))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        self.block_tables.release(self._profile.request_ids)
+        self.sampled = None
+        for state in self.states.values():
+            state.kv_pages = None
+        self.kv_arena = None
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        # Keep (1 - fraction) of the card and a gibibyte for activations free.
-        return int(free - (1.0 - config.memory_fraction) * total - GIB)
+        kv_bytes = int(memory_fraction * total - (total - free) - peak)
+        log.info("profiling step: %.2f GiB of activations; %.2f GiB of %.2f GiB in use; KV pool %.2f GiB",
+                 peak / GIB, (total - free) / GIB, total / GIB, kv_bytes / GIB)
+        if kv_bytes < 2 * self.page_bytes:
+            raise ValueError(
+                f"no room for a KV pool on {self.device}: {memory_fraction:.0%} of its {total / GIB:.1f} GiB, "
+                f"less {(total - free) / GIB:.1f} GiB in use and {peak / GIB:.1f} GiB for the largest step, "
+                f"leaves {max(kv_bytes, 0) / GIB:.2f} GiB (raise --memory-fraction, lower "
+                f"--max-num-batched-tokens, or use more GPUs)")
+        self.kv_arena = KVArena(kv_bytes, page_elements, self.dtype, self.device)
+        for state in self.states.values():
+            state.kv_pages = self.kv_arena.pages(state.shard, self.block_size, self.spec.head_dim)
+        self._profile = None
 
     # ------------------------------------------------------------ steps
 
-    def execute(self, rows: list[StepRow]) -> list[int]:
-        """One forward pass of this stage over the rows' new tokens; the sampling rank returns a
-        token for each row that samples, every other rank an empty list."""
-        logits = self.current.forward(rows)
-        if logits is None or not self.current.is_sampling:
-            return []
-        return self.sampler.sample(logits, [row.sampling for row in rows if row.sampling is not None])
+    def execute(self, rows: list[StepRow], released: list[str] = ()) -> PendingTokens | None:
+        """One forward pass of this stage over the rows' new tokens. Every rank of the last stage
+        samples (each holds the gathered logits, and at one stage the next step's rows may await
+        the tokens); the sampling rank returns them, on their way to the host, others None."""
+        inputs = self.inputs(rows, released)
+        logits = self.current.forward(inputs)
+        if logits is None:
+            self.sampled = None
+            return PendingTokens(torch.empty(0, dtype=torch.long)) if self.current.is_sampling else None
+        with torch.inference_mode():
+            tokens = self.sampler.sample(logits, [row.sampling for row in rows if row.sampling is not None])
+        self.sampled = SampledTokens({request_id: i for i, request_id in enumerate(inputs.sampled_ids)}, tokens)
+        return PendingTokens(tokens) if self.current.is_sampling else None
+
+    def inputs(self, rows: list[StepRow], released: list[str] = ()) -> StepInputs:
+        """The step's inputs on this worker's device (block tables updated by the rows' deltas)."""
+        with torch.inference_mode():
+            return build_step_inputs(rows, list(released), self.block_tables, self.sampled, self.attention,
+                                     self.uploader)
 
     def reshard(self, layout: str) -> tuple[float, int]:
         """Switch to `layout`; returns (seconds, bytes copied), nothing if it is already current."""
@@ -168,6 +223,58 @@ class WorkerRuntime:
         if isinstance(self.weights, WeightStore):
             self.weights.close()
         leave_groups(self.communicators)
+
+
+@dataclass(frozen=True)
+class ProfileStep:
+    """The largest step the scheduler may plan: its whole token budget, spread over as many rows
+    as it may run, every row sampling (so the logits are as large as they get too)."""
+
+    num_tokens: int
+    num_rows: int
+
+    @classmethod
+    def largest(cls, config: RuntimeConfig) -> ProfileStep:
+        return cls(config.max_step_tokens, max(1, min(config.max_step_rows, config.max_step_tokens)))
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [f"profile-{index}" for index in range(self.num_rows)]
+
+    def num_blocks(self, block_size: int) -> int:
+        return sum(-(-length // block_size) for length in self._lengths())
+
+    def _lengths(self) -> list[int]:
+        share, extra = divmod(self.num_tokens, self.num_rows)
+        return [share + (index < extra) for index in range(self.num_rows)]
+
+    def rows(self, block_size: int) -> list[StepRow]:
+        rows, first = [], 0
+        for request_id, length in zip(self.request_ids, self._lengths()):
+            count = -(-length // block_size)
+            rows.append(StepRow(request_id, [0] * length, 0, list(range(first, first + count)),
+                                sampling=RowSampling(0.0)))
+            first += count
+        return rows
+
+
+class PendingTokens:
+    """A step's sampled tokens on their way to the host: on GPUs an asynchronous copy into pinned
+    memory, so the worker can start its next step before they land; `wait` returns them."""
+
+    def __init__(self, tokens: torch.Tensor):  # [sampled rows]
+        self._event = None
+        self._host = tokens
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
 
 
 def _host_share(host_buffer: HostBuffer | None, state: LayoutState) -> torch.Tensor:

@@ -45,6 +45,7 @@ class StepPlan:
     rows: list[StepRow] = field(default_factory=list)
     moves: list[ToHost | ToDevice] = field(default_factory=list)
     switch_to: Phase | None = None
+    released: list[str] = field(default_factory=list)  # requests whose block tables workers may drop
 
     @property
     def is_empty(self) -> bool:

@@ -42,7 +42,7 @@ class PhaseScheduler(StaticScheduler):
         self.counters["transitions"] = 0
 
     @property
-    def max_in_flight_steps(self) -> int:
+    def _pipeline_depth(self) -> int:
         return self.micro_batches[self.phase]
 
     def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
@@ -178,6 +178,10 @@ class PhaseScheduler(StaticScheduler):
             plan.rows.append(self._row(state, num_new))
             scheduled.add(state.request_id)
             budget -= num_new
+
+    def _may_follow(self, state: RequestState) -> bool:
+        """Only decoding requests run ahead of their token: a prompt just prefilled leaves for the host."""
+        return self.phase is Phase.DECODE and state.kv_phase is Phase.DECODE
 
     def _on_sampled(self, state: RequestState) -> None:
         if state.kv_phase is Phase.PREFILL:  # prefilled: its KV goes to the slot reserved for it

@@ -32,6 +32,9 @@ class RequestState:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_in_flight: int = 0  # steps in flight that include this request
+    num_awaited: int = 0  # tokens that steps in flight sample for it, not known yet
+    last_step_id: int | None = None  # the latest step with a row of it
+    num_blocks_sent: int = 0  # of block_ids, how many the workers already hold (0: none, or stale)
     is_stopped: bool = False  # finished by the user while busy; released once idle
     kv_phase: Phase = Phase.MIXED  # the phase whose layout its device blocks are laid out in
 

@@ -54,10 +54,12 @@ class StaticScheduler:
         self.swapped: deque[RequestState] = deque()
         self._in_flight: dict[int, list[StepRow]] = {}
         self._moves: list[ToHost | ToDevice] = []  # decided outside schedule(), sent with the next plan
+        self._released: list[str] = []  # block tables the workers may drop, sent with the next step
         self._next_step_id = first_step_id  # a replica restarted keeps counting: late answers stay unmatched
         self._next_arrival = 0
         self._evicting_blocks = 0
-        self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0}
+        # rows_ahead: rows planned before the token they start with was sampled (two steps in flight)
+        self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0, "rows_ahead": 0}
 
     # ------------------------------------------------------------ queries
 
@@ -71,8 +73,17 @@ class StaticScheduler:
 
     @property
     def max_in_flight_steps(self) -> int:
-        """Steps that may be in flight at once: one per pipeline stage of the current layout."""
+        """Steps that may be in flight at once: one per pipeline stage of the current layout, or,
+        for a single stage with overlap on, two (the next step is planned while one runs)."""
+        return 2 if self._overlaps else self._pipeline_depth
+
+    @property
+    def _pipeline_depth(self) -> int:
         return self._num_micro_batches
+
+    @property
+    def _overlaps(self) -> bool:
+        return self._pipeline_depth == 1 and self.config.overlap
 
     @property
     def has_kv_moves(self) -> bool:
@@ -152,14 +163,17 @@ class StaticScheduler:
         for row in rows:
             state = self.requests[row.request_id]
             state.num_in_flight -= 1
-            token = next(tokens) if row.sampling is not None else None
+            token = None
+            if row.sampling is not None:
+                token = next(tokens)
+                state.num_awaited -= 1
             if state.is_stopped:
                 if not state.num_in_flight:
                     self._finish(state)
                 continue
             if token is not None:
                 updates.append(self._append(state, token))
-                if state.status is not RequestStatus.FINISHED:
+                if state.status is not RequestStatus.FINISHED and not state.is_stopped:
                     self._on_sampled(state)
         return updates
 
@@ -172,6 +186,7 @@ class StaticScheduler:
         self._evicting_blocks -= len(state.block_ids)
         self.pool.free(state.block_ids)
         state.block_ids = []
+        self._release(state)
         if state.is_stopped:
             self.host.release(request_id)  # the copy has landed; nothing will release it later
             self._finish(state)
@@ -198,14 +213,17 @@ class StaticScheduler:
             if state.is_stopped:
                 continue  # finished for the user already
             state.block_ids = []
+            state.num_blocks_sent = 0  # the replica's next workers start with no tables
             state.num_computed_tokens = 0
             state.num_in_flight = 0
+            state.num_awaited = 0
             state.status = RequestStatus.WAITING
             state.kv_phase = Phase.MIXED
             states.append(state)
         self.requests.clear()
         self._in_flight.clear()
         self._moves.clear()
+        self._released.clear()
         return states
 
     def adopt(self, states: list[RequestState]) -> None:
@@ -247,23 +265,51 @@ class StaticScheduler:
 
     def _max_rows(self) -> int:
         # With several micro-batches in flight, each step takes its share of the requests.
-        return -(-max(1, len(self.running) + len(self.waiting)) // self.max_in_flight_steps)
+        return -(-max(1, len(self.running) + len(self.waiting)) // self._pipeline_depth)
 
     def _commit(self, plan: StepPlan) -> StepPlan:
         if plan.rows:
             self.counters["steps"] += 1
             self._next_step_id += 1
             self._in_flight[plan.step_id] = plan.rows
+            plan.released, self._released = self._released, []
         return plan
+
+    def _release(self, state: RequestState) -> None:
+        """The request's device blocks are gone: the workers may drop their table of them."""
+        if state.num_blocks_sent:
+            self._released.append(state.request_id)
+            state.num_blocks_sent = 0
+
+    def _next_tokens(self, state: RequestState) -> int:
+        """How many new tokens the request's next row may take now (0: it cannot run now)."""
+        if state.is_stopped:
+            return 0
+        if not state.num_in_flight:
+            return state.num_pending_tokens
+        if state.num_in_flight > 1 or not self._overlaps:
+            return 0
+        if state.num_pending_tokens:
+            return state.num_pending_tokens  # its prompt's next chunk, right behind the one in flight
+        # One token past the one the step just before samples (workers fill it in), unless that
+        # token may be its last.
+        may_grow = (len(state.output_token_ids) + state.num_awaited < state.max_tokens
+                    and state.num_tokens + state.num_awaited < self.max_model_len)
+        follows = state.last_step_id == self._next_step_id - 1
+        return 1 if may_grow and follows and self._may_follow(state) else 0
+
+    def _may_follow(self, state: RequestState) -> bool:
+        """Whether the request may decode right behind its row in flight (static mode: always)."""
+        return True
 
     def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0 and len(plan.rows) < max_rows:
             state = self.running[index]
             index += 1
-            if state.num_in_flight or state.num_pending_tokens == 0:
+            num_new = min(self._next_tokens(state), budget)
+            if not num_new:
                 continue
-            num_new = min(state.num_pending_tokens, budget)
             needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
             while self.pool.num_free + self._evicting_blocks < needed:
                 victim = self._pick_victim(scheduled)
@@ -320,19 +366,25 @@ class StaticScheduler:
 
     def _row(self, state: RequestState, num_new: int) -> StepRow:
         start = state.num_computed_tokens
+        awaits_token = start >= state.num_tokens  # its first token is the one the step in flight samples
+        token_ids = [] if awaits_token else state.token_ids(start, start + num_new)
+        self.counters["rows_ahead"] += awaits_token
         state.num_computed_tokens += num_new
         state.num_in_flight += 1
-        reaches_end = state.num_computed_tokens == state.num_tokens
+        state.last_step_id = self._next_step_id
         sampling = None
-        if reaches_end:
+        if state.num_computed_tokens == state.num_tokens + state.num_awaited:  # reaches the end
             sampling = RowSampling(
                 temperature=state.sampling.temperature,
                 top_p=state.sampling.top_p,
                 top_k=state.sampling.top_k,
                 seed=state.sampling.seed,
-                output_index=len(state.output_token_ids),
+                output_index=len(state.output_token_ids) + state.num_awaited,
             )
-        return StepRow(state.request_id, state.token_ids(start, start + num_new), start, list(state.block_ids), sampling)
+            state.num_awaited += 1
+        first_new_block, state.num_blocks_sent = state.num_blocks_sent, len(state.block_ids)
+        return StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,
+                       sampling, awaits_token)
 
     def _pick_victim(self, scheduled: set[str]) -> RequestState | None:
         for state in reversed(self.running):
@@ -352,6 +404,7 @@ class StaticScheduler:
         self.counters["recomputes"] += 1
         self.pool.free(state.block_ids)
         state.block_ids = []
+        self._release(state)
         state.num_computed_tokens = 0
         state.status = RequestStatus.WAITING
         self.waiting.appendleft(state)
@@ -374,7 +427,10 @@ class StaticScheduler:
         elif len(state.output_token_ids) >= state.max_tokens or state.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
-            self._finish(state)
+            if state.num_in_flight:
+                state.is_stopped = True  # a row planned before this token was known is still in flight
+            else:
+                self._finish(state)
         return TokenUpdate(state.request_id, [token], reason)
 
     def _finish(self, state: RequestState) -> None:
@@ -383,6 +439,7 @@ class StaticScheduler:
         if state.status is RequestStatus.EVICTING:
             self._evicting_blocks -= len(state.block_ids)
         state.block_ids = []
+        self._release(state)
         if state.status is RequestStatus.RUNNING:
             self.running.remove(state)
         elif state.status is RequestStatus.WAITING:
