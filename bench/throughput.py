@@ -7,6 +7,9 @@
 or batches of --hf-batch-size). `--prefill-layout P --decode-layout D` runs Seesaw in seesaw mode.
 `--compare` runs Seesaw once per listed layout (`P-D` for a seesaw pair). Several runs go one after
 another, each in a fresh process, and the ratio of their total token throughputs to the last is printed.
+
+A Seesaw run also prints its floor (bench/floor.py: weights and KV bytes at the device's measured
+copy bandwidth, prefill FLOPs at its measured matmul rate) and how far its decode-only steps are from theirs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from floor import floor_lines, floors, measure_rates
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per worker (and for hf)")
     parser.add_argument("--hf-batch-size", type=int, default=None, help="hf: prompts per generate call (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-overlap", action="store_true", help="seesaw: one step in flight at a time")
     parser.add_argument("--output-json", default=None)
     return parser.parse_args(argv)
 
@@ -77,7 +83,7 @@ def run_seesaw(args: argparse.Namespace) -> dict:
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens or default_token_budget(args.device),
-            max_num_seqs=args.max_num_seqs, host_low_water=args.host_low_water,
+            max_num_seqs=args.max_num_seqs, host_low_water=args.host_low_water, overlap=not args.no_overlap,
         ),
         cache_dir=default_cache_dir(),
     )
@@ -99,14 +105,24 @@ def run_seesaw(args: argparse.Namespace) -> dict:
     elapsed, output_tokens, start_s, metrics = asyncio.run(main())
     totals = metrics["totals"]
     extra = {"engine_start_s": round(start_s, 2), "steps": totals.get("steps", 0),
-             "worker_compute_s": round(totals.get("compute_s", 0.0), 2)}
+             "worker_compute_s": round(totals.get("compute_s", 0.0), 2), "rows_ahead": totals.get("rows_ahead", 0),
+             "decode_steps": totals.get("decode_steps", 0), "decode_s": totals.get("decode_s", 0.0)}
     note = f", {extra['steps']} steps, {extra['worker_compute_s']} s in the sampling worker's steps"
+    details: list[str] = []
     if is_seesaw:
         from seesaw.frontend.report import phase_lines
 
         extra["metrics"] = {key: value for key, value in metrics.items() if key != "timeline"}
-        return _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note, details=phase_lines(metrics))
-    return _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note)
+        details = phase_lines(metrics)
+    result = _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note, details=details)
+    rates = measure_rates(args.device, config.model.resolved_dtype)
+    dtype_bytes = 4 if config.model.resolved_dtype == "float32" else 2
+    found = floors(resolved.spec, dtype_bytes, rates, args.num_prompts, args.input_len, args.output_len,
+                   args.max_num_seqs, totals)
+    for line in floor_lines(result, rates, found):
+        print(f"  {line}", flush=True)
+    result["floor_s"] = found.total_s
+    return result
 
 
 def run_hf(args: argparse.Namespace) -> dict:
