@@ -1,8 +1,8 @@
 """How fast a run could possibly go on this device: the bench's yardstick.
 
-A decode step must read every weight and every attended token's KV once: bytes over the copy
-bandwidth. Prefill must do two FLOPs per weight per prompt token, plus attention: FLOPs over the
-matmul peak. Both rates are measured here, on the device, in the same run as the throughput.
+A decode step must read every weight and every attended token's KV once (bytes over the copy
+bandwidth) and do two FLOPs per weight per row (FLOPs over the matmul rate): its floor is the
+larger. Prefill must do two FLOPs per weight per prompt token, plus attention. Both rates are measured here, on the device, in the same run as the throughput.
 """
 
 from __future__ import annotations
@@ -67,20 +67,28 @@ class Floors:
 def floors(spec, dtype_bytes: int, rates: DeviceRates, num_prompts: int, input_len: int, output_len: int,
            max_num_seqs: int, totals: dict) -> Floors:
     """The run's floor (all requests decoding together, in as few batches as max_num_seqs allows),
-    and the floor of the decode-only steps the engine counted in `totals`."""
+    and the floor of the decode-only steps the engine counted in `totals`. A decode step's floor is
+    the larger of its bytes at the copy rate and its FLOPs at the matmul rate (on a CPU, FLOPs)."""
     step_elements, layer_elements = weight_elements(spec)
     weight_bytes = step_elements * dtype_bytes
     kv_bytes_per_token = spec.kv_bytes_per_token // 4 * dtype_bytes
-    q_size = spec.num_heads * spec.head_dim
+    attention_flops_per_token = 4 * spec.num_layers * spec.num_heads * spec.head_dim  # q.k and p.v, per key
+
+    def decode_s(num_steps: int, num_rows: int, context_tokens: int) -> float:
+        read_s = (num_steps * weight_bytes + context_tokens * kv_bytes_per_token) / rates.copy_bytes_per_s
+        flops = 2 * step_elements * num_rows + attention_flops_per_token * context_tokens
+        return max(read_s, flops / rates.matmul_flops_per_s)
+
     # Per prompt token: two FLOPs per layer weight, and attention over half the prompt on average.
-    prefill_flops = num_prompts * input_len * spec.num_layers * (2 * layer_elements + 2 * input_len * q_size)
+    prefill_flops = num_prompts * input_len * (2 * spec.num_layers * layer_elements
+                                               + attention_flops_per_token * input_len // 2)
     batches = -(-num_prompts // max_num_seqs)
-    kv_tokens = num_prompts * sum(input_len + t for t in range(1, output_len))
-    decode_bytes = batches * (output_len - 1) * weight_bytes + kv_tokens * kv_bytes_per_token
-    measured_bytes = totals.get("decode_steps", 0) * weight_bytes \
-        + totals.get("decode_context_tokens", 0) * kv_bytes_per_token
-    return Floors(prefill_flops / rates.matmul_flops_per_s, decode_bytes / rates.copy_bytes_per_s,
-                  measured_bytes / rates.copy_bytes_per_s)
+    context_tokens = num_prompts * sum(input_len + t for t in range(1, output_len))
+    return Floors(
+        prefill_flops / rates.matmul_flops_per_s,
+        decode_s(batches * (output_len - 1), num_prompts * (output_len - 1), context_tokens),
+        decode_s(totals.get("decode_steps", 0), totals.get("decode_rows", 0), totals.get("decode_context_tokens", 0)),
+    )
 
 
 def floor_lines(result: dict, rates: DeviceRates, found: Floors) -> list[str]:

@@ -9,10 +9,10 @@ to the Engine when a step, a copy or a re-shard outlives its timeout; StatsRepor
 
 Each data-parallel replica has its own core, KV pool and share of the host buffer; a new request
 goes to the least loaded replica. A replica keeps up to `pp` steps in flight, one per pipeline
-stage of its current layout (two at one stage: the next is planned while one runs, its
-rows awaiting the tokens that one samples). In seesaw mode the core is the phase machine and a phase switch
-sends Reshard to the replica's workers right behind the old phase's last steps. While a lost
-replica restarts, its requests wait (keeping what they generated) for its new core.
+stage of its current layout (two at one stage: the next is planned while one runs, its rows
+awaiting the tokens that one samples). In seesaw mode the core is the phase machine and a phase
+switch sends Reshard to the replica's workers right behind the old phase's last steps. While a
+lost replica restarts, its requests wait (keeping what they generated) for its new core.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class Scheduler(Actor):
         self.totals = {"requests_added": 0, "prompt_tokens": 0, "generated_tokens": 0, "written_bytes": 0,
                        "written_s": 0.0, "read_bytes": 0, "read_s": 0.0,
                        # decode-only steps: how many, their time, and the context tokens their rows attended
-                       "decode_steps": 0, "decode_s": 0.0, "decode_context_tokens": 0}
-        self._decode_steps: dict[tuple[int, int], int] = {}  # decode-only steps in flight -> context tokens
+                       "decode_steps": 0, "decode_s": 0.0, "decode_rows": 0, "decode_context_tokens": 0}
+        self._decode_steps: dict[tuple[int, int], tuple[int, int]] = {}  # decode-only steps in flight: rows, context
         self._last_done_s = [0.0] * self.layout.dp  # when each replica last finished a step
         self._replies: dict[str, Outbox] = {}  # where stats go, by address
 
@@ -191,7 +191,7 @@ class Scheduler(Actor):
         self._next_step_ids[replica] = core.next_step_id
         for key in [key for key in self._timers if key[0] == replica or key[1] in request_ids]:
             self._timers.pop(key).cancel()
-        self._decode_steps = {key: tokens for key, tokens in self._decode_steps.items() if key[0] != replica}
+        self._decode_steps = {key: step for key, step in self._decode_steps.items() if key[0] != replica}
         self._last_done_s[replica] = 0.0
         self._reshards[replica].clear()
         for outbox in self.workers[replica]:
@@ -385,7 +385,7 @@ class Scheduler(Actor):
         core = self.cores[replica]
         num_decode_rows = sum(1 for row in plan.rows if row.num_new_tokens == 1 and row.start > 0)
         if num_decode_rows == len(plan.rows):
-            self._decode_steps[(replica, plan.step_id)] = sum(row.start + 1 for row in plan.rows)
+            self._decode_steps[(replica, plan.step_id)] = (len(plan.rows), sum(row.start + 1 for row in plan.rows))
         self.metrics.on_step(time.monotonic(), replica, num_decode_rows, core.host.used_fraction)
         self._arm((replica, plan.step_id), f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
                                            f"requests) did not finish within {self.step_timeout_s:.0f} s")
@@ -405,11 +405,12 @@ class Scheduler(Actor):
         """A decode-only step's time is the gap since its replica's step before it finished: with
         steps queued behind one another, that is what each one adds to the run."""
         now = time.monotonic()
-        context_tokens = self._decode_steps.pop((replica, step_id), None)
-        if context_tokens is not None and self._last_done_s[replica]:
+        decode = self._decode_steps.pop((replica, step_id), None)
+        if decode is not None and self._last_done_s[replica]:
             self.totals["decode_steps"] += 1
             self.totals["decode_s"] += now - self._last_done_s[replica]
-            self.totals["decode_context_tokens"] += context_tokens
+            self.totals["decode_rows"] += decode[0]
+            self.totals["decode_context_tokens"] += decode[1]
         self._last_done_s[replica] = now
 
     def _count_kv(self, direction: str, num_bytes: int, seconds: float) -> None:

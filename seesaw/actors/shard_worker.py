@@ -7,7 +7,8 @@ the Scheduler; SwappedOut, Prefetched to the KVTier.
 
 Forward passes and transitions run on one dedicated thread, in arrival order, so the inbox keeps
 draining while a step computes and a transition starts as soon as this worker's own last step of
-the old layout is done; KV copies run on a thread of their own.
+the old layout is done; KV copies run on a thread of their own, and so does the wait for each
+step's sampled tokens (the step thread starts the next step meanwhile; StepDone keeps step order).
 """
 
 from __future__ import annotations
