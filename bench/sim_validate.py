@@ -20,7 +20,7 @@ from seesaw.layout import Layout
 from seesaw.model.resolve import resolve_model
 from seesaw.sim.catalog import Catalog
 from seesaw.sim.cost import CostModel
-from seesaw.sim.measure import calibrate, run_engine
+from seesaw.sim.measure import calibrate, run_engine, step_overhead_ms
 from seesaw.sim.simulator import RunSpec, simulate
 from seesaw.sim.workload import fixed
 
@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-name", default="local-cpu", help="the name given to seesaw-cli calibrate")
     parser.add_argument("--host-buffer-gb", type=float, default=1.0)
     parser.add_argument("--simulate-only", action="store_true", help="print predictions without running the engine")
-    parser.add_argument("--calibrate", action="store_true", help="calibrate this machine first (it is often shared: "
-                        "measuring right before the runs keeps the profile close to the machine they meet)")
+    parser.add_argument("--calibrate", action="store_true", help="calibrate this machine right before each run (it is "
+                        "often shared: measuring just before a run keeps the profile close to the machine it meets)")
     parser.add_argument("--output-json", default=None)
     return parser.parse_args(argv)
 
@@ -51,22 +51,22 @@ def predict(cost_for, run: str, args: argparse.Namespace):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.calibrate:
-        profile = calibrate(args.profile_name, sorted({Layout.parse(r.split("-")[0]).world_size
-                                                       for r in args.runs.split(",") if r.strip()}))
-        path = default_cache_dir() / "profiles" / f"{args.profile_name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(profile, indent=2))
-    print(f"load average before the runs: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    catalog = Catalog(sorted((default_cache_dir() / "profiles").glob("*.json")))
     spec = resolve_model(args.model, default_cache_dir()).spec
+    profile_path = default_cache_dir() / "profiles" / f"{args.profile_name}.json"
+    overhead_ms = step_overhead_ms() if args.calibrate else None
 
     def cost_for(workers: int) -> CostModel:
+        catalog = Catalog(sorted((default_cache_dir() / "profiles").glob("*.json")))
         return CostModel(spec, catalog.node(f"{workers}x{args.profile_name}-w{workers}"))
 
     rows = []
-    print(f"{'run':<8} {'measured s':>10} {'predicted s':>11} {'error':>7} {'steps':>11} {'transitions':>11}")
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        if args.calibrate:
+            workers = Layout.parse(run.split("-")[0]).world_size
+            profile_path.parent.mkdir(parents=True, exist_ok=True)
+            profile_path.write_text(json.dumps(calibrate(args.profile_name, [workers], overhead_ms=overhead_ms), indent=2))
+        print(f"{'run':<8} {'measured s':>10} {'predicted s':>11} {'error':>7} {'steps':>11} {'transitions':>11}"
+              f"  (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())})", flush=True)
         predicted = predict(cost_for, run, args)
         measured = None
         if not args.simulate_only:
@@ -81,6 +81,7 @@ def main(argv=None) -> None:
               f"{real_transitions}/{len(predicted.transitions):>9}", flush=True)
         rows.append({"run": run, "measured_s": measured and measured["elapsed_s"], "predicted_s": predicted.elapsed_s,
                      "error": error, "measured_steps": measured and measured["steps"],
+                     "measured_phase_s": measured and measured["stats"].get("phase_seconds"),
                      "predicted": predicted.summary()})
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2))

@@ -94,3 +94,11 @@ def test_layout_larger_than_the_node_is_refused():
     cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4"))
     with pytest.raises(ValueError, match="needs 4 GPUs; the node has 2"):
         simulate(cost, RunSpec(Layout(tp=4)), fixed(1, 10, 10))
+
+
+def test_phase_seconds_add_up_to_the_run():
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4"))
+    result = simulate(cost, RunSpec(Layout(pp=2), Layout(tp=2), host_buffer_gb=1.0), fixed(100, 500, 50))
+    assert set(result.phase_s) == {"prefill", "decode"}
+    assert sum(result.phase_s.values()) == pytest.approx(result.elapsed_s)

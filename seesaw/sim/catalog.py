@@ -13,6 +13,7 @@ from seesaw.model.presets import PRESETS
 from seesaw.model.spec import ModelSpec
 
 GB = 1e9
+_MAY_BE_ZERO = {"latency_us", "copy_overlap"}
 _NODE_RE = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
 
 
@@ -36,6 +37,7 @@ class Gpu:
     activation_gb: float = 1.5  # device memory kept for activations and the attention workspace
     kv_cache_gb: float | None = None  # a fixed KV pool per worker (CPU workers); None: what is left
     token_budget: int = 8192  # tokens per step (chunked prefill)
+    copy_overlap: float = 1.0  # share of a KV copy hidden under compute (GPUs copy by DMA; CPU workers do not)
     source: str = ""
 
     @property
@@ -189,6 +191,8 @@ def _build(cls, name: str, entry: dict, where: str):
         raise ValueError(f"{where}: {error}") from None
     for field in fields(cls):
         value = getattr(built, field.name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0 and field.name != "latency_us":
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if value < 0 or (value == 0 and field.name not in _MAY_BE_ZERO):
             raise ValueError(f"{where}: {field.name} must be positive, got {value}")
     return built

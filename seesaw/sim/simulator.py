@@ -202,8 +202,8 @@ class Simulation:
                 replica.core.on_loaded(payload)
             self.host_peak = max(self.host_peak, replica.core.host.used_fraction)
             self._pump(replica_index)
-        for index, replica in enumerate(self.replicas):
-            self._close_phase(index, replica, self.finished_at)
+        for replica in self.replicas:
+            self._close_phase(replica, replica.core.phase, self.finished_at)
         return self._result()
 
     def _place(self, request: AddRequest) -> None:
@@ -283,12 +283,16 @@ class Simulation:
         replica = self.replicas[index]
         num_tokens = len(move.host_block_ids) * self.spec.block_size
         start = max(self.now, replica.link_free_at)
-        replica.link_free_at = start + self.cost.kv_copy_s(self.layouts[move.phase], num_tokens)
+        seconds = self.cost.kv_copy_s(self.layouts[move.phase], num_tokens)
+        replica.link_free_at = start + seconds
+        stolen = (1 - self.cost.gpu.copy_overlap) * seconds
+        if stolen:  # the copy takes its time from the workers' compute too
+            replica.free_at = [max(free_at, start) + stolen for free_at in replica.free_at]
         self._push(replica.link_free_at, "saved" if isinstance(move, ToHost) else "loaded", index, move.request_id)
 
     def _switch(self, index: int, old: Phase, new: Phase) -> None:
         replica = self.replicas[index]
-        self._close_phase(index, replica, self.now)
+        self._close_phase(replica, old, self.now)
         old_layout, new_layout = self.layouts[old], self.layouts[new]
         end = self.now
         if new_layout != old_layout:
@@ -302,9 +306,10 @@ class Simulation:
             replica.link_free_at = max(replica.link_free_at, end)  # the reload used the host links
         self.transitions.append(Transition(index, self.now, end, f"{old_layout}->{new_layout}", new.value))
 
-    def _close_phase(self, index: int, replica: _Replica, now: float) -> None:
-        phase = replica.core.phase.value
-        self.phase_s[phase] = self.phase_s.get(phase, 0.0) + (now - replica.phase_since) / len(self.replicas)
+    def _close_phase(self, replica: _Replica, phase: Phase, now: float) -> None:
+        """Add the seconds since the replica's last switch to `phase` (averaged over replicas)."""
+        seconds = (now - replica.phase_since) / len(self.replicas)
+        self.phase_s[phase.value] = self.phase_s.get(phase.value, 0.0) + seconds
         replica.phase_since = now
 
     def _result(self) -> SimResult:
