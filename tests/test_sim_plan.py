@@ -115,3 +115,12 @@ def test_plan_command_bad_input_is_one_line_and_exit_code_2():
     result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "8xB200"])
     assert result.exit_code == 2
     assert "unknown GPU 'B200'" in result.output
+
+
+def test_plan_draws_the_best_pairs_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "timeline.png"
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xA10", "--workload", "fixed:1000:100",
+                                      "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ from seesaw.model.presets import PRESETS
 from seesaw.model.spec import ModelSpec
 
 GB = 1e9
-_MAY_BE_ZERO = {"latency_us", "copy_overlap"}
+_MAY_BE_ZERO = {"latency_us", "copy_overlap", "row_overhead_us"}
 _NODE_RE = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
 
 
@@ -33,6 +33,7 @@ class Gpu:
     memory_efficiency: float = 0.8  # share of memory bandwidth weight and KV reads reach
     attention_efficiency: float = 0.4  # share of peak FLOPs attention reaches
     step_overhead_ms: float = 4.0  # per step and pipeline stage: scheduling, launches, sampling
+    row_overhead_us: float = 0.0  # per row of a step over the whole model: per-request kernels, sampling
     memory_fraction: float = 0.9  # share of device memory the engine may fill
     activation_gb: float = 1.5  # device memory kept for activations and the attention workspace
     kv_cache_gb: float | None = None  # a fixed KV pool per worker (CPU workers); None: what is left
@@ -112,6 +113,10 @@ class Catalog:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
         self._merge(data, str(path))
+
+    def add(self, data: dict, where: str) -> None:
+        """Merge profile entries given as a dict (as a profile file holds them)."""
+        self._merge(data, where)
 
     def _merge(self, data: dict, where: str) -> None:
         if not isinstance(data, dict):

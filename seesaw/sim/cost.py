@@ -127,6 +127,7 @@ class CostModel:
             "lm_head_s": 0.0,
             "logits_gather_s": 0.0,
             "overhead_s": gpu.step_overhead_ms / 1000,
+            "row_overhead_s": shape.num_rows * gpu.row_overhead_us * 1e-6 * layers / spec.num_layers,
         }
         if shard.is_last_stage and shape.num_sampled:
             head_params = shard.vocab.size * spec.hidden_size
@@ -142,7 +143,8 @@ class CostModel:
         terms = self.stage_terms(layout, stage, shape)
         return (max(terms["weight_read_s"], terms["linear_compute_s"])
                 + max(terms["attention_read_s"], terms["attention_compute_s"])
-                + terms["all_reduce_s"] + terms["lm_head_s"] + terms["logits_gather_s"] + terms["overhead_s"])
+                + terms["all_reduce_s"] + terms["lm_head_s"] + terms["logits_gather_s"] + terms["overhead_s"]
+                + terms["row_overhead_s"])
 
     def stage_times(self, layout: Layout, shape: StepShape) -> list[float]:
         """`stage_s` of every stage of the layout, computed once per layer and scaled by each
@@ -150,7 +152,8 @@ class CostModel:
         last = self.stage_terms(layout, layout.pp - 1, shape)
         layers = self.shard(layout, layout.pp - 1).layers.size
         per_layer = (max(last["weight_read_s"], last["linear_compute_s"])
-                     + max(last["attention_read_s"], last["attention_compute_s"]) + last["all_reduce_s"]) / layers
+                     + max(last["attention_read_s"], last["attention_compute_s"]) + last["all_reduce_s"]
+                     + last["row_overhead_s"]) / layers
         overhead = last["overhead_s"]
         times = [self.shard(layout, stage).layers.size * per_layer + overhead for stage in range(layout.pp - 1)]
         return [*times, per_layer * layers + overhead + last["lm_head_s"] + last["logits_gather_s"]]
