@@ -124,3 +124,16 @@ def test_plan_draws_the_best_pairs_timeline(tmp_path):
                                       "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
     assert result.exit_code == 0, result.output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_lines_are_measured_by_the_tokenizer_hook(tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text('{"prompt": "a b c", "max_tokens": 7}\n{"input_len": 4, "output_len": 2}\n')
+    seen = []
+
+    def tokenize(entry: dict, where: str) -> tuple[int, int]:
+        seen.append(where)
+        return len(entry["prompt"].split()), entry["max_tokens"]
+
+    assert from_jsonl(path, tokenize).lengths == ((3, 7), (4, 2))
+    assert seen == [f"{path}, line 1"]
