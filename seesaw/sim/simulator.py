@@ -231,7 +231,8 @@ class Simulation:
         heapq.heappush(self._events, (time, self._seq, kind, replica, payload))
 
     def _pump(self, index: int) -> None:
-        """Start steps while the replica has work and room in its pipeline (as the Scheduler actor)."""
+        """Start steps while the replica has work and room in its pipeline. This is the Scheduler
+        actor's `_pump` (seesaw/actors/scheduler.py) with modelled workers: keep the two in step."""
         replica = self.replicas[index]
         core = replica.core
         while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
