@@ -296,8 +296,9 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
         return simulate(CostModel(spec, catalog.node(f"1x{name}")), run, fixed(num_prompts, input_len, output_len))
 
     # The faster of two runs of each: a shared machine's stalls only ever make a run slower.
-    prefill = min((run_engine("default", "t1", 32, 256, 2, threads=threads) for _ in range(2)),
-                  key=lambda run: run["elapsed_s"])
+    prefills = [run_engine("default", "t1", 32, 256, 2, threads=threads) for _ in range(2)]
+    prefill = min(prefills, key=lambda run: run["elapsed_s"])
+    slowest = max(run["elapsed_s"] for run in prefills)
     model = predicted(entry, 32, 256, 2)
     overhead_s = model.num_steps * entry["step_overhead_ms"] / 1000
     scale = (model.elapsed_s - overhead_s) / max(1e-9, prefill["elapsed_s"] - overhead_s)
@@ -310,4 +311,7 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
     fitted["row_overhead_us"] = max(0.0, 1e6 * (decode["elapsed_s"] - model.elapsed_s) / rows)
     log(f"  fitted to the engine: prefill run {prefill['elapsed_s']:.1f} s (efficiencies x{scale:.2f}), "
         f"decode run {decode['elapsed_s']:.1f} s (per-row overhead {fitted['row_overhead_us']:.0f} us)")
+    if scale < 0.5 or slowest > 1.25 * prefill["elapsed_s"]:
+        log(f"  warning: the engine ran at {scale:.0%} of the measured rates, and its two prefill runs took "
+            f"{prefill['elapsed_s']:.1f} and {slowest:.1f} s: the machine was probably busy; calibrate again")
     return fitted
