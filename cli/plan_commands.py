@@ -58,7 +58,7 @@ def plan(
         _fail(str(error))
     cost = CostModel(spec, node)
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
-               f"({cost.model_bytes / 2 / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
+               f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
     typer.echo(f"workload: {requests.describe()}")
     ranked = planner.plan(cost, requests, options, jobs=jobs)
     _print_ranking(ranked, top)
@@ -69,7 +69,7 @@ def plan(
     winner = next((c for c in ranked if c.result is not None and not c.result.num_failed), None)
     if winner is None:
         _fail("no layout of this node can run this model and workload")
-    typer.echo(f"run the best:\n  {planner.batch_command(winner, model)}")
+    typer.echo(f"run the best:\n  {planner.batch_command(winner, model, node.gpu.device)}")
     if output_json is not None:
         rows = [{"run": c.name, "error": c.error, "host_buffer_gb": round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]

@@ -38,6 +38,7 @@ class Gpu:
     activation_gb: float = 1.5  # device memory kept for activations and the attention workspace
     kv_cache_gb: float | None = None  # a fixed KV pool per worker (CPU workers); None: what is left
     token_budget: int = 8192  # tokens per step (chunked prefill)
+    device: str = "cuda"  # what `seesaw-cli batch --device` runs it as
     copy_overlap: float = 1.0  # share of a KV copy hidden under compute (GPUs copy by DMA; CPU workers do not)
     source: str = ""
 

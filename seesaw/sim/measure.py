@@ -271,7 +271,7 @@ def calibrate(name: str, worker_counts: list[int], model: str = "dummy:tiny",
             "matmul_efficiency": min(1.0, rates["model_matmul_flops"] / peak),
             "memory_efficiency": min(1.0, rates["weight_stream_bandwidth"] / rates["copy_bandwidth"]),
             "attention_efficiency": min(1.0, rates["attention_flops"] / peak),
-            "step_overhead_ms": overhead_ms, "kv_cache_gb": 2.0, "token_budget": 512, "copy_overlap": 0.0,
+            "step_overhead_ms": overhead_ms, "kv_cache_gb": 2.0, "token_budget": 512, "copy_overlap": 0.0, "device": "cpu",
             "source": f"calibrated on this machine: {count} worker(s) of {threads} thread(s), float32",
         }
         gpus[f"{name}-w{count}"] = fit_to_engine(f"{name}-w{count}", entry, links, spec, threads, log)

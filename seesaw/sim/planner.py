@@ -104,7 +104,16 @@ def best(candidates_: list[Candidate], seesaw: bool) -> Candidate | None:
 
 
 def batch_command(candidate: Candidate, model: str, device: str = "cuda") -> str:
-    """The `seesaw-cli batch` line that runs a candidate."""
+    """The `seesaw-cli batch` line that runs a candidate (a model known only by its profile needs
+    the user's checkpoint; a preset runs with random weights)."""
+    from pathlib import Path
+
+    from seesaw.model.presets import PRESETS
+
+    if model.lower() in PRESETS:
+        model = f"dummy:{model.lower()}"
+    elif not model.startswith("dummy:") and not Path(model).exists():
+        model = f"YOUR_{model.upper().replace('-', '_')}_CHECKPOINT"
     spec = candidate.spec
     layout = (f"--prefill-layout {spec.layout} --decode-layout {spec.decode_layout}" if spec.is_seesaw
               else f"--layout {spec.layout}")
