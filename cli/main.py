@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .client_commands import register as register_client_commands
+from .plan_commands import register as register_plan_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seesaw: throughput-first LLM inference.")
 
@@ -313,6 +314,7 @@ def _fail(message: str) -> None:
 
 
 register_client_commands(app)
+register_plan_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,157 @@
+"""`seesaw-cli plan` and `calibrate`: predict which layouts to run on a node with the simulator,
+and measure this machine into a profile the simulator reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ProfilesOption = Annotated[Optional[list[Path]], typer.Option(
+    "--profiles", help="extra profile files (JSON with gpus, links or models); calibrated ones are read too")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands to `app` (once: a second call changes nothing)."""
+    if any((command.name or command.callback.__name__) == "plan" for command in app.registered_commands):
+        return
+    for command in (plan, calibrate):
+        app.command()(command)
+
+
+def plan(
+    model: Annotated[str, typer.Option("--model", "-m", help="a model profile (llama2-70b, codellama-34b, llama3-15b, a dummy preset) or a folder with config.json")],
+    gpus: Annotated[str, typer.Option(help="the node: COUNTxGPU, e.g. 8xL4, 4xA10, 8xH100-SXM")],
+    workload: Annotated[str, typer.Option(help="arxiv, sharegpt, fixed:IN:OUT, or a JSONL file of lengths or batch lines")] = "sharegpt",
+    interconnect: Annotated[Optional[str], typer.Option(help="pcie4x8, pcie4x16, pcie5x16, nvlink (default: the GPU's usual one)")] = None,
+    host_memory_gb: Annotated[Optional[float], typer.Option(help="the node's host memory in GiB (default: the GPU profile's per-GPU figure times the count)")] = None,
+    num_requests: Annotated[int, typer.Option(help="requests drawn from a built-in workload")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed for the built-in workloads")] = 0,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="token budget of one step (default: the GPU profile's)")] = None,
+    max_num_seqs: Annotated[int, typer.Option(help="most requests running at once")] = 256,
+    host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: what host memory leaves)")] = None,
+    profiles: ProfilesOption = None,
+    jobs: Annotated[int, typer.Option(help="simulations run at once (processes)")] = max(1, os.cpu_count() or 1),
+    top: Annotated[int, typer.Option(help="rows of the ranking to print (0: all)")] = 0,
+    output_json: Annotated[Optional[Path], typer.Option(help="write the ranking as JSON")] = None,
+    timeline: Annotated[Optional[Path], typer.Option(help="draw the simulated run of the best pair into this PNG (needs matplotlib)")] = None,
+) -> None:
+    """Rank every static layout and every prefill->decode pair of a node by simulated throughput."""
+    from seesaw.sim import planner
+    from seesaw.sim.cost import CostModel
+
+    try:
+        catalog = _catalog(profiles)
+        node = catalog.node(gpus, interconnect, host_memory_gb)
+        spec = catalog.model(model)
+        requests = _workload(workload, num_requests, seed, spec.max_position)
+        if timeline is not None:
+            from seesaw.frontend.report import check_timeline_support
+
+            check_timeline_support()
+        options = planner.PlanOptions(token_budget=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                      host_buffer_gb=host_buffer_gb)
+    except ValueError as error:
+        _fail(str(error))
+    cost = CostModel(spec, node)
+    typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
+               f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
+    typer.echo(f"workload: {requests.describe()}")
+    ranked = planner.plan(cost, requests, options, jobs=jobs)
+    _print_ranking(ranked, top)
+    static, pair = planner.best(ranked, False), planner.best(ranked, True)
+    if static is not None and pair is not None:
+        typer.echo(f"\nbest static: {static.name} ({static.throughput:.0f} tokens/s); best pair: {pair.name} "
+                   f"({pair.throughput:.0f} tokens/s), {pair.throughput / static.throughput:.2f}x")
+    winner = next((c for c in ranked if c.result is not None and not c.result.num_failed), None)
+    if winner is None:
+        _fail("no layout of this node can run this model and workload")
+    typer.echo(f"run the best:\n  {planner.batch_command(winner, model, node.gpu.device)}")
+    if output_json is not None:
+        rows = [{"run": c.name, "error": c.error, "host_buffer_gb": round(c.spec.host_buffer_gb, 1),
+                 **(c.result.summary() if c.result else {})} for c in ranked]
+        output_json.write_text(json.dumps({"node": str(node), "model": model, "workload": requests.describe(),
+                                           "ranking": rows}, indent=2))
+    if timeline is not None and pair is not None:
+        from seesaw.frontend.report import draw_timeline
+
+        draw_timeline(timeline, pair.result.metrics())
+        typer.echo(f"timeline of {pair.name}: {timeline}")
+
+
+def _print_ranking(ranked, top: int) -> None:
+    from seesaw.sim.planner import best
+
+    static = best(ranked, False)
+    base = static.throughput if static else 0.0
+    typer.echo(f"{'rank':>4}  {'run':<12} {'time s':>9} {'tokens/s':>9} {'output/s':>9} {'vs static':>9} "
+               f"{'switches':>8} {'reload s':>8} {'host peak':>9}")
+    runnable = [c for c in ranked if c.result is not None]
+    for rank, candidate in enumerate(runnable[: top or None], 1):
+        r = candidate.result
+        ratio = f"{candidate.throughput / base:.2f}x" if base else "-"
+        failed = f"  ({r.num_failed} requests cannot fit)" if r.num_failed else ""
+        typer.echo(f"{rank:>4}  {candidate.name:<12} {r.elapsed_s:>9.1f} {r.total_tokens_per_s:>9.0f} "
+                   f"{r.output_tokens_per_s:>9.0f} {ratio:>9} {len(r.transitions):>8} {r.reload_s:>8.2f} "
+                   f"{100 * r.host_peak_fraction:>8.0f}%{failed}")
+    for candidate in ranked:
+        if candidate.error:
+            typer.echo(f"cannot run {candidate.name}: {candidate.error}")
+
+
+def calibrate(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="profile file to write (default: ~/.cache/seesaw/profiles/NAME.json)")] = None,
+    name: Annotated[str, typer.Option(help="name of the device and link profiles written")] = "local-cpu",
+    workers: Annotated[str, typer.Option(help="worker counts to profile, comma-separated (each worker gets cores / count threads)")] = "1,2",
+    model: Annotated[str, typer.Option("--model", "-m", help="the model whose engine steps time the per-step overhead")] = "dummy:tiny",
+) -> None:
+    """Measure this machine (matmul and copy rates, all-reduce and send/recv over gloo, the engine's
+    step overhead) and write a profile `plan` and the simulator read."""
+    from seesaw.config import default_cache_dir
+    from seesaw.sim.measure import calibrate as measure
+
+    try:
+        counts = [int(part) for part in workers.split(",")]
+    except ValueError:
+        _fail(f"--workers {workers!r}: give worker counts such as 1,2")
+    path = output or default_cache_dir() / "profiles" / f"{name}.json"
+    profile = measure(name, counts, model, log=lambda line: typer.echo(line, err=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile, indent=2))
+    typer.echo(f"wrote {path}: devices {', '.join(profile['gpus'])}; links {', '.join(profile['links'])}")
+
+
+def _catalog(profiles: list[Path] | None):
+    from seesaw.config import default_cache_dir
+    from seesaw.sim.catalog import Catalog
+
+    calibrated = sorted((default_cache_dir() / "profiles").glob("*.json"))
+    return Catalog([*calibrated, *(profiles or [])])
+
+
+def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
+    from seesaw.sim import workload
+
+    if num_requests < 1:
+        raise ValueError(f"--num-requests must be positive, got {num_requests}")
+    return workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len))
+
+
+def _batch_lengths(max_model_len: int):
+    """Lengths of a batch-file line, by tokenizing its prompt with the default model's tokenizer."""
+    state: dict = {}
+
+    def lengths(entry: dict, where: str) -> tuple[int, int]:
+        from seesaw.sim.batch_lengths import batch_line_lengths
+
+        return batch_line_lengths(entry, where, state, max_model_len)
+
+    return lengths
+
+
+def _fail(message: str):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)

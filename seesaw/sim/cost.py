@@ -1,0 +1,202 @@
+"""The cost model: how long one pipeline stage of a step takes, and how long KV copies and weight
+reloads take, from a model's shape and a node's profile (pure). Every term has a name, so a
+prediction can be read back term by term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from seesaw.layout import Layout, Shard, shard_for, validate
+from seesaw.model.spec import ModelSpec
+from seesaw.sim.catalog import GB, Node
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step asks of the model, summed over its rows."""
+
+    num_tokens: int  # new tokens (prompt chunks and decode tokens)
+    num_rows: int
+    num_sampled: int  # rows whose last token is sampled
+    context_tokens: int  # tokens each row attends to, summed (KV read once per row)
+    attention_pairs: int  # query-key pairs, summed (causal within a chunk)
+
+
+def step_shape(chunks: list[tuple[int, int, bool]]) -> StepShape:
+    """The shape of a step from its rows as (start, new tokens, is sampled)."""
+    num_tokens = context = pairs = sampled = 0
+    for start, new, is_sampled in chunks:
+        num_tokens += new
+        context += start + new
+        pairs += new * start + new * (new + 1) // 2
+        sampled += is_sampled
+    return StepShape(num_tokens, len(chunks), sampled, context, pairs)
+
+
+class CostModel:
+    """Seconds for the work of one model under its layouts on one node."""
+
+    def __init__(self, spec: ModelSpec, node: Node):
+        self.spec = spec
+        self.node = node
+        self.gpu = node.gpu
+        self.dtype_bytes = node.gpu.dtype_bytes
+        self._shards: dict[tuple[Layout, int], Shard] = {}
+
+    # ------------------------------------------------------------ shapes and bytes
+
+    def shard(self, layout: Layout, stage: int) -> Shard:
+        """The largest shard of a pipeline stage (tp rank 0 gets any extra heads and columns)."""
+        key = (layout, stage)
+        shard = self._shards.get(key)
+        if shard is None:
+            validate(layout, self.spec.shape)
+            shard = self._shards[key] = shard_for(layout, self.spec.shape, layout.rank_of(0, stage, 0))
+        return shard
+
+    def layer_params(self, shard: Shard) -> int:
+        """Parameters of one decoder layer's slice: q, k, v, o and the gated MLP."""
+        hidden, head_dim = self.spec.hidden_size, self.spec.head_dim
+        attention = hidden * head_dim * (2 * shard.heads.size + 2 * shard.kv_heads.size)
+        return attention + 3 * hidden * shard.ffn.size
+
+    def shard_bytes(self, layout: Layout, stage: int) -> int:
+        """Weight bytes one worker of a stage holds: its layers, plus the embedding on the first
+        stage and the LM head on the last (both split by vocabulary rows)."""
+        shard = self.shard(layout, stage)
+        params = shard.layers.size * self.layer_params(shard)
+        vocab_rows = shard.vocab.size * self.spec.hidden_size
+        params += vocab_rows * (shard.is_first_stage + (shard.is_last_stage and not self.spec.tie_word_embeddings))
+        return params * self.dtype_bytes
+
+    @cached_property
+    def model_bytes(self) -> int:
+        return self.shard_bytes(Layout(), 0)
+
+    @cached_property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token across the whole model."""
+        return self.spec.num_layers * 2 * self.spec.num_kv_heads * self.spec.head_dim * self.dtype_bytes
+
+    def block_bytes(self, layout: Layout, block_size: int) -> int:
+        """Bytes of one device KV block on the largest worker of a layout."""
+        shard = self.shard(layout, 0)
+        return shard.layers.size * 2 * shard.kv_heads.size * block_size * self.spec.head_dim * self.dtype_bytes
+
+    def kv_share(self, layout: Layout) -> float:
+        """The largest share of a request's KV that one worker of the layout holds."""
+        shard = self.shard(layout, 0)
+        return shard.layers.size * shard.kv_heads.size / (self.spec.num_layers * self.spec.num_kv_heads)
+
+    def device_blocks(self, layouts: list[Layout], block_size: int) -> int:
+        """KV blocks per replica: the memory left on the fullest worker after the largest shard
+        of any of the run's layouts, cut into pages of the largest block (as the engine does)."""
+        page = max(self.block_bytes(layout, block_size) for layout in layouts)
+        if self.gpu.kv_cache_gb is not None:
+            return int(self.gpu.kv_cache_gb * GIB) // page
+        arena = max(self.shard_bytes(layout, stage) for layout in layouts for stage in range(layout.pp))
+        free = self.gpu.memory_gb * GIB * self.gpu.memory_fraction - arena - self.gpu.activation_gb * GIB
+        if free < page:
+            names = " and ".join(str(layout) for layout in layouts)
+            raise ValueError(f"{names}: a worker holds {arena / GIB:.1f} GiB of weights, leaving no room for KV "
+                             f"on a {self.gpu.memory_gb:g} GB {self.gpu.name}")
+        return int(free) // page
+
+    # ------------------------------------------------------------ one step
+
+    def stage_terms(self, layout: Layout, stage: int, shape: StepShape) -> dict[str, float]:
+        """Seconds of each term of one pipeline stage's part of a step, on its slowest worker."""
+        spec, gpu = self.spec, self.gpu
+        shard = self.shard(layout, stage)
+        layers = shard.layers.size
+        peak = gpu.peak_tflops * 1e12
+        params = self.layer_params(shard)
+        head_dim = spec.head_dim
+        activation_bytes = shape.num_tokens * spec.hidden_size * self.dtype_bytes
+        terms = {
+            "weight_read_s": layers * params * self.dtype_bytes / gpu.memory_bandwidth,
+            "linear_compute_s": layers * 2 * params * shape.num_tokens / (peak * gpu.matmul_efficiency),
+            "attention_read_s": layers * shape.context_tokens * 2 * shard.kv_heads.size * head_dim
+            * self.dtype_bytes / gpu.memory_bandwidth,
+            "attention_compute_s": layers * 4 * shard.heads.size * head_dim * shape.attention_pairs
+            / (peak * gpu.attention_efficiency),
+            "all_reduce_s": layers * 2 * self.all_reduce_s(activation_bytes, layout.tp),
+            "lm_head_s": 0.0,
+            "logits_gather_s": 0.0,
+            "overhead_s": gpu.step_overhead_ms / 1000,
+            "row_overhead_s": shape.num_rows * gpu.row_overhead_us * 1e-6 * layers / spec.num_layers,
+        }
+        if shard.is_last_stage and shape.num_sampled:
+            head_params = shard.vocab.size * spec.hidden_size
+            terms["lm_head_s"] = max(head_params * self.dtype_bytes / gpu.memory_bandwidth,
+                                     2 * head_params * shape.num_sampled / (peak * gpu.matmul_efficiency))
+            logits_bytes = shape.num_sampled * shard.vocab_rows_padded * layout.tp * 4  # float32 logits
+            terms["logits_gather_s"] = self.all_gather_s(logits_bytes, layout.tp)
+        return terms
+
+    def stage_s(self, layout: Layout, stage: int, shape: StepShape) -> float:
+        """One stage's time: reading weights and multiplying overlap (the slower one counts), as do
+        reading KV and attention arithmetic; communication and overhead add."""
+        terms = self.stage_terms(layout, stage, shape)
+        return (max(terms["weight_read_s"], terms["linear_compute_s"])
+                + max(terms["attention_read_s"], terms["attention_compute_s"])
+                + terms["all_reduce_s"] + terms["lm_head_s"] + terms["logits_gather_s"] + terms["overhead_s"]
+                + terms["row_overhead_s"])
+
+    def stage_times(self, layout: Layout, shape: StepShape) -> list[float]:
+        """`stage_s` of every stage of the layout, computed once per layer and scaled by each
+        stage's layer count (the simulator's hot path; equal to calling stage_s per stage)."""
+        last = self.stage_terms(layout, layout.pp - 1, shape)
+        layers = self.shard(layout, layout.pp - 1).layers.size
+        per_layer = (max(last["weight_read_s"], last["linear_compute_s"])
+                     + max(last["attention_read_s"], last["attention_compute_s"]) + last["all_reduce_s"]
+                     + last["row_overhead_s"]) / layers
+        overhead = last["overhead_s"]
+        times = [self.shard(layout, stage).layers.size * per_layer + overhead for stage in range(layout.pp - 1)]
+        return [*times, per_layer * layers + overhead + last["lm_head_s"] + last["logits_gather_s"]]
+
+    def send_s(self, shape: StepShape) -> float:
+        """Handing a step's activations to the next pipeline stage."""
+        link = self.node.interconnect
+        return shape.num_tokens * self.spec.hidden_size * self.dtype_bytes / link.copy_bandwidth + link.latency_s
+
+    def all_reduce_s(self, num_bytes: int, group_size: int) -> float:
+        """A ring all-reduce: each device sends and receives 2(n-1)/n of the bytes, in 2(n-1) hops."""
+        if group_size == 1:
+            return 0.0
+        link = self.node.interconnect
+        moved = 2 * (group_size - 1) / group_size * num_bytes
+        return moved / link.all_reduce_bandwidth(group_size) + 2 * (group_size - 1) * link.latency_s
+
+    def all_gather_s(self, num_bytes: int, group_size: int) -> float:
+        """A ring all-gather of `num_bytes` in all: (n-1)/n of them reach each device."""
+        if group_size == 1:
+            return 0.0
+        link = self.node.interconnect
+        moved = (group_size - 1) / group_size * num_bytes
+        return moved / link.all_reduce_bandwidth(group_size) + (group_size - 1) * link.latency_s
+
+    # ------------------------------------------------------------ host memory traffic
+
+    def kv_copy_s(self, layout: Layout, num_tokens: int) -> float:
+        """Copying a request's KV between its device blocks and the host buffer: every worker of the
+        replica moves its own share over its own host link at the same time."""
+        num_bytes = num_tokens * self.kv_bytes_per_token * self.kv_share(layout)
+        return num_bytes / self.node.host_link.copy_bandwidth + self.node.host_link.latency_s
+
+    def reload_s(self, layout: Layout, stage: int) -> float:
+        """A worker of `stage` loading its shard of `layout` from the host weight store."""
+        return self.shard_bytes(layout, stage) / self.node.host_link.copy_bandwidth
+
+
+def host_buffer_gb(cost: CostModel, reshards: bool, reserve: float = 0.2) -> float:
+    """Host memory left for the KV buffer: the node's, less a reserve for the processes, less the
+    weight store when phases change layouts."""
+    total = cost.node.host_memory_gb * (1 - reserve)
+    return max(0.0, total - (cost.model_bytes / GIB if reshards else 0.0))
+
+
+__all__ = ["CostModel", "StepShape", "step_shape", "host_buffer_gb", "GB", "GIB"]

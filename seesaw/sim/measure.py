@@ -1,0 +1,317 @@
+"""Calibration: measure this machine with torch, the real gloo communicators and the real engine,
+and fit the profile entries the simulator reads (the one module of `seesaw.sim` that runs torch).
+
+A CPU "device" here is one worker's share of the cores (cores / workers threads), so a profile is
+written per worker count: `NAME-w1`, `NAME-w2`, ... each with its own link entry for the gloo
+all-reduce and send/recv figures of that many workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+GB = 1e9
+
+
+def _best_s(run: Callable[[], object], repeats: int = 5, min_s: float = 0.05) -> float:
+    """The fastest of `repeats` timings of `run`, each repeated until it lasts `min_s`."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        count, started = 0, time.perf_counter()
+        while True:
+            run()
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_s:
+                break
+        best = min(best, elapsed / count)
+    return best
+
+
+def _collective_s(run: Callable[[], object], count: int, repeats: int = 3) -> float:
+    """The fastest of `repeats` timings of `count` calls of a collective, per call: every rank
+    makes the same number of calls (a time-based count would differ between ranks and hang)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(count):
+            run()
+        best = min(best, (time.perf_counter() - started) / count)
+    return best
+
+
+def compute_rates(threads: int, hidden: int, intermediate: int, token_budget: int) -> dict[str, float]:
+    """Matmul and memory rates with `threads` threads, at the shapes a model of this size runs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    big = torch.randn(1536, 1536)
+    peak = 2 * 1536**3 / _best_s(lambda: big @ big)
+    rates = []
+    weight = torch.randn(intermediate, hidden)
+    for rows in (64, token_budget // 2, token_budget):
+        x = torch.randn(rows, hidden)
+        rates.append(2 * rows * hidden * intermediate / _best_s(lambda x=x: x @ weight.T))
+    source = torch.empty(64 << 20, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    copy_bandwidth = 2 * source.numel() / _best_s(lambda: target.copy_(source))  # read and write
+    cold_copy = _cold_copy_bandwidth(source)
+    vector = torch.randn(1, hidden)
+    stream = weight.numel() * 4 / _best_s(lambda: vector @ weight.T)  # a decode-shaped matmul reads the weight once
+    heads, head_dim, tokens = max(1, hidden // 64), 64, min(token_budget, 512)
+    q = torch.randn(1, heads, tokens, head_dim)
+    attention = 2 * heads * head_dim * tokens * tokens / _best_s(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+    return {"peak_flops": peak, "model_matmul_flops": statistics.mean(rates), "copy_bandwidth": copy_bandwidth,
+            "cold_copy_bandwidth": cold_copy,
+            "weight_stream_bandwidth": stream, "attention_flops": attention}
+
+
+def _cold_copy_bandwidth(source) -> float:
+    """Bytes per second copied into shared memory never touched before, as KV first lands in the
+    host buffer (each page faults in on its first write); the best of three fresh segments."""
+    from multiprocessing import shared_memory
+
+    import numpy as np
+
+    best = float("inf")
+    for _ in range(3):
+        segment = shared_memory.SharedMemory(create=True, size=source.numel())
+        try:
+            target = np.ndarray((source.numel(),), dtype=np.uint8, buffer=segment.buf)
+            started = time.perf_counter()
+            np.copyto(target, source.numpy())
+            best = min(best, time.perf_counter() - started)
+            del target
+        finally:
+            segment.close()
+            segment.unlink()
+    return source.numel() / best
+
+
+def _rates_worker(threads: int, hidden: int, intermediate: int, token_budget: int, start, results) -> None:
+    import torch  # noqa: F401  (imported before the barrier, so every process starts measuring together)
+
+    start.wait()
+    results.put(compute_rates(threads, hidden, intermediate, token_budget))
+
+
+def concurrent_rates(count: int, threads: int, hidden: int, intermediate: int, token_budget: int) -> dict[str, float]:
+    """`compute_rates` measured in `count` processes at once, as that many workers run: each
+    one's rates while the others compete for the same cores and memory (the mean over them)."""
+    context = multiprocessing.get_context("spawn")
+    results, start = context.Queue(), context.Barrier(count)
+    processes = [context.Process(target=_rates_worker, args=(threads, hidden, intermediate, token_budget, start, results))
+                 for _ in range(count)]
+    for process in processes:
+        process.start()
+    try:
+        measured = [results.get(timeout=600) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+    return {key: statistics.mean(rates[key] for rates in measured) for key in measured[0]}
+
+
+def _communicator_worker(rank: int, size: int, address: str, threads: int, results) -> None:
+    import torch
+
+    from seesaw.messages import GroupSpec
+    from seesaw.transport.collective import gloo_groups, leave_groups
+
+    torch.set_num_threads(threads)
+    ranks = list(range(size))
+    communicators = gloo_groups(address, rank, size, [GroupSpec(f"ranks:{','.join(map(str, ranks))}", ranks)], 60)
+    communicator = next(iter(communicators.values()))
+    timings = {}
+    for num_bytes, count in ((4096, 200), (1 << 20, 20), (16 << 20, 4)):
+        tensor = torch.ones(num_bytes // 4)
+        communicator.barrier()
+        timings[f"all_reduce_{num_bytes}"] = _collective_s(lambda t=tensor: communicator.all_reduce(t), count)
+    tensor = torch.ones(4 << 20)
+    communicator.barrier()
+
+    def exchange():
+        if rank == 0:
+            communicator.send(tensor, 1)
+            communicator.recv(tensor, 1)
+        elif rank == 1:
+            communicator.recv(tensor, 0)
+            communicator.send(tensor, 0)
+
+    timings["round_trip_16MiB"] = _collective_s(exchange, 4)
+    if rank == 0:
+        results.put(timings)
+    communicator.barrier()
+    leave_groups(communicators)
+
+
+def communicator_rates(size: int, threads: int) -> dict[str, float]:
+    """Ring all-reduce bus bandwidth, per-hop latency and send/recv bandwidth over `size` gloo ranks."""
+    from seesaw.transport.collective import free_tcp_address
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    address = free_tcp_address()
+    processes = [context.Process(target=_communicator_worker, args=(rank, size, address, threads, results))
+                 for rank in range(size)]
+    for process in processes:
+        process.start()
+    try:
+        timings = results.get(timeout=300)
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+    hops = 2 * (size - 1)
+    latency_s = timings["all_reduce_4096"] / hops
+    big = 16 << 20
+    bus_bandwidth = hops / size * big / max(1e-9, timings[f"all_reduce_{big}"] - hops * latency_s)
+    send_bandwidth = 2 * (16 << 20) / timings["round_trip_16MiB"]
+    return {"latency_s": latency_s, "all_reduce_bus_bandwidth": bus_bandwidth, "send_bandwidth": send_bandwidth}
+
+
+def run_engine(model: str, layout: str, num_prompts: int, input_len: int, output_len: int,
+               decode_layout: str | None = None, threads: int | None = None, token_budget: int = 512,
+               host_buffer_gb: float = 1.0, kv_cache_gb: float | None = None) -> dict:
+    """One real engine run of fixed-length random prompts (greedy, EOS ignored): seconds from the
+    first request to the last result, steps, and the engine's stats."""
+    from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, default_cache_dir
+    from seesaw.engine import Engine
+    from seesaw.frontend.local import LocalClient
+    from seesaw.layout import Layout
+    from seesaw.model.resolve import resolve_model
+    from seesaw.sampling import SamplingParams
+
+    config = EngineConfig(
+        model=ModelConfig(model=model),
+        cache=CacheConfig(host_buffer_gb=host_buffer_gb, kv_cache_gb=kv_cache_gb),
+        parallel=ParallelConfig(layout=Layout.parse(layout),
+                                decode_layout=Layout.parse(decode_layout) if decode_layout else None,
+                                threads_per_worker=threads),
+        scheduler=SchedulerConfig(max_num_batched_tokens=token_budget),
+        cache_dir=default_cache_dir(),
+    )
+    resolved = resolve_model(model, config.cache_dir)
+    vocab = resolved.spec.vocab_size
+    low = min(1000, vocab // 2)  # above the ids tokenizers keep for special tokens
+    prompts = [[low + (7919 * i + 104729 * j) % (vocab - low) for j in range(input_len)] for i in range(num_prompts)]
+    sampling = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+
+    async def main() -> dict:
+        async with Engine(config, resolved) as engine, LocalClient(engine, "calibrate") as client:
+            # A short warm-up: first touches of the KV pool and first calls of each kernel are slow.
+            warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            await asyncio.gather(*(client.submit(warm, prompt_token_ids=p[:input_len]) for p in prompts[:4]))
+            before = (await engine.query_stats())["totals"].get("steps", 0)
+            started = time.perf_counter()
+            results = await asyncio.gather(*(client.submit(sampling, prompt_token_ids=p) for p in prompts))
+            elapsed = time.perf_counter() - started
+            errors = [r.error for r in results if r.error]
+            if errors:
+                raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+            stats = await engine.query_stats()
+            return {"elapsed_s": elapsed, "steps": stats["totals"].get("steps", 0) - before, "stats": stats}
+
+    return asyncio.run(main())
+
+
+def step_overhead_ms(model: str = "dummy:tiny", log: Callable[[str], None] = print) -> float:
+    """The engine's own time per step: steps of a model this small cost little else. The least of
+    three runs, since a shared machine sometimes stalls one."""
+    runs = [run_engine(model, "t1", 32, 8, 48, token_budget=512) for _ in range(3)]
+    overhead = min(1000 * run["elapsed_s"] / max(1, run["steps"]) for run in runs)
+    log(f"engine step overhead ({model}, t1): {overhead:.2f} ms (least of 3 runs of {runs[0]['steps']} steps)")
+    return overhead
+
+
+def calibrate(name: str, worker_counts: list[int], model: str = "dummy:tiny",
+              log: Callable[[str], None] = print, shape_model: str = "default",
+              overhead_ms: float | None = None) -> dict:
+    """Measure this machine and return a profile file's content: one device and one link entry
+    per worker count (`overhead_ms` given: the step overhead is not measured again)."""
+    from seesaw.config import default_cache_dir
+    from seesaw.model.resolve import resolve_model
+
+    cores = os.cpu_count() or 1
+    spec = resolve_model(shape_model, default_cache_dir()).spec
+    overhead_ms = step_overhead_ms(model, log) if overhead_ms is None else overhead_ms
+    gpus, links = {}, {}
+    for count in worker_counts:
+        threads = max(1, cores // count)
+        rates = concurrent_rates(count, threads, spec.hidden_size, spec.intermediate_size, 512)
+        log(f"{count} worker(s), {threads} thread(s) each: peak {rates['peak_flops'] / 1e9:.0f} GFLOP/s, "
+            f"model-shaped {rates['model_matmul_flops'] / 1e9:.0f} GFLOP/s, copy {rates['copy_bandwidth'] / GB:.1f} GB/s")
+        link_name = f"{name}-gloo-w{count}"
+        link = {"bandwidth_gbs": rates["copy_bandwidth"] / GB, "efficiency": 1.0, "latency_us": 0.0,
+                "source": f"calibrated: shared-memory copies with {threads} thread(s)"}
+        if count > 1:
+            comm = communicator_rates(count, threads)
+            log(f"  gloo over {count} ranks: all-reduce bus {comm['all_reduce_bus_bandwidth'] / GB:.2f} GB/s, "
+                f"latency {1e6 * comm['latency_s']:.0f} us per hop, send/recv {comm['send_bandwidth'] / GB:.2f} GB/s")
+            link = {"bandwidth_gbs": comm["send_bandwidth"] / GB, "efficiency": 1.0,
+                    "latency_us": 1e6 * comm["latency_s"],
+                    "all_reduce_gbs": {str(count): comm["all_reduce_bus_bandwidth"] / GB},
+                    "source": f"calibrated: gloo over {count} local ranks, {threads} thread(s) each"}
+        links[link_name] = link
+        links[f"{name}-host-w{count}"] = {"bandwidth_gbs": rates["cold_copy_bandwidth"] / GB, "efficiency": 1.0,
+                                          "latency_us": 0.0,
+                                          "source": "calibrated: copies into fresh shared memory (pages fault in)"}
+        peak = rates["peak_flops"]
+        entry = {
+            "memory_gb": 16, "memory_bandwidth_gbs": rates["copy_bandwidth"] / GB, "peak_tflops": peak / 1e12,
+            "interconnect": link_name, "host_link": f"{name}-host-w{count}", "host_memory_gb": 4, "dtype_bytes": 4,
+            "matmul_efficiency": min(1.0, rates["model_matmul_flops"] / peak),
+            "memory_efficiency": min(1.0, rates["weight_stream_bandwidth"] / rates["copy_bandwidth"]),
+            "attention_efficiency": min(1.0, rates["attention_flops"] / peak),
+            "step_overhead_ms": overhead_ms, "kv_cache_gb": 2.0, "token_budget": 512, "copy_overlap": 0.0, "device": "cpu",
+            "source": f"calibrated on this machine: {count} worker(s) of {threads} thread(s), float32",
+        }
+        gpus[f"{name}-w{count}"] = fit_to_engine(f"{name}-w{count}", entry, links, spec, threads, log)
+    return {"about": f"written by seesaw-cli calibrate on a machine with {cores} cores", "gpus": gpus, "links": links}
+
+
+def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: Callable[[str], None]) -> dict:
+    """Fit a device entry to the real engine: scale its efficiencies so that a simulated
+    prefill-heavy run of one worker takes as long as the engine's, then give the time a
+    decode-heavy run still lacks to a per-row overhead. (Validation runs use other shapes.)"""
+    from seesaw.config import SchedulerConfig
+    from seesaw.layout import Layout
+    from seesaw.sim.catalog import Catalog
+    from seesaw.sim.cost import CostModel
+    from seesaw.sim.simulator import RunSpec, simulate
+    from seesaw.sim.workload import fixed
+
+    def predicted(entry: dict, num_prompts: int, input_len: int, output_len: int):
+        catalog = Catalog()
+        catalog.add({"gpus": {name: entry}, "links": links}, "calibration")
+        run = RunSpec(Layout(), host_buffer_gb=1.0, scheduler=SchedulerConfig(max_num_batched_tokens=512))
+        return simulate(CostModel(spec, catalog.node(f"1x{name}")), run, fixed(num_prompts, input_len, output_len))
+
+    # The faster of two runs of each: a shared machine's stalls only ever make a run slower.
+    prefills = [run_engine("default", "t1", 32, 256, 2, threads=threads) for _ in range(2)]
+    prefill = min(prefills, key=lambda run: run["elapsed_s"])
+    slowest = max(run["elapsed_s"] for run in prefills)
+    model = predicted(entry, 32, 256, 2)
+    overhead_s = model.num_steps * entry["step_overhead_ms"] / 1000
+    scale = (model.elapsed_s - overhead_s) / max(1e-9, prefill["elapsed_s"] - overhead_s)
+    fitted = {**entry, **{key: entry[key] * scale for key in
+                          ("matmul_efficiency", "memory_efficiency", "attention_efficiency")}}
+    decode = min((run_engine("default", "t1", 32, 16, 64, threads=threads) for _ in range(2)),
+                 key=lambda run: run["elapsed_s"])
+    model = predicted(fitted, 32, 16, 64)
+    rows = 32 * 65  # every output token is a row, and each prompt is one more
+    fitted["row_overhead_us"] = max(0.0, 1e6 * (decode["elapsed_s"] - model.elapsed_s) / rows)
+    log(f"  fitted to the engine: prefill run {prefill['elapsed_s']:.1f} s (efficiencies x{scale:.2f}), "
+        f"decode run {decode['elapsed_s']:.1f} s (per-row overhead {fitted['row_overhead_us']:.0f} us)")
+    if scale < 0.5 or slowest > 1.25 * prefill["elapsed_s"]:
+        log(f"  warning: the engine ran at {scale:.0%} of the measured rates, and its two prefill runs took "
+            f"{prefill['elapsed_s']:.1f} and {slowest:.1f} s: the machine was probably busy; calibrate again")
+    return fitted

@@ -1,0 +1,122 @@
+"""The planner: simulate every static layout and every prefill -> decode pair a node can run, and
+rank them by predicted throughput (pure; runs simulations in worker processes when asked)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+
+from seesaw.config import SchedulerConfig
+from seesaw.layout import Layout, validate
+from seesaw.sim.cost import CostModel, host_buffer_gb
+from seesaw.sim.simulator import RunSpec, SimResult, simulate
+from seesaw.sim.workload import Workload
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    token_budget: int | None = None  # None: the GPU profile's
+    max_num_seqs: int = 256
+    block_size: int = 16
+    host_buffer_gb: float | None = None  # None: what the node's host memory leaves
+    host_low_water: float = 0.2
+    include_static: bool = True
+    include_pairs: bool = True
+
+
+@dataclass
+class Candidate:
+    """One layout (or pair), its host buffer, and its simulated result or why it cannot run."""
+
+    spec: RunSpec
+    result: SimResult | None = None
+    error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.spec)
+
+    @property
+    def throughput(self) -> float:
+        return self.result.total_tokens_per_s if self.result and not self.result.num_failed else 0.0
+
+
+def layouts_of(num_gpus: int, cost: CostModel) -> list[Layout]:
+    """Every layout of exactly `num_gpus` workers the model's shape allows (memory is checked by
+    the simulation)."""
+    found = []
+    for dp in range(1, num_gpus + 1):
+        for tp in range(1, num_gpus // dp + 1):
+            if num_gpus % (dp * tp):
+                continue
+            layout = Layout(dp=dp, tp=tp, pp=num_gpus // (dp * tp))
+            try:
+                validate(layout, cost.spec.shape)
+            except ValueError:
+                continue
+            found.append(layout)
+    return found
+
+
+def candidates(cost: CostModel, options: PlanOptions) -> list[RunSpec]:
+    """Static layouts first, then every pair of different layouts with the same replicas."""
+    layouts = layouts_of(cost.node.num_gpus, cost)
+    scheduler = SchedulerConfig(max_num_batched_tokens=options.token_budget or cost.gpu.token_budget,
+                                max_num_seqs=options.max_num_seqs, host_low_water=options.host_low_water)
+    base = RunSpec(Layout(), block_size=options.block_size, scheduler=scheduler,
+                   max_model_len=cost.spec.max_position)
+    runs = []
+    if options.include_static:
+        runs += [replace(base, layout=layout, host_buffer_gb=_host_gb(cost, options, False)) for layout in layouts]
+    if options.include_pairs:
+        runs += [replace(base, layout=prefill, decode_layout=decode, host_buffer_gb=_host_gb(cost, options, True))
+                 for prefill in layouts for decode in layouts if prefill != decode and prefill.dp == decode.dp]
+    return runs
+
+
+def _host_gb(cost: CostModel, options: PlanOptions, reshards: bool) -> float:
+    return options.host_buffer_gb if options.host_buffer_gb is not None else host_buffer_gb(cost, reshards)
+
+
+def evaluate(cost: CostModel, spec: RunSpec, workload: Workload) -> Candidate:
+    """Simulate one candidate; a layout that cannot hold the model is a candidate with an error."""
+    try:
+        return Candidate(spec, simulate(cost, spec, workload))
+    except ValueError as error:
+        return Candidate(spec, error=str(error))
+
+
+def plan(cost: CostModel, workload: Workload, options: PlanOptions = PlanOptions(), jobs: int = 1) -> list[Candidate]:
+    """Every candidate, best predicted throughput first; those that cannot run last."""
+    runs = candidates(cost, options)
+    if jobs > 1 and len(runs) > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(evaluate, [cost] * len(runs), runs, [workload] * len(runs)))
+    else:
+        results = [evaluate(cost, run, workload) for run in runs]
+    return sorted(results, key=lambda c: (c.result is None, -c.throughput, c.name))
+
+
+def best(candidates_: list[Candidate], seesaw: bool) -> Candidate | None:
+    """The best runnable static layout (seesaw False) or pair (seesaw True)."""
+    found = [c for c in candidates_ if c.result is not None and c.spec.is_seesaw == seesaw and not c.result.num_failed]
+    return max(found, key=lambda c: c.throughput, default=None)
+
+
+def batch_command(candidate: Candidate, model: str, device: str = "cuda") -> str:
+    """The `seesaw-cli batch` line that runs a candidate (a model known only by its profile needs
+    the user's checkpoint; a preset runs with random weights)."""
+    from pathlib import Path
+
+    from seesaw.model.presets import PRESETS
+
+    if model.lower() in PRESETS:
+        model = f"dummy:{model.lower()}"
+    elif not model.startswith("dummy:") and not Path(model).exists():
+        model = f"YOUR_{model.upper().replace('-', '_')}_CHECKPOINT"
+    spec = candidate.spec
+    layout = (f"--prefill-layout {spec.layout} --decode-layout {spec.decode_layout}" if spec.is_seesaw
+              else f"--layout {spec.layout}")
+    return (f"seesaw-cli batch INPUT.jsonl --model {model} --device {device} {layout} "
+            f"--max-num-batched-tokens {spec.scheduler.max_num_batched_tokens} "
+            f"--max-num-seqs {spec.scheduler.max_num_seqs} --host-buffer-gb {spec.host_buffer_gb:.0f}")

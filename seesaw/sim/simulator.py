@@ -1,0 +1,336 @@
+"""A discrete-event simulation of one engine run (pure, deterministic): the real scheduling cores
+(StaticScheduler, or PhaseScheduler for a seesaw pair) decide, modelled workers take the time the
+cost model gives.
+
+Each worker is busy until some time; a step goes through its replica's pipeline stages in order,
+each stage starting once its workers are free and the previous stage handed over its activations,
+so up to `pp` micro-batches are in flight as in the engine. KV copies of a replica queue on its
+host links and overlap with compute. A phase switch has every worker reload its new shard as soon
+as its own part of the last steps is done; the next steps queue behind that.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from seesaw.config import SchedulerConfig
+from seesaw.kv.host_slots import HostSlots, split_host_blocks
+from seesaw.layout import Layout
+from seesaw.messages import AddRequest
+from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
+from seesaw.scheduling.phases import PhaseScheduler
+from seesaw.scheduling.static import StaticScheduler
+from seesaw.sim.cost import GIB, CostModel, step_shape
+from seesaw.sim.workload import Workload
+from seesaw.step import RowSampling, StepRow
+
+_GREEDY = RowSampling(temperature=0.0)
+
+
+def new_tokens(row: StepRow) -> int:
+    """How many new tokens a row computes (the one place that reads a row's tokens)."""
+    return len(row.token_ids)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to simulate: a static layout (decode_layout None) or a prefill -> decode pair."""
+
+    layout: Layout
+    decode_layout: Layout | None = None
+    block_size: int = 16
+    host_buffer_gb: float = 0.0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_model_len: int | None = None
+
+    @property
+    def is_seesaw(self) -> bool:
+        return self.decode_layout is not None
+
+    @property
+    def layouts(self) -> dict[Phase, Layout]:
+        if self.decode_layout is None:
+            return {Phase.MIXED: self.layout}
+        return {Phase.PREFILL: self.layout, Phase.DECODE: self.decode_layout}
+
+    def __str__(self) -> str:
+        return f"{self.layout}->{self.decode_layout}" if self.decode_layout else str(self.layout)
+
+
+@dataclass
+class Transition:
+    replica: int
+    start_s: float  # when the phase switch was decided
+    end_s: float  # when the last worker finished reloading
+    direction: str
+    phase: str  # the phase it switched to
+
+
+@dataclass
+class SimResult:
+    """What a simulated run gives: its time and throughput, phases and transitions, and a thinned
+    timeline of steps (time, replica, phase, decode rows, host buffer fill)."""
+
+    run: str
+    elapsed_s: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    num_failed: int
+    num_steps: int
+    phase_s: dict[str, float]
+    transitions: list[Transition]
+    reload_s: float  # total seconds workers spent reloading weights (mean per replica)
+    host_peak_fraction: float
+    mean_decode_batch: float
+    device_blocks: int
+    host_blocks: int
+    timeline: list[tuple[float, int, str, int, float]]
+    counters: dict[str, int]
+    num_replicas: int = 1
+    first_phase: str = "mixed"
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def metrics(self) -> dict:
+        """The run in the form `seesaw-cli batch --metrics-json` writes (what draws a timeline)."""
+        at_s, replica, phase, decode_rows, host_fill = [list(column) for column in zip(*self.timeline)] or [[]] * 5
+        return {
+            "elapsed_s": self.elapsed_s, "first_phase": self.first_phase, "num_replicas": self.num_replicas,
+            "transitions": [{"replica": t.replica, "at_s": t.start_s, "phase": t.phase, "direction": t.direction,
+                             "reload_end_s": t.end_s} for t in self.transitions],
+            "timeline": {"at_s": at_s, "replica": replica, "phase": phase, "decode_rows": decode_rows,
+                         "host_fill": host_fill},
+        }
+
+    def summary(self) -> dict:
+        return {
+            "run": self.run, "elapsed_s": round(self.elapsed_s, 3),
+            "total_tokens_per_s": round(self.total_tokens_per_s, 1),
+            "output_tokens_per_s": round(self.output_tokens_per_s, 1),
+            "requests": self.num_requests, "failed": self.num_failed, "steps": self.num_steps,
+            "phase_s": {phase: round(seconds, 3) for phase, seconds in self.phase_s.items()},
+            "transitions": len(self.transitions), "reload_s": round(self.reload_s, 3),
+            "host_peak_fraction": round(self.host_peak_fraction, 3),
+            "mean_decode_batch": round(self.mean_decode_batch, 1),
+            "device_blocks": self.device_blocks, "host_blocks": self.host_blocks,
+            "counters": self.counters,
+        }
+
+
+class _Replica:
+    """One data-parallel replica: its core, its workers' busy-until times and its host links."""
+
+    def __init__(self, core: StaticScheduler, num_workers: int):
+        self.core = core
+        self.free_at = [0.0] * num_workers  # by position in the replica (pp rank * tp + tp rank)
+        self.link_free_at = 0.0
+        self.pending_tokens = 0  # for placing requests as the Scheduler actor does (least loaded)
+        self.phase_since = 0.0
+
+
+class Simulation:
+    """One simulated run; `run()` returns its SimResult."""
+
+    def __init__(self, cost: CostModel, spec: RunSpec, workload: Workload, max_timeline: int = 2000):
+        self.cost = cost
+        self.spec = spec
+        self.workload = workload
+        self.layouts = spec.layouts
+        layout = spec.layout
+        if spec.decode_layout is not None and spec.decode_layout.world_size != layout.world_size:
+            raise ValueError(f"{spec}: both layouts must use the same number of workers")
+        if spec.decode_layout is not None and spec.decode_layout.dp != layout.dp:
+            raise ValueError(f"{spec}: both layouts must have the same number of data-parallel replicas")
+        if layout.world_size > cost.node.num_gpus:
+            raise ValueError(f"{spec} needs {layout.world_size} GPUs; the node has {cost.node.num_gpus}")
+        distinct = list(dict.fromkeys(self.layouts.values()))
+        self.device_blocks = cost.device_blocks(distinct, spec.block_size)
+        host_block_bytes = cost.kv_bytes_per_token * spec.block_size
+        self.host_blocks = int(spec.host_buffer_gb * GIB) // host_block_bytes
+        self.replicas = [
+            _Replica(self._core(HostSlots(count, spec.block_size, first)), layout.tp * layout.pp)
+            for first, count in split_host_blocks(self.host_blocks, layout.dp)
+        ]
+        self._events: list[tuple[float, int, str, int, object]] = []
+        self._seq = 0
+        self.now = 0.0
+        self.transitions: list[Transition] = []
+        self.phase_s: dict[str, float] = {}
+        self.reload_total_s = 0.0
+        self.num_steps = 0
+        self.num_failed = 0
+        self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
+        self.finished_at = 0.0
+        self.host_peak = 0.0
+        self.decode_rows = self.decode_steps = 0
+        self.timeline: list[tuple[float, int, str, int, float]] = []
+        self._timeline_every = max(1, sum(out for _, out in workload.lengths) // max(1, max_timeline) // 8)
+
+    def _core(self, host: HostSlots) -> StaticScheduler:
+        spec, max_len = self.spec, self.spec.max_model_len or 1 << 30
+        if spec.is_seesaw:
+            micro_batches = {phase: layout.pp for phase, layout in self.layouts.items()}
+            return PhaseScheduler(spec.scheduler, self.device_blocks, spec.block_size, max_len, (),
+                                  micro_batches, host)
+        return StaticScheduler(spec.scheduler, self.device_blocks, spec.block_size, max_len, (),
+                               num_micro_batches=spec.layout.pp, host=host)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> SimResult:
+        for index, (prompt, output) in enumerate(self.workload.lengths):
+            self._place(AddRequest(f"r{index}", [0] * prompt, output, _GREEDY, ignore_eos=True))
+        while self._events:
+            self.now, _, kind, replica_index, payload = heapq.heappop(self._events)
+            replica = self.replicas[replica_index]
+            if kind == "step":
+                step_id, num_sampled = payload
+                updates = replica.core.complete(step_id, [0] * num_sampled)
+                if any(update.finish_reason is not None for update in updates):
+                    self.finished_at = self.now
+            elif kind == "saved":
+                replica.core.on_saved(payload)
+            else:
+                replica.core.on_loaded(payload)
+            self.host_peak = max(self.host_peak, replica.core.host.used_fraction)
+            self._pump(replica_index)
+        for replica in self.replicas:
+            self._close_phase(replica, replica.core.phase, self.finished_at)
+        return self._result()
+
+    def _place(self, request: AddRequest) -> None:
+        """The least loaded replica where the request fits; a request that fits none fails."""
+        size = (len(request.prompt_token_ids), request.max_tokens)
+        fits = [index for index, replica in enumerate(self.replicas) if replica.core.capacity_error(*size) is None]
+        if not fits:
+            self._fail([request.request_id])
+            return
+        index = min(fits, key=lambda i: (self.replicas[i].pending_tokens, self.replicas[i].core.pool.num_used))
+        self.replicas[index].pending_tokens += sum(size)
+        self.replicas[index].core.add(request)
+        self._pump(index)
+
+    def _fail(self, request_ids: list[str]) -> None:
+        """Requests that cannot run: counted, and left out of the tokens produced."""
+        for request_id in request_ids:
+            prompt, output = self.workload.lengths[int(request_id[1:])]
+            self.num_failed += 1
+            self.failed_tokens[0] += prompt
+            self.failed_tokens[1] += output
+
+    def _push(self, time: float, kind: str, replica: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (time, self._seq, kind, replica, payload))
+
+    def _pump(self, index: int) -> None:
+        """Start steps while the replica has work and room in its pipeline. This is the Scheduler
+        actor's `_pump` (seesaw/actors/scheduler.py) with modelled workers: keep the two in step."""
+        replica = self.replicas[index]
+        core = replica.core
+        while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
+            phase_before = core.phase
+            plan = core.schedule()
+            for move in plan.moves:
+                self._move(index, move)
+            if plan.rows:
+                self._step(index, phase_before, plan)
+            if plan.switch_to is not None:
+                self._switch(index, phase_before, plan.switch_to)
+                continue
+            if not plan.rows:
+                if plan.is_empty and not core.num_in_flight_steps and not core.has_kv_moves:
+                    self._fail(core.fail_all())  # the device pool cannot hold them
+                return
+
+    # ------------------------------------------------------------ modelled workers
+
+    def _step(self, index: int, phase: Phase, plan: StepPlan) -> None:
+        replica = self.replicas[index]
+        layout = self.layouts[phase]
+        chunks = []
+        for row in plan.rows:
+            new = new_tokens(row)
+            chunks.append((row.start, new, row.sampling is not None))
+            replica.pending_tokens -= new
+        shape = step_shape(chunks)
+        stage_times = self.cost.stage_times(layout, shape)
+        send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
+        ready, tp = self.now, layout.tp
+        for stage, seconds in enumerate(stage_times):
+            workers = range(stage * tp, stage * tp + tp)
+            start = max(ready, max(replica.free_at[w] for w in workers))
+            end = start + seconds
+            for w in workers:
+                replica.free_at[w] = end
+            ready = end + (send_s if stage < layout.pp - 1 else 0.0)
+        self.num_steps += 1
+        num_decode = sum(1 for start, new, _ in chunks if new == 1 and start > 0)
+        if num_decode:
+            self.decode_rows += num_decode
+            self.decode_steps += 1
+        if self.num_steps % self._timeline_every == 0:
+            self.timeline.append((self.now, index, phase.value, num_decode, replica.core.host.used_fraction))
+        self._push(ready, "step", index, (plan.step_id, shape.num_sampled))
+
+    def _move(self, index: int, move: ToHost | ToDevice) -> None:
+        replica = self.replicas[index]
+        num_tokens = len(move.host_block_ids) * self.spec.block_size
+        start = max(self.now, replica.link_free_at)
+        seconds = self.cost.kv_copy_s(self.layouts[move.phase], num_tokens)
+        replica.link_free_at = start + seconds
+        stolen = (1 - self.cost.gpu.copy_overlap) * seconds
+        if stolen:  # the copy takes its time from the workers' compute too
+            replica.free_at = [max(free_at, start) + stolen for free_at in replica.free_at]
+        self._push(replica.link_free_at, "saved" if isinstance(move, ToHost) else "loaded", index, move.request_id)
+
+    def _switch(self, index: int, old: Phase, new: Phase) -> None:
+        replica = self.replicas[index]
+        self._close_phase(replica, old, self.now)
+        old_layout, new_layout = self.layouts[old], self.layouts[new]
+        end = self.now
+        if new_layout != old_layout:
+            tp = new_layout.tp
+            for position in range(len(replica.free_at)):
+                stage = position // tp
+                seconds = self.cost.reload_s(new_layout, stage)
+                replica.free_at[position] = max(replica.free_at[position], self.now) + seconds
+                self.reload_total_s += seconds / len(replica.free_at) / len(self.replicas)
+                end = max(end, replica.free_at[position])
+            replica.link_free_at = max(replica.link_free_at, end)  # the reload used the host links
+        self.transitions.append(Transition(index, self.now, end, f"{old_layout}->{new_layout}", new.value))
+
+    def _close_phase(self, replica: _Replica, phase: Phase, now: float) -> None:
+        """Add the seconds since the replica's last switch to `phase` (averaged over replicas)."""
+        seconds = (now - replica.phase_since) / len(self.replicas)
+        self.phase_s[phase.value] = self.phase_s.get(phase.value, 0.0) + seconds
+        replica.phase_since = now
+
+    def _result(self) -> SimResult:
+        counters: dict[str, int] = {}
+        for replica in self.replicas:
+            for name, count in replica.core.counters.items():
+                counters[name] = counters.get(name, 0) + count
+        return SimResult(
+            run=str(self.spec), elapsed_s=self.finished_at, num_requests=self.workload.num_requests,
+            prompt_tokens=self.workload.num_prompt_tokens - self.failed_tokens[0],
+            output_tokens=self.workload.num_output_tokens - self.failed_tokens[1],
+            num_failed=self.num_failed, num_steps=self.num_steps, phase_s=self.phase_s,
+            transitions=self.transitions, reload_s=self.reload_total_s, host_peak_fraction=self.host_peak,
+            mean_decode_batch=self.decode_rows / self.decode_steps if self.decode_steps else 0.0,
+            device_blocks=self.device_blocks, host_blocks=self.host_blocks, timeline=self.timeline,
+            counters=counters, num_replicas=len(self.replicas),
+            first_phase=(Phase.PREFILL if self.spec.is_seesaw else Phase.MIXED).value,
+        )
+
+
+def simulate(cost: CostModel, spec: RunSpec, workload: Workload) -> SimResult:
+    """Simulate `workload` run as `spec` on the cost model's node."""
+    return Simulation(cost, spec, workload).run()

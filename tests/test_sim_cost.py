@@ -1,0 +1,94 @@
+"""Cost-model properties: tensor parallelism cuts weight time and adds all-reduce time, pipeline
+parallelism splits the decode batch, and more bandwidth never predicts a slower run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from seesaw.config import SchedulerConfig
+from seesaw.layout import Layout
+from seesaw.sim.catalog import Catalog, Node
+from seesaw.sim.cost import CostModel, step_shape
+from seesaw.sim.simulator import RunSpec, simulate
+from seesaw.sim.workload import arxiv, fixed
+
+DECODE = step_shape([(1000, 1, True)] * 64)  # 64 requests, one new token each, 1,000 tokens of context
+PREFILL = step_shape([(0, 2048, True)] * 4)
+
+
+@pytest.fixture(scope="module")
+def cost() -> CostModel:
+    catalog = Catalog()
+    return CostModel(catalog.model("llama3-8b"), catalog.node("4xL4"))
+
+
+def test_tensor_parallelism_cuts_weight_time_and_adds_all_reduce(cost):
+    t1, t4 = (cost.stage_terms(Layout(tp=tp), 0, DECODE) for tp in (1, 4))
+    assert t4["weight_read_s"] == pytest.approx(t1["weight_read_s"] / 4, rel=0.01)
+    assert t1["all_reduce_s"] == 0.0
+    assert t4["all_reduce_s"] > 0.0
+    # Larger steps move more activations through the all-reduce.
+    assert cost.stage_terms(Layout(tp=4), 0, PREFILL)["all_reduce_s"] > t4["all_reduce_s"]
+
+
+def test_pipeline_stages_split_the_layers_without_all_reduce(cost):
+    stages = cost.stage_times(Layout(pp=4), DECODE)
+    assert len(stages) == 4
+    whole = cost.stage_s(Layout(), 0, DECODE)
+    assert sum(stages) - 4 * cost.gpu.step_overhead_ms / 1000 == pytest.approx(
+        whole - cost.gpu.step_overhead_ms / 1000, rel=0.02)
+    assert all(cost.stage_terms(Layout(pp=4), s, DECODE)["all_reduce_s"] == 0.0 for s in range(4))
+
+
+def test_stage_times_agree_with_the_named_terms(cost):
+    for layout in (Layout(tp=2, pp=2), Layout(pp=4), Layout(tp=4)):
+        for shape in (DECODE, PREFILL):
+            assert cost.stage_times(layout, shape) == pytest.approx(
+                [cost.stage_s(layout, stage, shape) for stage in range(layout.pp)])
+
+
+def test_pipeline_parallelism_splits_the_decode_batch():
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xA10"))
+    workload = fixed(64, 32, 64)
+    whole = simulate(cost, RunSpec(Layout(tp=2)), workload)
+    split = simulate(cost, RunSpec(Layout(pp=2)), workload)
+    assert whole.mean_decode_batch == pytest.approx(2 * split.mean_decode_batch, rel=0.1)
+
+
+def _faster(node: Node, factor: float) -> Node:
+    return replace(node, interconnect=replace(node.interconnect, bandwidth_gbs=node.interconnect.bandwidth_gbs * factor),
+                   host_link=replace(node.host_link, bandwidth_gbs=node.host_link.bandwidth_gbs * factor),
+                   gpu=replace(node.gpu, memory_bandwidth_gbs=node.gpu.memory_bandwidth_gbs * factor))
+
+
+def test_more_bandwidth_never_makes_a_step_slower(cost):
+    for factor in (1.5, 4.0, 100.0):
+        faster = CostModel(cost.spec, _faster(cost.node, factor))
+        for layout in (Layout(tp=4), Layout(pp=4), Layout(tp=2, pp=2)):
+            for shape in (DECODE, PREFILL):
+                assert faster.stage_times(layout, shape) <= cost.stage_times(layout, shape)
+        assert faster.kv_copy_s(Layout(tp=4), 1000) < cost.kv_copy_s(Layout(tp=4), 1000)
+        assert faster.reload_s(Layout(tp=4), 0) < cost.reload_s(Layout(tp=4), 0)
+
+
+@pytest.mark.parametrize("run", ["t4", "p4", "p4->t4", "t2p2->t4"])
+def test_more_bandwidth_never_predicts_a_slower_run(run):
+    catalog = Catalog()
+    node = catalog.node("4xL4", "pcie4x8")
+    prefill, _, decode = run.partition("->")
+    spec = RunSpec(Layout.parse(prefill), Layout.parse(decode) if decode else None, host_buffer_gb=12.0,
+                   scheduler=SchedulerConfig(max_num_batched_tokens=4096))
+    workload = arxiv(120, seed=1)
+    times = [simulate(CostModel(catalog.model("llama3-8b"), _faster(node, factor)), spec, workload).elapsed_s
+             for factor in (0.25, 1.0, 4.0, 16.0)]
+    assert times == sorted(times, reverse=True)
+
+
+def test_model_that_does_not_fit_names_the_layout_and_the_gpu():
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama2-70b"), catalog.node("2xL4"))
+    with pytest.raises(ValueError, match="t2: a worker holds .* GiB of weights.* L4"):
+        cost.device_blocks([Layout(tp=2)], 16)

@@ -1,0 +1,139 @@
+"""Profiles, workloads and the planner: bad input names what and where; `seesaw-cli plan` ranks
+every layout and pair of a node and prints the batch flags of the best."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from seesaw.sim.catalog import Catalog
+from seesaw.sim.cost import CostModel
+from seesaw.sim.planner import PlanOptions, best, candidates, layouts_of, plan
+from seesaw.sim.workload import arxiv, from_jsonl, named, sharegpt
+from seesaw_cli.main import app
+
+
+def test_unknown_names_are_refused_with_the_known_ones():
+    catalog = Catalog()
+    with pytest.raises(ValueError, match="unknown GPU 'V100'.*L4"):
+        catalog.node("8xV100")
+    with pytest.raises(ValueError, match="unknown interconnect 'pcie9'.*pcie4x8"):
+        catalog.node("8xL4", "pcie9")
+    with pytest.raises(ValueError, match="L4 has no NVLink"):
+        catalog.node("8xL4", "nvlink")
+    with pytest.raises(ValueError, match="not COUNTxNAME"):
+        catalog.node("L4")
+    with pytest.raises(ValueError, match="unknown model 'gpt-9'.*llama2-70b"):
+        catalog.model("gpt-9")
+
+
+def test_nvlink_means_the_gpus_own_and_pcie_nodes_reach_the_host_over_it():
+    catalog = Catalog()
+    assert catalog.node("8xH100-SXM", "nvlink").interconnect.name == "nvlink4"
+    node = catalog.node("8xL4", "pcie4x8")
+    assert node.host_link.name == "pcie4x8"
+    assert node.host_memory_gb == 8 * catalog.gpu("L4").host_memory_gb
+
+
+def test_profile_file_errors_name_the_file_and_the_field(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"gpus": {"X1": {"memory_gb": 8, "speed": 3}}}))
+    with pytest.raises(ValueError, match=r"bad.json: gpu 'X1': unknown field\(s\) speed"):
+        Catalog([bad])
+    bad.write_text(json.dumps({"links": {"slow": {"bandwidth_gbs": -1}}}))
+    with pytest.raises(ValueError, match="bad.json: link 'slow': bandwidth_gbs must be positive"):
+        Catalog([bad])
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        Catalog([bad])
+
+
+def test_user_profiles_extend_the_catalog(tmp_path):
+    extra = tmp_path / "mine.json"
+    extra.write_text(json.dumps({"gpus": {"MyCard": {
+        "memory_gb": 48, "memory_bandwidth_gbs": 900, "peak_tflops": 180, "interconnect": "pcie4x16",
+        "host_link": "pcie4x16", "host_memory_gb": 96}}}))
+    assert Catalog([extra]).node("4xmycard").gpu.memory_gb == 48
+
+
+def test_workload_file_errors_name_the_line(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"input_len": 10, "output_len": 5}\n\n{"input_len": 0, "output_len": 5}\n')
+    with pytest.raises(ValueError, match=r"w.jsonl, line 3: input_len must be a positive integer, got 0"):
+        from_jsonl(path)
+    path.write_text('{"input_len": 10, "output_len": 5}\nnot json\n')
+    with pytest.raises(ValueError, match="w.jsonl, line 2: not JSON"):
+        from_jsonl(path)
+    path.write_text('{"input_len": 10, "output_len": 5}\n{"input_len": 7, "output_len": 3}\n')
+    assert from_jsonl(path).lengths == ((10, 5), (7, 3))
+    with pytest.raises(ValueError, match="fixed:INPUT:OUTPUT"):
+        named("fixed:3000", 4)
+
+
+def test_built_in_mixes_have_their_shape():
+    chat, papers = sharegpt(2000), arxiv(2000)
+    assert 0.8 < chat.num_prompt_tokens / chat.num_output_tokens < 1.25  # input about equal to output
+    assert all(prompt + output <= 4096 for prompt, output in papers.lengths)
+    assert papers.num_prompt_tokens > 10 * papers.num_output_tokens
+    assert sharegpt(50, seed=1) == sharegpt(50, seed=1) != sharegpt(50, seed=2)
+
+
+def test_every_layout_and_pair_of_a_node_is_a_candidate():
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama3-8b"), catalog.node("8xA10"))
+    layouts = {str(layout) for layout in layouts_of(8, cost)}
+    assert layouts == {"t8", "p8", "t4p2", "t2p4", "d2t4", "d2p4", "d2t2p2", "d4t2", "d4p2", "d8"}
+    runs = candidates(cost, PlanOptions())
+    assert len(runs) == 10 + 12 + 6 + 2  # static, then pairs with the same number of replicas
+    assert all(run.decode_layout.dp == run.layout.dp for run in runs if run.is_seesaw)
+
+
+def test_plan_ranks_runnable_candidates_and_explains_the_others():
+    catalog = Catalog()
+    cost = CostModel(catalog.model("codellama-34b"), catalog.node("4xL4"))
+    ranked = plan(cost, arxiv(60), PlanOptions())
+    runnable = [c for c in ranked if c.result is not None]
+    assert [c.throughput for c in runnable] == sorted((c.throughput for c in runnable), reverse=True)
+    assert any("d2t2" in c.name and "no room for KV" in c.error for c in ranked if c.error)
+    assert best(ranked, True).spec.is_seesaw and not best(ranked, False).spec.is_seesaw
+
+
+def test_plan_command_prints_the_ranking_and_the_flags(tmp_path):
+    output = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xL4", "--workload", "arxiv",
+                                      "--num-requests", "40", "--jobs", "1", "--output-json", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "best static:" in result.output and "best pair:" in result.output
+    assert "seesaw-cli batch INPUT.jsonl --model dummy:llama3-8b --device cuda" in result.output
+    ranking = json.loads(output.read_text())["ranking"]
+    assert {row["run"] for row in ranking} == {"t2", "p2", "d2", "t2->p2", "p2->t2"}
+
+
+def test_plan_command_bad_input_is_one_line_and_exit_code_2():
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "8xB200"])
+    assert result.exit_code == 2
+    assert "unknown GPU 'B200'" in result.output
+
+
+def test_plan_draws_the_best_pairs_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "timeline.png"
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xA10", "--workload", "fixed:1000:100",
+                                      "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_lines_are_measured_by_the_tokenizer_hook(tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_text('{"prompt": "a b c", "max_tokens": 7}\n{"input_len": 4, "output_len": 2}\n')
+    seen = []
+
+    def tokenize(entry: dict, where: str) -> tuple[int, int]:
+        seen.append(where)
+        return len(entry["prompt"].split()), entry["max_tokens"]
+
+    assert from_jsonl(path, tokenize).lengths == ((3, 7), (4, 2))
+    assert seen == [f"{path}, line 1"]
