@@ -38,11 +38,22 @@ def _two_requests() -> Workload:
 
 
 def test_t1_schedule_matches_hand_computation():
-    # Step 0: r0's prompt (4 tokens; r1 arrives while it runs). Step 1: r0's decode token and r1's
-    # prompt (5). Step 2: both decode (2). Step 3: r1's last token (1); r0 finished with 3 tokens.
-    result = simulate(_stub(1), RunSpec(Layout()), _two_requests())
+    # One step in flight. Step 0: r0's prompt (4 tokens; r1 arrives while it runs). Step 1: r0's
+    # decode token and r1's prompt (5). Step 2: both decode (2). Step 3: r1's last token (1).
+    one = RunSpec(Layout(), scheduler=SchedulerConfig(overlap=False))
+    result = simulate(_stub(1), one, _two_requests())
     assert result.num_steps == 4
     assert result.elapsed_s == pytest.approx((A + 4 * B) + (A + 5 * B) + (A + 2 * B) + (A + 1 * B))
+    assert result.output_tokens == 6 and result.num_failed == 0
+
+
+def test_t1_schedule_with_two_steps_in_flight_matches_hand_computation():
+    # Step 1 is planned with step 0, before r1 arrives: r0's row awaiting its first token (1).
+    # Step 2 (once step 0 lands): r0's third token's row and r1's prompt (5). Step 3: r1 awaiting
+    # (1; r0's last token is in flight, so nothing more for it). Step 4: r1's last (1).
+    result = simulate(_stub(1), RunSpec(Layout()), _two_requests())
+    assert result.num_steps == 5 and result.counters["rows_ahead"] == 4
+    assert result.elapsed_s == pytest.approx((A + 4 * B) + (A + B) + (A + 5 * B) + (A + B) + (A + B))
     assert result.output_tokens == 6 and result.num_failed == 0
 
 

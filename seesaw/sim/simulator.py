@@ -30,7 +30,7 @@ _GREEDY = RowSampling(temperature=0.0)
 
 def new_tokens(row: StepRow) -> int:
     """How many new tokens a row computes (the one place that reads a row's tokens)."""
-    return len(row.token_ids)
+    return row.num_new_tokens
 
 
 @dataclass(frozen=True)
