@@ -329,20 +329,15 @@ class Scheduler(Actor):
     def _pump(self, replica: int) -> None:
         """Start steps while the replica has work and its pipeline has room (one step per stage)."""
         core = self.cores[replica]
-        while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
-            phase_before = core.phase
-            plan = core.schedule()
+        for phase_before, plan in core.plans():
             for move in plan.moves:
                 self._send_move(replica, move)
             if plan.rows:
                 self._run(replica, plan)
             if plan.switch_to is not None:
                 self._switch(replica, phase_before, plan.switch_to)
-                continue
-            if not plan.rows:
-                if plan.is_empty and not core.num_in_flight_steps and not core.has_kv_moves:
-                    self._fail_stuck(replica)
-                return
+            if core.is_stuck(plan):
+                self._fail_stuck(replica)
 
     def _send_move(self, replica: int, move: ToHost | ToDevice) -> None:
         layout = str(self.layouts[move.phase])

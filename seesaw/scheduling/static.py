@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Iterator
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import BlockPool, blocks_for
@@ -152,6 +153,22 @@ class StaticScheduler:
         if not self.swapped:
             self._schedule_waiting(plan, budget, scheduled, max_rows)
         return self._commit(plan)
+
+    def plans(self) -> Iterator[tuple[Phase, StepPlan]]:
+        """The plans to carry out now, each with the phase it was planned in: while requests remain
+        and another step may be in flight, up to the first plan that runs nothing and switches
+        nothing. Carry each out before taking the next."""
+        while self.has_unfinished and self.num_in_flight_steps < self.max_in_flight_steps:
+            phase = self.phase
+            plan = self.schedule()
+            yield phase, plan
+            if not plan.rows and plan.switch_to is None:
+                return
+
+    def is_stuck(self, plan: StepPlan) -> bool:
+        """Nothing runs, nothing moves, and `plan` (the latest) could schedule nothing: the device
+        pool cannot hold the requests left."""
+        return plan.is_empty and not self.num_in_flight_steps and not self.has_kv_moves
 
     def complete(self, step_id: int, sampled: list[int]) -> list[TokenUpdate]:
         """Take a finished step's sampled tokens; return what each request gained."""

@@ -231,24 +231,18 @@ class Simulation:
         heapq.heappush(self._events, (time, self._seq, kind, replica, payload))
 
     def _pump(self, index: int) -> None:
-        """Start steps while the replica has work and room in its pipeline. This is the Scheduler
-        actor's `_pump` (seesaw/actors/scheduler.py) with modelled workers: keep the two in step."""
-        replica = self.replicas[index]
-        core = replica.core
-        while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
-            phase_before = core.phase
-            plan = core.schedule()
+        """Start steps while the replica has work and room in its pipeline, as the Scheduler actor
+        does (the core's `plans`), with modelled workers."""
+        core = self.replicas[index].core
+        for phase_before, plan in core.plans():
             for move in plan.moves:
                 self._move(index, move)
             if plan.rows:
                 self._step(index, phase_before, plan)
             if plan.switch_to is not None:
                 self._switch(index, phase_before, plan.switch_to)
-                continue
-            if not plan.rows:
-                if plan.is_empty and not core.num_in_flight_steps and not core.has_kv_moves:
-                    self._fail(core.fail_all())  # the device pool cannot hold them
-                return
+            if core.is_stuck(plan):
+                self._fail(core.fail_all())
 
     # ------------------------------------------------------------ modelled workers
 
