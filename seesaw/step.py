@@ -15,7 +15,7 @@ class FinishReason(StrEnum):
     CANCELLED = "cancelled"  # its client cancelled it
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RowSampling:
     """How the last stage samples one row's next token."""
 
@@ -26,7 +26,7 @@ class RowSampling:
     output_index: int = 0  # how many tokens the request has generated so far
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepRow:
     """One request's part of a step: its new tokens at positions start, start + 1, ...
 
@@ -50,7 +50,7 @@ class StepRow:
         return len(self.token_ids) + self.awaits_token
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenUpdate:
     """New tokens of one request, and why it finished if it did."""
 

@@ -29,7 +29,8 @@ class BlockPool:
     def allocate(self, count: int) -> list[int]:
         if count > len(self._free):
             raise ValueError(f"{self.what}: asked for {count} blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(count)]
+        take = self._free.popleft
+        return [take() for _ in range(count)]
 
     def free(self, block_ids: list[int]) -> None:
         self._free.extend(block_ids)

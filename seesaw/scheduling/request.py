@@ -19,8 +19,10 @@ class RequestStatus(Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class RequestState:
+    """One request's progress (equal only to itself: the cores find it in their lists by identity)."""
+
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int

@@ -298,20 +298,22 @@ class StaticScheduler:
             self._released.append(state.request_id)
             state.num_blocks_sent = 0
 
-    def _next_tokens(self, state: RequestState) -> int:
-        """How many new tokens the request's next row may take now (0: it cannot run now)."""
+    def _next_tokens(self, state: RequestState, overlaps: bool) -> int:
+        """How many new tokens the request's next row may take now (0: it cannot run now);
+        `overlaps` is `_overlaps`, read once per plan."""
         if state.is_stopped:
             return 0
+        num_tokens = state.num_tokens
         if not state.num_in_flight:
-            return state.num_pending_tokens
-        if state.num_in_flight > 1 or not self._overlaps:
+            return num_tokens - state.num_computed_tokens
+        if state.num_in_flight > 1 or not overlaps:
             return 0
-        if state.num_pending_tokens:
-            return state.num_pending_tokens  # its prompt's next chunk, right behind the one in flight
+        if num_tokens > state.num_computed_tokens:
+            return num_tokens - state.num_computed_tokens  # its prompt's next chunk, behind the one in flight
         # One token past the one the step just before samples (workers fill it in), unless that
         # token may be its last.
         may_grow = (len(state.output_token_ids) + state.num_awaited < state.max_tokens
-                    and state.num_tokens + state.num_awaited < self.max_model_len)
+                    and num_tokens + state.num_awaited < self.max_model_len)
         follows = state.last_step_id == self._next_step_id - 1
         return 1 if may_grow and follows and self._may_follow(state) else 0
 
@@ -320,27 +322,33 @@ class StaticScheduler:
         return True
 
     def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> int:
-        index = 0
-        while index < len(self.running) and budget > 0 and len(plan.rows) < max_rows:
-            state = self.running[index]
-            index += 1
-            num_new = min(self._next_tokens(state), budget)
+        overlaps = self._overlaps
+        busy = 2 if overlaps else 1  # rows in flight that rule a request out for this step
+        # In arrival order, those that may take a row (with several steps in flight, most may not);
+        # an eviction below takes some of them out of `running`.
+        ready = [state for state in self.running if state.num_in_flight < busy]
+        rows, pool = plan.rows, self.pool
+        for state in ready:
+            if budget <= 0 or len(rows) >= max_rows:
+                break
+            if state.status is not RequestStatus.RUNNING:
+                continue  # evicted to make room for a row before it
+            num_new = min(self._next_tokens(state, overlaps), budget)
             if not num_new:
                 continue
             needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
-            while self.pool.num_free + self._evicting_blocks < needed:
-                victim = self._pick_victim(scheduled)
-                if victim is None:
-                    break
-                if self.running.index(victim) < index:
-                    index -= 1  # the victim sat before the cursor
-                self._evict(victim, plan)
-                if victim is state:
-                    break
-            if state.status is not RequestStatus.RUNNING or not self.pool.can_allocate(needed):
-                continue  # waits for an eviction to land, or was evicted itself
-            state.block_ids.extend(self.pool.allocate(needed))
-            plan.rows.append(self._row(state, num_new))
+            if needed > 0:
+                while pool.num_free + self._evicting_blocks < needed:
+                    victim = self._pick_victim(scheduled)
+                    if victim is None:
+                        break
+                    self._evict(victim, plan)
+                    if victim is state:
+                        break
+                if state.status is not RequestStatus.RUNNING or not pool.can_allocate(needed):
+                    continue  # waits for an eviction to land, or was evicted itself
+                state.block_ids.extend(pool.allocate(needed))
+            rows.append(self._row(state, num_new))
             scheduled.add(state.request_id)
             budget -= num_new
         return budget
@@ -382,15 +390,16 @@ class StaticScheduler:
             budget -= num_new
 
     def _row(self, state: RequestState, num_new: int) -> StepRow:
-        start = state.num_computed_tokens
-        awaits_token = start >= state.num_tokens  # its first token is the one the step in flight samples
+        start, num_tokens = state.num_computed_tokens, state.num_tokens
+        awaits_token = start >= num_tokens  # its first token is the one the step in flight samples
         token_ids = [] if awaits_token else state.token_ids(start, start + num_new)
-        self.counters["rows_ahead"] += awaits_token
+        if awaits_token:
+            self.counters["rows_ahead"] += 1
         state.num_computed_tokens += num_new
         state.num_in_flight += 1
         state.last_step_id = self._next_step_id
         sampling = None
-        if state.num_computed_tokens == state.num_tokens + state.num_awaited:  # reaches the end
+        if state.num_computed_tokens == num_tokens + state.num_awaited:  # reaches the end
             sampling = RowSampling(
                 temperature=state.sampling.temperature,
                 top_p=state.sampling.top_p,

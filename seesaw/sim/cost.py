@@ -23,17 +23,22 @@ class StepShape:
     num_sampled: int  # rows whose last token is sampled
     context_tokens: int  # tokens each row attends to, summed (KV read once per row)
     attention_pairs: int  # query-key pairs, summed (causal within a chunk)
+    num_decode_rows: int = 0  # rows of one new token past the prompt's start
 
 
 def step_shape(chunks: list[tuple[int, int, bool]]) -> StepShape:
     """The shape of a step from its rows as (start, new tokens, is sampled)."""
-    num_tokens = context = pairs = sampled = 0
+    num_tokens = context = pairs = sampled = decode = 0
     for start, new, is_sampled in chunks:
         num_tokens += new
         context += start + new
-        pairs += new * start + new * (new + 1) // 2
         sampled += is_sampled
-    return StepShape(num_tokens, len(chunks), sampled, context, pairs)
+        if new == 1:
+            pairs += start + 1
+            decode += start > 0
+        else:
+            pairs += new * start + new * (new + 1) // 2
+    return StepShape(num_tokens, len(chunks), sampled, context, pairs, decode)
 
 
 class CostModel:
@@ -45,6 +50,7 @@ class CostModel:
         self.gpu = node.gpu
         self.dtype_bytes = node.gpu.dtype_bytes
         self._shards: dict[tuple[Layout, int], Shard] = {}
+        self._stage_layers: dict[Layout, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------ shapes and bytes
 
@@ -150,13 +156,21 @@ class CostModel:
         """`stage_s` of every stage of the layout, computed once per layer and scaled by each
         stage's layer count (the simulator's hot path; equal to calling stage_s per stage)."""
         last = self.stage_terms(layout, layout.pp - 1, shape)
-        layers = self.shard(layout, layout.pp - 1).layers.size
+        *firsts, layers = self.stage_layers(layout)
         per_layer = (max(last["weight_read_s"], last["linear_compute_s"])
                      + max(last["attention_read_s"], last["attention_compute_s"]) + last["all_reduce_s"]
                      + last["row_overhead_s"]) / layers
         overhead = last["overhead_s"]
-        times = [self.shard(layout, stage).layers.size * per_layer + overhead for stage in range(layout.pp - 1)]
+        times = [count * per_layer + overhead for count in firsts]
         return [*times, per_layer * layers + overhead + last["lm_head_s"] + last["logits_gather_s"]]
+
+    def stage_layers(self, layout: Layout) -> tuple[int, ...]:
+        """How many layers each pipeline stage of the layout holds."""
+        counts = self._stage_layers.get(layout)
+        if counts is None:
+            counts = self._stage_layers[layout] = tuple(self.shard(layout, stage).layers.size
+                                                        for stage in range(layout.pp))
+        return counts
 
     def send_s(self, shape: StepShape) -> float:
         """Handing a step's activations to the next pipeline stage."""
