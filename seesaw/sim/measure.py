@@ -275,6 +275,9 @@ def calibrate(name: str, worker_counts: list[int], model: str = "dummy:tiny",
             "source": f"calibrated on this machine: {count} worker(s) of {threads} thread(s), float32",
         }
         gpus[f"{name}-w{count}"] = fit_to_engine(f"{name}-w{count}", entry, links, spec, threads, log)
+        if count > 1:
+            links[link_name] = fit_link_to_engine(f"{name}-w{count}", gpus[f"{name}-w{count}"], links, link_name,
+                                                  spec, count, threads, log)
     return {"about": f"written by seesaw-cli calibrate on a machine with {cores} cores", "gpus": gpus, "links": links}
 
 
@@ -282,18 +285,8 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
     """Fit a device entry to the real engine: scale its efficiencies so that a simulated
     prefill-heavy run of one worker takes as long as the engine's, then give the time a
     decode-heavy run still lacks to a per-row overhead. (Validation runs use other shapes.)"""
-    from seesaw.config import SchedulerConfig
-    from seesaw.layout import Layout
-    from seesaw.sim.catalog import Catalog
-    from seesaw.sim.cost import CostModel
-    from seesaw.sim.simulator import RunSpec, simulate
-    from seesaw.sim.workload import fixed
-
     def predicted(entry: dict, num_prompts: int, input_len: int, output_len: int):
-        catalog = Catalog()
-        catalog.add({"gpus": {name: entry}, "links": links}, "calibration")
-        run = RunSpec(Layout(), host_buffer_gb=1.0, scheduler=SchedulerConfig(max_num_batched_tokens=512))
-        return simulate(CostModel(spec, catalog.node(f"1x{name}")), run, fixed(num_prompts, input_len, output_len))
+        return _simulated_run(name, entry, links, spec, 1, num_prompts, input_len, output_len)
 
     # The faster of two runs of each: a shared machine's stalls only ever make a run slower.
     prefills = [run_engine("default", "t1", 32, 256, 2, threads=threads) for _ in range(2)]
@@ -315,3 +308,37 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
         log(f"  warning: the engine ran at {scale:.0%} of the measured rates, and its two prefill runs took "
             f"{prefill['elapsed_s']:.1f} and {slowest:.1f} s: the machine was probably busy; calibrate again")
     return fitted
+
+
+def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec, count: int, threads: int,
+                       log: Callable[[str], None]) -> dict:
+    """Fit a link's latency per hop to the real engine. Measured on idle ranks, a collective is
+    faster than in a run, where each one also waits for the slowest rank to reach it; a
+    decode-heavy run at `t{count}` (many small all-reduces) against its simulation gives that wait,
+    spread over the run's all-reduce hops. The device entry is fitted first (`fit_to_engine`)."""
+    engine = min((run_engine("default", f"t{count}", 32, 16, 64, threads=threads) for _ in range(2)),
+                 key=lambda run: run["elapsed_s"])
+    model = _simulated_run(name, entry, links, spec, count, 32, 16, 64)
+    hops = model.num_steps * spec.num_layers * 2 * 2 * (count - 1)  # two all-reduces per layer, ring hops each
+    link = links[link_name]
+    latency_us = max(0.0, link["latency_us"] + 1e6 * (engine["elapsed_s"] - model.elapsed_s) / hops)
+    log(f"  fitted to the engine: t{count} decode run {engine['elapsed_s']:.1f} s against {model.elapsed_s:.1f} s "
+        f"simulated: latency per hop {latency_us:.0f} us (idle ranks: {link['latency_us']:.0f} us)")
+    return {**link, "latency_us": latency_us,
+            "source": f"{link['source']}; latency fitted to a t{count} engine run"}
+
+
+def _simulated_run(name: str, entry: dict, links: dict, spec, tp: int, num_prompts: int, input_len: int,
+                   output_len: int):
+    """A calibration run simulated on a node of `tp` devices of the entry, at `t{tp}`."""
+    from seesaw.config import SchedulerConfig
+    from seesaw.layout import Layout
+    from seesaw.sim.catalog import Catalog
+    from seesaw.sim.cost import CostModel
+    from seesaw.sim.simulator import RunSpec, simulate
+    from seesaw.sim.workload import fixed
+
+    catalog = Catalog()
+    catalog.add({"gpus": {name: entry}, "links": links}, "calibration")
+    run = RunSpec(Layout(tp=tp), host_buffer_gb=1.0, scheduler=SchedulerConfig(max_num_batched_tokens=512))
+    return simulate(CostModel(spec, catalog.node(f"{tp}x{name}")), run, fixed(num_prompts, input_len, output_len))
