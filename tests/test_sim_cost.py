@@ -92,3 +92,37 @@ def test_model_that_does_not_fit_names_the_layout_and_the_gpu():
     cost = CostModel(catalog.model("llama2-70b"), catalog.node("2xL4"))
     with pytest.raises(ValueError, match="t2: a worker holds .* GiB of weights.* L4"):
         cost.device_blocks([Layout(tp=2)], 16)
+
+
+def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch):
+    """calibrate's third fit: an engine run at t2 slower than its simulation on idle-rank figures
+    raises the link's latency per hop until the simulation takes as long (the engine's run is given
+    here as the simulated time at a known latency, so the fit must find that latency)."""
+    from seesaw.sim import measure
+
+    spec = Catalog().model("llama3-8b")
+    entry = {"memory_gb": 16, "memory_bandwidth_gbs": 50.0, "peak_tflops": 0.1, "interconnect": "w2-gloo",
+             "host_link": "w2-host", "host_memory_gb": 4, "dtype_bytes": 4, "matmul_efficiency": 0.9,
+             "memory_efficiency": 0.9, "attention_efficiency": 0.5, "step_overhead_ms": 1.5, "kv_cache_gb": 2.0,
+             "token_budget": 512, "copy_overlap": 0.0, "row_overhead_us": 900.0, "device": "cpu"}
+
+    def links(latency_us: float) -> dict:
+        return {"w2-gloo": {"bandwidth_gbs": 4.0, "efficiency": 1.0, "latency_us": latency_us,
+                            "all_reduce_gbs": {"2": 2.0}, "source": "test"},
+                "w2-host": {"bandwidth_gbs": 40.0, "efficiency": 1.0, "latency_us": 0.0, "source": "test"}}
+
+    engine_s = measure._simulated_run("w2", entry, links(700.0), spec, 2, 32, 16, 64).elapsed_s
+    calls = []
+
+    def engine_run(model, layout, num_prompts, input_len, output_len, threads=None):
+        calls.append(layout)
+        return {"elapsed_s": engine_s}
+
+    monkeypatch.setattr(measure, "run_engine", engine_run)
+    idle = links(300.0)
+    fitted = measure.fit_link_to_engine("w2", entry, idle, "w2-gloo", spec, 2, 1, log=lambda line: None)
+    assert calls == ["t2", "t2"]  # the faster of two runs
+    assert fitted["latency_us"] == pytest.approx(700.0, rel=0.03)
+    assert fitted["all_reduce_gbs"] == {"2": 2.0} and "fitted" in fitted["source"]
+    refit = measure._simulated_run("w2", entry, {**idle, "w2-gloo": fitted}, spec, 2, 32, 16, 64)
+    assert refit.elapsed_s == pytest.approx(engine_s, rel=0.01)
