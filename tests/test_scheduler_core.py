@@ -145,6 +145,20 @@ def test_preemption_under_a_small_pool_finishes_everything_with_the_same_tokens(
     assert (tight.num_restores > 0) == host_room
 
 
+def test_a_prompt_chunk_takes_what_the_free_blocks_hold_rather_than_evicting():
+    core = make(num_blocks=8, block_size=4, budget=16)
+    add(core, "decoding", 8, 6)
+    add(core, "long", 30, 2)
+    model = Model(core)
+    first = model.step()
+    assert [(row.request_id, len(row.token_ids)) for row in first.rows] == [("decoding", 8), ("long", 8)]
+    second = model.step()  # 4 free blocks: one for the decode token, three (12 tokens) for the prompt
+    assert [(row.request_id, row.num_new_tokens) for row in second.rows] == [("decoding", 1), ("long", 12)]
+    assert not second.moves and core.counters["evictions"] == 0
+    model.run()
+    assert {r: len(t) for r, t in model.outputs.items()} == {"decoding": 6, "long": 2}
+
+
 def test_stop_releases_blocks_now_or_when_the_step_lands():
     core = make()
     add(core, "a", 8, 10)

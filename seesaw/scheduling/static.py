@@ -337,6 +337,11 @@ class StaticScheduler:
             if not num_new:
                 continue
             needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
+            if needed > pool.num_free and num_new > 1:
+                # A prompt chunk takes what the free blocks hold (at least one block's worth)
+                # rather than evicting others to be whole.
+                num_new = self._chunk_that_fits(state, num_new)
+                needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
             if needed > 0:
                 while pool.num_free + self._evicting_blocks < needed:
                     victim = self._pick_victim(scheduled)
@@ -352,6 +357,12 @@ class StaticScheduler:
             scheduled.add(state.request_id)
             budget -= num_new
         return budget
+
+    def _chunk_that_fits(self, state: RequestState, num_new: int) -> int:
+        """The part of a `num_new`-token chunk that its blocks and the free ones hold, or, with no
+        room at all, what one more block holds."""
+        room = (len(state.block_ids) + max(1, self.pool.num_free)) * self.block_size - state.num_computed_tokens
+        return max(1, min(num_new, room))
 
     def _schedule_restores(self, plan: StepPlan) -> None:
         while self.swapped and len(self.running) < self.config.max_num_seqs:
