@@ -77,7 +77,7 @@ def main(argv=None) -> None:
                             for _ in range(args.repeats)), key=lambda result: result["elapsed_s"])
         error = (predicted.elapsed_s / measured["elapsed_s"] - 1) if measured else None
         steps = f"{measured['steps'] if measured else '-'}/{predicted.num_steps}"
-        real_transitions = measured["stats"].get("num_transitions", 0) if measured else "-"
+        real_transitions = measured["transitions"] if measured else "-"
         print(f"{run:<8} {measured['elapsed_s'] if measured else float('nan'):>10.1f} {predicted.elapsed_s:>11.1f} "
               f"{'' if error is None else f'{100 * error:+.0f}%':>7} {steps:>11} "
               f"{real_transitions}/{len(predicted.transitions):>9}", flush=True)

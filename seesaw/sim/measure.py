@@ -210,7 +210,7 @@ def run_engine(model: str, layout: str, num_prompts: int, input_len: int, output
             # A short warm-up: first touches of the KV pool and first calls of each kernel are slow.
             warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
             await asyncio.gather(*(client.submit(warm, prompt_token_ids=p[:input_len]) for p in prompts[:4]))
-            before = (await engine.query_stats())["totals"].get("steps", 0)
+            before = await engine.query_stats()
             started = time.perf_counter()
             results = await asyncio.gather(*(client.submit(sampling, prompt_token_ids=p) for p in prompts))
             elapsed = time.perf_counter() - started
@@ -218,7 +218,9 @@ def run_engine(model: str, layout: str, num_prompts: int, input_len: int, output
             if errors:
                 raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
             stats = await engine.query_stats()
-            return {"elapsed_s": elapsed, "steps": stats["totals"].get("steps", 0) - before, "stats": stats}
+            return {"elapsed_s": elapsed, "stats": stats,  # steps and phase switches of this run, not the warm-up's
+                    "steps": stats["totals"].get("steps", 0) - before["totals"].get("steps", 0),
+                    "transitions": stats.get("num_transitions", 0) - before.get("num_transitions", 0)}
 
     return asyncio.run(main())
 
