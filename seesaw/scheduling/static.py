@@ -336,12 +336,12 @@ class StaticScheduler:
             num_new = min(self._next_tokens(state, overlaps), budget)
             if not num_new:
                 continue
-            needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
+            needed = self._blocks_needed(state, num_new)
             if needed > pool.num_free and num_new > 1:
                 # A prompt chunk takes what the free blocks hold (at least one block's worth)
                 # rather than evicting others to be whole.
                 num_new = self._chunk_that_fits(state, num_new)
-                needed = blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
+                needed = self._blocks_needed(state, num_new)
             if needed > 0:
                 while pool.num_free + self._evicting_blocks < needed:
                     victim = self._pick_victim(scheduled)
@@ -358,11 +358,16 @@ class StaticScheduler:
             budget -= num_new
         return budget
 
+    def _blocks_needed(self, state: RequestState, num_new: int) -> int:
+        """Blocks a row of `num_new` more tokens needs beyond those the request holds."""
+        return blocks_for(state.num_computed_tokens + num_new, self.block_size) - len(state.block_ids)
+
     def _chunk_that_fits(self, state: RequestState, num_new: int) -> int:
         """The part of a `num_new`-token chunk that its blocks and the free ones hold, or, with no
-        room at all, what one more block holds."""
+        room at all, what one more block holds (a request's blocks hold its computed tokens, so
+        that is at least one token)."""
         room = (len(state.block_ids) + max(1, self.pool.num_free)) * self.block_size - state.num_computed_tokens
-        return max(1, min(num_new, room))
+        return min(num_new, room)
 
     def _schedule_restores(self, plan: StepPlan) -> None:
         while self.swapped and len(self.running) < self.config.max_num_seqs:

@@ -101,7 +101,7 @@ class Catalog:
         self.models: dict[str, dict] = {name: dict(config) for name, config in PRESETS.items()}
         for name in ("gpus.json", "links.json", "models.json"):
             text = resources.files("seesaw.sim").joinpath("profiles", name).read_text()
-            self._merge(json.loads(text), f"seesaw/sim/profiles/{name}")
+            self.add(json.loads(text), f"seesaw/sim/profiles/{name}")
         for path in extra_files:
             self.add_file(Path(path))
 
@@ -113,13 +113,10 @@ class Catalog:
             raise ValueError(f"profile file {path} does not exist") from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-        self._merge(data, str(path))
+        self.add(data, str(path))
 
     def add(self, data: dict, where: str) -> None:
-        """Merge profile entries given as a dict (as a profile file holds them)."""
-        self._merge(data, where)
-
-    def _merge(self, data: dict, where: str) -> None:
+        """Merge profile entries given as a dict (as a profile file holds them); later entries win."""
         if not isinstance(data, dict):
             raise ValueError(f"{where}: a profile file is a JSON object with gpus, links or models")
         for name, entry in data.get("gpus", {}).items():

@@ -108,17 +108,24 @@ def concurrent_rates(count: int, threads: int, hidden: int, intermediate: int, t
     """`compute_rates` measured in `count` processes at once, as that many workers run: each
     one's rates while the others compete for the same cores and memory (the mean over them)."""
     context = multiprocessing.get_context("spawn")
-    results, start = context.Queue(), context.Barrier(count)
-    processes = [context.Process(target=_rates_worker, args=(threads, hidden, intermediate, token_budget, start, results))
-                 for _ in range(count)]
+    start = context.Barrier(count)
+    measured = _in_processes(context, _rates_worker, [(threads, hidden, intermediate, token_budget, start)] * count,
+                             count, timeout_s=600)
+    return {key: statistics.mean(rates[key] for rates in measured) for key in measured[0]}
+
+
+def _in_processes(context, target, args: list[tuple], num_results: int, timeout_s: float) -> list:
+    """Run `target(*args[i], results)` in one process each and take `num_results` results from the
+    queue (each wait bounded by `timeout_s`), then wait for the processes to end."""
+    results = context.Queue()
+    processes = [context.Process(target=target, args=(*each, results)) for each in args]
     for process in processes:
         process.start()
     try:
-        measured = [results.get(timeout=600) for _ in processes]
+        return [results.get(timeout=timeout_s) for _ in range(num_results)]
     finally:
         for process in processes:
             process.join(timeout=60)
-    return {key: statistics.mean(rates[key] for rates in measured) for key in measured[0]}
 
 
 def _communicator_worker(rank: int, size: int, address: str, threads: int, results) -> None:
@@ -158,18 +165,9 @@ def communicator_rates(size: int, threads: int) -> dict[str, float]:
     """Ring all-reduce bus bandwidth, per-hop latency and send/recv bandwidth over `size` gloo ranks."""
     from seesaw.transport.collective import free_tcp_address
 
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
     address = free_tcp_address()
-    processes = [context.Process(target=_communicator_worker, args=(rank, size, address, threads, results))
-                 for rank in range(size)]
-    for process in processes:
-        process.start()
-    try:
-        timings = results.get(timeout=300)
-    finally:
-        for process in processes:
-            process.join(timeout=60)
+    (timings,) = _in_processes(multiprocessing.get_context("spawn"), _communicator_worker,
+                               [(rank, size, address, threads) for rank in range(size)], 1, timeout_s=300)
     hops = 2 * (size - 1)
     latency_s = timings["all_reduce_4096"] / hops
     big = 16 << 20
@@ -287,21 +285,15 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
     """Fit a device entry to the real engine: scale its efficiencies so that a simulated
     prefill-heavy run of one worker takes as long as the engine's, then give the time a
     decode-heavy run still lacks to a per-row overhead. (Validation runs use other shapes.)"""
-    def predicted(entry: dict, num_prompts: int, input_len: int, output_len: int):
-        return _simulated_run(name, entry, links, spec, 1, num_prompts, input_len, output_len)
-
-    # The faster of two runs of each: a shared machine's stalls only ever make a run slower.
-    prefills = [run_engine("default", "t1", 32, 256, 2, threads=threads) for _ in range(2)]
-    prefill = min(prefills, key=lambda run: run["elapsed_s"])
-    slowest = max(run["elapsed_s"] for run in prefills)
-    model = predicted(entry, 32, 256, 2)
+    prefills = _engine_runs("t1", 32, 256, 2, threads)
+    prefill, slowest = prefills[0], prefills[-1]["elapsed_s"]
+    model = _simulated_run(name, entry, links, spec, 1, 32, 256, 2)
     overhead_s = model.num_steps * entry["step_overhead_ms"] / 1000
     scale = (model.elapsed_s - overhead_s) / max(1e-9, prefill["elapsed_s"] - overhead_s)
     fitted = {**entry, **{key: entry[key] * scale for key in
                           ("matmul_efficiency", "memory_efficiency", "attention_efficiency")}}
-    decode = min((run_engine("default", "t1", 32, 16, 64, threads=threads) for _ in range(2)),
-                 key=lambda run: run["elapsed_s"])
-    model = predicted(fitted, 32, 16, 64)
+    decode = _engine_runs("t1", 32, 16, 64, threads)[0]
+    model = _simulated_run(name, fitted, links, spec, 1, 32, 16, 64)
     rows = 32 * 65  # every output token is a row, and each prompt is one more
     fitted["row_overhead_us"] = max(0.0, 1e6 * (decode["elapsed_s"] - model.elapsed_s) / rows)
     log(f"  fitted to the engine: prefill run {prefill['elapsed_s']:.1f} s (efficiencies x{scale:.2f}), "
@@ -318,8 +310,7 @@ def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec
     faster than in a run, where each one also waits for the slowest rank to reach it; a
     decode-heavy run at `t{count}` (many small all-reduces) against its simulation gives that wait,
     spread over the run's all-reduce hops. The device entry is fitted first (`fit_to_engine`)."""
-    engine = min((run_engine("default", f"t{count}", 32, 16, 64, threads=threads) for _ in range(2)),
-                 key=lambda run: run["elapsed_s"])
+    engine = _engine_runs(f"t{count}", 32, 16, 64, threads)[0]
     model = _simulated_run(name, entry, links, spec, count, 32, 16, 64)
     hops = model.num_steps * spec.num_layers * 2 * 2 * (count - 1)  # two all-reduces per layer, ring hops each
     link = links[link_name]
@@ -328,6 +319,13 @@ def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec
         f"simulated: latency per hop {latency_us:.0f} us (idle ranks: {link['latency_us']:.0f} us)")
     return {**link, "latency_us": latency_us,
             "source": f"{link['source']}; latency fitted to a t{count} engine run"}
+
+
+def _engine_runs(layout: str, num_prompts: int, input_len: int, output_len: int, threads: int) -> list[dict]:
+    """Two engine runs on the default model, the faster first: a shared machine's stalls only ever
+    make a run slower, so each fit takes the faster."""
+    runs = [run_engine("default", layout, num_prompts, input_len, output_len, threads=threads) for _ in range(2)]
+    return sorted(runs, key=lambda run: run["elapsed_s"])
 
 
 def _simulated_run(name: str, entry: dict, links: dict, spec, tp: int, num_prompts: int, input_len: int,

@@ -25,14 +25,10 @@ from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.static import StaticScheduler
 from seesaw.sim.cost import GIB, CostModel, step_shape
 from seesaw.sim.workload import Workload
-from seesaw.step import RowSampling, StepRow
+from seesaw.step import RowSampling
 
 _GREEDY = RowSampling(temperature=0.0)
 
-
-def new_tokens(row: StepRow) -> int:
-    """How many new tokens a row computes (the one place that reads a row's tokens)."""
-    return row.num_new_tokens
 
 
 @dataclass(frozen=True)
@@ -269,7 +265,7 @@ class Simulation:
     def _step(self, index: int, phase: Phase, plan: StepPlan) -> None:
         replica = self.replicas[index]
         layout = self.layouts[phase]
-        chunks = [(row.start, new_tokens(row), row.sampling is not None) for row in plan.rows]
+        chunks = [(row.start, row.num_new_tokens, row.sampling is not None) for row in plan.rows]
         shape = step_shape(chunks)
         replica.pending_tokens -= shape.num_tokens
         stage_times = self.cost.stage_times(layout, shape)
