@@ -13,9 +13,18 @@ from seesaw.sim.catalog import Catalog, Node
 from seesaw.sim.cost import CostModel, step_shape
 from seesaw.sim.simulator import RunSpec, simulate
 from seesaw.sim.workload import arxiv, fixed
+from seesaw.step import RowSampling, StepRow
 
-DECODE = step_shape([(1000, 1, True)] * 64)  # 64 requests, one new token each, 1,000 tokens of context
-PREFILL = step_shape([(0, 2048, True)] * 4)
+
+
+def _rows(start: int, num_new: int, count: int) -> list[StepRow]:
+    """`count` sampled rows of `num_new` new tokens after `start` computed ones."""
+    return [StepRow(f"r{index}", [0] * num_new, start, [], sampling=RowSampling(temperature=0.0))
+            for index in range(count)]
+
+
+DECODE = step_shape(_rows(1000, 1, 64))  # 64 requests, one new token each, 1,000 tokens of context
+PREFILL = step_shape(_rows(0, 2048, 4))
 
 
 @pytest.fixture(scope="module")

@@ -276,7 +276,7 @@ class StaticScheduler:
     # ------------------------------------------------------------ steps
 
     def _plan(self) -> StepPlan:
-        plan = StepPlan(step_id=self._next_step_id, moves=self._moves)
+        plan = StepPlan(self._next_step_id, [], self._moves)
         self._moves = []
         return plan
 
@@ -408,21 +408,19 @@ class StaticScheduler:
     def _row(self, state: RequestState, num_new: int) -> StepRow:
         start, num_tokens = state.num_computed_tokens, state.num_tokens
         awaits_token = start >= num_tokens  # its first token is the one the step in flight samples
-        token_ids = [] if awaits_token else state.token_ids(start, start + num_new)
         if awaits_token:
+            token_ids = []
             self.counters["rows_ahead"] += 1
-        state.num_computed_tokens += num_new
+        else:
+            token_ids = state.token_ids(start, start + num_new)
+        state.num_computed_tokens = start + num_new
         state.num_in_flight += 1
         state.last_step_id = self._next_step_id
         sampling = None
-        if state.num_computed_tokens == num_tokens + state.num_awaited:  # reaches the end
-            sampling = RowSampling(
-                temperature=state.sampling.temperature,
-                top_p=state.sampling.top_p,
-                top_k=state.sampling.top_k,
-                seed=state.sampling.seed,
-                output_index=len(state.output_token_ids) + state.num_awaited,
-            )
+        if start + num_new == num_tokens + state.num_awaited:  # reaches the end
+            wanted = state.sampling
+            sampling = RowSampling(wanted.temperature, wanted.top_p, wanted.top_k, wanted.seed,
+                                   len(state.output_token_ids) + state.num_awaited)
             state.num_awaited += 1
         first_new_block, state.num_blocks_sent = state.num_blocks_sent, len(state.block_ids)
         return StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,

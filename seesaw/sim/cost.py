@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Iterable
 
 from seesaw.layout import Layout, Shard, shard_for, validate
 from seesaw.model.spec import ModelSpec
 from seesaw.sim.catalog import GB, Node
+from seesaw.step import StepRow
 
 GIB = 1 << 30
 
@@ -26,19 +28,41 @@ class StepShape:
     num_decode_rows: int = 0  # rows of one new token past the prompt's start
 
 
-def step_shape(chunks: list[tuple[int, int, bool]]) -> StepShape:
-    """The shape of a step from its rows as (start, new tokens, is sampled)."""
-    num_tokens = context = pairs = sampled = decode = 0
-    for start, new, is_sampled in chunks:
+@dataclass(frozen=True)
+class StageRates:
+    """One pipeline stage's step terms as rates: what a step costs whatever its shape, and what
+    each new token, context token, query-key pair, row and sampled row adds."""
+
+    num_layers: int
+    weight_read_s: float
+    linear_s_per_token: float
+    attention_read_s_per_token: float  # reading one context token's KV
+    attention_s_per_pair: float
+    all_reduce_s: float  # the all-reduces' latency
+    all_reduce_s_per_token: float
+    overhead_s: float
+    row_overhead_s: float  # per row
+    head_read_s: float  # the LM head's weights (last stage only, as are the next three)
+    head_s_per_sampled: float
+    gather_s: float  # the logits all-gather's latency
+    gather_s_per_sampled: float
+
+
+def step_shape(rows: Iterable[StepRow]) -> StepShape:
+    """The shape of a step from its rows."""
+    num_rows = num_tokens = context = pairs = sampled = decode = 0
+    for row in rows:
+        start, new = row.start, len(row.token_ids) + row.awaits_token
+        num_rows += 1
         num_tokens += new
         context += start + new
-        sampled += is_sampled
+        sampled += row.sampling is not None
         if new == 1:
             pairs += start + 1
             decode += start > 0
         else:
             pairs += new * start + new * (new + 1) // 2
-    return StepShape(num_tokens, len(chunks), sampled, context, pairs, decode)
+    return StepShape(num_tokens, num_rows, sampled, context, pairs, decode)
 
 
 class CostModel:
@@ -51,6 +75,7 @@ class CostModel:
         self.dtype_bytes = node.gpu.dtype_bytes
         self._shards: dict[tuple[Layout, int], Shard] = {}
         self._stage_layers: dict[Layout, tuple[int, ...]] = {}
+        self._rates: dict[tuple[Layout, int], StageRates] = {}
 
     # ------------------------------------------------------------ shapes and bytes
 
@@ -113,35 +138,63 @@ class CostModel:
 
     # ------------------------------------------------------------ one step
 
-    def stage_terms(self, layout: Layout, stage: int, shape: StepShape) -> dict[str, float]:
-        """Seconds of each term of one pipeline stage's part of a step, on its slowest worker."""
+    def stage_rates(self, layout: Layout, stage: int) -> StageRates:
+        """The terms of one pipeline stage's part of a step as rates, on its slowest worker."""
+        key = (layout, stage)
+        rates = self._rates.get(key)
+        if rates is None:
+            rates = self._rates[key] = self._stage_rates(layout, stage)
+        return rates
+
+    def _stage_rates(self, layout: Layout, stage: int) -> StageRates:
         spec, gpu = self.spec, self.gpu
         shard = self.shard(layout, stage)
         layers = shard.layers.size
         peak = gpu.peak_tflops * 1e12
         params = self.layer_params(shard)
         head_dim = spec.head_dim
-        activation_bytes = shape.num_tokens * spec.hidden_size * self.dtype_bytes
-        terms = {
-            "weight_read_s": layers * params * self.dtype_bytes / gpu.memory_bandwidth,
-            "linear_compute_s": layers * 2 * params * shape.num_tokens / (peak * gpu.matmul_efficiency),
-            "attention_read_s": layers * shape.context_tokens * 2 * shard.kv_heads.size * head_dim
-            * self.dtype_bytes / gpu.memory_bandwidth,
-            "attention_compute_s": layers * 4 * shard.heads.size * head_dim * shape.attention_pairs
-            / (peak * gpu.attention_efficiency),
-            "all_reduce_s": layers * 2 * self.all_reduce_s(activation_bytes, layout.tp),
-            "lm_head_s": 0.0,
-            "logits_gather_s": 0.0,
-            "overhead_s": gpu.step_overhead_ms / 1000,
-            "row_overhead_s": shape.num_rows * gpu.row_overhead_us * 1e-6 * layers / spec.num_layers,
-        }
-        if shard.is_last_stage and shape.num_sampled:
+        token_bytes = spec.hidden_size * self.dtype_bytes  # one token's activations
+        all_reduce_s = layers * 2 * self.all_reduce_s(0, layout.tp)
+        head_read_s = head_s_per_sampled = gather_s = gather_s_per_sampled = 0.0
+        if shard.is_last_stage:
             head_params = shard.vocab.size * spec.hidden_size
-            terms["lm_head_s"] = max(head_params * self.dtype_bytes / gpu.memory_bandwidth,
-                                     2 * head_params * shape.num_sampled / (peak * gpu.matmul_efficiency))
-            logits_bytes = shape.num_sampled * shard.vocab_rows_padded * layout.tp * 4  # float32 logits
-            terms["logits_gather_s"] = self.all_gather_s(logits_bytes, layout.tp)
-        return terms
+            head_read_s = head_params * self.dtype_bytes / gpu.memory_bandwidth
+            head_s_per_sampled = 2 * head_params / (peak * gpu.matmul_efficiency)
+            gather_s = self.all_gather_s(0, layout.tp)
+            logits_bytes = shard.vocab_rows_padded * layout.tp * 4  # one sampled row's float32 logits
+            gather_s_per_sampled = self.all_gather_s(logits_bytes, layout.tp) - gather_s
+        return StageRates(
+            num_layers=layers,
+            weight_read_s=layers * params * self.dtype_bytes / gpu.memory_bandwidth,
+            linear_s_per_token=layers * 2 * params / (peak * gpu.matmul_efficiency),
+            attention_read_s_per_token=layers * 2 * shard.kv_heads.size * head_dim * self.dtype_bytes
+            / gpu.memory_bandwidth,
+            attention_s_per_pair=layers * 4 * shard.heads.size * head_dim / (peak * gpu.attention_efficiency),
+            all_reduce_s=all_reduce_s,
+            all_reduce_s_per_token=layers * 2 * self.all_reduce_s(token_bytes, layout.tp) - all_reduce_s,
+            overhead_s=gpu.step_overhead_ms / 1000,
+            row_overhead_s=gpu.row_overhead_us * 1e-6 * layers / spec.num_layers,
+            head_read_s=head_read_s,
+            head_s_per_sampled=head_s_per_sampled,
+            gather_s=gather_s,
+            gather_s_per_sampled=gather_s_per_sampled,
+        )
+
+    def stage_terms(self, layout: Layout, stage: int, shape: StepShape) -> dict[str, float]:
+        """Seconds of each term of one pipeline stage's part of a step, on its slowest worker."""
+        rates = self.stage_rates(layout, stage)
+        sampled = shape.num_sampled
+        return {
+            "weight_read_s": rates.weight_read_s,
+            "linear_compute_s": rates.linear_s_per_token * shape.num_tokens,
+            "attention_read_s": rates.attention_read_s_per_token * shape.context_tokens,
+            "attention_compute_s": rates.attention_s_per_pair * shape.attention_pairs,
+            "all_reduce_s": rates.all_reduce_s + rates.all_reduce_s_per_token * shape.num_tokens,
+            "lm_head_s": max(rates.head_read_s, rates.head_s_per_sampled * sampled) if sampled else 0.0,
+            "logits_gather_s": rates.gather_s + rates.gather_s_per_sampled * sampled if sampled else 0.0,
+            "overhead_s": rates.overhead_s,
+            "row_overhead_s": rates.row_overhead_s * shape.num_rows,
+        }
 
     def stage_s(self, layout: Layout, stage: int, shape: StepShape) -> float:
         """One stage's time: reading weights and multiplying overlap (the slower one counts), as do
@@ -153,16 +206,24 @@ class CostModel:
                 + terms["row_overhead_s"])
 
     def stage_times(self, layout: Layout, shape: StepShape) -> list[float]:
-        """`stage_s` of every stage of the layout, computed once per layer and scaled by each
+        """`stage_s` of every stage of the layout, from the last stage's rates scaled by each
         stage's layer count (the simulator's hot path; equal to calling stage_s per stage)."""
-        last = self.stage_terms(layout, layout.pp - 1, shape)
-        *firsts, layers = self.stage_layers(layout)
-        per_layer = (max(last["weight_read_s"], last["linear_compute_s"])
-                     + max(last["attention_read_s"], last["attention_compute_s"]) + last["all_reduce_s"]
-                     + last["row_overhead_s"]) / layers
-        overhead = last["overhead_s"]
-        times = [count * per_layer + overhead for count in firsts]
-        return [*times, per_layer * layers + overhead + last["lm_head_s"] + last["logits_gather_s"]]
+        rates = self.stage_rates(layout, layout.pp - 1)
+        num_tokens, sampled = shape.num_tokens, shape.num_sampled
+        layers_s = (max(rates.weight_read_s, rates.linear_s_per_token * num_tokens)
+                    + max(rates.attention_read_s_per_token * shape.context_tokens,
+                          rates.attention_s_per_pair * shape.attention_pairs)
+                    + rates.all_reduce_s + rates.all_reduce_s_per_token * num_tokens
+                    + rates.row_overhead_s * shape.num_rows)
+        overhead = rates.overhead_s
+        last = layers_s + overhead
+        if sampled:
+            last += (max(rates.head_read_s, rates.head_s_per_sampled * sampled)
+                     + rates.gather_s + rates.gather_s_per_sampled * sampled)
+        if layout.pp == 1:
+            return [last]
+        per_layer = layers_s / rates.num_layers
+        return [*(count * per_layer + overhead for count in self.stage_layers(layout)[:-1]), last]
 
     def stage_layers(self, layout: Layout) -> tuple[int, ...]:
         """How many layers each pipeline stage of the layout holds."""

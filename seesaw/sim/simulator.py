@@ -265,14 +265,17 @@ class Simulation:
     def _step(self, index: int, phase: Phase, plan: StepPlan) -> None:
         replica = self.replicas[index]
         layout = self.layouts[phase]
-        chunks = [(row.start, row.num_new_tokens, row.sampling is not None) for row in plan.rows]
-        shape = step_shape(chunks)
+        shape = step_shape(plan.rows)
         replica.pending_tokens -= shape.num_tokens
         stage_times = self.cost.stage_times(layout, shape)
         send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
         end, tp, free_at = self.now, layout.tp, replica.free_at
         for stage, seconds in enumerate(stage_times):
             ready = end + send_s if stage else end  # the previous stage handed its activations on
+            if tp == 1:
+                end = max(ready, free_at[stage]) + seconds
+                free_at[stage] = end
+                continue
             first = stage * tp  # the stage's workers are free_at[first:first + tp]
             end = max(ready, *free_at[first:first + tp]) + seconds
             free_at[first:first + tp] = [end] * tp
