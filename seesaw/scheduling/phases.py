@@ -38,12 +38,9 @@ class PhaseScheduler(StaticScheduler):
                          first_step_id=first_step_id)
         self.micro_batches = micro_batches  # steps in flight in each phase: its layout's pipeline depth
         self.phase = Phase.PREFILL
+        self._pipeline_depth = micro_batches[self.phase]
         self.paused: list[RequestState] = []  # decoding requests kept on the device during prefill
         self.counters["transitions"] = 0
-
-    @property
-    def _pipeline_depth(self) -> int:
-        return self.micro_batches[self.phase]
 
     def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request of this size can never fit the device pool or the host buffer, or None."""
@@ -145,6 +142,7 @@ class PhaseScheduler(StaticScheduler):
         plan.switch_to = phase
         self.counters["transitions"] += 1
         self.phase = phase
+        self._pipeline_depth = self.micro_batches[phase]
         if phase is Phase.PREFILL:
             # Decoding requests pause; a prompt whose last chunk is still in flight stays running
             # and leaves the device when that chunk lands.

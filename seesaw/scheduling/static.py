@@ -47,7 +47,7 @@ class StaticScheduler:
         self.pool = BlockPool(num_device_blocks)
         self.host = host or HostSlots(0, block_size)
         self.watermark_blocks = int(config.watermark * num_device_blocks)
-        self._num_micro_batches = num_micro_batches
+        self._pipeline_depth = num_micro_batches  # steps in flight at once in the current layout
         self.phase = Phase.MIXED
         self.requests: dict[str, RequestState] = {}
         self.waiting: deque[RequestState] = deque()
@@ -77,10 +77,6 @@ class StaticScheduler:
         """Steps that may be in flight at once: one per pipeline stage of the current layout, or,
         for a single stage with overlap on, two (the next step is planned while one runs)."""
         return 2 if self._overlaps else self._pipeline_depth
-
-    @property
-    def _pipeline_depth(self) -> int:
-        return self._num_micro_batches
 
     @property
     def _overlaps(self) -> bool:

@@ -223,7 +223,9 @@ class CostModel:
         if layout.pp == 1:
             return [last]
         per_layer = layers_s / rates.num_layers
-        return [*(count * per_layer + overhead for count in self.stage_layers(layout)[:-1]), last]
+        times = [count * per_layer + overhead for count in self.stage_layers(layout)[:-1]]
+        times.append(last)
+        return times
 
     def stage_layers(self, layout: Layout) -> tuple[int, ...]:
         """How many layers each pipeline stage of the layout holds."""
