@@ -68,11 +68,10 @@ class PhaseScheduler(StaticScheduler):
             self._switch(Phase.PREFILL, plan)
             return self._commit(plan)
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
         max_rows = self._max_rows()
-        budget = self._schedule_running(plan, budget, scheduled, max_rows)
+        budget = self._schedule_running(plan, budget, max_rows)
         if self.phase is Phase.PREFILL:
-            self._schedule_prefills(plan, budget, scheduled, max_rows)
+            self._schedule_prefills(plan, budget, max_rows)
         elif not self._is_holding_loads():
             self._schedule_restores(plan)
         return self._commit(plan)
@@ -158,7 +157,7 @@ class PhaseScheduler(StaticScheduler):
 
     # ------------------------------------------------------------ prefill
 
-    def _schedule_prefills(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> None:
+    def _schedule_prefills(self, plan: StepPlan, budget: int, max_rows: int) -> None:
         """Admit waiting prompts: a host slot is reserved and every block of the prompt taken now,
         so a prefill never has to evict anything."""
         while (self.waiting and budget > 0 and len(plan.rows) < max_rows
@@ -174,7 +173,6 @@ class PhaseScheduler(StaticScheduler):
             bisect.insort(self.running, state, key=lambda s: s.arrival)
             num_new = min(state.num_pending_tokens, budget)
             plan.rows.append(self._row(state, num_new))
-            scheduled.add(state.request_id)
             budget -= num_new
 
     def _may_follow(self, state: RequestState) -> bool:

@@ -142,12 +142,11 @@ class StaticScheduler:
         """Plan the next step over requests not already in flight."""
         plan = self._plan()
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
         max_rows = self._max_rows()
-        budget = self._schedule_running(plan, budget, scheduled, max_rows)
+        budget = self._schedule_running(plan, budget, max_rows)
         self._schedule_restores(plan)
         if not self.swapped:
-            self._schedule_waiting(plan, budget, scheduled, max_rows)
+            self._schedule_waiting(plan, budget, max_rows)
         return self._commit(plan)
 
     def plans(self) -> Iterator[tuple[Phase, StepPlan]]:
@@ -317,7 +316,7 @@ class StaticScheduler:
         """Whether the request may decode right behind its row in flight (static mode: always)."""
         return True
 
-    def _schedule_running(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> int:
+    def _schedule_running(self, plan: StepPlan, budget: int, max_rows: int) -> int:
         overlaps = self._overlaps
         busy = 2 if overlaps else 1  # rows in flight that rule a request out for this step
         # In arrival order, those that may take a row (with several steps in flight, most may not);
@@ -340,7 +339,7 @@ class StaticScheduler:
                 needed = self._blocks_needed(state, num_new)
             if needed > 0:
                 while pool.num_free + self._evicting_blocks < needed:
-                    victim = self._pick_victim(scheduled)
+                    victim = self._pick_victim()
                     if victim is None:
                         break
                     self._evict(victim, plan)
@@ -350,7 +349,6 @@ class StaticScheduler:
                     continue  # waits for an eviction to land, or was evicted itself
                 state.block_ids.extend(pool.allocate(needed))
             rows.append(self._row(state, num_new))
-            scheduled.add(state.request_id)
             budget -= num_new
         return budget
 
@@ -382,7 +380,7 @@ class StaticScheduler:
             plan.moves.append(ToDevice(state.request_id, self.phase, slot.host_block_ids, list(state.block_ids)))
             self.counters["restores"] += 1
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int, scheduled: set[str], max_rows: int) -> None:
+    def _schedule_waiting(self, plan: StepPlan, budget: int, max_rows: int) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(plan.rows) < max_rows):
             state = self.waiting[0]
@@ -398,7 +396,6 @@ class StaticScheduler:
             state.kv_phase = self.phase
             bisect.insort(self.running, state, key=lambda s: s.arrival)
             plan.rows.append(self._row(state, num_new))
-            scheduled.add(state.request_id)
             budget -= num_new
 
     def _row(self, state: RequestState, num_new: int) -> StepRow:
@@ -422,9 +419,10 @@ class StaticScheduler:
         return StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,
                        sampling, awaits_token)
 
-    def _pick_victim(self, scheduled: set[str]) -> RequestState | None:
+    def _pick_victim(self) -> RequestState | None:
+        """The latest arrival with no row in flight (rows of the plan being made count as in flight)."""
         for state in reversed(self.running):
-            if not state.num_in_flight and state.request_id not in scheduled:
+            if not state.num_in_flight:
                 return state
         return None
 
