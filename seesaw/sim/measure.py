@@ -278,6 +278,9 @@ def calibrate(name: str, worker_counts: list[int], model: str = "dummy:tiny",
         if count > 1:
             links[link_name] = fit_link_to_engine(f"{name}-w{count}", gpus[f"{name}-w{count}"], links, link_name,
                                                   spec, count, threads, log)
+        host_name = f"{name}-host-w{count}"
+        links[host_name] = fit_host_link_to_engine(f"{name}-w{count}", gpus[f"{name}-w{count}"], links, host_name,
+                                                   spec, count, threads, log)
     return {"about": f"written by seesaw-cli calibrate on a machine with {cores} cores", "gpus": gpus, "links": links}
 
 
@@ -287,13 +290,13 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
     decode-heavy run still lacks to a per-row overhead. (Validation runs use other shapes.)"""
     prefills = _engine_runs("t1", 32, 256, 2, threads)
     prefill, slowest = prefills[0], prefills[-1]["elapsed_s"]
-    model = _simulated_run(name, entry, links, spec, 1, 32, 256, 2)
+    model = _simulated_run(name, entry, links, spec, "t1", 32, 256, 2)
     overhead_s = model.num_steps * entry["step_overhead_ms"] / 1000
     scale = (model.elapsed_s - overhead_s) / max(1e-9, prefill["elapsed_s"] - overhead_s)
     fitted = {**entry, **{key: entry[key] * scale for key in
                           ("matmul_efficiency", "memory_efficiency", "attention_efficiency")}}
     decode = _engine_runs("t1", 32, 16, 64, threads)[0]
-    model = _simulated_run(name, fitted, links, spec, 1, 32, 16, 64)
+    model = _simulated_run(name, fitted, links, spec, "t1", 32, 16, 64)
     rows = 32 * 65  # every output token is a row, and each prompt is one more
     fitted["row_overhead_us"] = max(0.0, 1e6 * (decode["elapsed_s"] - model.elapsed_s) / rows)
     log(f"  fitted to the engine: prefill run {prefill['elapsed_s']:.1f} s (efficiencies x{scale:.2f}), "
@@ -311,7 +314,7 @@ def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec
     decode-heavy run at `t{count}` (many small all-reduces) against its simulation gives that wait,
     spread over the run's all-reduce hops. The device entry is fitted first (`fit_to_engine`)."""
     engine = _engine_runs(f"t{count}", 32, 16, 64, threads)[0]
-    model = _simulated_run(name, entry, links, spec, count, 32, 16, 64)
+    model = _simulated_run(name, entry, links, spec, f"t{count}", 32, 16, 64)
     hops = model.num_steps * spec.num_layers * 2 * 2 * (count - 1)  # two all-reduces per layer, ring hops each
     link = links[link_name]
     latency_us = max(0.0, link["latency_us"] + 1e6 * (engine["elapsed_s"] - model.elapsed_s) / hops)
@@ -321,16 +324,43 @@ def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec
             "source": f"{link['source']}; latency fitted to a t{count} engine run"}
 
 
-def _engine_runs(layout: str, num_prompts: int, input_len: int, output_len: int, threads: int) -> list[dict]:
+def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec, count: int, threads: int,
+                            log: Callable[[str], None]) -> dict:
+    """Fit the host link's latency per KV copy to the real engine. Measured alone, a copy into
+    shared memory moves at the link's bandwidth; in a seesaw run each copy also waits for the
+    messages that start and confirm it and shares the cores with the steps beside it. A seesaw run
+    of many short requests (each copied to the host buffer after its prefill and back for its
+    decode) against its simulation gives that time, spread over the run's copies. The device entry
+    and the interconnect are fitted first."""
+    run = f"p{count}-t{count}"
+    engine = _engine_runs(run, 64, 64, 4, threads)[0]
+    model = _simulated_run(name, entry, links, spec, run, 64, 64, 4)
+    # The engine meets the batch in the decode phase its warm-up left it in, so it switches once
+    # more than the simulation: that switch's reload is not the copies' time.
+    switches = len(model.transitions)
+    extra_s = max(0, engine["transitions"] - switches) * (model.reload_s / switches if switches else 0.0)
+    link = links[link_name]
+    gap_s = engine["elapsed_s"] - extra_s - model.elapsed_s
+    latency_us = max(0.0, link["latency_us"] + 1e6 * gap_s / max(1, model.num_kv_copies))
+    log(f"  fitted to the engine: {run} run {engine['elapsed_s']:.1f} s ({engine['transitions']} phase switches) "
+        f"against {model.elapsed_s:.1f} s simulated ({switches}, {model.num_kv_copies} KV copies): "
+        f"{latency_us / 1000:.1f} ms per copy beyond the bandwidth")
+    return {**link, "latency_us": latency_us, "source": f"{link['source']}; latency fitted to a {run} engine run"}
+
+
+def _engine_runs(run: str, num_prompts: int, input_len: int, output_len: int, threads: int) -> list[dict]:
     """Two engine runs on the default model, the faster first: a shared machine's stalls only ever
-    make a run slower, so each fit takes the faster."""
-    runs = [run_engine("default", layout, num_prompts, input_len, output_len, threads=threads) for _ in range(2)]
+    make a run slower, so each fit takes the faster. `run` is a layout, or `PREFILL-DECODE`."""
+    prefill, _, decode = run.partition("-")
+    runs = [run_engine("default", prefill, num_prompts, input_len, output_len, decode_layout=decode or None,
+                       threads=threads) for _ in range(2)]
     return sorted(runs, key=lambda run: run["elapsed_s"])
 
 
-def _simulated_run(name: str, entry: dict, links: dict, spec, tp: int, num_prompts: int, input_len: int,
+def _simulated_run(name: str, entry: dict, links: dict, spec, run: str, num_prompts: int, input_len: int,
                    output_len: int):
-    """A calibration run simulated on a node of `tp` devices of the entry, at `t{tp}`."""
+    """A calibration run simulated on a node of the entry's devices: `run` is a layout, or
+    `PREFILL-DECODE`, as for `_engine_runs`."""
     from seesaw.config import SchedulerConfig
     from seesaw.layout import Layout
     from seesaw.sim.catalog import Catalog
@@ -340,5 +370,9 @@ def _simulated_run(name: str, entry: dict, links: dict, spec, tp: int, num_promp
 
     catalog = Catalog()
     catalog.add({"gpus": {name: entry}, "links": links}, "calibration")
-    run = RunSpec(Layout(tp=tp), host_buffer_gb=1.0, scheduler=SchedulerConfig(max_num_batched_tokens=512))
-    return simulate(CostModel(spec, catalog.node(f"{tp}x{name}")), run, fixed(num_prompts, input_len, output_len))
+    prefill, _, decode = run.partition("-")
+    layout = Layout.parse(prefill)
+    run_spec = RunSpec(layout, Layout.parse(decode) if decode else None, host_buffer_gb=1.0,
+                       scheduler=SchedulerConfig(max_num_batched_tokens=512))
+    node = catalog.node(f"{layout.world_size}x{name}")
+    return simulate(CostModel(spec, node), run_spec, fixed(num_prompts, input_len, output_len))

@@ -88,6 +88,7 @@ class SimResult:
     counters: dict[str, int]
     num_replicas: int = 1
     first_phase: str = "mixed"
+    num_kv_copies: int = 0  # to or from the host buffer, over all replicas
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -115,7 +116,8 @@ class SimResult:
             "output_tokens_per_s": round(self.output_tokens_per_s, 1),
             "requests": self.num_requests, "failed": self.num_failed, "steps": self.num_steps,
             "phase_s": {phase: round(seconds, 3) for phase, seconds in self.phase_s.items()},
-            "transitions": len(self.transitions), "reload_s": round(self.reload_s, 3),
+            "transitions": len(self.transitions), "kv_copies": self.num_kv_copies,
+            "reload_s": round(self.reload_s, 3),
             "host_peak_fraction": round(self.host_peak_fraction, 3),
             "mean_decode_batch": round(self.mean_decode_batch, 1),
             "device_blocks": self.device_blocks, "host_blocks": self.host_blocks,
@@ -178,6 +180,7 @@ class Simulation:
         self.phase_s: dict[str, float] = {}
         self.reload_total_s = 0.0
         self.num_steps = 0
+        self.num_kv_copies = 0
         self.num_failed = 0
         self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
         self.finished_at = 0.0
@@ -294,6 +297,7 @@ class Simulation:
         start = max(self.now, replica.link_free_at)
         seconds = self.cost.kv_copy_s(self.layouts[move.phase], num_tokens)
         replica.link_free_at = start + seconds
+        self.num_kv_copies += 1
         stolen = (1 - self.cost.gpu.copy_overlap) * seconds
         if stolen:  # the copy takes its time from the workers' compute too
             replica.free_at = [max(free_at, start) + stolen for free_at in replica.free_at]
@@ -336,6 +340,7 @@ class Simulation:
             device_blocks=self.device_blocks, host_blocks=self.host_blocks, timeline=self.timeline,
             counters=counters, num_replicas=len(self.replicas),
             first_phase=(Phase.PREFILL if self.spec.is_seesaw else Phase.MIXED).value,
+            num_kv_copies=self.num_kv_copies,
         )
 
 
