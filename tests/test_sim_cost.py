@@ -103,6 +103,19 @@ def test_model_that_does_not_fit_names_the_layout_and_the_gpu():
         cost.device_blocks([Layout(tp=2)], 16)
 
 
+# A calibrated two-worker CPU entry and its links, for the fits against the engine.
+CPU_ENTRY = {"memory_gb": 16, "memory_bandwidth_gbs": 50.0, "peak_tflops": 0.1, "interconnect": "w2-gloo",
+             "host_link": "w2-host", "host_memory_gb": 4, "dtype_bytes": 4, "matmul_efficiency": 0.9,
+             "memory_efficiency": 0.9, "attention_efficiency": 0.5, "step_overhead_ms": 1.5, "kv_cache_gb": 2.0,
+             "token_budget": 512, "copy_overlap": 0.0, "row_overhead_us": 900.0, "device": "cpu"}
+
+
+def _cpu_links(hop_latency_us: float, copy_latency_us: float) -> dict:
+    return {"w2-gloo": {"bandwidth_gbs": 4.0, "efficiency": 1.0, "latency_us": hop_latency_us,
+                        "all_reduce_gbs": {"2": 2.0}, "source": "test"},
+            "w2-host": {"bandwidth_gbs": 40.0, "efficiency": 1.0, "latency_us": copy_latency_us, "source": "test"}}
+
+
 def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch):
     """calibrate's third fit: an engine run at t2 slower than its simulation on idle-rank figures
     raises the link's latency per hop until the simulation takes as long (the engine's run is given
@@ -110,17 +123,7 @@ def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch
     from seesaw.sim import measure
 
     spec = Catalog().model("llama3-8b")
-    entry = {"memory_gb": 16, "memory_bandwidth_gbs": 50.0, "peak_tflops": 0.1, "interconnect": "w2-gloo",
-             "host_link": "w2-host", "host_memory_gb": 4, "dtype_bytes": 4, "matmul_efficiency": 0.9,
-             "memory_efficiency": 0.9, "attention_efficiency": 0.5, "step_overhead_ms": 1.5, "kv_cache_gb": 2.0,
-             "token_budget": 512, "copy_overlap": 0.0, "row_overhead_us": 900.0, "device": "cpu"}
-
-    def links(latency_us: float) -> dict:
-        return {"w2-gloo": {"bandwidth_gbs": 4.0, "efficiency": 1.0, "latency_us": latency_us,
-                            "all_reduce_gbs": {"2": 2.0}, "source": "test"},
-                "w2-host": {"bandwidth_gbs": 40.0, "efficiency": 1.0, "latency_us": 0.0, "source": "test"}}
-
-    engine_s = measure._simulated_run("w2", entry, links(700.0), spec, "t2", 32, 16, 64).elapsed_s
+    engine_s = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), spec, "t2", 32, 16, 64).elapsed_s
     calls = []
 
     def engine_run(model, layout, num_prompts, input_len, output_len, decode_layout=None, threads=None):
@@ -128,12 +131,12 @@ def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch
         return {"elapsed_s": engine_s}
 
     monkeypatch.setattr(measure, "run_engine", engine_run)
-    idle = links(300.0)
-    fitted = measure.fit_link_to_engine("w2", entry, idle, "w2-gloo", spec, 2, 1, log=lambda line: None)
+    idle = _cpu_links(300.0, 0.0)
+    fitted = measure.fit_link_to_engine("w2", CPU_ENTRY, idle, "w2-gloo", spec, 2, 1, log=lambda line: None)
     assert calls == ["t2", "t2"]  # the faster of two runs
     assert fitted["latency_us"] == pytest.approx(700.0, rel=0.03)
     assert fitted["all_reduce_gbs"] == {"2": 2.0} and "fitted" in fitted["source"]
-    refit = measure._simulated_run("w2", entry, {**idle, "w2-gloo": fitted}, spec, "t2", 32, 16, 64)
+    refit = measure._simulated_run("w2", CPU_ENTRY, {**idle, "w2-gloo": fitted}, spec, "t2", 32, 16, 64)
     assert refit.elapsed_s == pytest.approx(engine_s, rel=0.01)
 
 
@@ -145,17 +148,7 @@ def test_host_link_fit_recovers_the_time_each_kv_copy_takes_in_a_seesaw_run(monk
     from seesaw.sim import measure
 
     spec = Catalog().model("llama3-8b")
-    entry = {"memory_gb": 16, "memory_bandwidth_gbs": 50.0, "peak_tflops": 0.1, "interconnect": "w2-gloo",
-             "host_link": "w2-host", "host_memory_gb": 4, "dtype_bytes": 4, "matmul_efficiency": 0.9,
-             "memory_efficiency": 0.9, "attention_efficiency": 0.5, "step_overhead_ms": 1.5, "kv_cache_gb": 2.0,
-             "token_budget": 512, "copy_overlap": 0.0, "row_overhead_us": 900.0, "device": "cpu"}
-
-    def links(latency_us: float) -> dict:
-        return {"w2-gloo": {"bandwidth_gbs": 4.0, "efficiency": 1.0, "latency_us": 700.0,
-                            "all_reduce_gbs": {"2": 2.0}, "source": "test"},
-                "w2-host": {"bandwidth_gbs": 40.0, "efficiency": 1.0, "latency_us": latency_us, "source": "test"}}
-
-    truth = measure._simulated_run("w2", entry, links(5000.0), spec, "p2-t2", 64, 64, 4)
+    truth = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 5000.0), spec, "p2-t2", 64, 64, 4)
     assert truth.num_kv_copies == 128  # each request to the host buffer after its prefill and back
     switch_s = truth.reload_s / len(truth.transitions)  # a switch's reload
     calls = []
@@ -165,7 +158,8 @@ def test_host_link_fit_recovers_the_time_each_kv_copy_takes_in_a_seesaw_run(monk
         return {"elapsed_s": truth.elapsed_s + switch_s, "transitions": len(truth.transitions) + 1}
 
     monkeypatch.setattr(measure, "run_engine", engine_run)
-    fitted = measure.fit_host_link_to_engine("w2", entry, links(0.0), "w2-host", spec, 2, 1, log=lambda line: None)
+    fitted = measure.fit_host_link_to_engine("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), "w2-host", spec, 2, 1,
+                                             log=lambda line: None)
     assert calls == ["p2-t2", "p2-t2"]  # the faster of two runs
     assert fitted["latency_us"] == pytest.approx(5000.0, rel=0.05)
     assert fitted["bandwidth_gbs"] == 40.0 and "fitted" in fitted["source"]
