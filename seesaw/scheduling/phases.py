@@ -38,7 +38,7 @@ class PhaseScheduler(StaticScheduler):
                          first_step_id=first_step_id)
         self.micro_batches = micro_batches  # steps in flight in each phase: its layout's pipeline depth
         self.phase = Phase.PREFILL
-        self._pipeline_depth = micro_batches[self.phase]
+        self._pipeline_depth = micro_batches[self.phase]  # follows the phase: _switch sets both
         self.paused: list[RequestState] = []  # decoding requests kept on the device during prefill
         self.counters["transitions"] = 0
 
