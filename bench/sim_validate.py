@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 from seesaw.config import SchedulerConfig, default_cache_dir
-from seesaw.layout import Layout
 from seesaw.model.resolve import resolve_model
 from seesaw.sim.catalog import Catalog
 from seesaw.sim.cost import CostModel
@@ -43,11 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def predict(cost_for, run: str, args: argparse.Namespace):
-    prefill, _, decode = run.partition("-")
-    layout = Layout.parse(prefill)
-    spec = RunSpec(layout, Layout.parse(decode) if decode else None, host_buffer_gb=args.host_buffer_gb,
-                   scheduler=SchedulerConfig(max_num_batched_tokens=512))
-    return simulate(cost_for(layout.world_size), spec, fixed(args.num_prompts, args.input_len, args.output_len))
+    spec = RunSpec.parse(run, host_buffer_gb=args.host_buffer_gb, scheduler=SchedulerConfig(max_num_batched_tokens=512))
+    return simulate(cost_for(spec.layout.world_size), spec, fixed(args.num_prompts, args.input_len, args.output_len))
 
 
 def main(argv=None) -> None:
@@ -63,7 +59,7 @@ def main(argv=None) -> None:
     rows = []
     for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
         if args.calibrate:
-            workers = Layout.parse(run.split("-")[0]).world_size
+            workers = RunSpec.parse(run).layout.world_size
             profile_path.parent.mkdir(parents=True, exist_ok=True)
             profile_path.write_text(json.dumps(calibrate(args.profile_name, [workers], overhead_ms=overhead_ms), indent=2))
         print(f"{'run':<8} {'measured s':>10} {'predicted s':>11} {'error':>7} {'steps':>11} {'transitions':>11}"
@@ -71,9 +67,8 @@ def main(argv=None) -> None:
         predicted = predict(cost_for, run, args)
         measured = None
         if not args.simulate_only:
-            prefill, _, decode = run.partition("-")
-            measured = min((run_engine(args.model, prefill, args.num_prompts, args.input_len, args.output_len,
-                                       decode_layout=decode or None, host_buffer_gb=args.host_buffer_gb)
+            measured = min((run_engine(args.model, run, args.num_prompts, args.input_len, args.output_len,
+                                       host_buffer_gb=args.host_buffer_gb)
                             for _ in range(args.repeats)), key=lambda result: result["elapsed_s"])
         error = (predicted.elapsed_s / measured["elapsed_s"] - 1) if measured else None
         steps = f"{measured['steps'] if measured else '-'}/{predicted.num_steps}"

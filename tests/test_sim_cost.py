@@ -126,8 +126,8 @@ def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch
     engine_s = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), spec, "t2", 32, 16, 64).elapsed_s
     calls = []
 
-    def engine_run(model, layout, num_prompts, input_len, output_len, decode_layout=None, threads=None):
-        calls.append(layout)
+    def engine_run(model, run, num_prompts, input_len, output_len, threads=None):
+        calls.append(run)
         return {"elapsed_s": engine_s}
 
     monkeypatch.setattr(measure, "run_engine", engine_run)
@@ -153,8 +153,8 @@ def test_host_link_fit_recovers_the_time_each_kv_copy_takes_in_a_seesaw_run(monk
     switch_s = truth.reload_s / len(truth.transitions)  # a switch's reload
     calls = []
 
-    def engine_run(model, layout, num_prompts, input_len, output_len, decode_layout=None, threads=None):
-        calls.append(f"{layout}-{decode_layout}")
+    def engine_run(model, run, num_prompts, input_len, output_len, threads=None):
+        calls.append(run)
         return {"elapsed_s": truth.elapsed_s + switch_s, "transitions": len(truth.transitions) + 1}
 
     monkeypatch.setattr(measure, "run_engine", engine_run)

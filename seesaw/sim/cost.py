@@ -65,6 +65,23 @@ def step_shape(rows: Iterable[StepRow]) -> StepShape:
     return StepShape(num_tokens, num_rows, sampled, context, pairs, decode)
 
 
+def _layers_and_head_s(rates: StageRates, shape: StepShape) -> tuple[float, float]:
+    """A stage's time for a step, in two parts: its layers (weights against linear arithmetic, KV
+    reads against attention arithmetic, whichever is slower in each pair; all-reduces; rows), and
+    the LM head and logits gather of a last stage (zero elsewhere and for steps that sample none)."""
+    num_tokens, sampled = shape.num_tokens, shape.num_sampled
+    layers_s = (max(rates.weight_read_s, rates.linear_s_per_token * num_tokens)
+                + max(rates.attention_read_s_per_token * shape.context_tokens,
+                      rates.attention_s_per_pair * shape.attention_pairs)
+                + rates.all_reduce_s + rates.all_reduce_s_per_token * num_tokens
+                + rates.row_overhead_s * shape.num_rows)
+    head_s = 0.0
+    if sampled:
+        head_s = (max(rates.head_read_s, rates.head_s_per_sampled * sampled)
+                  + rates.gather_s + rates.gather_s_per_sampled * sampled)
+    return layers_s, head_s
+
+
 class CostModel:
     """Seconds for the work of one model under its layouts on one node."""
 
@@ -199,31 +216,20 @@ class CostModel:
     def stage_s(self, layout: Layout, stage: int, shape: StepShape) -> float:
         """One stage's time: reading weights and multiplying overlap (the slower one counts), as do
         reading KV and attention arithmetic; communication and overhead add."""
-        terms = self.stage_terms(layout, stage, shape)
-        return (max(terms["weight_read_s"], terms["linear_compute_s"])
-                + max(terms["attention_read_s"], terms["attention_compute_s"])
-                + terms["all_reduce_s"] + terms["lm_head_s"] + terms["logits_gather_s"] + terms["overhead_s"]
-                + terms["row_overhead_s"])
+        rates = self.stage_rates(layout, stage)
+        layers_s, head_s = _layers_and_head_s(rates, shape)
+        return layers_s + head_s + rates.overhead_s
 
     def stage_times(self, layout: Layout, shape: StepShape) -> list[float]:
         """`stage_s` of every stage of the layout, from the last stage's rates scaled by each
         stage's layer count (the simulator's hot path; equal to calling stage_s per stage)."""
         rates = self.stage_rates(layout, layout.pp - 1)
-        num_tokens, sampled = shape.num_tokens, shape.num_sampled
-        layers_s = (max(rates.weight_read_s, rates.linear_s_per_token * num_tokens)
-                    + max(rates.attention_read_s_per_token * shape.context_tokens,
-                          rates.attention_s_per_pair * shape.attention_pairs)
-                    + rates.all_reduce_s + rates.all_reduce_s_per_token * num_tokens
-                    + rates.row_overhead_s * shape.num_rows)
-        overhead = rates.overhead_s
-        last = layers_s + overhead
-        if sampled:
-            last += (max(rates.head_read_s, rates.head_s_per_sampled * sampled)
-                     + rates.gather_s + rates.gather_s_per_sampled * sampled)
+        layers_s, head_s = _layers_and_head_s(rates, shape)
+        last = layers_s + head_s + rates.overhead_s
         if layout.pp == 1:
             return [last]
         per_layer = layers_s / rates.num_layers
-        times = [count * per_layer + overhead for count in self.stage_layers(layout)[:-1]]
+        times = [count * per_layer + rates.overhead_s for count in self.stage_layers(layout)[:-1]]
         times.append(last)
         return times
 

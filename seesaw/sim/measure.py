@@ -176,23 +176,24 @@ def communicator_rates(size: int, threads: int) -> dict[str, float]:
     return {"latency_s": latency_s, "all_reduce_bus_bandwidth": bus_bandwidth, "send_bandwidth": send_bandwidth}
 
 
-def run_engine(model: str, layout: str, num_prompts: int, input_len: int, output_len: int,
-               decode_layout: str | None = None, threads: int | None = None, token_budget: int = 512,
-               host_buffer_gb: float = 1.0, kv_cache_gb: float | None = None) -> dict:
-    """One real engine run of fixed-length random prompts (greedy, EOS ignored): seconds from the
-    first request to the last result, steps, and the engine's stats."""
+def run_engine(model: str, run: str, num_prompts: int, input_len: int, output_len: int,
+               threads: int | None = None, token_budget: int = 512, host_buffer_gb: float = 1.0,
+               kv_cache_gb: float | None = None) -> dict:
+    """One real engine run of fixed-length random prompts (greedy, EOS ignored) as `run`, a layout
+    or `PREFILL-DECODE`: seconds from the first request to the last result, steps, and the engine's
+    stats."""
     from seesaw.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, default_cache_dir
     from seesaw.engine import Engine
     from seesaw.frontend.local import LocalClient
-    from seesaw.layout import Layout
     from seesaw.model.resolve import resolve_model
     from seesaw.sampling import SamplingParams
+    from seesaw.sim.simulator import RunSpec
 
+    layouts = RunSpec.parse(run)
     config = EngineConfig(
         model=ModelConfig(model=model),
         cache=CacheConfig(host_buffer_gb=host_buffer_gb, kv_cache_gb=kv_cache_gb),
-        parallel=ParallelConfig(layout=Layout.parse(layout),
-                                decode_layout=Layout.parse(decode_layout) if decode_layout else None,
+        parallel=ParallelConfig(layout=layouts.layout, decode_layout=layouts.decode_layout,
                                 threads_per_worker=threads),
         scheduler=SchedulerConfig(max_num_batched_tokens=token_budget),
         cache_dir=default_cache_dir(),
@@ -351,9 +352,7 @@ def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str,
 def _engine_runs(run: str, num_prompts: int, input_len: int, output_len: int, threads: int) -> list[dict]:
     """Two engine runs on the default model, the faster first: a shared machine's stalls only ever
     make a run slower, so each fit takes the faster. `run` is a layout, or `PREFILL-DECODE`."""
-    prefill, _, decode = run.partition("-")
-    runs = [run_engine("default", prefill, num_prompts, input_len, output_len, decode_layout=decode or None,
-                       threads=threads) for _ in range(2)]
+    runs = [run_engine("default", run, num_prompts, input_len, output_len, threads=threads) for _ in range(2)]
     return sorted(runs, key=lambda run: run["elapsed_s"])
 
 
@@ -362,7 +361,6 @@ def _simulated_run(name: str, entry: dict, links: dict, spec, run: str, num_prom
     """A calibration run simulated on a node of the entry's devices: `run` is a layout, or
     `PREFILL-DECODE`, as for `_engine_runs`."""
     from seesaw.config import SchedulerConfig
-    from seesaw.layout import Layout
     from seesaw.sim.catalog import Catalog
     from seesaw.sim.cost import CostModel
     from seesaw.sim.simulator import RunSpec, simulate
@@ -370,9 +368,6 @@ def _simulated_run(name: str, entry: dict, links: dict, spec, run: str, num_prom
 
     catalog = Catalog()
     catalog.add({"gpus": {name: entry}, "links": links}, "calibration")
-    prefill, _, decode = run.partition("-")
-    layout = Layout.parse(prefill)
-    run_spec = RunSpec(layout, Layout.parse(decode) if decode else None, host_buffer_gb=1.0,
-                       scheduler=SchedulerConfig(max_num_batched_tokens=512))
-    node = catalog.node(f"{layout.world_size}x{name}")
+    run_spec = RunSpec.parse(run, host_buffer_gb=1.0, scheduler=SchedulerConfig(max_num_batched_tokens=512))
+    node = catalog.node(f"{run_spec.layout.world_size}x{name}")
     return simulate(CostModel(spec, node), run_spec, fixed(num_prompts, input_len, output_len))

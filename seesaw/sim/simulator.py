@@ -42,6 +42,12 @@ class RunSpec:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_model_len: int | None = None
 
+    @classmethod
+    def parse(cls, run: str, **fields) -> RunSpec:
+        """A run written `LAYOUT` (static) or `PREFILL-DECODE` (a pair), with any other fields."""
+        prefill, _, decode = run.partition("-")
+        return cls(Layout.parse(prefill), Layout.parse(decode) if decode else None, **fields)
+
     @property
     def is_seesaw(self) -> bool:
         return self.decode_layout is not None
@@ -275,7 +281,7 @@ class Simulation:
         end, tp, free_at = self.now, layout.tp, replica.free_at
         for stage, seconds in enumerate(stage_times):
             ready = end + send_s if stage else end  # the previous stage handed its activations on
-            if tp == 1:
+            if tp == 1:  # one worker per stage: no slices (a tenth of a p8 run's time)
                 end = max(ready, free_at[stage]) + seconds
                 free_at[stage] = end
                 continue
