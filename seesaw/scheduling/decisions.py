@@ -36,7 +36,7 @@ class ToDevice:
     block_ids: list[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class StepPlan:
     """What to do next: KV moves to start, then a step to run (rows may be empty), and, in
     seesaw mode, a switch to another phase (after this plan's rows, before any later step)."""

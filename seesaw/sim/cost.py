@@ -16,7 +16,7 @@ from seesaw.step import StepRow
 GIB = 1 << 30
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepShape:
     """What one step asks of the model, summed over its rows."""
 
@@ -93,6 +93,9 @@ class CostModel:
         self._shards: dict[tuple[Layout, int], Shard] = {}
         self._stage_layers: dict[Layout, tuple[int, ...]] = {}
         self._rates: dict[tuple[Layout, int], StageRates] = {}
+        link = node.interconnect  # a pipeline send: one token's activations per new token, and a hop
+        self._token_bytes = spec.hidden_size * self.dtype_bytes
+        self._send_bandwidth, self._send_latency_s = link.copy_bandwidth, link.latency_s
 
     # ------------------------------------------------------------ shapes and bytes
 
@@ -243,8 +246,7 @@ class CostModel:
 
     def send_s(self, shape: StepShape) -> float:
         """Handing a step's activations to the next pipeline stage."""
-        link = self.node.interconnect
-        return shape.num_tokens * self.spec.hidden_size * self.dtype_bytes / link.copy_bandwidth + link.latency_s
+        return shape.num_tokens * self._token_bytes / self._send_bandwidth + self._send_latency_s
 
     def all_reduce_s(self, num_bytes: int, group_size: int) -> float:
         """A ring all-reduce: each device sends and receives 2(n-1)/n of the bytes, in 2(n-1) hops."""
