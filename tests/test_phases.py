@@ -205,6 +205,39 @@ def test_a_drained_host_buffer_brings_waiting_prompts_in_and_pauses_decoding_req
     assert sorted(driver.finished) == ["late", "r0", "r1", "r2"]
 
 
+def test_a_prompt_the_paused_requests_leave_no_room_for_moves_the_latest_of_them_to_the_host_buffer():
+    core = make(num_blocks=16, host_blocks=40, block_size=4, budget=16)
+    driver = Driver(core)
+    requests = [(f"r{index}", 8, 40) for index in range(3)] + [("late0", 16, 4), ("late1", 16, 4)]
+    for request in requests[:3]:
+        add(core, *request)
+    while len(core.running) < 3 or any(len(s.output_token_ids) < 2 for s in core.running):
+        driver.pump()
+        (driver.land_move if driver.moves else driver.land_step)()
+    while driver.steps:
+        driver.land_step()
+    held = {s.request_id: len(s.block_ids) for s in core.running}
+    assert held == {"r0": 3, "r1": 3, "r2": 3} and core.pool.num_free == 7
+    for request in requests[3:]:
+        add(core, *request)
+    assert core.schedule().switch_to is Phase.PREFILL  # room for one prompt of 4 blocks
+    first = core.schedule()
+    assert [row.request_id for row in first.rows] == ["late0"] and not first.moves
+    second = core.schedule()  # late1 needs 4 blocks and 3 are free: the latest paused request leaves
+    assert not second.rows and [(type(m), m.request_id, m.phase) for m in second.moves] == [
+        (ToHost, "r2", Phase.DECODE)]
+    assert core.requests["r2"].status is RequestStatus.EVICTING and [s.request_id for s in core.paused] == ["r0", "r1"]
+    core.on_saved("r2")
+    third = core.schedule()
+    assert [row.request_id for row in third.rows] == ["late1"]
+    assert core.counters["evictions"] == core.counters["paused_to_host"] == 1
+    driver.steps.extend([first, third])
+    driver.run()
+    assert sorted(driver.finished) == sorted(r for r, _, _ in requests)
+    assert driver.outputs == reference_outputs(requests)
+    assert core.pool.num_free == core.pool.num_blocks and core.host.num_free_blocks == core.host.num_blocks
+
+
 def test_decode_waits_for_blocks_rather_than_loading_more_when_a_prompt_could_start():
     core = make(num_blocks=8, host_blocks=64, block_size=4, low_water=0.5)
     core.phase = Phase.DECODE

@@ -88,6 +88,20 @@ def test_tiny_model_switching_layouts_gives_t1_outputs(tiny_mha, tiny_prompts, t
         assert metrics["totals"]["written_bytes"] > 0
 
 
+def test_tiny_model_moves_paused_requests_to_the_host_for_prompts_and_keeps_t1_outputs(tiny_mha, tiny_prompts,
+                                                                                     tiny_t1):
+    # A device pool of 14 blocks (224 tokens) per replica and a host buffer of 12: when the host
+    # buffer drains, requests still decoding hold most of the pool and the next prompts need it.
+    page = 2 * 2 * 2 * 16 * 16 * 4  # the largest block of either layout: t2p2's 2 layers x 2 KV heads
+    config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48},
+                                   cache={"kv_cache_gb": 14 * page / GIB}),
+                     "t2p2", "t4", host_blocks=12, block_bytes=TINY_BLOCK_BYTES)
+    metrics: dict = {}
+    results = generate(config, greedy_requests(tiny_prompts, 12), metrics=metrics)
+    assert [r.token_ids for r in results] == tiny_t1
+    assert metrics["totals"]["paused_to_host"] > 0
+
+
 def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, tiny_prompts):
     config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48},
                                    transport={"step_timeout_s": 60, "max_restarts": 0}), "p2", "t2",

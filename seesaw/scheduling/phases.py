@@ -5,12 +5,15 @@ chunks under the token budget) into device blocks and its KV copied to a host sl
 it on admission, freeing the blocks. Then decode: host-resident requests are loaded into free
 device blocks above a watermark and decoded together. Back to prefill once the host buffer has
 drained below its low-water mark and a prompt is waiting; requests still decoding then stay on
-the device, paused, until the next decode phase. Switches happen as rarely as that allows.
+the device, paused, until the next decode phase, unless a prompt needs their blocks: then their KV
+goes to the host buffer too (the latest first) and comes back with the rest. Switches happen as
+rarely as that allows.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import blocks_for
@@ -41,6 +44,7 @@ class PhaseScheduler(StaticScheduler):
         self._pipeline_depth = micro_batches[self.phase]  # follows the phase: _switch sets both
         self.paused: list[RequestState] = []  # decoding requests kept on the device during prefill
         self.counters["transitions"] = 0
+        self.counters["paused_to_host"] = 0  # of the evictions, paused requests moved out for a prompt
 
     def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request of this size can never fit the device pool or the host buffer, or None."""
@@ -86,8 +90,10 @@ class PhaseScheduler(StaticScheduler):
         state = self.waiting[0]
         if not self.host.can_store(state.num_tokens):
             return False
-        # Blocks of prompts being prefilled or copied out free up by themselves; paused ones do not.
+        # Blocks of prompts being prefilled or copied out free up by themselves, and so do those of
+        # paused requests the host buffer can take beside the prompt.
         freeing = self._evicting_blocks + sum(len(s.block_ids) for s in self.running)
+        freeing += sum(len(s.block_ids) for s in self._paused_the_host_can_take(state))
         return self.pool.num_free + freeing >= blocks_for(state.num_tokens, self.block_size)
 
     def _may_leave_prefill(self) -> bool:
@@ -164,6 +170,7 @@ class PhaseScheduler(StaticScheduler):
                and len(self.running) < self.config.max_num_seqs):
             state = self.waiting[0]
             if not self._can_start_prefill(state):
+                self._move_paused_out(state, plan)
                 return
             self.waiting.popleft()
             self.host.store(state.request_id, state.num_tokens)
@@ -174,6 +181,34 @@ class PhaseScheduler(StaticScheduler):
             num_new = min(state.num_pending_tokens, budget)
             plan.rows.append(self._row(state, num_new))
             budget -= num_new
+
+    def _paused_the_host_can_take(self, prompt: RequestState) -> Iterator[RequestState]:
+        """Paused requests, the latest first, whose KV the host buffer can take while keeping the
+        prompt's slot free (with a row in flight too: they can move once it lands)."""
+        room = self.host.num_free_blocks - blocks_for(prompt.num_tokens, self.block_size)
+        for state in reversed(self.paused):
+            room -= blocks_for(state.num_computed_tokens, self.block_size)
+            if room < 0:
+                return
+            yield state
+
+    def _move_paused_out(self, prompt: RequestState, plan: StepPlan) -> None:
+        """The device cannot take the next prompt: copy paused requests to the host buffer until the
+        blocks on their way out would hold it. They come back in the next decode phase like the
+        prompts prefilled now, so the prefill pipeline is not left to one prompt at a time."""
+        if not self.host.can_store(prompt.num_tokens):
+            return  # the host buffer is full: the replica is about to decode
+        needed = blocks_for(prompt.num_tokens, self.block_size)
+        for state in list(self._paused_the_host_can_take(prompt)):
+            if self.pool.num_free + self._evicting_blocks >= needed:
+                return
+            if state.num_in_flight:
+                continue
+            self.paused.remove(state)
+            self.counters["evictions"] += 1
+            self.counters["paused_to_host"] += 1
+            self.host.store(state.request_id, state.num_computed_tokens)
+            plan.moves.append(self._to_host(state))
 
     def _may_follow(self, state: RequestState) -> bool:
         """Only decoding requests run ahead of their token: a prompt just prefilled leaves for the host."""
