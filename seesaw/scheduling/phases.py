@@ -82,7 +82,8 @@ class PhaseScheduler(StaticScheduler):
 
     def _has_prefill_work(self) -> bool:
         """A prompt still has chunks to schedule (now or once its chunk in flight lands), or the
-        next waiting one can start (now, or once the prompts already prefilled leave the device)."""
+        next waiting one can start (now, or once the prompts already prefilled, or paused requests,
+        leave the device)."""
         if any(state.num_pending_tokens for state in self.running):
             return True
         if not self.waiting:
