@@ -278,16 +278,15 @@ class Simulation:
         replica.pending_tokens -= shape.num_tokens
         stage_times = self.cost.stage_times(layout, shape)
         send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
-        end, tp, free_at = self.now, layout.tp, replica.free_at
+        ready, tp, free_at = self.now, layout.tp, replica.free_at
         for stage, seconds in enumerate(stage_times):
-            ready = end + send_s if stage else end  # the previous stage handed its activations on
             if tp == 1:  # one worker per stage: no slices (a tenth of a p8 run's time)
-                end = max(ready, free_at[stage]) + seconds
-                free_at[stage] = end
-                continue
-            first = stage * tp  # the stage's workers are free_at[first:first + tp]
-            end = max(ready, *free_at[first:first + tp]) + seconds
-            free_at[first:first + tp] = [end] * tp
+                end = free_at[stage] = max(ready, free_at[stage]) + seconds
+            else:  # the stage's workers are free_at[first:first + tp]
+                first = stage * tp
+                end = max(ready, *free_at[first:first + tp]) + seconds
+                free_at[first:first + tp] = [end] * tp
+            ready = end + send_s  # the next stage starts once this one handed its activations on
         self.num_steps += 1
         num_decode = shape.num_decode_rows
         if num_decode:
