@@ -75,7 +75,10 @@ def _node(catalog: Catalog, args, gpus: str, interconnect: str | None = None) ->
     measured = {size: link.all_reduce_bandwidth(size) / GB for size in range(2, count + 1)}
     for item in args.all_reduce_gbs.split(","):
         size, _, gbs = item.partition("=")
-        measured[int(size)] = float(gbs)
+        try:
+            measured[int(size)] = float(gbs)
+        except ValueError:
+            raise SystemExit(f"--all-reduce-gbs: {item!r} is not SIZE=GBS (for example 8=3.2)") from None
     return replace(node, interconnect=replace(link, all_reduce_gbs=measured))
 
 
