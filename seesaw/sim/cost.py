@@ -94,7 +94,7 @@ class CostModel:
         self._stage_layers: dict[Layout, tuple[int, ...]] = {}
         self._rates: dict[tuple[Layout, int], StageRates] = {}
         link = node.interconnect  # a pipeline send: one token's activations per new token, and a hop
-        self._token_bytes = spec.hidden_size * self.dtype_bytes
+        self._token_bytes = spec.hidden_size * self.dtype_bytes  # one token's activations
         self._send_bandwidth, self._send_latency_s = link.copy_bandwidth, link.latency_s
 
     # ------------------------------------------------------------ shapes and bytes
@@ -173,7 +173,6 @@ class CostModel:
         peak = gpu.peak_tflops * 1e12
         params = self.layer_params(shard)
         head_dim = spec.head_dim
-        token_bytes = spec.hidden_size * self.dtype_bytes  # one token's activations
         all_reduce_s = layers * 2 * self.all_reduce_s(0, layout.tp)
         head_read_s = head_s_per_sampled = gather_s = gather_s_per_sampled = 0.0
         if shard.is_last_stage:
@@ -191,7 +190,7 @@ class CostModel:
             / gpu.memory_bandwidth,
             attention_s_per_pair=layers * 4 * shard.heads.size * head_dim / (peak * gpu.attention_efficiency),
             all_reduce_s=all_reduce_s,
-            all_reduce_s_per_token=layers * 2 * self.all_reduce_s(token_bytes, layout.tp) - all_reduce_s,
+            all_reduce_s_per_token=layers * 2 * self.all_reduce_s(self._token_bytes, layout.tp) - all_reduce_s,
             overhead_s=gpu.step_overhead_ms / 1000,
             row_overhead_s=gpu.row_overhead_us * 1e-6 * layers / spec.num_layers,
             head_read_s=head_read_s,
