@@ -128,6 +128,16 @@ def test_capacity_error_for_a_request_larger_than_the_pool():
     assert "KV pool holds 4 blocks" in core.capacity_error(10, 7)
 
 
+def test_host_slots_remember_their_fullest_moment():
+    host = HostSlots(10, block_size=4)
+    host.store("a", 16)  # 4 blocks
+    host.store("b", 9)  # 3 more
+    host.release("a")
+    host.store("c", 4)
+    assert host.used_fraction == 0.4 and host.peak_fraction == 0.7
+    assert HostSlots(0, block_size=4).peak_fraction == 0.0
+
+
 @pytest.mark.parametrize("host_room", [True, False])
 def test_preemption_under_a_small_pool_finishes_everything_with_the_same_tokens(host_room):
     def token(request_id, index):

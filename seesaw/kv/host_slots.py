@@ -25,6 +25,7 @@ class HostSlots:
         self.first_block = first_block
         self._pool = BlockPool(num_blocks, "host KV buffer")
         self._slots: dict[str, HostSlot] = {}
+        self.peak_used = 0  # the most blocks held at once so far
 
     @property
     def num_blocks(self) -> int:
@@ -42,6 +43,11 @@ class HostSlots:
     def used_fraction(self) -> float:
         return self._pool.num_used / self._pool.num_blocks if self._pool.num_blocks else 0.0
 
+    @property
+    def peak_fraction(self) -> float:
+        """The fullest the buffer has been so far."""
+        return self.peak_used / self._pool.num_blocks if self._pool.num_blocks else 0.0
+
     def can_store(self, num_tokens: int) -> bool:
         return self._pool.can_allocate(blocks_for(num_tokens, self.block_size))
 
@@ -49,6 +55,7 @@ class HostSlots:
         if request_id in self._slots:
             raise ValueError(f"request {request_id} already has a host slot")
         blocks = self._pool.allocate(blocks_for(num_tokens, self.block_size))
+        self.peak_used = max(self.peak_used, self._pool.num_used)
         slot = HostSlot(request_id, [self.first_block + block for block in blocks], num_tokens)
         self._slots[request_id] = slot
         return slot

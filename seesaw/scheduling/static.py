@@ -153,7 +153,7 @@ class StaticScheduler:
         """The plans to carry out now, each with the phase it was planned in: while requests remain
         and another step may be in flight, up to the first plan that runs nothing and switches
         nothing. Carry each out before taking the next."""
-        while self.has_unfinished and self.num_in_flight_steps < self.max_in_flight_steps:
+        while self.requests and len(self._in_flight) < self.max_in_flight_steps:
             phase = self.phase
             plan = self.schedule()
             yield phase, plan
@@ -332,7 +332,7 @@ class StaticScheduler:
             if not num_new:
                 continue
             needed = self._blocks_needed(state, num_new)
-            if needed > pool.num_free and num_new > 1:
+            if num_new > 1 and needed > pool.num_free:
                 # A prompt chunk takes what the free blocks hold (at least one block's worth)
                 # rather than evicting others to be whole.
                 num_new = self._chunk_that_fits(state, num_new)

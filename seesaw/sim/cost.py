@@ -93,6 +93,7 @@ class CostModel:
         self._shards: dict[tuple[Layout, int], Shard] = {}
         self._stage_layers: dict[Layout, tuple[int, ...]] = {}
         self._rates: dict[tuple[Layout, int], StageRates] = {}
+        self._timings: dict[Layout, tuple[StageRates, tuple[int, ...]]] = {}  # last stage's rates, other stages' layers
         link = node.interconnect  # a pipeline send: one token's activations per new token, and a hop
         self._token_bytes = spec.hidden_size * self.dtype_bytes  # one token's activations
         self._send_bandwidth, self._send_latency_s = link.copy_bandwidth, link.latency_s
@@ -225,13 +226,16 @@ class CostModel:
     def stage_times(self, layout: Layout, shape: StepShape) -> list[float]:
         """`stage_s` of every stage of the layout, from the last stage's rates scaled by each
         stage's layer count (the simulator's hot path; equal to calling stage_s per stage)."""
-        rates = self.stage_rates(layout, layout.pp - 1)
+        timing = self._timings.get(layout)
+        if timing is None:
+            timing = self._timings[layout] = (self.stage_rates(layout, layout.pp - 1), self.stage_layers(layout)[:-1])
+        rates, other_stages = timing
         layers_s, head_s = _layers_and_head_s(rates, shape)
         last = layers_s + head_s + rates.overhead_s
-        if layout.pp == 1:
+        if not other_stages:
             return [last]
         per_layer = layers_s / rates.num_layers
-        times = [count * per_layer + rates.overhead_s for count in self.stage_layers(layout)[:-1]]
+        times = [count * per_layer + rates.overhead_s for count in other_stages]
         times.append(last)
         return times
 

@@ -190,7 +190,6 @@ class Simulation:
         self.num_failed = 0
         self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
         self.finished_at = 0.0
-        self.host_peak = 0.0
         self.decode_rows = self.decode_steps = 0
         self.timeline: list[tuple[float, int, str, int, float]] = []
         self._timeline_every = max(1, sum(out for _, out in workload.lengths) // max(1, max_timeline) // 8)
@@ -218,14 +217,14 @@ class Simulation:
             replica = self.replicas[replica_index]
             if kind == "step":
                 step_id, num_sampled = payload
-                updates = replica.core.complete(step_id, [0] * num_sampled)
-                if any(update.finish_reason is not None for update in updates):
-                    self.finished_at = self.now
+                for update in replica.core.complete(step_id, [0] * num_sampled):
+                    if update.finish_reason is not None:
+                        self.finished_at = self.now
+                        break
             elif kind == "saved":
                 replica.core.on_saved(payload)
             else:
                 replica.core.on_loaded(payload)
-            self.host_peak = max(self.host_peak, replica.core.host.used_fraction)
             self._pump(replica_index)
         for replica in self.replicas:
             self._close_phase(replica, replica.core.phase, self.finished_at)
@@ -264,10 +263,10 @@ class Simulation:
                 self._move(index, move)
             if plan.rows:
                 self._step(index, phase_before, plan)
+            elif core.is_stuck(plan):
+                self._fail(core.fail_all())
             if plan.switch_to is not None:
                 self._switch(index, phase_before, plan.switch_to)
-            if core.is_stuck(plan):
-                self._fail(core.fail_all())
 
     # ------------------------------------------------------------ modelled workers
 
@@ -340,7 +339,8 @@ class Simulation:
             prompt_tokens=self.workload.num_prompt_tokens - self.failed_tokens[0],
             output_tokens=self.workload.num_output_tokens - self.failed_tokens[1],
             num_failed=self.num_failed, num_steps=self.num_steps, phase_s=self.phase_s,
-            transitions=self.transitions, reload_s=self.reload_total_s, host_peak_fraction=self.host_peak,
+            transitions=self.transitions, reload_s=self.reload_total_s,
+            host_peak_fraction=max(replica.core.host.peak_fraction for replica in self.replicas),
             mean_decode_batch=self.decode_rows / self.decode_steps if self.decode_steps else 0.0,
             device_blocks=self.device_blocks, host_blocks=self.host_blocks, timeline=self.timeline,
             counters=counters, num_replicas=len(self.replicas),
