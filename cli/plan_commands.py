@@ -52,6 +52,11 @@ def plan(
             from seesaw.frontend.report import check_timeline_support
 
             check_timeline_support()
+        for flag, value, lowest in (("--max-num-batched-tokens", max_num_batched_tokens, 1),
+                                    ("--max-num-seqs", max_num_seqs, 1), ("--jobs", jobs, 1),
+                                    ("--host-buffer-gb", host_buffer_gb, 0)):
+            if value is not None and value < lowest:
+                raise ValueError(f"{flag} must be at least {lowest}, got {value}")
         options = planner.PlanOptions(token_budget=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       host_buffer_gb=host_buffer_gb)
     except ValueError as error:
@@ -116,7 +121,9 @@ def calibrate(
     try:
         counts = [int(part) for part in workers.split(",")]
     except ValueError:
-        _fail(f"--workers {workers!r}: give worker counts such as 1,2")
+        counts = []
+    if not counts or min(counts) < 1:
+        _fail(f"--workers {workers!r}: give positive worker counts such as 1,2")
     path = output or default_cache_dir() / "profiles" / f"{name}.json"
     profile = measure(name, counts, model, log=lambda line: typer.echo(line, err=True))
     path.parent.mkdir(parents=True, exist_ok=True)

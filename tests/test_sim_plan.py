@@ -111,10 +111,35 @@ def test_plan_command_prints_the_ranking_and_the_flags(tmp_path):
     assert {row["run"] for row in ranking} == {"t2", "p2", "d2", "t2->p2", "p2->t2"}
 
 
-def test_plan_command_bad_input_is_one_line_and_exit_code_2():
-    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "8xB200"])
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus", "8xB200"], "unknown GPU 'B200'"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be at least 1, got 0"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--host-buffer-gb", "-1"], "--host-buffer-gb must be at least 0, got -1.0"),
+])
+def test_plan_command_bad_input_is_one_line_and_exit_code_2(flags, message):
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xL4", *flags])
     assert result.exit_code == 2
-    assert "unknown GPU 'B200'" in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
+
+
+def test_plan_options_refuse_values_no_run_can_take():
+    for fields in ({"token_budget": 0}, {"max_num_seqs": 0}, {"block_size": 0}, {"host_buffer_gb": -1.0},
+                   {"host_low_water": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(fields))):
+            PlanOptions(**fields)
+    with pytest.raises(ValueError, match="jobs"):
+        plan(CostModel(Catalog().model("tiny"), Catalog().node("2xL4")), arxiv(4), jobs=0)
+
+
+@pytest.mark.parametrize("workers", ["0", "1,0", "x", ""])
+def test_calibrate_refuses_worker_counts_before_measuring(workers, tmp_path):
+    profile = tmp_path / "profile.json"
+    result = CliRunner().invoke(app, ["calibrate", "--workers", workers, "--output", str(profile)])
+    assert result.exit_code == 2 and "give positive worker counts" in result.output
+    assert not profile.exists()
 
 
 def test_plan_draws_the_best_pairs_timeline(tmp_path):

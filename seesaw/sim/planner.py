@@ -23,6 +23,16 @@ class PlanOptions:
     include_static: bool = True
     include_pairs: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("token_budget", "max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.host_buffer_gb is not None and self.host_buffer_gb < 0:
+            raise ValueError(f"host_buffer_gb must not be negative, got {self.host_buffer_gb}")
+        if not 0 <= self.host_low_water <= 1:
+            raise ValueError(f"host_low_water must be between 0 and 1, got {self.host_low_water}")
+
 
 @dataclass
 class Candidate:
@@ -88,6 +98,8 @@ def evaluate(cost: CostModel, spec: RunSpec, workload: Workload) -> Candidate:
 
 def plan(cost: CostModel, workload: Workload, options: PlanOptions = PlanOptions(), jobs: int = 1) -> list[Candidate]:
     """Every candidate, best predicted throughput first; those that cannot run last."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     runs = candidates(cost, options)
     if jobs > 1 and len(runs) > 1:
         with ProcessPoolExecutor(jobs) as pool:
