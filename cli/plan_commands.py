@@ -59,6 +59,9 @@ def plan(
                 raise ValueError(f"{flag} must be at least {lowest}, got {value}")
         options = planner.PlanOptions(token_budget=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       host_buffer_gb=host_buffer_gb)
+        for flag, path in (("--output-json", output_json), ("--timeline", timeline)):
+            if path is not None and not path.parent.is_dir():
+                raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
     except ValueError as error:
         _fail(str(error))
     cost = CostModel(spec, node)

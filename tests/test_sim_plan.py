@@ -117,8 +117,11 @@ def test_plan_command_prints_the_ranking_and_the_flags(tmp_path):
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
     (["--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["--host-buffer-gb", "-1"], "--host-buffer-gb must be at least 0, got -1.0"),
+    (["--output-json", "{tmp}/missing/plan.json"], "--output-json {tmp}/missing/plan.json: the folder {tmp}/missing does not exist"),
 ])
-def test_plan_command_bad_input_is_one_line_and_exit_code_2(flags, message):
+def test_plan_command_bad_input_is_one_line_and_exit_code_2(flags, message, tmp_path):
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    message = message.format(tmp=tmp_path)
     result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xL4", *flags])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
