@@ -187,8 +187,11 @@ def serve(
 def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline):
     """The batch job, its output checked (and, on resume, scanned and repaired) before the model loads."""
     from seesaw.frontend.batch_job import BatchJob
-    from seesaw.frontend.output import KeySet, ResultSink, check_output, finished_ids
+    from seesaw.frontend.output import KeySet, ResultSink, check_folder, check_output, finished_ids
 
+    for flag, path in (("--output", output), ("--errors", errors), ("--metrics-json", metrics_json),
+                       ("--timeline", timeline)):
+        check_folder(flag, path)
     finished = KeySet()
     for path in (output, errors):
         if path is None:

@@ -40,6 +40,7 @@ def plan(
     timeline: Annotated[Optional[Path], typer.Option(help="draw the simulated run of the best pair into this PNG (needs matplotlib)")] = None,
 ) -> None:
     """Rank every static layout and every prefill->decode pair of a node by simulated throughput."""
+    from seesaw.frontend.output import check_folder
     from seesaw.sim import planner
     from seesaw.sim.cost import CostModel
 
@@ -59,9 +60,8 @@ def plan(
                 raise ValueError(f"{flag} must be at least {lowest}, got {value}")
         options = planner.PlanOptions(token_budget=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       host_buffer_gb=host_buffer_gb)
-        for flag, path in (("--output-json", output_json), ("--timeline", timeline)):
-            if path is not None and not path.parent.is_dir():
-                raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+        check_folder("--output-json", output_json)
+        check_folder("--timeline", timeline)
     except ValueError as error:
         _fail(str(error))
     cost = CostModel(spec, node)

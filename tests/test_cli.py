@@ -106,6 +106,16 @@ def test_bad_engine_options_are_one_line_errors(tmp_path, flags, problem):
     assert problem in done.stderr
 
 
+def test_a_file_to_write_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    metrics = tmp_path / "missing" / "metrics.json"
+    done = run_cli("batch", source, "-o", tmp_path / "out.jsonl", "--metrics-json", metrics, timeout_s=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: --metrics-json {metrics}: the folder {metrics.parent} does not exist"]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("flags,problem", [
     (["--prefill-layout", "p2"], "--prefill-layout and --decode-layout go together"),
     (["--prefill-layout", "p2", "--decode-layout", "t3"], "prefill layout p2 has 2 workers and decode layout t3 has 3"),

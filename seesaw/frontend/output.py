@@ -84,6 +84,12 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
                           f"or --overwrite to start it again")
 
 
+def check_folder(flag: str, path: Path | None) -> None:
+    """Refuse, before any work, a file to write later whose folder does not exist."""
+    if path is not None and not path.parent.is_dir():
+        raise OutputError(f"{flag} {path}: the folder {path.parent} does not exist")
+
+
 def finished_ids(path: Path) -> tuple[KeySet, int]:
     """Keys of the custom_ids a results file holds, and how many lines; a torn last line (no
     newline, from a crash mid-write) is cut off so the file ends on a whole line."""

@@ -30,8 +30,8 @@ class PlanOptions:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.host_buffer_gb is not None and self.host_buffer_gb < 0:
             raise ValueError(f"host_buffer_gb must not be negative, got {self.host_buffer_gb}")
-        if not 0 <= self.host_low_water <= 1:
-            raise ValueError(f"host_low_water must be between 0 and 1, got {self.host_low_water}")
+        if not 0 <= self.host_low_water < 1:
+            raise ValueError(f"host_low_water must be in [0, 1), got {self.host_low_water}")
 
 
 @dataclass
