@@ -143,6 +143,12 @@ def _check_files(input_path: Path, output: Path, overwrite: bool) -> None:
         _fail(f"the output {output} is the input file; pick another with -o")
     if output.is_file() and output.stat().st_size > 0 and not overwrite:
         _fail(f"{output} already holds results: pass --overwrite to replace them, or -o another file")
+    from seesaw.frontend.output import check_folder
+
+    try:
+        check_folder("--output", output)
+    except ValueError as error:
+        _fail(str(error))
 
 
 def _client(address: str, server_key: str | None, timeout_s: float) -> Client:

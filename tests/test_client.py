@@ -294,3 +294,13 @@ def test_status_command_reports_a_missing_server_without_a_traceback(tmp_path):
     result = CliRunner().invoke(app, ["status", "--server", f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.3"])
     assert result.exit_code == 1 and result.stderr.startswith("error: no answer from")
     assert "is `seesaw-cli serve` running?" in result.stderr
+
+
+def test_submit_command_refuses_an_output_in_a_missing_folder_before_asking(tmp_path):
+    register(app)
+    source, output = tmp_path / "in.jsonl", tmp_path / "missing" / "out.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    result = CliRunner().invoke(app, ["submit", str(source), "-o", str(output),
+                                      "--server", f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.3"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --output {output}: the folder {output.parent} does not exist"
