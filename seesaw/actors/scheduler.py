@@ -280,7 +280,7 @@ class Scheduler(Actor):
         if core is None:
             return
         settle(core, request_id)
-        self.metrics.on_host(core.host.used_fraction)
+        self.metrics.on_host(core.host.peak_fraction)  # its fullest moment, however brief
         if replica is not None:
             self._pump(replica)
 
