@@ -68,7 +68,10 @@ def plan(
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
                f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
     typer.echo(f"workload: {requests.describe()}")
-    ranked = planner.plan(cost, requests, options, jobs=jobs)
+    try:
+        ranked = planner.plan(cost, requests, options, jobs=jobs)
+    except RuntimeError as error:
+        _fail(str(error))
     _print_ranking(ranked, top)
     static, pair = planner.best(ranked, False), planner.best(ranked, True)
     if static is not None and pair is not None:

@@ -10,6 +10,7 @@ import torch
 from seesaw.messages import AddRequest
 from seesaw.step import RowSampling
 from seesaw.config import SchedulerConfig
+from seesaw.kv.block_pool import BlockPool
 from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import ToHost
 from seesaw.scheduling.static import StaticScheduler
@@ -126,6 +127,19 @@ def test_capacity_error_for_a_request_larger_than_the_pool():
     core = make(num_blocks=4, block_size=4)
     assert core.capacity_error(10, 6) is None
     assert "KV pool holds 4 blocks" in core.capacity_error(10, 7)
+
+
+def test_a_block_pool_hands_out_fresh_ids_in_order_then_returned_ones_as_they_came_back():
+    pool = BlockPool(6)
+    assert pool.allocate(4) == [0, 1, 2, 3]
+    pool.free([2, 0])
+    assert (pool.num_free, pool.num_used) == (4, 2)
+    assert pool.allocate(3) == [4, 5, 2] and pool.allocate(1) == [0]
+    assert not pool.can_allocate(1)
+    with pytest.raises(ValueError, match="asked for 1 blocks, 0 free"):
+        pool.allocate(1)
+    huge = BlockPool(10**12, "host KV buffer")  # ids not handed out cost nothing
+    assert huge.allocate(2) == [0, 1] and huge.num_free == 10**12 - 2
 
 
 def test_host_slots_remember_their_fullest_moment():

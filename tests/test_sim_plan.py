@@ -4,6 +4,7 @@ every layout and pair of a node and prints the batch flags of the best."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -165,3 +166,16 @@ def test_batch_lines_are_measured_by_the_tokenizer_hook(tmp_path):
 
     assert from_jsonl(path, tokenize).lengths == ((3, 7), (4, 2))
     assert seen == [f"{path}, line 1"]
+
+
+def _die(*args):
+    os._exit(1)  # as the kernel's out-of-memory killer would end it
+
+
+def test_a_simulation_process_that_dies_is_one_clear_error(monkeypatch):
+    from seesaw.sim import planner
+
+    monkeypatch.setattr(planner, "evaluate", _die)
+    cost = CostModel(Catalog().model("tiny"), Catalog().node("2xL4"))
+    with pytest.raises(RuntimeError, match="ended abruptly .* with 4 requests and 2 jobs"):
+        plan(cost, arxiv(4), jobs=2)

@@ -4,6 +4,7 @@ rank them by predicted throughput (pure; runs simulations in worker processes wh
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
 from seesaw.config import SchedulerConfig
@@ -102,8 +103,12 @@ def plan(cost: CostModel, workload: Workload, options: PlanOptions = PlanOptions
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     runs = candidates(cost, options)
     if jobs > 1 and len(runs) > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            results = list(pool.map(evaluate, [cost] * len(runs), runs, [workload] * len(runs)))
+        try:
+            with ProcessPoolExecutor(jobs) as pool:
+                results = list(pool.map(evaluate, [cost] * len(runs), runs, [workload] * len(runs)))
+        except BrokenProcessPool as error:
+            raise RuntimeError(f"a simulation process ended abruptly (out of memory?) with {workload.num_requests} "
+                               f"requests and {jobs} jobs; try fewer of either") from error
     else:
         results = [evaluate(cost, run, workload) for run in runs]
     return sorted(results, key=lambda c: (c.result is None, -c.throughput, c.name))
