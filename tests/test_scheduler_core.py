@@ -142,6 +142,21 @@ def test_a_block_pool_hands_out_fresh_ids_in_order_then_returned_ones_as_they_ca
     assert huge.allocate(2) == [0, 1] and huge.num_free == 10**12 - 2
 
 
+def test_requests_may_share_one_prompt_list_which_the_core_leaves_as_it_was():
+    def token(request_id, index):
+        return 100 + (hash((request_id, index)) % 50)
+
+    shared = list(range(10, 30))
+    apart, together = Model(make(num_blocks=14), token), Model(make(num_blocks=14), token)
+    for index in range(4):
+        apart.core.add(AddRequest(f"r{index}", list(shared), 12, RowSampling(0.0)))
+        together.core.add(AddRequest(f"r{index}", shared, 12, RowSampling(0.0)))
+    apart.run()
+    together.run()
+    assert together.core.counters["evictions"] > 0
+    assert together.outputs == apart.outputs and shared == list(range(10, 30))
+
+
 def test_host_slots_remember_their_fullest_moment():
     host = HostSlots(10, block_size=4)
     host.store("a", 16)  # 4 blocks

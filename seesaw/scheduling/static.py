@@ -117,7 +117,7 @@ class StaticScheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         state = RequestState(
             request_id=request.request_id,
-            prompt_token_ids=list(request.prompt_token_ids),
+            prompt_token_ids=request.prompt_token_ids,  # read only: requests may share one list
             max_tokens=request.max_tokens,
             sampling=request.sampling,
             stop_token_ids=frozenset(request.stop_token_ids)

@@ -210,8 +210,10 @@ class Simulation:
             return self._run()
 
     def _run(self) -> SimResult:
+        prompts: dict[int, list[int]] = {}  # one list of token ids per prompt length: the cores only read them
         for index, (prompt, output) in enumerate(self.workload.lengths):
-            self._place(AddRequest(f"r{index}", [0] * prompt, output, _GREEDY, ignore_eos=True))
+            token_ids = prompts.get(prompt) or prompts.setdefault(prompt, [0] * prompt)
+            self._place(AddRequest(f"r{index}", token_ids, output, _GREEDY, ignore_eos=True))
         while self._events:
             self.now, _, kind, replica_index, payload = heapq.heappop(self._events)
             replica = self.replicas[replica_index]
