@@ -150,7 +150,14 @@ def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
 
     if num_requests < 1:
         raise ValueError(f"--num-requests must be positive, got {num_requests}")
-    return workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len))
+    requests, refused = workload.within_context(
+        workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len)), max_model_len)
+    if refused and not requests.num_requests:
+        raise ValueError(f"no request of {name} fits the model's context of {max_model_len} tokens")
+    if refused:
+        typer.echo(f"left out: {refused} requests longer than the model's context of {max_model_len} tokens "
+                   "(the engine would refuse them)", err=True)
+    return requests
 
 
 def _batch_lengths(max_model_len: int):

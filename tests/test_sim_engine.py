@@ -100,6 +100,14 @@ def test_request_too_large_for_the_host_buffer_fails_alone():
     assert result.output_tokens == 20
 
 
+def test_a_request_longer_than_the_models_context_fails_as_the_engine_refuses_it():
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama2-70b"), catalog.node("8xL4"))
+    workload = Workload("mixed", ((100, 10), (4000, 97), (4000, 96)))  # the context is 4,096 tokens
+    result = simulate(cost, RunSpec(Layout(tp=8), max_model_len=4096), workload)
+    assert result.num_failed == 1 and result.output_tokens == 10 + 96
+
+
 def test_layout_larger_than_the_node_is_refused():
     catalog = Catalog()
     cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4"))

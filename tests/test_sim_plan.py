@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from seesaw.sim.catalog import Catalog
 from seesaw.sim.cost import CostModel
 from seesaw.sim.planner import PlanOptions, best, candidates, layouts_of, plan
-from seesaw.sim.workload import arxiv, from_jsonl, named, sharegpt
+from seesaw.sim.workload import Workload, arxiv, from_jsonl, named, sharegpt, within_context
 from seesaw_cli.main import app
 
 
@@ -129,6 +129,21 @@ def test_plan_command_bad_input_is_one_line_and_exit_code_2(flags, message, tmp_
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}")
 
 
+def test_requests_longer_than_the_context_are_left_out_and_said_so(tmp_path):
+    kept, refused = within_context(Workload("w", ((100, 10), (4000, 97), (4000, 96))), 4096)
+    assert kept.lengths == ((100, 10), (4000, 96)) and refused == 1
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"input_len": 4000, "output_len": 200}\n{"input_len": 100, "output_len": 20}\n')
+    result = CliRunner().invoke(app, ["plan", "--model", "llama2-70b", "--gpus", "8xL4", "--workload", str(path),
+                                      "--jobs", "1", "--top", "1"])
+    assert result.exit_code == 0, result.output
+    assert "left out: 1 requests longer than the model's context of 4096 tokens" in result.stderr
+    assert "w.jsonl: 1 requests" in result.stdout
+    path.write_text('{"input_len": 4000, "output_len": 200}\n')
+    result = CliRunner().invoke(app, ["plan", "--model", "llama2-70b", "--gpus", "8xL4", "--workload", str(path)])
+    assert result.exit_code == 2 and "fits the model's context of 4096 tokens" in result.stderr
+
+
 def test_plan_options_refuse_values_no_run_can_take():
     for fields in ({"token_budget": 0}, {"max_num_seqs": 0}, {"block_size": 0}, {"host_buffer_gb": -1.0},
                    {"host_low_water": 1.5}):
@@ -166,6 +181,17 @@ def test_batch_lines_are_measured_by_the_tokenizer_hook(tmp_path):
 
     assert from_jsonl(path, tokenize).lengths == ((3, 7), (4, 2))
     assert seen == [f"{path}, line 1"]
+
+
+def test_a_batch_lines_default_max_tokens_is_fitted_to_the_context_and_an_explicit_one_is_kept():
+    from seesaw.sim.batch_lengths import batch_line_lengths
+
+    state = {"codec": None}  # lines of token ids need no tokenizer
+    default = {"prompt": [5] * 100}
+    explicit = {"prompt": [5] * 100, "max_tokens": 300}
+    assert batch_line_lengths(default, "line 1", state, max_model_len=4096) == (100, 256)
+    assert batch_line_lengths(default, "line 1", state, max_model_len=300) == (100, 200)
+    assert batch_line_lengths(explicit, "line 2", state, max_model_len=300) == (100, 300)  # the engine refuses it
 
 
 def _die(*args):

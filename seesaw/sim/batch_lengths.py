@@ -27,5 +27,7 @@ def batch_line_lengths(entry: dict, where: str, state: dict, max_model_len: int)
         prompt = len(codec.encode_chat(item.messages))
     else:
         prompt = len(codec.encode_prompt(item.prompt or ""))
-    output = min(item.sampling.max_tokens, max(1, max_model_len - prompt))
+    output = item.sampling.max_tokens
+    if item.sampling.fit_max_tokens:  # a default max_tokens is lowered to what the context leaves, as the engine does
+        output = min(output, max(1, max_model_len - prompt))
     return max(1, prompt), output

@@ -233,8 +233,12 @@ class Simulation:
         return self._result()
 
     def _place(self, request: AddRequest) -> None:
-        """The least loaded replica where the request fits; a request that fits none fails."""
+        """The least loaded replica where the request fits; a request that fits none, or not the
+        model's context (the engine refuses it), fails."""
         size = (len(request.prompt_token_ids), request.max_tokens)
+        if self.spec.max_model_len is not None and sum(size) > self.spec.max_model_len:
+            self._fail([request.request_id])
+            return
         fits = [index for index, replica in enumerate(self.replicas) if replica.core.capacity_error(*size) is None]
         if not fits:
             self._fail([request.request_id])

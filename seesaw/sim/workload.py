@@ -46,6 +46,13 @@ class Workload:
                 f"tokens, mean output {self.num_output_tokens / n:.0f} tokens")
 
 
+def within_context(workload: Workload, max_model_len: int) -> tuple[Workload, int]:
+    """The requests whose prompt and output fit the model's context, and how many do not (the
+    engine refuses those: a prompt with no room left, or a max_tokens that does not fit)."""
+    kept = tuple((prompt, output) for prompt, output in workload.lengths if prompt + output <= max_model_len)
+    return Workload(workload.name, kept), workload.num_requests - len(kept)
+
+
 def fixed(num_requests: int, input_len: int, output_len: int) -> Workload:
     if min(num_requests, input_len, output_len) < 1:
         raise ValueError("a fixed workload needs at least one request, one input and one output token")
