@@ -42,7 +42,7 @@ def plan(
     """Rank every static layout and every prefill->decode pair of a node by simulated throughput."""
     from seesaw.frontend.output import check_folder
     from seesaw.sim import planner
-    from seesaw.sim.cost import CostModel
+    from seesaw.sim.cost import GIB, CostModel
 
     try:
         catalog = _catalog(profiles)
@@ -68,6 +68,10 @@ def plan(
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
                f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
     typer.echo(f"workload: {requests.describe()}")
+    typer.echo(f"host KV buffer: {planner.host_buffer_for(cost, options, False):.0f} GiB for static layouts, "
+               f"{planner.host_buffer_for(cost, options, True):.0f} GiB for pairs"
+               + ("" if options.host_buffer_gb is not None else
+                  f" (which keep the {cost.model_bytes / GIB:.0f} GiB of weights in host memory to re-shard)"))
     try:
         ranked = planner.plan(cost, requests, options, jobs=jobs)
     except RuntimeError as error:

@@ -113,6 +113,8 @@ def test_layout_larger_than_the_node_is_refused():
     cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4"))
     with pytest.raises(ValueError, match="needs 4 GPUs; the node has 2"):
         simulate(cost, RunSpec(Layout(tp=4)), fixed(1, 10, 10))
+    with pytest.raises(ValueError, match=r"p2->t2: a prefill -> decode pair keeps KV in host memory .* \(0 GiB\)"):
+        simulate(cost, RunSpec(Layout(pp=2), Layout(tp=2), host_buffer_gb=0.0), fixed(1, 10, 10))
 
 
 def test_phase_seconds_add_up_to_the_run():

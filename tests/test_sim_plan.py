@@ -107,6 +107,7 @@ def test_plan_command_prints_the_ranking_and_the_flags(tmp_path):
                                       "--num-requests", "40", "--jobs", "1", "--output-json", str(output)])
     assert result.exit_code == 0, result.output
     assert "best static:" in result.output and "best pair:" in result.output
+    assert "GiB for pairs (which keep the 15 GiB of weights in host memory to re-shard)" in result.output
     assert "seesaw-cli batch INPUT.jsonl --model dummy:llama3-8b --device cuda" in result.output
     ranking = json.loads(output.read_text())["ranking"]
     assert {row["run"] for row in ranking} == {"t2", "p2", "d2", "t2->p2", "p2->t2"}

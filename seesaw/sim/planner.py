@@ -78,14 +78,15 @@ def candidates(cost: CostModel, options: PlanOptions) -> list[RunSpec]:
                    max_model_len=cost.spec.max_position)
     runs = []
     if options.include_static:
-        runs += [replace(base, layout=layout, host_buffer_gb=_host_gb(cost, options, False)) for layout in layouts]
+        runs += [replace(base, layout=layout, host_buffer_gb=host_buffer_for(cost, options, False)) for layout in layouts]
     if options.include_pairs:
-        runs += [replace(base, layout=prefill, decode_layout=decode, host_buffer_gb=_host_gb(cost, options, True))
+        runs += [replace(base, layout=prefill, decode_layout=decode, host_buffer_gb=host_buffer_for(cost, options, True))
                  for prefill in layouts for decode in layouts if prefill != decode and prefill.dp == decode.dp]
     return runs
 
 
-def _host_gb(cost: CostModel, options: PlanOptions, reshards: bool) -> float:
+def host_buffer_for(cost: CostModel, options: PlanOptions, reshards: bool) -> float:
+    """The host KV buffer of a static layout (reshards False) or a pair, in GiB."""
     return options.host_buffer_gb if options.host_buffer_gb is not None else host_buffer_gb(cost, reshards)
 
 

@@ -175,6 +175,9 @@ class Simulation:
         self.device_blocks = cost.device_blocks(distinct, spec.block_size)
         host_block_bytes = cost.kv_bytes_per_token * spec.block_size
         self.host_blocks = int(spec.host_buffer_gb * GIB) // host_block_bytes
+        if spec.is_seesaw and self.host_blocks < layout.dp:
+            raise ValueError(f"{spec}: a prefill -> decode pair keeps KV in host memory between phases, and its "
+                             f"host buffer ({spec.host_buffer_gb:g} GiB) holds no block for a replica")
         self.replicas = [
             _Replica(self._core(HostSlots(count, spec.block_size, first)), layout.tp * layout.pp)
             for first, count in split_host_blocks(self.host_blocks, layout.dp)
