@@ -68,8 +68,8 @@ def plan(
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
                f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
     typer.echo(f"workload: {requests.describe()}")
-    typer.echo(f"host KV buffer: {planner.host_buffer_for(cost, options, False):.0f} GiB for static layouts, "
-               f"{planner.host_buffer_for(cost, options, True):.0f} GiB for pairs"
+    typer.echo(f"host KV buffer: {planner.host_buffer_for(cost, options, False):.1f} GiB for static layouts, "
+               f"{planner.host_buffer_for(cost, options, True):.1f} GiB for pairs"
                + ("" if options.host_buffer_gb is not None else
                   f" (which keep the {cost.model_bytes / GIB:.0f} GiB of weights in host memory to re-shard)"))
     try:
@@ -84,7 +84,7 @@ def plan(
     winner = next((c for c in ranked if c.result is not None and not c.result.num_failed), None)
     if winner is None:
         _fail("no layout of this node can run this model and workload")
-    typer.echo(f"run the best:\n  {planner.batch_command(winner, model, node.gpu.device)}")
+    typer.echo(f"run the best:\n  {planner.batch_command(winner, model, node.gpu)}")
     if output_json is not None:
         rows = [{"run": c.name, "error": c.error, "host_buffer_gb": round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]

@@ -96,6 +96,38 @@ def test_more_bandwidth_never_predicts_a_slower_run(run):
     assert times == sorted(times, reverse=True)
 
 
+@pytest.mark.parametrize("model", ["llama3-8b", "smollm2-135m"])  # untied and tied embeddings
+def test_weight_bytes_are_what_the_engines_shards_allocate(model):
+    import torch
+
+    from seesaw.layout import shard_for
+    from seesaw.model.llama import ShardModel
+    from seesaw.runtime.arena import measure
+
+    catalog = Catalog()
+    spec = catalog.model(model)
+    cost = CostModel(spec, catalog.node("8xL4"))
+    for name in ("t1", "t2", "p2", "t2p2"):
+        layout = Layout.parse(name)
+        for stage in range(layout.pp):
+            shards = [shard_for(layout, spec.shape, layout.rank_of(0, stage, tp)) for tp in range(layout.tp)]
+            engine = max(measure(lambda allocate, shard=shard: ShardModel(spec, shard, allocate), torch.bfloat16)
+                         for shard in shards)
+            modelled = cost.shard_bytes(layout, stage)  # the stage's largest worker
+            assert modelled == pytest.approx(engine, rel=0.01), (model, name, stage)  # norms and alignment aside
+
+
+def test_kv_room_starts_from_the_memory_the_driver_reports():
+    catalog = Catalog()
+    l4, h200 = catalog.gpu("L4"), catalog.gpu("H200")
+    assert l4.memory_bytes == 22.49 * 2**30 < l4.memory_gb * 2**30  # "24 GB" on the datasheet, 23,034 MiB visible
+    assert h200.memory_bytes == h200.memory_gb * 2**30  # no visible figure given: the datasheet's, in GiB
+    spec = catalog.model("llama2-70b")
+    fewer = CostModel(spec, catalog.node("8xL4")).device_blocks([Layout(tp=8)], 16)
+    more = CostModel(spec, replace(catalog.node("8xL4"), gpu=replace(l4, visible_memory_gib=24.0)))
+    assert fewer < more.device_blocks([Layout(tp=8)], 16)
+
+
 def test_model_that_does_not_fit_names_the_layout_and_the_gpu():
     catalog = Catalog()
     cost = CostModel(catalog.model("llama2-70b"), catalog.node("2xL4"))

@@ -49,6 +49,31 @@ def test_profile_file_errors_name_the_file_and_the_field(tmp_path):
     bad.write_text("{")
     with pytest.raises(ValueError, match="bad.json: not JSON"):
         Catalog([bad])
+    for ring, problem in (({"2": 0}, "positive GB/s, got 2: 0"), ({"1": 10}, "of 2 or more"), ({"two": 10}, "'two'")):
+        bad.write_text(json.dumps({"links": {"ring": {"bandwidth_gbs": 10, "all_reduce_gbs": ring}}}))
+        with pytest.raises(ValueError, match=f"bad.json: link 'ring': all_reduce_gbs .*{problem}"):
+            Catalog([bad])
+    bad.write_text(json.dumps({"gpus": {"X1": {**_CARD, "copy_overlap": 1.5}}}))
+    with pytest.raises(ValueError, match="bad.json: gpu 'X1': copy_overlap is a share, at most 1, got 1.5"):
+        Catalog([bad])
+
+
+def test_the_batch_line_of_the_best_run_carries_what_was_simulated(tmp_path):
+    from seesaw.sim.planner import Candidate, batch_command
+    from seesaw.sim.simulator import RunSpec
+
+    cards = tmp_path / "cards.json"
+    cards.write_text(json.dumps({"gpus": {"Small": {**_CARD, "memory_fraction": 0.8},
+                                          "Fixed": {**_CARD, "kv_cache_gb": 3.0}}}))
+    catalog = Catalog([cards])
+    pair = Candidate(RunSpec.parse("p2-t2", host_buffer_gb=0.47))
+    line = batch_command(pair, "llama3-8b", catalog.gpu("small"))
+    assert "--prefill-layout p2 --decode-layout t2" in line and line.endswith("--host-buffer-gb 0.4 --memory-fraction 0.8")
+    assert batch_command(pair, "llama3-8b", catalog.gpu("fixed")).endswith("--kv-cache-gb 3")
+
+
+_CARD = {"memory_gb": 48, "memory_bandwidth_gbs": 900, "peak_tflops": 180, "interconnect": "pcie4x16",
+         "host_link": "pcie4x16", "host_memory_gb": 96}
 
 
 def test_user_profiles_extend_the_catalog(tmp_path):

@@ -14,6 +14,8 @@ from seesaw.model.spec import ModelSpec
 
 GB = 1e9
 _MAY_BE_ZERO = {"latency_us", "copy_overlap", "row_overhead_us"}
+_SHARES = {"copy_overlap", "memory_fraction", "matmul_efficiency", "memory_efficiency", "attention_efficiency",
+           "efficiency"}
 _NODE_RE = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
 
 
@@ -22,7 +24,7 @@ class Gpu:
     """One device: datasheet peaks, fitted efficiencies, and what a node of them usually has."""
 
     name: str
-    memory_gb: float
+    memory_gb: float  # the datasheet's figure
     memory_bandwidth_gbs: float
     peak_tflops: float  # dense, at the run's dtype
     interconnect: str  # the link between devices a node of these usually has
@@ -40,7 +42,14 @@ class Gpu:
     token_budget: int = 8192  # tokens per step (chunked prefill)
     device: str = "cuda"  # what `seesaw-cli batch --device` runs it as
     copy_overlap: float = 1.0  # share of a KV copy hidden under compute (GPUs copy by DMA; CPU workers do not)
+    visible_memory_gib: float | None = None  # what the driver reports as the device's total; None: memory_gb GiB
     source: str = ""
+
+    @property
+    def memory_bytes(self) -> float:
+        """Device memory the engine sizes its pool from (the driver's total, below the datasheet's
+        figure on cards that keep some for ECC and the firmware)."""
+        return (self.visible_memory_gib or self.memory_gb) * (1 << 30)
 
     @property
     def memory_bandwidth(self) -> float:
@@ -124,7 +133,7 @@ class Catalog:
         for name, entry in data.get("links", {}).items():
             entry = dict(entry)
             if entry.get("all_reduce_gbs"):
-                entry["all_reduce_gbs"] = {int(size): float(gbs) for size, gbs in entry["all_reduce_gbs"].items()}
+                entry["all_reduce_gbs"] = _ring_figures(entry["all_reduce_gbs"], f"{where}: link {name!r}")
             self.links[name.lower()] = _build(Link, name, entry, f"{where}: link {name!r}")
         for name, entry in data.get("models", {}).items():
             config = {key: value for key, value in entry.items() if key != "source"}
@@ -179,6 +188,23 @@ class Catalog:
         return Node(gpu, count, link, host_link, host_memory_gb or gpu.host_memory_gb * count)
 
 
+def _ring_figures(figures, where: str) -> dict[int, float]:
+    """all_reduce_gbs as {group size: GB/s}, each size at least 2 and each figure positive."""
+    if not isinstance(figures, dict):
+        raise ValueError(f"{where}: all_reduce_gbs must map group sizes to GB/s")
+    ring = {}
+    for size, gbs in figures.items():
+        try:
+            size, gbs = int(size), float(gbs)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: all_reduce_gbs {size!r}: {gbs!r} is not a group size and GB/s") from None
+        if size < 2 or not gbs > 0:
+            raise ValueError(f"{where}: all_reduce_gbs needs group sizes of 2 or more and positive GB/s, "
+                             f"got {size}: {gbs:g}")
+        ring[size] = gbs
+    return ring
+
+
 def _build(cls, name: str, entry: dict, where: str):
     """A dataclass from a JSON entry: unknown keys, missing keys and non-positive numbers are
     errors naming the entry and the field."""
@@ -198,4 +224,6 @@ def _build(cls, name: str, entry: dict, where: str):
             continue
         if value < 0 or (value == 0 and field.name not in _MAY_BE_ZERO):
             raise ValueError(f"{where}: {field.name} must be positive, got {value}")
+        if field.name in _SHARES and value > 1:
+            raise ValueError(f"{where}: {field.name} is a share, at most 1, got {value}")
     return built

@@ -116,12 +116,17 @@ class CostModel:
         return attention + 3 * hidden * shard.ffn.size
 
     def shard_bytes(self, layout: Layout, stage: int) -> int:
-        """Weight bytes one worker of a stage holds: its layers, plus the embedding on the first
-        stage and the LM head on the last (both split by vocabulary rows)."""
+        """Weight bytes one worker of a stage holds, as the engine's shards allocate them: its
+        layers, the whole embedding table on the first stage, and on the last the LM head's
+        vocabulary slice (padded to equal slices; a tied head on a lone worker reuses the table)."""
         shard = self.shard(layout, stage)
+        hidden = self.spec.hidden_size
         params = shard.layers.size * self.layer_params(shard)
-        vocab_rows = shard.vocab.size * self.spec.hidden_size
-        params += vocab_rows * (shard.is_first_stage + (shard.is_last_stage and not self.spec.tie_word_embeddings))
+        if shard.is_first_stage:
+            params += self.spec.vocab_size * hidden
+        reuses_table = self.spec.tie_word_embeddings and shard.is_first_stage and layout.tp == 1
+        if shard.is_last_stage and not reuses_table:
+            params += shard.vocab_rows_padded * hidden
         return params * self.dtype_bytes
 
     @cached_property
@@ -150,7 +155,7 @@ class CostModel:
         if self.gpu.kv_cache_gb is not None:
             return int(self.gpu.kv_cache_gb * GIB) // page
         arena = max(self.shard_bytes(layout, stage) for layout in layouts for stage in range(layout.pp))
-        free = self.gpu.memory_gb * GIB * self.gpu.memory_fraction - arena - self.gpu.activation_gb * GIB
+        free = self.gpu.memory_bytes * self.gpu.memory_fraction - arena - self.gpu.activation_gb * GIB
         if free < page:
             names = " and ".join(str(layout) for layout in layouts)
             raise ValueError(f"{names}: a worker holds {arena / GIB:.1f} GiB of weights, leaving no room for KV "

@@ -7,8 +7,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
-from seesaw.config import SchedulerConfig
+from seesaw.config import CacheConfig, SchedulerConfig
 from seesaw.layout import Layout, validate
+from seesaw.sim.catalog import Gpu
 from seesaw.sim.cost import CostModel, host_buffer_gb
 from seesaw.sim.simulator import RunSpec, SimResult, simulate
 from seesaw.sim.workload import Workload
@@ -121,9 +122,10 @@ def best(candidates_: list[Candidate], seesaw: bool) -> Candidate | None:
     return max(found, key=lambda c: c.throughput, default=None)
 
 
-def batch_command(candidate: Candidate, model: str, device: str = "cuda") -> str:
-    """The `seesaw-cli batch` line that runs a candidate (a model known only by its profile needs
-    the user's checkpoint; a preset runs with random weights)."""
+def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
+    """The `seesaw-cli batch` line that runs a candidate as simulated on `gpu` (a model known only
+    by its profile needs the user's checkpoint; a preset runs with random weights)."""
+    import math
     from pathlib import Path
 
     from seesaw.model.presets import PRESETS
@@ -135,6 +137,17 @@ def batch_command(candidate: Candidate, model: str, device: str = "cuda") -> str
     spec = candidate.spec
     layout = (f"--prefill-layout {spec.layout} --decode-layout {spec.decode_layout}" if spec.is_seesaw
               else f"--layout {spec.layout}")
-    return (f"seesaw-cli batch INPUT.jsonl --model {model} --device {device} {layout} "
-            f"--max-num-batched-tokens {spec.scheduler.max_num_batched_tokens} "
-            f"--max-num-seqs {spec.scheduler.max_num_seqs} --host-buffer-gb {spec.host_buffer_gb:.0f}")
+    scheduler = spec.scheduler
+    flags = [f"--model {model}", f"--device {gpu.device}", layout,
+             f"--max-num-batched-tokens {scheduler.max_num_batched_tokens}", f"--max-num-seqs {scheduler.max_num_seqs}",
+             f"--host-buffer-gb {math.floor(spec.host_buffer_gb * 10) / 10:g}"]  # never more than simulated
+    defaults = SchedulerConfig()
+    if scheduler.host_low_water != defaults.host_low_water:
+        flags.append(f"--host-low-water {scheduler.host_low_water:g}")
+    if spec.block_size != CacheConfig().block_size:
+        flags.append(f"--block-size {spec.block_size}")
+    if gpu.kv_cache_gb is not None:
+        flags.append(f"--kv-cache-gb {gpu.kv_cache_gb:g}")
+    elif gpu.memory_fraction != CacheConfig().memory_fraction:
+        flags.append(f"--memory-fraction {gpu.memory_fraction:g}")
+    return "seesaw-cli batch INPUT.jsonl " + " ".join(flags)
