@@ -3,14 +3,17 @@ its CURVE keys."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import orjson
 import typer
 
-from seesaw.client import MAX_FRAME_BYTES, Client, ServerError
+from seesaw.client import MAX_FRAME_BYTES, Client, ServerError, missing_socket
 from seesaw.transport.curve import default_address, write_keys
 
 ServerOption = Annotated[Optional[str], typer.Option("--server", help="the daemon's address (default: its ipc socket)")]
@@ -40,7 +43,7 @@ def submit(
     _check_files(input_path, output, overwrite)
     source = job_source(address, input_path)
     started = time.perf_counter()
-    with _client(address, server_key, timeout_s) as client, output.open("wb") as sink:
+    with _terminate_as_interrupt(), _client(address, server_key, timeout_s) as client, _results(output) as sink:
         job = client.run_job(**source)
         try:
             for line in job:
@@ -141,6 +144,8 @@ def _check_files(input_path: Path, output: Path, overwrite: bool) -> None:
         _fail(f"input file {input_path} not found")
     if output.resolve() == input_path.resolve():
         _fail(f"the output {output} is the input file; pick another with -o")
+    if output.is_dir():
+        _fail(f"the output {output} is a folder; give a file with -o")
     if output.is_file() and output.stat().st_size > 0 and not overwrite:
         _fail(f"{output} already holds results: pass --overwrite to replace them, or -o another file")
     from seesaw.frontend.output import check_folder
@@ -151,7 +156,36 @@ def _check_files(input_path: Path, output: Path, overwrite: bool) -> None:
         _fail(str(error))
 
 
+def _results(output: Path):
+    """The output, emptied and locked for this submit (another one writing it is refused)."""
+    from seesaw.frontend.output import OutputError, open_locked
+
+    try:
+        return open_locked(output, append=False)
+    except OutputError as error:
+        _fail(str(error))
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """While inside, SIGTERM acts as Ctrl-C: a terminated submit cancels its job on the daemon."""
+    def interrupt(signum, frame) -> NoReturn:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _client(address: str, server_key: str | None, timeout_s: float) -> Client:
+    path = missing_socket(address)
+    if path is not None:  # nothing will answer: say so now rather than after the timeout
+        _fail(f"no server at {address}: there is no socket at {path} (is `seesaw-cli serve` running?)", code=1)
     try:
         return Client(address, server_key=server_key, timeout_s=timeout_s)
     except ValueError as error:

@@ -194,15 +194,16 @@ def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, g
         check_folder(flag, path)
     finished = KeySet()
     for path in (output, errors):
+        if path is not None:
+            check_output(path, resume, overwrite)
+    sink = ResultSink(output, errors, append=resume)  # locks the files before a resume reads them
+    for path in (output, errors) if resume else ():
         if path is None:
             continue
-        check_output(path, resume, overwrite)
-        if resume:
-            done, count = finished_ids(path)
-            finished.update(done)
-            if count:
-                typer.echo(f"resuming: {count} results already in {path}", err=True)
-    sink = ResultSink(output, errors, append=resume)
+        done, count = finished_ids(path)
+        finished.update(done)
+        if count:
+            typer.echo(f"resuming: {count} results already in {path}", err=True)
     return BatchJob(input_path, output, sink, finished, defaults, max_pending, grace_s, metrics_json, timeline,
                     argv=sys.argv[1:])
 

@@ -498,8 +498,14 @@ def _decode(frames: list[bytes]) -> dict | None:
     return frame
 
 
-def _hint(address: str) -> str:
+def missing_socket(address: str) -> str | None:
+    """The path of an ipc:// address whose socket file does not exist (no server there), or None."""
     path = address.removeprefix("ipc://")
     if address.startswith("ipc://") and not path.startswith("@") and not Path(path).exists():
-        return f" (there is no socket at {path}: is `seesaw-cli serve` running?)"
-    return ""
+        return path
+    return None
+
+
+def _hint(address: str) -> str:
+    path = missing_socket(address)
+    return f" (there is no socket at {path}: is `seesaw-cli serve` running?)" if path else ""

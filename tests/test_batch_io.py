@@ -77,3 +77,17 @@ def test_error_line_carries_status_and_line_number():
     assert out["response"]["status_code"] == 400
     assert out["error"]["message"] == "line 9: bad thing"
     assert out["response"]["body"]["error"]["message"] == "line 9: bad thing"
+
+
+def test_a_results_file_another_run_is_writing_is_refused(tmp_path):
+    from seesaw.frontend.output import OutputError, ResultSink, open_locked
+
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"custom_id": "a"}\n')
+    with ResultSink(path, append=True) as sink:
+        sink.write({"custom_id": "b"})
+        with pytest.raises(OutputError, match=f"another run is writing {path}"):
+            open_locked(path, append=False)
+        assert path.read_text().count("\n") == 2  # the refused run emptied nothing
+    open_locked(path, append=False).close()  # free once the first run is done
+    assert path.read_text() == ""

@@ -291,9 +291,47 @@ def test_keys_command_writes_a_pair_once(tmp_path):
 
 def test_status_command_reports_a_missing_server_without_a_traceback(tmp_path):
     register(app)
-    result = CliRunner().invoke(app, ["status", "--server", f"ipc://{tmp_path}/none.sock", "--timeout-s", "0.3"])
-    assert result.exit_code == 1 and result.stderr.startswith("error: no answer from")
+    result = CliRunner().invoke(app, ["status", "--server", f"ipc://{tmp_path}/none.sock"])  # 10 s by default
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: no server at ipc://{tmp_path}/none.sock")
     assert "is `seesaw-cli serve` running?" in result.stderr
+
+
+def test_submit_to_no_server_fails_at_once_and_writes_nothing(tmp_path):
+    register(app)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    result = CliRunner().invoke(app, ["submit", str(source), "-o", str(output), "--server", f"ipc://{tmp_path}/none.sock"])
+    assert result.exit_code == 1 and "no server at" in result.stderr and not output.exists()
+    result = CliRunner().invoke(app, ["submit", str(source), "-o", str(tmp_path), "--server", f"ipc://{tmp_path}/x.sock"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: the output {tmp_path} is a folder; give a file with -o"
+
+
+async def test_a_terminated_submit_cancels_its_job_and_a_second_one_may_not_share_its_output(address, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    def silent_job(frame: dict) -> list[dict]:  # a job that produces nothing until cancelled
+        if frame["type"] == "batch":
+            return [{"type": "job", "id": frame["id"], "job_id": "j1"}]
+        return [{"type": "cancelled", "id": frame["id"], "job_id": "j1", "num_requests": 1}] if frame["type"] == "cancel" else []
+
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"custom_id": "a", "prompt": "x"}\n')
+    command = [sys.executable, "-m", "cli.main", "submit", str(source), "-o", str(output), "--server", address]
+    async with FakeServer(address, silent_job) as server:
+        first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+        try:
+            batch = await server.frame_of("batch")
+            second = await asyncio.to_thread(subprocess.run, command + ["--overwrite"], capture_output=True, text=True,
+                                             timeout=2 * WAIT_S, cwd=Path(__file__).parents[1])
+            assert second.returncode == 2 and f"another run is writing {output}" in second.stderr
+            first.send_signal(signal.SIGTERM)
+            cancel = await server.frame_of("cancel")
+            assert cancel["id"] == batch["id"]  # the job's request, given up on
+            await asyncio.to_thread(first.wait, 2 * WAIT_S)
+        finally:
+            first.kill()
 
 
 def test_submit_command_refuses_an_output_in_a_missing_folder_before_asking(tmp_path):

@@ -4,6 +4,7 @@ cut off first), so a custom_id is never written twice."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import time
@@ -123,14 +124,33 @@ def finished_ids(path: Path) -> tuple[KeySet, int]:
     return done, count
 
 
+def open_locked(path: Path, append: bool) -> BinaryIO:
+    """Open a results file to write, refusing one that another run is writing now (each run holds
+    a lock on its files); without `append` it starts empty."""
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputError(f"another run is writing {path}: wait for it, or pick another file") from None
+    if not append:
+        handle.truncate(0)
+    return handle
+
+
 class ResultSink:
     """Where results go: every line is written whole and flushed; files are synced to disk at
     least every SYNC_EVERY_S seconds and on close. Failed lines go to `errors` if given."""
 
     def __init__(self, output: Path, errors: Path | None = None, append: bool = True):
-        mode = "ab" if append else "wb"
-        self._files: list[BinaryIO] = [output.open(mode)]
-        self._errors = errors.open(mode) if errors is not None else None
+        self._files: list[BinaryIO] = [open_locked(output, append)]
+        self._errors = None
+        if errors is not None:
+            try:
+                self._errors = open_locked(errors, append)
+            except OutputError:
+                self._files[0].close()
+                raise
         if self._errors is not None:
             self._files.append(self._errors)
         self._last_sync = time.monotonic()
