@@ -194,10 +194,31 @@ async def test_a_batch_job_streams_its_lines_and_reports_them(address, tmp_path)
     lines = [orjson.dumps({"custom_id": f"c{i}", "url": "/v1/completions", "body": body(i)}).decode() for i in range(6)]
     lines.append("{not json")
     async with AsyncClient(address, timeout_s=60) as client:
+        before = (await client.stats())["requests"]
         job = client.run_job(lines=lines)
         out = [line async for line in job]
+        after = (await client.stats())["requests"]
     assert sorted(line["custom_id"] for line in out) == [f"c{i}" for i in range(6)] + ["line-7"]
-    assert job.summary["num_done"] == 6 and job.summary["num_failed"] == 1
+    assert job.summary["num_done"] == 6 and job.summary["num_failed"] == 1 and job.summary["num_cancelled"] == 0
+    assert (after["done"] - before["done"], after["failed"] - before["failed"]) == (6, 1)  # the server counts them
+
+
+async def test_a_cancelled_jobs_lines_count_as_cancelled_not_done(address):
+    lines = [orjson.dumps({"custom_id": f"c{i}", "url": "/v1/completions", "body": body(i, max_tokens=600)}).decode()
+             for i in range(3)]
+    async with AsyncClient(address, timeout_s=60) as client:
+        job = client.run_job(lines=lines)
+        reading = asyncio.create_task(_collect(job))
+        async with asyncio.timeout(30):
+            while job.job_id is None:  # the job's id comes with its first frame, read by `reading`
+                await asyncio.sleep(0.01)
+        assert await client.cancel(job_id=job.job_id) >= 1
+        out = await asyncio.wait_for(reading, 60)
+    assert len(out) == 3 and job.summary["num_cancelled"] == 3 and job.summary["num_done"] == 0
+
+
+async def _collect(stream) -> list:
+    return [item async for item in stream]
 
 
 async def test_curve_a_client_needs_the_servers_key(engine, tmp_path):

@@ -38,9 +38,10 @@ class Job:
             summary = await self.runner.run_source(self.source, size)
             if self.state == "running":
                 self.state = "done"
+            counts = self.counts(summary)
             server.send(self.identity, frame("job_done", job_id=self.job_id, state=self.state,
-                                              num_done=summary.num_ok, num_failed=summary.num_failed,
-                                              num_cancelled=summary.num_cancelled + summary.num_abandoned))
+                                              num_done=counts["done"], num_failed=counts["failed"],
+                                              num_cancelled=counts["cancelled"]))
         except EngineError as error:
             self.state = "failed"
             server.send(self.identity, error_frame(self.label, ErrorCode.ENGINE_FAILED, str(error)))
@@ -59,10 +60,18 @@ class Job:
         self.state = "cancelled"
         self.runner.cancel()
 
+    def counts(self, summary=None) -> dict[str, int]:
+        """Lines answered so far: done (ran to their end), failed, and cancelled (stopped early,
+        or given up on when the job ended)."""
+        summary = summary or self.runner.summary
+        return {"done": summary.num_ok - summary.num_cancelled, "failed": summary.num_failed,
+                "cancelled": summary.num_cancelled + summary.num_abandoned}
+
     def status(self) -> dict:
-        summary = self.runner.summary
+        counts = self.counts()
         return {"job_id": self.job_id, "state": self.state, "num_lines": self.runner.num_lines,
-                "num_done": summary.num_ok, "num_failed": summary.num_failed, "num_pending": len(self.runner.pending)}
+                "num_done": counts["done"], "num_failed": counts["failed"], "num_cancelled": counts["cancelled"],
+                "num_pending": len(self.runner.pending)}
 
 
 class _JobSink:

@@ -265,6 +265,8 @@ class Server:
         """Forget a finished job, keeping its last status for a while."""
         self._jobs.pop(job.job_id, None)
         self._finished_jobs[job.job_id] = {"identity": job.identity, "status": job.status()}
+        for name, count in job.counts().items():
+            self.counts[name] += count  # a job's lines count among the server's requests once it ends
         while len(self._finished_jobs) > self.config.max_jobs * 16:
             self._finished_jobs.pop(next(iter(self._finished_jobs)))
         self._check_idle()
@@ -355,9 +357,12 @@ class Server:
         if now - when >= 0.5:
             rate = (generated - before) / (now - when)
             self._last_rate = (now, generated, rate)
-        requests = engine["requests"]
+        requests, counts = engine["requests"], dict(self.counts)
+        for job in self._jobs.values():  # and those of jobs still running, as they go
+            for name, count in job.counts().items():
+                counts[name] += count
         return {
-            "requests": {**self.counts, "running": requests["running"], "waiting": requests["waiting"],
+            "requests": {**counts, "running": requests["running"], "waiting": requests["waiting"],
                          "queued": len(self._calls)},
             "tokens": {"prompt": int(totals["prompt_tokens"]), "generated": generated},
             "tokens_per_s": rate,
