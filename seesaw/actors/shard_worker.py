@@ -175,7 +175,11 @@ class ShardWorker(Actor):
     def _submit(self, executor: ThreadPoolExecutor, work, deliver: Callable, activity: str) -> None:
         """Run `work` on `executor`; its result, unless None, goes to `deliver` on the event loop."""
         loop = asyncio.get_running_loop()
-        future: Future = executor.submit(work)
+        try:
+            future: Future = executor.submit(work)
+        except RuntimeError:  # the worker is stopping and its executors take no more work
+            log.debug("rank %d is stopping: not %s", self.rank, activity)
+            return
         self._outstanding.add(future)
 
         def done(finished: Future) -> None:
