@@ -444,6 +444,11 @@ async def _new_async_client(*args) -> AsyncClient:
 
 
 async def _shut_down(loop: asyncio.AbstractEventLoop, client: AsyncClient) -> None:
+    # A call cancelled by Ctrl-C may still be unwinding inside a stream: let it finish first, or
+    # closing that stream's generator would find it running.
+    unwinding = [task for task in asyncio.all_tasks() if task is not asyncio.current_task() and task.cancelling()]
+    if unwinding:
+        await asyncio.wait(unwinding, timeout=client.timeout_s)
     await loop.shutdown_asyncgens()  # streams left unfinished send their cancels first
     await client.close()
 

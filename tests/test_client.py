@@ -326,10 +326,12 @@ async def test_a_terminated_submit_cancels_its_job_and_a_second_one_may_not_shar
             second = await asyncio.to_thread(subprocess.run, command + ["--overwrite"], capture_output=True, text=True,
                                              timeout=2 * WAIT_S, cwd=Path(__file__).parents[1])
             assert second.returncode == 2 and f"another run is writing {output}" in second.stderr
+            await asyncio.sleep(1.0)  # the submit waits for lines, inside its stream
             first.send_signal(signal.SIGTERM)
             cancel = await server.frame_of("cancel")
             assert cancel["id"] == batch["id"]  # the job's request, given up on
-            await asyncio.to_thread(first.wait, 2 * WAIT_S)
+            _, errors = await asyncio.to_thread(first.communicate, timeout=2 * WAIT_S)
+            assert first.returncode == 130 and "asynchronous generator" not in errors and "Traceback" not in errors
         finally:
             first.kill()
 
