@@ -221,6 +221,24 @@ async def _collect(stream) -> list:
     return [item async for item in stream]
 
 
+async def test_a_client_that_disconnects_has_its_requests_cancelled_with_one_warning(address, caplog):
+    context = zmq.asyncio.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(address)
+    async with AsyncClient(address, timeout_s=60) as client:
+        before = (await client.stats())["requests"]["cancelled"]
+        for n in range(5):
+            await dealer.send(orjson.dumps({"v": 1, "type": "submit", "id": f"g{n}", "endpoint": "completions",
+                                            "body": body(n, max_tokens=600), "stream": True}))
+        await asyncio.wait_for(dealer.recv(), 30)  # a first token: the requests run
+        dealer.close(linger=0)
+        context.destroy(linger=0)
+        async with asyncio.timeout(30):
+            while (await client.stats())["requests"]["cancelled"] < before + 5:
+                await asyncio.sleep(0.05)
+    assert caplog.text.count("a client stopped listening (it disconnected); cancelling its 5 requests") == 1
+
+
 async def test_curve_a_client_needs_the_servers_key(engine, tmp_path):
     public, secret = write_keys(tmp_path / "keys")
     other_public, _ = write_keys(tmp_path / "other")

@@ -447,15 +447,18 @@ class Server:
             self._client_gone(identity, f"it read nothing for {self.config.client_stall_s:.0f} s")
 
     def _client_gone(self, identity: bytes, why: str) -> None:
-        """Cancel everything a client that stopped listening has in flight."""
-        log.warning("a client stopped listening (%s); cancelling its requests", why)
+        """Cancel everything a client that stopped listening has in flight (said once: later
+        replies that cannot reach it find nothing left to cancel)."""
         self._backlogs.pop(identity, None)
         self._stalled_since.pop(identity, None)
-        for label, call in self._calls.items():
-            if call.identity == identity and not call.is_gone:
-                call.is_gone = True
-                self._queue.send(CancelRequest(label, self._replies.addresses[0]))
-        for job in list(self._jobs.values()):
-            if job.identity == identity:
-                job.cancel()
+        labels = [label for label, call in self._calls.items() if call.identity == identity and not call.is_gone]
+        jobs = [job for job in self._jobs.values() if job.identity == identity and job.state == "running"]
+        if labels or jobs:
+            log.warning("a client stopped listening (%s); cancelling its %d requests and %d jobs",
+                        why, len(labels), len(jobs))
+        for label in labels:
+            self._calls[label].is_gone = True
+            self._queue.send(CancelRequest(label, self._replies.addresses[0]))
+        for job in jobs:
+            job.cancel()
 
