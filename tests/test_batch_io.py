@@ -36,6 +36,8 @@ def test_simple_lines_take_defaults_and_number_their_ids():
     assert (item.custom_id, item.kind, item.prompt, item.sampling.max_tokens) == ("line-7", "completion", "Once", 32)
     chat = parse_line(line({"id": "q", "messages": [{"role": "user", "content": "x"}], "temperature": 0}), 8, DEFAULTS)
     assert (chat.custom_id, chat.kind, chat.sampling.temperature) == ("q", "chat", 0)
+    named = parse_line(line({"custom_id": "c9", "prompt": "Once"}), 9, DEFAULTS)  # as OpenAI lines name theirs
+    assert (named.custom_id, named.kind, named.prompt) == ("c9", "completion", "Once")
 
 
 @pytest.mark.parametrize("raw,problem", [

@@ -77,8 +77,8 @@ def parse_line(text: str | bytes, line_number: int, defaults: SamplingDefaults) 
         raise LineError(line_number, f"line-{line_number}", f"not valid JSON ({error})") from None
     if not isinstance(record, dict):
         raise LineError(line_number, f"line-{line_number}", "a line must be a JSON object")
-    is_openai = "body" in record or "url" in record or "custom_id" in record
-    custom_id = record.get("custom_id") if is_openai else record.get("id")
+    is_openai = "body" in record or "url" in record
+    custom_id = record.get("custom_id") if is_openai else record.get("id", record.get("custom_id"))
     if custom_id is None:
         custom_id = f"line-{line_number}"
     elif not isinstance(custom_id, (str, int)):
