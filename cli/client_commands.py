@@ -13,8 +13,8 @@ from typing import Annotated, NoReturn, Optional
 import orjson
 import typer
 
-from seesaw.client import MAX_FRAME_BYTES, Client, ServerError, missing_socket
-from seesaw.transport.curve import default_address, write_keys
+from seesaw.client import MAX_FRAME_BYTES, Client, ServerError
+from seesaw.transport.curve import default_address, no_socket_hint, write_keys
 
 ServerOption = Annotated[Optional[str], typer.Option("--server", help="the daemon's address (default: its ipc socket)")]
 ServerKeyOption = Annotated[Optional[str], typer.Option(
@@ -183,9 +183,9 @@ def _terminate_as_interrupt():
 
 
 def _client(address: str, server_key: str | None, timeout_s: float) -> Client:
-    path = missing_socket(address)
-    if path is not None:  # nothing will answer: say so now rather than after the timeout
-        _fail(f"no server at {address}: there is no socket at {path} (is `seesaw-cli serve` running?)", code=1)
+    hint = no_socket_hint(address)
+    if hint:  # nothing will answer: say so now rather than after the timeout
+        _fail(f"no server at {address}{hint}", code=1)
     try:
         return Client(address, server_key=server_key, timeout_s=timeout_s)
     except ValueError as error:

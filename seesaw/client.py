@@ -18,7 +18,7 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from seesaw.transport.curve import default_address, is_loopback, read_public, secure_client
+from seesaw.transport.curve import default_address, is_loopback, no_socket_hint, read_public, secure_client
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class AsyncClient:
             return await asyncio.wait_for(awaitable, self.timeout_s)
         except TimeoutError:
             raise TimeoutError(f"no answer from {self.address} within {self.timeout_s:g} s to the "
-                               f"{what}{_hint(self.address)}") from None
+                               f"{what}{no_socket_hint(self.address)}") from None
 
     async def _send(self, frame: dict, what: str) -> None:
         data = orjson.dumps(frame)
@@ -329,7 +329,7 @@ class AsyncClient:
             await asyncio.wait_for(self._socket.send(data), self.timeout_s)
         except TimeoutError:
             raise TimeoutError(f"could not send the {what} to {self.address} within {self.timeout_s:g} s: "
-                               f"{HIGH_WATER_MARK} frames wait unsent{_hint(self.address)}") from None
+                               f"{HIGH_WATER_MARK} frames wait unsent{no_socket_hint(self.address)}") from None
 
     async def _send_quietly(self, frame: dict) -> None:
         """Best effort (a request given up on is cancelled): a closed or stuck socket is let be."""
@@ -501,16 +501,3 @@ def _decode(frames: list[bytes]) -> dict | None:
         log.warning("dropped a reply that is not a protocol frame: %.200r", frames[-1])
         return None
     return frame
-
-
-def missing_socket(address: str) -> str | None:
-    """The path of an ipc:// address whose socket file does not exist (no server there), or None."""
-    path = address.removeprefix("ipc://")
-    if address.startswith("ipc://") and not path.startswith("@") and not Path(path).exists():
-        return path
-    return None
-
-
-def _hint(address: str) -> str:
-    path = missing_socket(address)
-    return f" (there is no socket at {path}: is `seesaw-cli serve` running?)" if path else ""

@@ -144,3 +144,12 @@ def ensure_socket_folder(address: str) -> None:
         return
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)  # mkdir's mode passes through the umask
+
+
+def no_socket_hint(address: str) -> str:
+    """For an ipc:// address whose socket file does not exist (no server is there), a note that
+    says so; otherwise ''."""
+    path = address.removeprefix("ipc://")
+    if address.startswith("ipc://") and not path.startswith("@") and not Path(path).exists():
+        return f" (there is no socket at {path}: is `seesaw-cli serve` running?)"
+    return ""
