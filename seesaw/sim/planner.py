@@ -141,13 +141,13 @@ def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
     flags = [f"--model {model}", f"--device {gpu.device}", layout,
              f"--max-num-batched-tokens {scheduler.max_num_batched_tokens}", f"--max-num-seqs {scheduler.max_num_seqs}",
              f"--host-buffer-gb {math.floor(spec.host_buffer_gb * 10) / 10:g}"]  # never more than simulated
-    defaults = SchedulerConfig()
-    if scheduler.host_low_water != defaults.host_low_water:
+    batch_defaults, cache_defaults = SchedulerConfig(), CacheConfig()  # what `seesaw-cli batch` runs without flags
+    if scheduler.host_low_water != batch_defaults.host_low_water:
         flags.append(f"--host-low-water {scheduler.host_low_water:g}")
-    if spec.block_size != CacheConfig().block_size:
+    if spec.block_size != cache_defaults.block_size:
         flags.append(f"--block-size {spec.block_size}")
     if gpu.kv_cache_gb is not None:
         flags.append(f"--kv-cache-gb {gpu.kv_cache_gb:g}")
-    elif gpu.memory_fraction != CacheConfig().memory_fraction:
+    elif gpu.memory_fraction != cache_defaults.memory_fraction:
         flags.append(f"--memory-fraction {gpu.memory_fraction:g}")
     return "seesaw-cli batch INPUT.jsonl " + " ".join(flags)
