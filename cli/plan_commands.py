@@ -156,6 +156,13 @@ def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
         raise ValueError(f"--num-requests must be positive, got {num_requests}")
     requests, refused = workload.within_context(
         workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len)), max_model_len)
+    if requests.left_out:
+        shown = 5
+        typer.echo(f"left out: {len(requests.left_out)} bad lines of {name}", err=True)
+        for reason in requests.left_out[:shown]:
+            typer.echo(f"  {reason}", err=True)
+        if len(requests.left_out) > shown:
+            typer.echo(f"  and {len(requests.left_out) - shown} more", err=True)
     if refused and not requests.num_requests:
         raise ValueError(f"no request of {name} fits the model's context of {max_model_len} tokens")
     if refused:

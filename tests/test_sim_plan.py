@@ -84,16 +84,22 @@ def test_user_profiles_extend_the_catalog(tmp_path):
     assert Catalog([extra]).node("4xmycard").gpu.memory_gb == 48
 
 
-def test_workload_file_errors_name_the_line(tmp_path):
+def test_bad_workload_lines_are_left_out_naming_the_line(tmp_path):
     path = tmp_path / "w.jsonl"
-    path.write_text('{"input_len": 10, "output_len": 5}\n\n{"input_len": 0, "output_len": 5}\n')
-    with pytest.raises(ValueError, match=r"w.jsonl, line 3: input_len must be a positive integer, got 0"):
+    path.write_text('{"input_len": 10, "output_len": 5}\n\n{"input_len": 0, "output_len": 5}\nnot json\n'
+                    '[3]\n{"input_len": 7, "output_len": true}\n{"prompt_tokens": 7, "max_tokens": 3}\n')
+    workload = from_jsonl(path)
+    assert workload.lengths == ((10, 5), (7, 3))
+    assert workload.left_out == (
+        f"{path}, line 3: input_len must be a positive integer, got 0",
+        f"{path}, line 4: not JSON (Expecting value)",
+        f"{path}, line 5: expected an object with input_len and output_len",
+        f"{path}, line 6: output_len must be a positive integer, got True",
+    )
+    assert within_context(workload, 100)[0].left_out == workload.left_out
+    path.write_text('not json\n{"input_len": 1}\n')
+    with pytest.raises(ValueError, match=r"w.jsonl: no requests \(2 bad lines; the first: .*line 1: not JSON"):
         from_jsonl(path)
-    path.write_text('{"input_len": 10, "output_len": 5}\nnot json\n')
-    with pytest.raises(ValueError, match="w.jsonl, line 2: not JSON"):
-        from_jsonl(path)
-    path.write_text('{"input_len": 10, "output_len": 5}\n{"input_len": 7, "output_len": 3}\n')
-    assert from_jsonl(path).lengths == ((10, 5), (7, 3))
     with pytest.raises(ValueError, match="fixed:INPUT:OUTPUT"):
         named("fixed:3000", 4)
 
@@ -159,11 +165,14 @@ def test_requests_longer_than_the_context_are_left_out_and_said_so(tmp_path):
     kept, refused = within_context(Workload("w", ((100, 10), (4000, 97), (4000, 96))), 4096)
     assert kept.lengths == ((100, 10), (4000, 96)) and refused == 1
     path = tmp_path / "w.jsonl"
-    path.write_text('{"input_len": 4000, "output_len": 200}\n{"input_len": 100, "output_len": 20}\n')
+    path.write_text('{"input_len": 4000, "output_len": 200}\n{"input_len": 100, "output_len": 20}\n' + "x\n" * 7)
     result = CliRunner().invoke(app, ["plan", "--model", "llama2-70b", "--gpus", "8xL4", "--workload", str(path),
                                       "--jobs", "1", "--top", "1"])
     assert result.exit_code == 0, result.output
     assert "left out: 1 requests longer than the model's context of 4096 tokens" in result.stderr
+    # bad lines too, the first five named, as batch goes on past them
+    assert "left out: 7 bad lines of" in result.stderr and "and 2 more" in result.stderr
+    assert f"{path}, line 7: not JSON" in result.stderr and f"{path}, line 8" not in result.stderr
     assert "w.jsonl: 1 requests" in result.stdout
     path.write_text('{"input_len": 4000, "output_len": 200}\n')
     result = CliRunner().invoke(app, ["plan", "--model", "llama2-70b", "--gpus", "8xL4", "--workload", str(path)])

@@ -27,6 +27,7 @@ class Workload:
 
     name: str
     lengths: tuple[tuple[int, int], ...]  # (prompt tokens, output tokens) per request
+    left_out: tuple[str, ...] = ()  # why each line of a file that gives no request was left out
 
     @property
     def num_requests(self) -> int:
@@ -50,7 +51,7 @@ def within_context(workload: Workload, max_model_len: int) -> tuple[Workload, in
     """The requests whose prompt and output fit the model's context, and how many do not (the
     engine refuses those: a prompt with no room left, or a max_tokens that does not fit)."""
     kept = tuple((prompt, output) for prompt, output in workload.lengths if prompt + output <= max_model_len)
-    return Workload(workload.name, kept), workload.num_requests - len(kept)
+    return Workload(workload.name, kept, workload.left_out), workload.num_requests - len(kept)
 
 
 def fixed(num_requests: int, input_len: int, output_len: int) -> Workload:
@@ -85,8 +86,9 @@ def arxiv(num_requests: int, seed: int = 0, max_total: int = 4096) -> Workload:
 
 def from_jsonl(path: Path, tokenize: Tokenize | None = None) -> Workload:
     """Lines of {"input_len": N, "output_len": M} (or prompt_tokens / max_tokens), or batch lines
-    measured by `tokenize`; an error names the file and line."""
-    lengths = []
+    measured by `tokenize`. A bad line is left out, its reason (naming the file and line) kept in
+    `left_out`, as `seesaw-cli batch` goes on past one; a file with no good line is an error."""
+    lengths, left_out = [], []
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -95,22 +97,31 @@ def from_jsonl(path: Path, tokenize: Tokenize | None = None) -> Workload:
         if not line.strip():
             continue
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error.msg})") from None
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}, line {number}: expected an object with input_len and output_len")
-        prompt = entry.get("input_len", entry.get("prompt_tokens"))
-        output = entry.get("output_len", entry.get("max_tokens"))
-        if prompt is None and tokenize is not None and not ({"body", "prompt", "messages"}.isdisjoint(entry)):
-            prompt, output = tokenize(entry, f"{path}, line {number}")
-        for field, value in (("input_len", prompt), ("output_len", output)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{path}, line {number}: {field} must be a positive integer, got {value!r}")
-        lengths.append((prompt, output))
+            lengths.append(_line_lengths(line, f"{path}, line {number}", tokenize))
+        except ValueError as error:
+            left_out.append(str(error))
     if not lengths:
-        raise ValueError(f"{path}: no requests")
-    return Workload(path.name, tuple(lengths))
+        first_error = f" ({len(left_out)} bad lines; the first: {left_out[0]})" if left_out else ""
+        raise ValueError(f"{path}: no requests{first_error}")
+    return Workload(path.name, tuple(lengths), tuple(left_out))
+
+
+def _line_lengths(line: str, where: str, tokenize: Tokenize | None) -> tuple[int, int]:
+    """(prompt tokens, output tokens) of one line; a ValueError naming `where` if it gives none."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not JSON ({error.msg})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with input_len and output_len")
+    prompt = entry.get("input_len", entry.get("prompt_tokens"))
+    output = entry.get("output_len", entry.get("max_tokens"))
+    if prompt is None and tokenize is not None and not ({"body", "prompt", "messages"}.isdisjoint(entry)):
+        prompt, output = tokenize(entry, where)
+    for field, value in (("input_len", prompt), ("output_len", output)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {field} must be a positive integer, got {value!r}")
+    return prompt, output
 
 
 def named(name: str, num_requests: int, seed: int = 0, tokenize: Tokenize | None = None) -> Workload:
