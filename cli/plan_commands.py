@@ -37,7 +37,7 @@ def plan(
     jobs: Annotated[int, typer.Option(help="simulations run at once (processes)")] = max(1, os.cpu_count() or 1),
     top: Annotated[int, typer.Option(help="rows of the ranking to print (0: all)")] = 0,
     output_json: Annotated[Optional[Path], typer.Option(help="write the ranking as JSON")] = None,
-    timeline: Annotated[Optional[Path], typer.Option(help="draw the simulated run of the best pair into this PNG (needs matplotlib)")] = None,
+    timeline: Annotated[Optional[Path], typer.Option(help="draw the simulated run of the best pair (or, with none, the best layout) into this PNG (needs matplotlib)")] = None,
 ) -> None:
     """Rank every static layout and every prefill->decode pair of a node by simulated throughput."""
     from seesaw.frontend.output import check_folder
@@ -90,11 +90,12 @@ def plan(
                  **(c.result.summary() if c.result else {})} for c in ranked]
         output_json.write_text(json.dumps({"node": str(node), "model": model, "workload": requests.describe(),
                                            "ranking": rows}, indent=2))
-    if timeline is not None and pair is not None:
+    if timeline is not None:
         from seesaw.frontend.report import draw_timeline
 
-        draw_timeline(timeline, pair.result.metrics())
-        typer.echo(f"timeline of {pair.name}: {timeline}")
+        drawn = pair or winner  # a node of one GPU has no pair: its best layout's run
+        draw_timeline(timeline, drawn.result.metrics())
+        typer.echo(f"timeline of {drawn.name}{'' if pair else ' (no prefill->decode pair runs here)'}: {timeline}")
 
 
 def _print_ranking(ranked, top: int) -> None:

@@ -196,12 +196,18 @@ def test_calibrate_refuses_worker_counts_before_measuring(workers, tmp_path):
     assert not profile.exists()
 
 
-def test_plan_draws_the_best_pairs_timeline(tmp_path):
+def test_plan_draws_the_best_pairs_timeline_or_with_none_the_best_layouts(tmp_path):
     pytest.importorskip("matplotlib")
     picture = tmp_path / "timeline.png"
     result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xA10", "--workload", "fixed:1000:100",
                                       "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
     assert result.exit_code == 0, result.output
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    picture.unlink()
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "1xA10", "--workload", "fixed:1000:100",
+                                      "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
+    assert result.exit_code == 0, result.output
+    assert "timeline of t1 (no prefill->decode pair runs here)" in result.stdout
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
