@@ -68,10 +68,12 @@ def plan(
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
                f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
     typer.echo(f"workload: {requests.describe()}")
-    typer.echo(f"host KV buffer: {planner.host_buffer_for(cost, options, False):.1f} GiB for static layouts, "
-               f"{planner.host_buffer_for(cost, options, True):.1f} GiB for pairs"
-               + ("" if options.host_buffer_gb is not None else
-                  f" (which keep the {cost.model_bytes / GIB:.0f} GiB of weights in host memory to re-shard)"))
+    buffers = f"host KV buffer: {planner.host_buffer_for(cost, options, False):.1f} GiB for static layouts"
+    if node.num_gpus > 1:  # one GPU has one layout: no pairs
+        buffers += (f", {planner.host_buffer_for(cost, options, True):.1f} GiB for pairs"
+                    + ("" if options.host_buffer_gb is not None else
+                       f" (which keep the {cost.model_bytes / GIB:.0f} GiB of weights in host memory to re-shard)"))
+    typer.echo(buffers)
     try:
         ranked = planner.plan(cost, requests, options, jobs=jobs)
     except RuntimeError as error:

@@ -208,6 +208,7 @@ def test_plan_draws_the_best_pairs_timeline_or_with_none_the_best_layouts(tmp_pa
                                       "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
     assert result.exit_code == 0, result.output
     assert "timeline of t1 (no prefill->decode pair runs here)" in result.stdout
+    assert "for static layouts\n" in result.stdout and "for pairs" not in result.stdout
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
