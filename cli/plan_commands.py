@@ -48,7 +48,7 @@ def plan(
         catalog = _catalog(profiles)
         node = catalog.node(gpus, interconnect, host_memory_gb)
         spec = catalog.model(model)
-        requests = _workload(workload, num_requests, seed, spec.max_position)
+        requests, refused = _workload(workload, num_requests, seed, spec.max_position)
         if timeline is not None:
             from seesaw.frontend.report import check_timeline_support
 
@@ -86,11 +86,14 @@ def plan(
     winner = next((c for c in ranked if c.result is not None and not c.result.num_failed), None)
     if winner is None:
         _fail("no layout of this node can run this model and workload")
-    typer.echo(f"run the best:\n  {planner.batch_command(winner, model, node.gpu)}")
+    command = planner.batch_command(winner, model, node.gpu)
+    typer.echo(f"run the best:\n  {command}")
     if output_json is not None:
         rows = [{"run": c.name, "error": c.error, "host_buffer_gb": round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]
+        left_out = {"bad_lines": list(requests.left_out), "longer_than_context": refused}
         output_json.write_text(json.dumps({"node": str(node), "model": model, "workload": requests.describe(),
+                                           "left_out": left_out, "best": winner.name, "command": command,
                                            "ranking": rows}, indent=2))
     if timeline is not None:
         from seesaw.frontend.report import draw_timeline
@@ -153,6 +156,8 @@ def _catalog(profiles: list[Path] | None):
 
 
 def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
+    """The workload to plan for, and how many of its requests the model's context cannot take (left
+    out and said so, as are a file's bad lines)."""
     from seesaw.sim import workload
 
     if num_requests < 1:
@@ -171,7 +176,7 @@ def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
     if refused:
         typer.echo(f"left out: {refused} requests longer than the model's context of {max_model_len} tokens "
                    "(the engine would refuse them)", err=True)
-    return requests
+    return requests, refused
 
 
 def _batch_lengths(max_model_len: int):

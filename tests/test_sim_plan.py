@@ -166,13 +166,17 @@ def test_requests_longer_than_the_context_are_left_out_and_said_so(tmp_path):
     assert kept.lengths == ((100, 10), (4000, 96)) and refused == 1
     path = tmp_path / "w.jsonl"
     path.write_text('{"input_len": 4000, "output_len": 200}\n{"input_len": 100, "output_len": 20}\n' + "x\n" * 7)
+    ranking = tmp_path / "plan.json"
     result = CliRunner().invoke(app, ["plan", "--model", "llama2-70b", "--gpus", "8xL4", "--workload", str(path),
-                                      "--jobs", "1", "--top", "1"])
+                                      "--jobs", "1", "--top", "1", "--output-json", str(ranking)])
     assert result.exit_code == 0, result.output
     assert "left out: 1 requests longer than the model's context of 4096 tokens" in result.stderr
     # bad lines too, the first five named, as batch goes on past them
     assert "left out: 7 bad lines of" in result.stderr and "and 2 more" in result.stderr
     assert f"{path}, line 7: not JSON" in result.stderr and f"{path}, line 8" not in result.stderr
+    written = json.loads(ranking.read_text())
+    assert written["left_out"]["longer_than_context"] == 1 and len(written["left_out"]["bad_lines"]) == 7
+    assert written["best"] == written["ranking"][0]["run"] and written["command"] in result.stdout
     assert "w.jsonl: 1 requests" in result.stdout
     path.write_text('{"input_len": 4000, "output_len": 200}\n')
     result = CliRunner().invoke(app, ["plan", "--model", "llama2-70b", "--gpus", "8xL4", "--workload", str(path)])
