@@ -125,23 +125,47 @@ def _print_ranking(ranked, top: int) -> None:
 
 def calibrate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="profile file to write (default: ~/.cache/seesaw/profiles/NAME.json)")] = None,
-    name: Annotated[str, typer.Option(help="name of the device and link profiles written")] = "local-cpu",
-    workers: Annotated[str, typer.Option(help="worker counts to profile, comma-separated (each worker gets cores / count threads)")] = "1,2",
+    name: Annotated[Optional[str], typer.Option(help="name of the device and link profiles written (default: local-cpu; on CUDA the catalogue entry's, which it then stands in for)")] = None,
+    device: Annotated[str, typer.Option(help="cpu (workers share the cores) or cuda (device 0, against its catalogue entry's datasheet)")] = "cpu",
+    like: Annotated[Optional[str], typer.Option(help="cuda: the catalogue entry whose datasheet peaks the device has (default: found from its name)")] = None,
+    workers: Annotated[Optional[str], typer.Option(help="cpu: worker counts to profile, comma-separated (each worker gets cores / count threads)")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="the model whose engine steps time the per-step overhead")] = "dummy:tiny",
 ) -> None:
     """Measure this machine (matmul and copy rates, all-reduce and send/recv over gloo, the engine's
-    step overhead) and write a profile `plan` and the simulator read."""
+    step overhead), fit the result to real engine runs, and write a profile `plan` and the simulator
+    read. With --device cuda, CUDA device 0 is measured and fitted instead."""
     from seesaw.config import default_cache_dir
-    from seesaw.sim.measure import calibrate as measure
+    from seesaw.frontend.output import check_folder
 
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device must be cpu or cuda, got {device!r}")
     try:
-        counts = [int(part) for part in workers.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        _fail(f"--workers {workers!r}: give positive worker counts such as 1,2")
-    path = output or default_cache_dir() / "profiles" / f"{name}.json"
-    profile = measure(name, counts, model, log=lambda line: typer.echo(line, err=True))
+        check_folder("--output", output)  # before minutes of measuring
+    except ValueError as error:
+        _fail(str(error))
+    if device == "cuda":
+        if workers is not None:
+            _fail("--workers is for --device cpu: a CUDA calibration measures one device")
+        from seesaw.sim.measure_gpu import calibrate_cuda
+
+        try:
+            profile = calibrate_cuda(like, name, log=lambda line: typer.echo(line, err=True))
+        except ValueError as error:
+            _fail(str(error))
+    else:
+        if like is not None:
+            _fail("--like is for --device cuda")
+        try:
+            counts = [int(part) for part in ("1,2" if workers is None else workers).split(",")]
+        except ValueError:
+            counts = []
+        if not counts or min(counts) < 1:
+            _fail(f"--workers {workers!r}: give positive worker counts such as 1,2")
+        from seesaw.sim.measure import calibrate as measure
+
+        profile = measure(name or "local-cpu", counts, model, log=lambda line: typer.echo(line, err=True))
+    label = next(iter(profile["gpus"])) if device == "cuda" else name or "local-cpu"
+    path = output or default_cache_dir() / "profiles" / f"{label}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=2))
     typer.echo(f"wrote {path}: devices {', '.join(profile['gpus'])}; links {', '.join(profile['links'])}")

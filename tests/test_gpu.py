@@ -116,3 +116,16 @@ def test_cuda_kv_pool_sized_by_a_profiling_step(tiny_models):
     free, total = torch.cuda.mem_get_info()
     # Half the card, less what was in use: tens of thousands of this tiny model's blocks.
     assert metrics["kv"]["device_blocks"] > 10_000
+
+
+def test_cuda_rates_are_measured_within_reach_of_a_datacenter_gpu():
+    """calibrate --device cuda's micro-benchmarks at Llama 3 8B's shapes: every rate measured, and
+    each within what GPUs of this project's catalogue can reach."""
+    from seesaw.sim.measure_gpu import cuda_rates
+
+    rates = cuda_rates(hidden=4096, intermediate=14336, token_budget=8192)
+    assert 20e12 < rates["model_matmul_flops"] <= rates["peak_flops"] * 1.2 < 2500e12
+    assert 100e9 < rates["weight_stream_bandwidth"] < 6e12 and 100e9 < rates["copy_bandwidth"] < 12e12
+    assert 5e12 < rates["attention_flops"] < 2500e12
+    assert 3e9 < rates["host_bandwidth"] < 150e9
+    assert rates["total_memory"] > 10 << 30 and rates["device_name"]

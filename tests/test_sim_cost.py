@@ -155,20 +155,21 @@ def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch
     from seesaw.sim import measure
 
     spec = Catalog().model("llama3-8b")
-    engine_s = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), spec, "t2", 32, 16, 64).elapsed_s
+    engine_s = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), spec, "t2", (32, 16, 64)).elapsed_s
     calls = []
 
-    def engine_run(model, run, num_prompts, input_len, output_len, threads=None):
+    def engine_run(model, run, num_prompts, input_len, output_len, **options):
         calls.append(run)
         return {"elapsed_s": engine_s}
 
     monkeypatch.setattr(measure, "run_engine", engine_run)
     idle = _cpu_links(300.0, 0.0)
-    fitted = measure.fit_link_to_engine("w2", CPU_ENTRY, idle, "w2-gloo", spec, 2, 1, log=lambda line: None)
+    fitted = measure.fit_link_to_engine("w2", CPU_ENTRY, idle, "w2-gloo", spec, 2, measure.FitRuns(threads=1),
+                                        log=lambda line: None)
     assert calls == ["t2", "t2"]  # the faster of two runs
     assert fitted["latency_us"] == pytest.approx(700.0, rel=0.03)
     assert fitted["all_reduce_gbs"] == {"2": 2.0} and "fitted" in fitted["source"]
-    refit = measure._simulated_run("w2", CPU_ENTRY, {**idle, "w2-gloo": fitted}, spec, "t2", 32, 16, 64)
+    refit = measure._simulated_run("w2", CPU_ENTRY, {**idle, "w2-gloo": fitted}, spec, "t2", (32, 16, 64))
     assert refit.elapsed_s == pytest.approx(engine_s, rel=0.01)
 
 
@@ -180,18 +181,18 @@ def test_host_link_fit_recovers_the_time_each_kv_copy_takes_in_a_seesaw_run(monk
     from seesaw.sim import measure
 
     spec = Catalog().model("llama3-8b")
-    truth = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 5000.0), spec, "p2-t2", 64, 64, 4)
+    truth = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 5000.0), spec, "p2-t2", (64, 64, 4))
     assert truth.num_kv_copies == 128  # each request to the host buffer after its prefill and back
     switch_s = truth.reload_s / len(truth.transitions)  # a switch's reload
     calls = []
 
-    def engine_run(model, run, num_prompts, input_len, output_len, threads=None):
+    def engine_run(model, run, num_prompts, input_len, output_len, **options):
         calls.append(run)
         return {"elapsed_s": truth.elapsed_s + switch_s, "transitions": len(truth.transitions) + 1}
 
     monkeypatch.setattr(measure, "run_engine", engine_run)
-    fitted = measure.fit_host_link_to_engine("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), "w2-host", spec, 2, 1,
-                                             log=lambda line: None)
+    fitted = measure.fit_host_link_to_engine("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), "w2-host", spec, 2,
+                                             measure.FitRuns(threads=1), log=lambda line: None)
     assert calls == ["p2-t2", "p2-t2"]  # the faster of two runs
     assert fitted["latency_us"] == pytest.approx(5000.0, rel=0.05)
     assert fitted["bandwidth_gbs"] == 40.0 and "fitted" in fitted["source"]

@@ -183,7 +183,7 @@ class Catalog:
             raise ValueError(f"--host-memory-gb must be positive, got {host_memory_gb}")
         link = self.link(interconnect or gpu.interconnect, gpu)
         host_link = self.link(gpu.host_link, gpu)
-        if link.name.startswith("pcie"):  # a PCIe node reaches host memory over the same link
+        if interconnect is not None and link.name.startswith("pcie"):  # the node's PCIe slots carry host copies too
             host_link = link
         return Node(gpu, count, link, host_link, host_memory_gb or gpu.host_memory_gb * count)
 

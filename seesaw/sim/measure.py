@@ -14,8 +14,24 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class FitRuns:
+    """The engine runs a device entry is fitted to: the model and device they run on, the token
+    budget and host buffer, and each run's shape as (prompts, input tokens, output tokens)."""
+
+    model: str = "default"
+    device: str = "cpu"
+    threads: int | None = None  # per worker, on CPU
+    token_budget: int = 512
+    host_buffer_gb: float = 1.0
+    prefill: tuple[int, int, int] = (32, 256, 2)  # prefill-heavy: scales the efficiencies
+    decode: tuple[int, int, int] = (32, 16, 64)  # decode-heavy: the per-row overhead, the link latency per hop
+    copies: tuple[int, int, int] = (64, 64, 4)  # a seesaw run of short requests: the host link's latency per copy
 
 
 def _best_s(run: Callable[[], object], repeats: int = 5, min_s: float = 0.05) -> float:
@@ -178,7 +194,7 @@ def communicator_rates(size: int, threads: int) -> dict[str, float]:
 
 def run_engine(model: str, run: str, num_prompts: int, input_len: int, output_len: int,
                threads: int | None = None, token_budget: int = 512, host_buffer_gb: float = 1.0,
-               kv_cache_gb: float | None = None) -> dict:
+               kv_cache_gb: float | None = None, device: str = "cpu") -> dict:
     """One real engine run of fixed-length random prompts (greedy, EOS ignored) as `run`, a layout
     or `PREFILL-DECODE`: seconds from the first request to the last result, steps, and the engine's
     stats."""
@@ -191,7 +207,7 @@ def run_engine(model: str, run: str, num_prompts: int, input_len: int, output_le
 
     layouts = RunSpec.parse(run)
     config = EngineConfig(
-        model=ModelConfig(model=model),
+        model=ModelConfig(model=model, device=device),
         cache=CacheConfig(host_buffer_gb=host_buffer_gb, kv_cache_gb=kv_cache_gb),
         parallel=ParallelConfig(layout=layouts.layout, decode_layout=layouts.decode_layout,
                                 threads_per_worker=threads),
@@ -224,12 +240,13 @@ def run_engine(model: str, run: str, num_prompts: int, input_len: int, output_le
     return asyncio.run(main())
 
 
-def step_overhead_ms(model: str = "dummy:tiny", log: Callable[[str], None] = print) -> float:
+def step_overhead_ms(model: str = "dummy:tiny", log: Callable[[str], None] = print, device: str = "cpu") -> float:
     """The engine's own time per step: steps of a model this small cost little else. The least of
     three runs, since a shared machine sometimes stalls one."""
-    runs = [run_engine(model, "t1", 32, 8, 48, token_budget=512) for _ in range(3)]
+    runs = [run_engine(model, "t1", 32, 8, 48, token_budget=512, device=device) for _ in range(3)]
     overhead = min(1000 * run["elapsed_s"] / max(1, run["steps"]) for run in runs)
-    log(f"engine step overhead ({model}, t1): {overhead:.2f} ms (least of 3 runs of {runs[0]['steps']} steps)")
+    log(f"engine step overhead ({model}, t1, {device}): {overhead:.2f} ms "
+        f"(least of 3 runs of {runs[0]['steps']} steps)")
     return overhead
 
 
@@ -275,30 +292,31 @@ def calibrate(name: str, worker_counts: list[int], model: str = "dummy:tiny",
             "step_overhead_ms": overhead_ms, "kv_cache_gb": 2.0, "token_budget": 512, "copy_overlap": 0.0, "device": "cpu",
             "source": f"calibrated on this machine: {count} worker(s) of {threads} thread(s), float32",
         }
-        gpus[f"{name}-w{count}"] = fit_to_engine(f"{name}-w{count}", entry, links, spec, threads, log)
+        runs = FitRuns(threads=threads)
+        gpus[f"{name}-w{count}"] = fit_to_engine(f"{name}-w{count}", entry, links, spec, runs, log)
         if count > 1:
             links[link_name] = fit_link_to_engine(f"{name}-w{count}", gpus[f"{name}-w{count}"], links, link_name,
-                                                  spec, count, threads, log)
+                                                  spec, count, runs, log)
         host_name = f"{name}-host-w{count}"
         links[host_name] = fit_host_link_to_engine(f"{name}-w{count}", gpus[f"{name}-w{count}"], links, host_name,
-                                                   spec, count, threads, log)
+                                                   spec, count, runs, log)
     return {"about": f"written by seesaw-cli calibrate on a machine with {cores} cores", "gpus": gpus, "links": links}
 
 
-def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: Callable[[str], None]) -> dict:
+def fit_to_engine(name: str, entry: dict, links: dict, spec, runs: FitRuns, log: Callable[[str], None]) -> dict:
     """Fit a device entry to the real engine: scale its efficiencies so that a simulated
     prefill-heavy run of one worker takes as long as the engine's, then give the time a
     decode-heavy run still lacks to a per-row overhead. (Validation runs use other shapes.)"""
-    prefills = _engine_runs("t1", 32, 256, 2, threads)
+    prefills = _engine_runs("t1", runs.prefill, runs)
     prefill, slowest = prefills[0], prefills[-1]["elapsed_s"]
-    model = _simulated_run(name, entry, links, spec, "t1", 32, 256, 2)
+    model = _simulated_run(name, entry, links, spec, "t1", runs.prefill, runs)
     overhead_s = model.num_steps * entry["step_overhead_ms"] / 1000
     scale = (model.elapsed_s - overhead_s) / max(1e-9, prefill["elapsed_s"] - overhead_s)
-    fitted = {**entry, **{key: entry[key] * scale for key in
-                          ("matmul_efficiency", "memory_efficiency", "attention_efficiency")}}
-    decode = _engine_runs("t1", 32, 16, 64, threads)[0]
-    model = _simulated_run(name, fitted, links, spec, "t1", 32, 16, 64)
-    rows = 32 * 65  # every output token is a row, and each prompt is one more
+    fitted = scaled_rates(entry, scale)
+    decode = _engine_runs("t1", runs.decode, runs)[0]
+    model = _simulated_run(name, fitted, links, spec, "t1", runs.decode, runs)
+    num_prompts, _, output_len = runs.decode
+    rows = num_prompts * (output_len + 1)  # every output token is a row, and each prompt is one more
     fitted["row_overhead_us"] = max(0.0, 1e6 * (decode["elapsed_s"] - model.elapsed_s) / rows)
     log(f"  fitted to the engine: prefill run {prefill['elapsed_s']:.1f} s (efficiencies x{scale:.2f}), "
         f"decode run {decode['elapsed_s']:.1f} s (per-row overhead {fitted['row_overhead_us']:.0f} us)")
@@ -308,14 +326,27 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, threads: int, log: 
     return fitted
 
 
-def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec, count: int, threads: int,
+def scaled_rates(entry: dict, scale: float) -> dict:
+    """The entry with every rate it reaches (matmul, attention, memory) times `scale`: the
+    efficiencies scale, and a rate past its peak raises the peak instead (efficiencies stay shares,
+    the rates are the same)."""
+    peak, bandwidth = entry["peak_tflops"], entry["memory_bandwidth_gbs"]
+    matmul = peak * entry["matmul_efficiency"] * scale
+    attention = peak * entry["attention_efficiency"] * scale
+    memory = bandwidth * entry["memory_efficiency"] * scale
+    peak, bandwidth = max(peak, matmul, attention), max(bandwidth, memory)
+    return {**entry, "peak_tflops": peak, "memory_bandwidth_gbs": bandwidth, "matmul_efficiency": matmul / peak,
+            "attention_efficiency": attention / peak, "memory_efficiency": memory / bandwidth}
+
+
+def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec, count: int, runs: FitRuns,
                        log: Callable[[str], None]) -> dict:
     """Fit a link's latency per hop to the real engine. Measured on idle ranks, a collective is
     faster than in a run, where each one also waits for the slowest rank to reach it; a
     decode-heavy run at `t{count}` (many small all-reduces) against its simulation gives that wait,
     spread over the run's all-reduce hops. The device entry is fitted first (`fit_to_engine`)."""
-    engine = _engine_runs(f"t{count}", 32, 16, 64, threads)[0]
-    model = _simulated_run(name, entry, links, spec, f"t{count}", 32, 16, 64)
+    engine = _engine_runs(f"t{count}", runs.decode, runs)[0]
+    model = _simulated_run(name, entry, links, spec, f"t{count}", runs.decode, runs)
     hops = model.num_steps * spec.num_layers * 2 * 2 * (count - 1)  # two all-reduces per layer, ring hops each
     link = links[link_name]
     latency_us = max(0.0, link["latency_us"] + 1e6 * (engine["elapsed_s"] - model.elapsed_s) / hops)
@@ -325,41 +356,69 @@ def fit_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec
             "source": f"{link['source']}; latency fitted to a t{count} engine run"}
 
 
-def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec, count: int, threads: int,
+def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str, spec, count: int, runs: FitRuns,
                             log: Callable[[str], None]) -> dict:
     """Fit the host link's latency per KV copy to the real engine. Measured alone, a copy into
     shared memory moves at the link's bandwidth; in a seesaw run each copy also waits for the
     messages that start and confirm it and shares the cores with the steps beside it. A seesaw run
     of many short requests (each copied to the host buffer after its prefill and back for its
-    decode) against its simulation gives that time, spread over the run's copies. The device entry
-    and the interconnect are fitted first."""
+    decode) against its simulation gives that time: the least latency per copy at which the
+    simulated run takes as long (where copies overlap compute, as on GPUs, only the part on the
+    run's critical path shows). The device entry and the interconnect are fitted first."""
     run = f"p{count}-t{count}"
-    engine = _engine_runs(run, 64, 64, 4, threads)[0]
-    model = _simulated_run(name, entry, links, spec, run, 64, 64, 4)
+    engine = _engine_runs(run, runs.copies, runs)[0]
+    link = links[link_name]
+
+    def simulated_s(latency_us: float):
+        return _simulated_run(name, entry, {**links, link_name: {**link, "latency_us": latency_us}}, spec, run,
+                              runs.copies, runs)
+
+    model = simulated_s(link["latency_us"])
     # The engine meets the batch in the decode phase its warm-up left it in, so it switches once
     # more than the simulation: that switch's reload is not the copies' time.
     switches = len(model.transitions)
     extra_s = max(0, engine["transitions"] - switches) * (model.reload_s / switches if switches else 0.0)
-    link = links[link_name]
-    gap_s = engine["elapsed_s"] - extra_s - model.elapsed_s
-    latency_us = max(0.0, link["latency_us"] + 1e6 * gap_s / max(1, model.num_kv_copies))
+    target_s = engine["elapsed_s"] - extra_s
+    latency_us = link["latency_us"]
+    if model.elapsed_s < target_s:  # first guess: every copy on the critical path (no overlap)
+        first = latency_us + 1e6 * (target_s - model.elapsed_s) / max(1, model.num_kv_copies)
+        latency_us = _least_reaching(lambda value: simulated_s(value).elapsed_s, target_s, latency_us, first)
     log(f"  fitted to the engine: {run} run {engine['elapsed_s']:.1f} s ({engine['transitions']} phase switches) "
         f"against {model.elapsed_s:.1f} s simulated ({switches}, {model.num_kv_copies} KV copies): "
         f"{latency_us / 1000:.1f} ms per copy beyond the bandwidth")
     return {**link, "latency_us": latency_us, "source": f"{link['source']}; latency fitted to a {run} engine run"}
 
 
-def _engine_runs(run: str, num_prompts: int, input_len: int, output_len: int, threads: int) -> list[dict]:
-    """Two engine runs on the default model, the faster first: a shared machine's stalls only ever
-    make a run slower, so each fit takes the faster. `run` is a layout, or `PREFILL-DECODE`."""
-    runs = [run_engine("default", run, num_prompts, input_len, output_len, threads=threads) for _ in range(2)]
-    return sorted(runs, key=lambda run: run["elapsed_s"])
+def _least_reaching(simulated_s: Callable[[float], float], target_s: float, low: float, first: float) -> float:
+    """The least value from `low` up at which `simulated_s` (growing with it) reaches `target_s`,
+    within 0.1%: doubling from `first` until it does, then halving the interval."""
+    high = max(first, low + 1.0)
+    while simulated_s(high) < target_s and high < 1e7:  # ten seconds per copy: past any real machine
+        low, high = high, 2 * high
+    for _ in range(40):
+        if high - low <= 1e-3 * high:
+            break
+        middle = (low + high) / 2
+        if simulated_s(middle) < target_s:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
-def _simulated_run(name: str, entry: dict, links: dict, spec, run: str, num_prompts: int, input_len: int,
-                   output_len: int):
+def _engine_runs(run: str, shape: tuple[int, int, int], runs: FitRuns) -> list[dict]:
+    """Two engine runs of `shape` (prompts, input, output), the faster first: a shared machine's
+    stalls only ever make a run slower, so each fit takes the faster. `run` is a layout, or
+    `PREFILL-DECODE`."""
+    done = [run_engine(runs.model, run, *shape, threads=runs.threads, token_budget=runs.token_budget,
+                       host_buffer_gb=runs.host_buffer_gb, device=runs.device) for _ in range(2)]
+    return sorted(done, key=lambda each: each["elapsed_s"])
+
+
+def _simulated_run(name: str, entry: dict, links: dict, spec, run: str, shape: tuple[int, int, int],
+                   runs: FitRuns = FitRuns()):
     """A calibration run simulated on a node of the entry's devices: `run` is a layout, or
-    `PREFILL-DECODE`, as for `_engine_runs`."""
+    `PREFILL-DECODE`, and `shape` (prompts, input, output), as for `_engine_runs`."""
     from seesaw.config import SchedulerConfig
     from seesaw.sim.catalog import Catalog
     from seesaw.sim.cost import CostModel
@@ -368,6 +427,7 @@ def _simulated_run(name: str, entry: dict, links: dict, spec, run: str, num_prom
 
     catalog = Catalog()
     catalog.add({"gpus": {name: entry}, "links": links}, "calibration")
-    run_spec = RunSpec.parse(run, host_buffer_gb=1.0, scheduler=SchedulerConfig(max_num_batched_tokens=512))
+    run_spec = RunSpec.parse(run, host_buffer_gb=runs.host_buffer_gb,
+                             scheduler=SchedulerConfig(max_num_batched_tokens=runs.token_budget))
     node = catalog.node(f"{run_spec.layout.world_size}x{name}")
-    return simulate(CostModel(spec, node), run_spec, fixed(num_prompts, input_len, output_len))
+    return simulate(CostModel(spec, node), run_spec, fixed(*shape))
