@@ -88,12 +88,15 @@ def plan(
         _fail("no layout of this node can run this model and workload")
     command = planner.batch_command(winner, model, node.gpu)
     typer.echo(f"run the best:\n  {command}")
+    notes = planner.host_memory_notes(winner, cost)
+    for note in notes:
+        typer.echo(f"  note: {note}")
     if output_json is not None:
         rows = [{"run": c.name, "error": c.error, "host_buffer_gb": round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]
         left_out = {"bad_lines": list(requests.left_out), "longer_than_context": refused}
         output_json.write_text(json.dumps({"node": str(node), "model": model, "workload": requests.describe(),
-                                           "left_out": left_out, "best": winner.name, "command": command,
+                                           "left_out": left_out, "best": winner.name, "command": command, "notes": notes,
                                            "ranking": rows}, indent=2))
     if timeline is not None:
         from seesaw.frontend.report import draw_timeline

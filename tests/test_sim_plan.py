@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from seesaw.sim.catalog import Catalog
 from seesaw.sim.cost import CostModel
 from seesaw.sim.planner import PlanOptions, best, candidates, layouts_of, plan
-from seesaw.sim.workload import Workload, arxiv, from_jsonl, named, sharegpt, within_context
+from seesaw.sim.workload import Workload, arxiv, fixed, from_jsonl, named, sharegpt, within_context
 from seesaw_cli.main import app
 
 
@@ -70,6 +70,30 @@ def test_the_batch_line_of_the_best_run_carries_what_was_simulated(tmp_path):
     line = batch_command(pair, "llama3-8b", catalog.gpu("small"))
     assert "--prefill-layout p2 --decode-layout t2" in line and line.endswith("--host-buffer-gb 0.4 --memory-fraction 0.8")
     assert batch_command(pair, "llama3-8b", catalog.gpu("fixed")).endswith("--kv-cache-gb 3")
+
+
+def test_host_memory_notes_say_when_shared_memory_or_an_idle_buffer_is_worth_a_look():
+    from seesaw.sim.planner import Candidate, host_memory_notes
+    from seesaw.sim.simulator import RunSpec, simulate
+
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4", host_memory_gb=100))  # 15 GiB of weights
+    work = fixed(8, 64, 8)
+
+    def notes(run: str, buffer_gb: float) -> list[str]:
+        spec = RunSpec.parse(run, host_buffer_gb=buffer_gb)
+        return host_memory_notes(Candidate(spec, simulate(cost, spec, work)), cost)
+
+    assert notes("t2", 4.0) == []  # little and unused
+    assert notes("t2", 60.0) == ["it keeps 60 GiB in shared memory, the host KV buffer; /dev/shm must hold that, "
+                                 "and Linux sizes it at half of RAM unless mounted larger",
+                                 "the simulated run never used its 60.0 GiB host buffer, which the engine reserves "
+                                 "and pins at start: plan --host-buffer-gb shows what a smaller one changes"]
+    # Every request of a pair goes through the buffer, far from filling it; re-sharding adds the weights.
+    pair = notes("p2-t2", 40.0)
+    assert len(pair) == 2 and pair[0].startswith("it keeps 55 GiB in shared memory, the host KV buffer and the weight")
+    assert pair[1].startswith("the simulated run used at most 0.1 GiB of its 40.0 GiB host buffer")
+    assert notes("t2-t2", 40.0) == pair[1:]  # one layout: no weight store
 
 
 _CARD = {"memory_gb": 48, "memory_bandwidth_gbs": 900, "peak_tflops": 180, "interconnect": "pcie4x16",

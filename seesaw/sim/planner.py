@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from seesaw.config import CacheConfig, SchedulerConfig
 from seesaw.layout import Layout, validate
 from seesaw.sim.catalog import Gpu
-from seesaw.sim.cost import CostModel, host_buffer_gb
+from seesaw.sim.cost import GIB, CostModel, host_buffer_gb
 from seesaw.sim.simulator import RunSpec, SimResult, simulate
 from seesaw.sim.workload import Workload
 
@@ -120,6 +120,26 @@ def best(candidates_: list[Candidate], seesaw: bool) -> Candidate | None:
     """The best runnable static layout (seesaw False) or pair (seesaw True)."""
     found = [c for c in candidates_ if c.result is not None and c.spec.is_seesaw == seesaw and not c.result.num_failed]
     return max(found, key=lambda c: c.throughput, default=None)
+
+
+def host_memory_notes(candidate: Candidate, cost: CostModel) -> list[str]:
+    """What running a candidate asks of the node's host memory, where it is worth saying: shared
+    memory past the half of RAM Linux gives /dev/shm by default, and a host buffer the simulated
+    run left mostly empty (the engine reserves and pins all of it at start)."""
+    spec, result = candidate.spec, candidate.result
+    stored_gib = cost.model_bytes / GIB if spec.is_seesaw and spec.layout != spec.decode_layout else 0.0
+    shared_gib = spec.host_buffer_gb + stored_gib
+    notes = []
+    if shared_gib > cost.node.host_memory_gb / 2:
+        what = "the host KV buffer and the weight store" if stored_gib else "the host KV buffer"
+        notes.append(f"it keeps {shared_gib:.0f} GiB in shared memory, {what}; /dev/shm must hold that, and "
+                     "Linux sizes it at half of RAM unless mounted larger")
+    used_gib = result.host_peak_fraction * spec.host_buffer_gb if result is not None else 0.0
+    if spec.host_buffer_gb >= 8 and used_gib < spec.host_buffer_gb / 4:
+        used = f"used at most {used_gib:.1f} GiB of" if used_gib else "never used"
+        notes.append(f"the simulated run {used} its {spec.host_buffer_gb:.1f} GiB host buffer, which the engine "
+                     "reserves and pins at start: plan --host-buffer-gb shows what a smaller one changes")
+    return notes
 
 
 def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
