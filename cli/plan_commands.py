@@ -152,7 +152,7 @@ def calibrate(
         from seesaw.sim.measure_gpu import calibrate_cuda
 
         try:
-            profile = calibrate_cuda(like, name, log=lambda line: typer.echo(line, err=True))
+            profile = calibrate_cuda(like, name, log=lambda line: typer.echo(line, err=True), overhead_model=model)
         except ValueError as error:
             _fail(str(error))
     else:

@@ -111,7 +111,7 @@ def cuda_rates(hidden: int, intermediate: int, token_budget: int) -> dict:
 
 
 def calibrate_cuda(like: str | None = None, name: str | None = None, log: Callable[[str], None] = print,
-                   catalog: Catalog | None = None) -> dict:
+                   catalog: Catalog | None = None, overhead_model: str = "dummy:tiny") -> dict:
     """Measure CUDA device 0 and return a profile file's content: its device entry (named as its
     catalogue entry unless `name` is given, so `plan` uses it in that entry's place) and host link."""
     import torch
@@ -130,7 +130,7 @@ def calibrate_cuda(like: str | None = None, name: str | None = None, log: Callab
     base = catalog.gpu(like)
     name = name or base.name
     spec = resolve_model(GPU_RUNS.model, default_cache_dir()).spec
-    overhead_ms = step_overhead_ms("dummy:tiny", log, device="cuda")
+    overhead_ms = step_overhead_ms(overhead_model, log, device="cuda")
     rates = cuda_rates(spec.hidden_size, spec.intermediate_size, GPU_RUNS.token_budget)
     log(f"{device_name} ({rates['total_memory'] / GIB:.1f} GiB): peak {rates['peak_flops'] / 1e12:.0f} TFLOP/s, "
         f"model-shaped {rates['model_matmul_flops'] / 1e12:.0f} TFLOP/s, attention {rates['attention_flops'] / 1e12:.0f} "
