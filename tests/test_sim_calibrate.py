@@ -87,6 +87,29 @@ def test_device_fit_recovers_the_engines_rates_and_row_overhead_at_gpu_shapes(mo
     assert fitted["row_overhead_us"] == pytest.approx(30.0, rel=0.05)
 
 
+def test_device_fit_raises_the_memory_rate_alone_when_the_engine_decodes_faster(monkeypatch):
+    """A GPU whose memory rate is a larger share of its datasheet than its compute rate: the
+    prefill run's scale would make decoding too slow, so the fit raises the memory rate alone (and
+    gives no per-row overhead) until the decode run takes as long as the engine's."""
+    spec = Catalog().model("llama3-8b")
+    links = {"H200-host": {"bandwidth_gbs": 50.0, "efficiency": 1.0, "latency_us": 0.0, "source": "test"}}
+    measured = gpu_entry(Catalog().gpu("H200"), H200_RATES, 3.0, "H200-host")
+    truth = measure.scaled_rates(measured, 0.6, 0.95)
+
+    def engine_run(model, run, num_prompts, input_len, output_len, **options):
+        return {"elapsed_s": measure._simulated_run("H200", truth, links, spec, run,
+                                                    (num_prompts, input_len, output_len), GPU_RUNS).elapsed_s}
+
+    monkeypatch.setattr(measure, "run_engine", engine_run)
+    lines = []
+    fitted = measure.fit_to_engine("H200", measured, links, spec, GPU_RUNS, log=lines.append)
+    assert fitted["row_overhead_us"] == 0.0 and "memory rate x" in lines[0]
+    assert fitted["matmul_efficiency"] == pytest.approx(truth["matmul_efficiency"], rel=0.03)
+    assert fitted["memory_efficiency"] == pytest.approx(truth["memory_efficiency"], rel=0.03)
+    decode = measure._simulated_run("H200", fitted, links, spec, "t1", GPU_RUNS.decode, GPU_RUNS).elapsed_s
+    assert decode == pytest.approx(engine_run(None, "t1", *GPU_RUNS.decode)["elapsed_s"], rel=0.005)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA it would calibrate for minutes")
 def test_calibrate_cuda_without_a_device_says_so(tmp_path):
     profile = tmp_path / "h200.json"

@@ -306,7 +306,9 @@ def calibrate(name: str, worker_counts: list[int], model: str = "dummy:tiny",
 def fit_to_engine(name: str, entry: dict, links: dict, spec, runs: FitRuns, log: Callable[[str], None]) -> dict:
     """Fit a device entry to the real engine: scale its efficiencies so that a simulated
     prefill-heavy run of one worker takes as long as the engine's, then give the time a
-    decode-heavy run still lacks to a per-row overhead. (Validation runs use other shapes.)"""
+    decode-heavy run still lacks to a per-row overhead; or, if the engine decodes faster than that
+    scale allows (a GPU's memory rate need not follow its compute rate), raise the memory rate
+    alone until it decodes as fast. (Validation runs use other shapes.)"""
     prefills = _engine_runs("t1", runs.prefill, runs)
     prefill, slowest = prefills[0], prefills[-1]["elapsed_s"]
     model = _simulated_run(name, entry, links, spec, "t1", runs.prefill, runs)
@@ -314,26 +316,37 @@ def fit_to_engine(name: str, entry: dict, links: dict, spec, runs: FitRuns, log:
     scale = (model.elapsed_s - overhead_s) / max(1e-9, prefill["elapsed_s"] - overhead_s)
     fitted = scaled_rates(entry, scale)
     decode = _engine_runs("t1", runs.decode, runs)[0]
+    decode_s = decode["elapsed_s"]
     model = _simulated_run(name, fitted, links, spec, "t1", runs.decode, runs)
     num_prompts, _, output_len = runs.decode
     rows = num_prompts * (output_len + 1)  # every output token is a row, and each prompt is one more
-    fitted["row_overhead_us"] = max(0.0, 1e6 * (decode["elapsed_s"] - model.elapsed_s) / rows)
+    fitted["row_overhead_us"] = max(0.0, 1e6 * (decode_s - model.elapsed_s) / rows)
+    memory = 1.0
+    if decode_s < model.elapsed_s:
+        def faster(factor: float) -> float:  # minus the simulated decode run's time: grows with the factor
+            return -_simulated_run(name, scaled_rates(fitted, 1.0, factor), links, spec, "t1", runs.decode,
+                                   runs).elapsed_s
+
+        memory = _least_reaching(faster, -decode_s, 1.0, model.elapsed_s / decode_s, most=100.0)
+        fitted = scaled_rates(fitted, 1.0, memory)
     log(f"  fitted to the engine: prefill run {prefill['elapsed_s']:.1f} s (efficiencies x{scale:.2f}), "
-        f"decode run {decode['elapsed_s']:.1f} s (per-row overhead {fitted['row_overhead_us']:.0f} us)")
+        f"decode run {decode_s:.1f} s (" + (f"memory rate x{memory:.2f} more" if memory != 1.0 else
+                                              f"per-row overhead {fitted['row_overhead_us']:.0f} us") + ")")
     if scale < 0.5 or slowest > 1.25 * prefill["elapsed_s"]:
         log(f"  warning: the engine ran at {scale:.0%} of the measured rates, and its two prefill runs took "
             f"{prefill['elapsed_s']:.1f} and {slowest:.1f} s: the machine was probably busy; calibrate again")
     return fitted
 
 
-def scaled_rates(entry: dict, scale: float) -> dict:
-    """The entry with every rate it reaches (matmul, attention, memory) times `scale`: the
-    efficiencies scale, and a rate past its peak raises the peak instead (efficiencies stay shares,
-    the rates are the same)."""
+def scaled_rates(entry: dict, scale: float, memory_scale: float | None = None) -> dict:
+    """The entry with the rates it reaches times `scale` (matmul and attention) and `memory_scale`
+    (memory; `scale` if None): the efficiencies scale, and a rate past its peak raises the peak
+    instead (efficiencies stay shares, the rates are the same)."""
+    memory_scale = scale if memory_scale is None else memory_scale
     peak, bandwidth = entry["peak_tflops"], entry["memory_bandwidth_gbs"]
     matmul = peak * entry["matmul_efficiency"] * scale
     attention = peak * entry["attention_efficiency"] * scale
-    memory = bandwidth * entry["memory_efficiency"] * scale
+    memory = bandwidth * entry["memory_efficiency"] * memory_scale
     peak, bandwidth = max(peak, matmul, attention), max(bandwidth, memory)
     return {**entry, "peak_tflops": peak, "memory_bandwidth_gbs": bandwidth, "matmul_efficiency": matmul / peak,
             "attention_efficiency": attention / peak, "memory_efficiency": memory / bandwidth}
@@ -389,12 +402,13 @@ def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str,
     return {**link, "latency_us": latency_us, "source": f"{link['source']}; latency fitted to a {run} engine run"}
 
 
-def _least_reaching(simulated_s: Callable[[float], float], target_s: float, low: float, first: float) -> float:
-    """The least value from `low` up at which `simulated_s` (growing with it) reaches `target_s`,
-    within 0.1%: doubling from `first` until it does, then halving the interval."""
-    high = max(first, low + 1.0)
-    while simulated_s(high) < target_s and high < 1e7:  # ten seconds per copy: past any real machine
-        low, high = high, 2 * high
+def _least_reaching(simulated_s: Callable[[float], float], target_s: float, low: float, first: float,
+                    most: float = 1e7) -> float:
+    """The least value from `low` up (to `most`) at which `simulated_s` (growing with it) reaches
+    `target_s`, within 0.1%: doubling from `first` until it does, then halving the interval."""
+    high = min(most, max(first, low * 1.001, low + 1e-6))
+    while simulated_s(high) < target_s and high < most:  # by default ten seconds per copy: past any machine
+        low, high = high, min(most, 2 * high)
     for _ in range(40):
         if high - low <= 1e-3 * high:
             break
