@@ -48,7 +48,7 @@ def plan(
         catalog = _catalog(profiles)
         node = catalog.node(gpus, interconnect, host_memory_gb)
         spec = catalog.model(model)
-        requests, refused = _workload(workload, num_requests, seed, spec.max_position)
+        requests, refused = _workload(workload, num_requests, seed, spec.max_position, model)
         if timeline is not None:
             from seesaw.frontend.report import check_timeline_support
 
@@ -182,7 +182,7 @@ def _catalog(profiles: list[Path] | None):
     return Catalog([*calibrated, *(profiles or [])])
 
 
-def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
+def _workload(name: str, num_requests: int, seed: int, max_model_len: int, model: str):
     """The workload to plan for, and how many of its requests the model's context cannot take (left
     out and said so, as are a file's bad lines)."""
     from seesaw.sim import workload
@@ -190,7 +190,7 @@ def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
     if num_requests < 1:
         raise ValueError(f"--num-requests must be positive, got {num_requests}")
     requests, refused = workload.within_context(
-        workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len)), max_model_len)
+        workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len, model)), max_model_len)
     if requests.left_out:
         shown = 5
         typer.echo(f"left out: {len(requests.left_out)} bad lines of {name}", err=True)
@@ -206,14 +206,17 @@ def _workload(name: str, num_requests: int, seed: int, max_model_len: int):
     return requests, refused
 
 
-def _batch_lengths(max_model_len: int):
-    """Lengths of a batch-file line, by tokenizing its prompt with the default model's tokenizer."""
-    state: dict = {}
+def _batch_lengths(max_model_len: int, model: str):
+    """Lengths of a batch-file line, by tokenizing its prompt with the model's tokenizer (its
+    folder's, else the default model's), loaded on the first batch line."""
+    codecs: list = []
 
     def lengths(entry: dict, where: str) -> tuple[int, int]:
-        from seesaw.sim.batch_lengths import batch_line_lengths
+        from seesaw.sim.batch_lengths import batch_line_lengths, codec_for
 
-        return batch_line_lengths(entry, where, state, max_model_len)
+        if not codecs:
+            codecs.append(codec_for(model, log=lambda line: typer.echo(line, err=True)))
+        return batch_line_lengths(entry, where, codecs[0], max_model_len)
 
     return lengths
 

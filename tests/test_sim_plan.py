@@ -256,12 +256,33 @@ def test_batch_lines_are_measured_by_the_tokenizer_hook(tmp_path):
 def test_a_batch_lines_default_max_tokens_is_fitted_to_the_context_and_an_explicit_one_is_kept():
     from seesaw.sim.batch_lengths import batch_line_lengths
 
-    state = {"codec": None}  # lines of token ids need no tokenizer
-    default = {"prompt": [5] * 100}
+    default = {"prompt": [5] * 100}  # lines of token ids need no tokenizer
     explicit = {"prompt": [5] * 100, "max_tokens": 300}
-    assert batch_line_lengths(default, "line 1", state, max_model_len=4096) == (100, 256)
-    assert batch_line_lengths(default, "line 1", state, max_model_len=300) == (100, 200)
-    assert batch_line_lengths(explicit, "line 2", state, max_model_len=300) == (100, 300)  # the engine refuses it
+    assert batch_line_lengths(default, "line 1", None, max_model_len=4096) == (100, 256)
+    assert batch_line_lengths(default, "line 1", None, max_model_len=300) == (100, 200)
+    assert batch_line_lengths(explicit, "line 2", None, max_model_len=300) == (100, 300)  # the engine refuses it
+
+
+def test_batch_lines_are_measured_with_the_models_own_tokenizer_when_its_folder_has_one(tmp_path):
+    from seesaw.config import default_cache_dir
+    from seesaw.model.resolve import resolve_model
+    from seesaw.sim.batch_lengths import codec_for
+
+    default_tokenizer = resolve_model("default", default_cache_dir()).tokenizer_folder
+    said = []
+    assert codec_for("llama2-70b", said.append).vocab_size == 49152  # a profile name: the default's (SmolLM2)
+    assert "default model's tokenizer" in said[-1]
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert codec_for(str(folder), said.append).vocab_size == 49152  # no tokenizer there either
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((default_tokenizer / name).read_bytes())
+    tokens = json.loads((folder / "tokenizer.json").read_text())
+    tokens["added_tokens"].append({"id": 49152, "content": "<extra>", "single_word": False, "lstrip": False,
+                                   "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokens))
+    assert codec_for(str(folder), said.append).vocab_size == 49153 and str(folder) in said[-1]
 
 
 def _die(*args):
