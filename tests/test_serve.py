@@ -287,6 +287,38 @@ async def test_sigterm_with_requests_in_flight_exits_cleanly(tmp_path):
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 
+async def test_a_second_sigterm_stops_the_drain_at_once_and_exits_143(tmp_path):
+    socket_path = tmp_path / "d.sock"
+    command = [str(Path(sys.executable).parent / "seesaw-cli"), "serve", "--model", "dummy:tiny", "--bind", f"ipc://{socket_path}",
+               "--threads", "1", "--kv-cache-gb", "0.05", "--host-buffer-gb", "0.05", "--drain-timeout", "600"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_line_with, process.stderr, "serving"), 120)
+        async with AsyncClient(f"ipc://{socket_path}", timeout_s=60) as client:
+            requests = [asyncio.ensure_future(client.complete({"prompt": [5, 6, 7], "max_tokens": 2000,
+                                                               "ignore_eos": True})) for _ in range(4)]
+            assert (await client.stats())["requests"]["queued"] >= 1
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.to_thread(_line_with, process.stderr, "SIGTERM: taking nothing new"), 30)
+            process.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*requests, return_exceptions=True)
+        assert all(isinstance(r, Exception) and "stopped at once" in str(r) for r in results), results
+        assert await asyncio.wait_for(asyncio.to_thread(process.wait), 60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not socket_path.exists() and not Path(f"{socket_path}.lock").exists()
+
+
+def _line_with(stream, text: str) -> str:
+    """Read lines until one holds `text` (the caller bounds the wait); an error if the stream ends."""
+    while line := stream.readline():
+        if text in line:
+            return line
+    raise AssertionError(f"the stream ended before a line with {text!r}")
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():

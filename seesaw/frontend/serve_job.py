@@ -23,7 +23,7 @@ from seesaw.frontend.server import Server
 from seesaw.messages import ErrorCode
 from seesaw.transport.curve import ensure_socket_folder
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # interrupted: 128 + the last signal's number, once known
 
 
 class AddressInUse(RuntimeError):
@@ -32,8 +32,9 @@ class AddressInUse(RuntimeError):
 
 async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefaults, started: float,
                      stream: TextIO = sys.stderr) -> int:
-    """Serve until stopped; the exit code: 0 after a drain, 1 if the engine failed, 130 when a
-    second signal cut the drain short."""
+    """Serve until stopped; the exit code: 0 after a drain, 1 if the engine failed, 128 + the
+    signal's number (130 for SIGINT, 143 for SIGTERM, as shells report them) when a second signal
+    cut the drain short or a signal stopped the start."""
     loop = asyncio.get_running_loop()
     received: list[int] = []
     stopping, now = asyncio.Event(), asyncio.Event()
@@ -66,10 +67,12 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
             stop_metrics = _start_metrics(server, config.metrics_port, loop)
         _echo(stream, f"serving {engine.model.name} on {config.address} (ready in {time.perf_counter() - started:.1f} s)")
         code = await _serve(engine, server, config, stopping, now, stream)
+        if code == EXIT_INTERRUPTED:
+            code = 128 + received[-1]
     except asyncio.CancelledError:
         if not received:
             raise
-        code = EXIT_INTERRUPTED
+        code = 128 + received[-1]
     except (EngineError, AddressInUse, OSError, ValueError, zmq.ZMQError) as error:
         _echo(stream, f"error: {error}")
     finally:
