@@ -32,6 +32,9 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be 0 (disabled) or a positive integer, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            if isinstance(self.seed, float) and self.seed.is_integer() and abs(self.seed) >= 2**63:
+                raise ValueError(f"seed must be an integer within 64 bits: {self.seed:.0f} lost its last digits "
+                                 "as a JSON number past them")
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")

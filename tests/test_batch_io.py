@@ -55,6 +55,8 @@ def test_simple_lines_take_defaults_and_number_their_ids():
     (line({"prompt": ""}), "prompt is empty"),
     (line({"prompt": "x", "stop": [1]}), "stop"),
     (line({"messages": "hello"}), "messages must be a non-empty list"),
+    (line({"prompt": "x", "seed": 1.5}), "seed must be an integer, got 1.5"),
+    (b'{"prompt": "x", "seed": 123456789012345678901234}', "seed must be an integer within 64 bits: 1234567890"),
 ])
 def test_bad_lines_name_the_problem_and_the_line(raw, problem):
     with pytest.raises(LineError) as caught:
