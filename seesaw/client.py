@@ -51,7 +51,9 @@ def backoff_s(retry_after_s: Any, attempt: int, jitter: float) -> float:
 
 class TokenStream:
     """`async for text in client.stream(body)`: the `text` of each token frame; once the loop ends,
-    `.response` holds the result's response. `.id` names the request (for `cancel`)."""
+    `.response` holds the result's response. `.id` names the request (for `cancel`). Used as
+    `async with client.stream(body) as stream:`, leaving the block early (a `break`, an error)
+    cancels the request on the server, as `aclose()` does."""
 
     def __init__(self, request_id: str, frames: AsyncIterator[dict], on_end: Callable[[Any], None]):
         self.id, self.response, self.job_id, self.summary = request_id, None, None, None
@@ -74,6 +76,12 @@ class TokenStream:
     async def aclose(self) -> None:
         """Stop early; the server is asked to cancel the request."""
         await self._frames.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()  # nothing to do if the stream ended; a cancel if it did not
 
     def _take(self, frame: dict) -> str | None:
         if frame["type"] == "token":
@@ -437,6 +445,12 @@ class _Blocking:
 
     def close(self) -> None:
         self._call(self._inner.aclose())
+
+    def __enter__(self) -> _Blocking:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 async def _new_async_client(*args) -> AsyncClient:

@@ -184,6 +184,28 @@ async def test_leaving_a_stream_early_cancels_it(address):
     assert first == "request" and cancel["id"] == stream.id
 
 
+async def test_breaking_out_of_a_stream_block_cancels_it_and_a_finished_one_sends_nothing(address):
+    async with FakeServer(address, canned) as server, AsyncClient(address, timeout_s=WAIT_S) as client:
+        async with client.stream(prompt(5), endpoint="completions") as stream:
+            async for _ in stream:
+                break
+        cancel = await server.frame_of("cancel")
+        async with client.stream(prompt(3), endpoint="completions") as whole:
+            pieces = [text async for text in whole]
+        await client.stats()  # a round trip after the block: a cancel sent by it would have arrived
+    assert cancel["id"] == stream.id
+    assert "".join(pieces) == prompt(3)["prompt"] and [f["id"] for f in server.received if f["type"] == "cancel"] == [stream.id]
+
+    def use_sync_client():
+        with Client(address, timeout_s=WAIT_S) as sync_client, sync_client.stream(prompt(4)) as sync_stream:
+            next(sync_stream)
+            return sync_stream.id
+
+    async with FakeServer(address, canned) as server:
+        request_id = await asyncio.wait_for(asyncio.to_thread(use_sync_client), WAIT_S)
+        assert (await server.frame_of("cancel"))["id"] == request_id
+
+
 async def test_closing_fails_the_requests_still_waiting(address):
     async with FakeServer(address, lambda frame: []) as server:
         client = AsyncClient(address, timeout_s=WAIT_S)
