@@ -260,14 +260,18 @@ async def test_binding_a_public_address_without_keys_is_refused():
         ServeConfig("tcp://0.0.0.0:5555")
 
 
+def _serve_tiny(socket_path: Path, drain_timeout_s: int) -> subprocess.Popen:
+    """`seesaw-cli serve` of the tiny model at an ipc socket, its stderr piped."""
+    command = [str(Path(sys.executable).parent / "seesaw-cli"), "serve", "--model", "dummy:tiny", "--bind", f"ipc://{socket_path}",
+               "--threads", "1", "--kv-cache-gb", "0.05", "--host-buffer-gb", "0.05", "--drain-timeout", str(drain_timeout_s)]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+
+
 async def test_sigterm_with_requests_in_flight_exits_cleanly(tmp_path):
     socket_path = tmp_path / "d.sock"
-    command = [str(Path(sys.executable).parent / "seesaw-cli"), "serve", "--model", "dummy:tiny", "--bind", f"ipc://{socket_path}",
-               "--threads", "1", "--kv-cache-gb", "0.05", "--host-buffer-gb", "0.05", "--drain-timeout", "60"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = _serve_tiny(socket_path, 60)
     try:
-        first = await asyncio.wait_for(asyncio.to_thread(process.stderr.readline), 120)
-        assert "serving" in first, first
+        await asyncio.wait_for(asyncio.to_thread(_line_with, process.stderr, "serving"), 120)
         children = _children(process.pid)
         async with AsyncClient(f"ipc://{socket_path}", timeout_s=60) as client:
             requests = [asyncio.ensure_future(client.complete({"prompt": [5, 6, 7], "max_tokens": 40,
@@ -289,9 +293,7 @@ async def test_sigterm_with_requests_in_flight_exits_cleanly(tmp_path):
 
 async def test_a_second_sigterm_stops_the_drain_at_once_and_exits_143(tmp_path):
     socket_path = tmp_path / "d.sock"
-    command = [str(Path(sys.executable).parent / "seesaw-cli"), "serve", "--model", "dummy:tiny", "--bind", f"ipc://{socket_path}",
-               "--threads", "1", "--kv-cache-gb", "0.05", "--host-buffer-gb", "0.05", "--drain-timeout", "600"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = _serve_tiny(socket_path, 600)
     try:
         await asyncio.wait_for(asyncio.to_thread(_line_with, process.stderr, "serving"), 120)
         async with AsyncClient(f"ipc://{socket_path}", timeout_s=60) as client:
