@@ -166,8 +166,9 @@ def calibrate(
             _fail(f"--workers {workers!r}: give positive worker counts such as 1,2")
         from seesaw.sim.measure import calibrate as measure
 
-        profile = measure(name or "local-cpu", counts, model, log=lambda line: typer.echo(line, err=True))
-    label = next(iter(profile["gpus"])) if device == "cuda" else name or "local-cpu"
+        name = name or "local-cpu"
+        profile = measure(name, counts, model, log=lambda line: typer.echo(line, err=True))
+    label = next(iter(profile["gpus"])) if device == "cuda" else name
     path = output or default_cache_dir() / "profiles" / f"{label}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=2))

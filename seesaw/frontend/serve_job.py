@@ -23,7 +23,7 @@ from seesaw.frontend.server import Server
 from seesaw.messages import ErrorCode
 from seesaw.transport.curve import ensure_socket_folder
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130  # interrupted: 128 + the last signal's number, once known
+EXIT_OK, EXIT_FAILED = 0, 1  # interrupted by a signal: 128 + its number, as shells report it
 
 
 class AddressInUse(RuntimeError):
@@ -66,9 +66,7 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
         if config.metrics_port is not None:
             stop_metrics = _start_metrics(server, config.metrics_port, loop)
         _echo(stream, f"serving {engine.model.name} on {config.address} (ready in {time.perf_counter() - started:.1f} s)")
-        code = await _serve(engine, server, config, stopping, now, stream)
-        if code == EXIT_INTERRUPTED:
-            code = 128 + received[-1]
+        code = await _serve(engine, server, config, stopping, now, received, stream)
     except asyncio.CancelledError:
         if not received:
             raise
@@ -92,7 +90,7 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
 
 
 async def _serve(engine: Engine, server: Server, config: ServeConfig, stopping: asyncio.Event,
-                 now: asyncio.Event, stream: TextIO) -> int:
+                 now: asyncio.Event, received: list[int], stream: TextIO) -> int:
     waiters = [asyncio.ensure_future(event.wait()) for event in (stopping, engine.failed, server.failed)]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
@@ -120,7 +118,7 @@ async def _serve(engine: Engine, server: Server, config: ServeConfig, stopping: 
     with contextlib.suppress(asyncio.CancelledError):
         await drain
     await server.abandon("the server was stopped at once (a second signal)")
-    return EXIT_INTERRUPTED
+    return 128 + received[-1]  # the signal that cut the drain short
 
 
 def _start_metrics(server: Server, port: int, loop: asyncio.AbstractEventLoop):

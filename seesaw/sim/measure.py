@@ -382,11 +382,11 @@ def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str,
     engine = _engine_runs(run, runs.copies, runs)[0]
     link = links[link_name]
 
-    def simulated_s(latency_us: float):
+    def simulated(latency_us: float):
         return _simulated_run(name, entry, {**links, link_name: {**link, "latency_us": latency_us}}, spec, run,
                               runs.copies, runs)
 
-    model = simulated_s(link["latency_us"])
+    model = simulated(link["latency_us"])
     # The engine meets the batch in the decode phase its warm-up left it in, so it switches once
     # more than the simulation: that switch's reload is not the copies' time.
     switches = len(model.transitions)
@@ -395,7 +395,7 @@ def fit_host_link_to_engine(name: str, entry: dict, links: dict, link_name: str,
     latency_us = link["latency_us"]
     if model.elapsed_s < target_s:  # first guess: every copy on the critical path (no overlap)
         first = latency_us + 1e6 * (target_s - model.elapsed_s) / max(1, model.num_kv_copies)
-        latency_us = _least_reaching(lambda value: simulated_s(value).elapsed_s, target_s, latency_us, first)
+        latency_us = _least_reaching(lambda value: simulated(value).elapsed_s, target_s, latency_us, first)
     log(f"  fitted to the engine: {run} run {engine['elapsed_s']:.1f} s ({engine['transitions']} phase switches) "
         f"against {model.elapsed_s:.1f} s simulated ({switches}, {model.num_kv_copies} KV copies): "
         f"{latency_us / 1000:.1f} ms per copy beyond the bandwidth")
