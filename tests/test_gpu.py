@@ -1,5 +1,6 @@
 """The CUDA path: NCCL through cupy with one rank, and the engine on a GPU against transformers.
-Skipped without CUDA; bench/gpu_check.sh runs these on the CUDA test machine."""
+Skipped without CUDA (but for the set-up of the real-shape kernel test, checked on CPU);
+bench/gpu_check.sh runs these on the CUDA test machine."""
 
 from __future__ import annotations
 
@@ -9,9 +10,47 @@ import torch
 from helpers import engine_config, generate, greedy, hf_greedy, random_prompts, ragged_attention_batch
 from seesaw.messages import GroupSpec
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = pytest.mark.gpu
+
+# (cached tokens, new tokens) of a step at real shapes: decodes, a prompt, later chunks
+REAL_SHAPE_ROWS = [(2000, 1)] * 24 + [(0, 700), (1500, 512), (31, 1), (4000, 1)]
+BLOCK = 16
 
 
+def real_shape_step(group: int, head_dim: int, kv_heads: int = 8):
+    """The rows (RowShape, blocks drawn at random from a pool just large enough for them) and
+    fp32 inputs of one step at real shapes; the pool's size follows from the rows."""
+    from seesaw.model.attention import RowShape
+
+    generator = torch.Generator().manual_seed(0)
+    counts = [-(-(start + new) // BLOCK) for start, new in REAL_SHAPE_ROWS]
+    num_blocks = sum(counts)
+    permutation = torch.randperm(num_blocks, generator=generator).tolist()
+    rows, used = [], 0
+    for (start, new), count in zip(REAL_SHAPE_ROWS, counts):
+        rows.append(RowShape(start, new, permutation[used : used + count]))
+        used += count
+    num_tokens = sum(new for _, new in REAL_SHAPE_ROWS)
+    q = torch.randn(num_tokens, kv_heads * group, head_dim, generator=generator)  # [tokens, heads, hd]
+    k, v = (torch.randn(num_tokens, kv_heads, head_dim, generator=generator) for _ in range(2))
+    k_cache, v_cache = (torch.randn(num_blocks, kv_heads, BLOCK, head_dim, generator=generator) for _ in range(2))
+    return rows, (q, k, v, k_cache, v_cache)
+
+
+def test_the_real_shape_step_builds_on_cpu():
+    """The bf16 kernel test's rows fit their pool and their metadata builds, before a GPU is at hand."""
+    from seesaw.model.attention import build_attention_batch
+
+    rows, (q, _, _, k_cache, _) = real_shape_step(1, 64, kv_heads=1)
+    assert all(len(row.block_ids) == -(-(row.start + row.num_new) // BLOCK) for row in rows)
+    assert len({block for row in rows for block in row.block_ids}) == k_cache.shape[0]
+    batch = build_attention_batch(rows, BLOCK, 64, "cpu")
+    ragged = ragged_attention_batch(rows, BLOCK, 64, "cpu", kernel=lambda *args: None)
+    assert batch.write_blocks.shape[0] == q.shape[0] == ragged.write_blocks.shape[0]
+
+
+@needs_cuda
 def test_one_rank_nccl_communicator_round_trip():
     from seesaw.transport.collective import NcclCommunicator, make_nccl_id
 
@@ -27,31 +66,21 @@ def test_one_rank_nccl_communicator_round_trip():
     comm.barrier()
 
 
+@needs_cuda
 @pytest.mark.parametrize(("group", "head_dim"), [(4, 128), (1, 64)])
 def test_triton_paged_attention_in_bf16_at_real_shapes(group, head_dim):
-    from seesaw.model.attention import RowShape, build_attention_batch, paged_attention
+    from seesaw.model.attention import build_attention_batch, paged_attention
     from seesaw.model.triton_attention import paged_attention_triton
 
-    generator = torch.Generator().manual_seed(0)
-    block, kv_heads, num_blocks = 16, 8, 1024
-    shapes = [(2000, 1)] * 24 + [(0, 700), (1500, 512), (31, 1), (4000, 1)]  # decodes, a prompt, chunks
-    permutation = torch.randperm(num_blocks, generator=generator).tolist()
-    rows, used = [], 0
-    for start, new in shapes:
-        count = -(-(start + new) // block)
-        rows.append(RowShape(start, new, permutation[used : used + count]))
-        used += count
-    num_tokens = sum(new for _, new in shapes)
-    q = torch.randn(num_tokens, kv_heads * group, head_dim, generator=generator)  # [tokens, heads, hd]
-    k, v = (torch.randn(num_tokens, kv_heads, head_dim, generator=generator) for _ in range(2))
-    k_cache, v_cache = (torch.randn(num_blocks, kv_heads, block, head_dim, generator=generator) for _ in range(2))
-    expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(rows, block, head_dim, "cpu"))
+    rows, (q, k, v, k_cache, v_cache) = real_shape_step(group, head_dim)
+    expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(rows, BLOCK, head_dim, "cpu"))
     cuda = [t.to("cuda", torch.bfloat16) for t in (q, k, v, k_cache, v_cache)]
-    batch = ragged_attention_batch(rows, block, head_dim, "cuda", paged_attention_triton)
+    batch = ragged_attention_batch(rows, BLOCK, head_dim, "cuda", paged_attention_triton)
     out = paged_attention(*cuda, batch)
     torch.testing.assert_close(out.float().cpu(), expected, rtol=3e-2, atol=3e-2)
 
 
+@needs_cuda
 def test_triton_norms_in_bf16_match_torch():
     from seesaw.model.llama import add_rms_norm, rms_norm
     from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
@@ -68,6 +97,7 @@ def _cuda(folder, **cache):
     return engine_config(str(folder), model={"device": "cuda", "dtype": "float32"}, cache={"kv_cache_gb": 0.05, **cache})
 
 
+@needs_cuda
 def test_cuda_float32_greedy_matches_transformers(tiny_models):
     folder = tiny_models["llama-gqa-tied"]
     prompts = random_prompts(6, [1, 9, 40, 100], seed=4)
@@ -75,6 +105,7 @@ def test_cuda_float32_greedy_matches_transformers(tiny_models):
     assert [r.token_ids for r in results] == hf_greedy(folder, prompts, 12)
 
 
+@needs_cuda
 def test_cuda_bfloat16_runs_and_mostly_agrees_with_float32(tiny_models):
     folder = tiny_models["qwen2-bias"]
     prompts = random_prompts(8, [5, 30, 70], seed=6)
@@ -85,6 +116,7 @@ def test_cuda_bfloat16_runs_and_mostly_agrees_with_float32(tiny_models):
     assert first_tokens >= 6
 
 
+@needs_cuda
 def test_cuda_eviction_through_the_registered_host_buffer_keeps_outputs(tiny_models):
     folder = tiny_models["llama-gqa-tied"]
     prompts = random_prompts(12, [20, 45, 70], seed=9)
@@ -96,6 +128,7 @@ def test_cuda_eviction_through_the_registered_host_buffer_keeps_outputs(tiny_mod
     assert [r.token_ids for r in tight] == [r.token_ids for r in roomy]
 
 
+@needs_cuda
 def test_cuda_two_steps_in_flight_give_the_tokens_of_one(tiny_models):
     folder = tiny_models["llama-gqa-tied"]
     prompts = random_prompts(10, [3, 40, 90], seed=12)
@@ -107,6 +140,7 @@ def test_cuda_two_steps_in_flight_give_the_tokens_of_one(tiny_models):
     assert ahead["rows_ahead"] > 0 and [r.token_ids for r in two] == [r.token_ids for r in one]
 
 
+@needs_cuda
 def test_cuda_kv_pool_sized_by_a_profiling_step(tiny_models):
     folder = str(tiny_models["llama-gqa-tied"])
     metrics: dict = {}
@@ -118,6 +152,7 @@ def test_cuda_kv_pool_sized_by_a_profiling_step(tiny_models):
     assert metrics["kv"]["device_blocks"] > 10_000
 
 
+@needs_cuda
 def test_cuda_rates_are_measured_within_reach_of_a_datacenter_gpu():
     """calibrate --device cuda's micro-benchmarks at Llama 3 8B's shapes: every rate measured, and
     each within what GPUs of this project's catalogue can reach."""
