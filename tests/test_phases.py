@@ -4,24 +4,15 @@ what it keeps on the device, and that every request finishes once with the token
 from __future__ import annotations
 
 import random
-from collections import deque
 
 import pytest
-
-import torch
+from core_driver import EOS, Driver, add, reference_outputs
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.host_slots import HostSlots
-from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, ToHost
 from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.request import RequestStatus
-from seesaw.scheduling.static import StaticScheduler
-from seesaw.runtime.step_inputs import BlockTables
-from seesaw.step import RowSampling
-from helpers import check_block_deltas
-
-EOS = 2
 
 
 def make(num_blocks=64, host_blocks=32, block_size=4, budget=32, max_seqs=16, low_water=0.2, micro_batches=1,
@@ -31,101 +22,6 @@ def make(num_blocks=64, host_blocks=32, block_size=4, budget=32, max_seqs=16, lo
     depth = {Phase.PREFILL: micro_batches, Phase.DECODE: 1}
     return PhaseScheduler(config, num_blocks, block_size, max_model_len, (EOS,), depth,
                           HostSlots(host_blocks, block_size))
-
-
-def add(core, request_id, prompt_len, max_tokens):
-    core.add(AddRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, RowSampling(0.0), ignore_eos=True))
-
-
-def token(request_id, index):
-    return 100 + hash((request_id, index)) % 50
-
-
-class Driver:
-    """Plays the workers and the KV tier: steps land in order (as a pipeline's do) and copies in
-    order, the two interleaved at random."""
-
-    def __init__(self, core, rng=None):
-        self.core = core
-        self.rng = rng or random.Random(0)
-        self.steps: deque = deque()
-        self.moves: deque = deque()
-        self.outputs: dict[str, list[int]] = {}
-        self.finished: list[str] = []
-        self.switches: list[Phase] = []
-        self.tables = BlockTables(torch.device("cpu"), mirrored=False)
-
-    def pump(self):
-        core = self.core
-        while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
-            plan = core.schedule()
-            self.moves.extend(plan.moves)
-            for move in plan.moves:
-                self.check_move(move)
-            if plan.rows:
-                self.check_rows(plan)
-                self.steps.append(plan)
-            if plan.switch_to is not None:
-                self.switches.append(plan.switch_to)
-                continue
-            if not plan.rows:
-                return
-
-    def check_rows(self, plan):
-        phase = self.core.phase
-        for row in plan.rows:
-            state = self.core.requests[row.request_id]
-            # Prefill rows only in the prefill phase, decode rows only in the decode phase.
-            assert state.kv_phase is phase, f"{row} of a {state.kv_phase} request planned in the {phase} phase"
-            if phase is Phase.DECODE:
-                assert row.num_new_tokens == 1
-        check_block_deltas(self.tables, self.core, plan)
-        owned = [b for s in self.core.requests.values() for b in s.block_ids]
-        assert len(owned) == len(set(owned)), "a block is owned twice"
-
-    def check_move(self, move):
-        state = self.core.requests[move.request_id]
-        expected = Phase.PREFILL if isinstance(move, ToHost) and state.kv_phase is Phase.PREFILL else state.kv_phase
-        assert move.phase is expected
-
-    def land_step(self):
-        plan = self.steps.popleft()
-        sampled = [token(row.request_id, row.sampling.output_index) for row in plan.rows if row.sampling]
-        for update in self.core.complete(plan.step_id, sampled):
-            self.outputs.setdefault(update.request_id, []).extend(update.token_ids)
-            if update.finish_reason:
-                self.finished.append(update.request_id)
-
-    def land_move(self):
-        move = self.moves.popleft()
-        if isinstance(move, ToHost):
-            self.core.on_saved(move.request_id)
-        else:
-            self.core.on_loaded(move.request_id)
-
-    def run(self, max_events=100_000):
-        for _ in range(max_events):
-            self.pump()
-            if not self.core.has_unfinished:
-                return
-            choices = [c for c, queue in ((self.land_step, self.steps), (self.land_move, self.moves)) if queue]
-            assert choices, "stalled: nothing in flight and nothing scheduled"
-            self.rng.choice(choices)()
-        raise AssertionError("the run did not finish")
-
-
-def reference_outputs(requests):
-    config = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=64, watermark=0.0)
-    core = StaticScheduler(config, 10_000, 4, 400, (EOS,))
-    for request_id, prompt_len, max_tokens in requests:
-        add(core, request_id, prompt_len, max_tokens)
-    outputs = {}
-    while core.has_unfinished:
-        plan = core.schedule()
-        sampled = [token(row.request_id, row.sampling.output_index) for row in plan.rows if row.sampling]
-        for update in core.complete(plan.step_id, sampled):
-            outputs.setdefault(update.request_id, []).extend(update.token_ids)
-    return outputs
 
 
 def test_with_nothing_to_do_it_stays_in_prefill_and_plans_nothing():

@@ -72,6 +72,8 @@ class PhaseScheduler(StaticScheduler):
             self._switch(Phase.PREFILL, plan)
             return self._commit(plan)
         budget = self.config.max_num_batched_tokens
+        if self.phase is Phase.DECODE:
+            self._resume_paused()
         max_rows = self._max_rows()
         budget = self._schedule_running(plan, budget, max_rows)
         if self.phase is Phase.PREFILL:
@@ -158,17 +160,23 @@ class PhaseScheduler(StaticScheduler):
             self.paused.extend(decoding)
             self.running = [state for state in self.running if state.kv_phase is Phase.PREFILL]
         else:
-            for state in self.paused:
-                self._resume(state)
-            self.paused = []
+            self._resume_paused()
+
+    def _resume_paused(self) -> None:
+        """Decode: paused requests run again, the oldest first, as far as `max_num_seqs` allows;
+        the rest stay paused on the device until rows free up (or are evicted for room)."""
+        num_resumed = 0
+        while num_resumed < len(self.paused) and self.has_room_for_active:
+            super()._resume(self.paused[num_resumed])
+            num_resumed += 1
+        del self.paused[:num_resumed]
 
     # ------------------------------------------------------------ prefill
 
     def _schedule_prefills(self, plan: StepPlan, budget: int, max_rows: int) -> None:
         """Admit waiting prompts: a host slot is reserved and every block of the prompt taken now,
         so a prefill never has to evict anything."""
-        while (self.waiting and budget > 0 and len(plan.rows) < max_rows
-               and len(self.running) < self.config.max_num_seqs):
+        while self.waiting and budget > 0 and len(plan.rows) < max_rows and self.has_room_for_active:
             state = self.waiting[0]
             if not self._can_start_prefill(state):
                 self._move_paused_out(state, plan)
@@ -230,3 +238,17 @@ class PhaseScheduler(StaticScheduler):
     def _forget(self, state: RequestState) -> None:
         if state.status is RequestStatus.PAUSED:
             self.paused.remove(state)
+
+    def _pick_victim(self) -> RequestState | None:
+        """In decode, requests left paused by the row cap give way first: they would only wait."""
+        if self.phase is Phase.DECODE:
+            for state in reversed(self.paused):
+                if not state.num_in_flight:
+                    return state
+        return super()._pick_victim()
+
+    def _take_out(self, state: RequestState) -> None:
+        if state.status is RequestStatus.PAUSED:
+            self.paused.remove(state)
+        else:
+            super()._take_out(state)

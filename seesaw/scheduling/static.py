@@ -59,6 +59,7 @@ class StaticScheduler:
         self._next_step_id = first_step_id  # a replica restarted keeps counting: late answers stay unmatched
         self._next_arrival = 0
         self._evicting_blocks = 0
+        self._num_restoring = 0  # requests whose KV is on its way back from the host buffer
         # rows_ahead: rows planned before the token they start with was sampled (two steps in flight)
         self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0, "rows_ahead": 0}
 
@@ -81,6 +82,16 @@ class StaticScheduler:
     @property
     def _overlaps(self) -> bool:
         return self._pipeline_depth == 1 and self.config.overlap
+
+    @property
+    def num_active(self) -> int:
+        """Requests that run or are about to: running, or on their way back from the host buffer.
+        `max_num_seqs` caps this number, so no step ever has more rows than it."""
+        return len(self.running) + self._num_restoring
+
+    @property
+    def has_room_for_active(self) -> bool:
+        return self.num_active < self.config.max_num_seqs
 
     @property
     def has_kv_moves(self) -> bool:
@@ -215,6 +226,7 @@ class StaticScheduler:
         if state.is_stopped:
             self._finish(state)
             return
+        self._num_restoring -= 1
         self._resume(state)
 
     def take_all(self) -> list[RequestState]:
@@ -236,6 +248,7 @@ class StaticScheduler:
         self._in_flight.clear()
         self._moves.clear()
         self._released.clear()
+        self._num_restoring = 0
         return states
 
     def adopt(self, states: list[RequestState]) -> None:
@@ -267,6 +280,10 @@ class StaticScheduler:
     def _resume(self, state: RequestState) -> None:
         state.status = RequestStatus.RUNNING
         bisect.insort(self.running, state, key=lambda s: s.arrival)
+
+    def _take_out(self, state: RequestState) -> None:
+        """Take an eviction's victim out of the list that holds it."""
+        self.running.remove(state)
 
     # ------------------------------------------------------------ steps
 
@@ -364,7 +381,7 @@ class StaticScheduler:
         return min(num_new, room)
 
     def _schedule_restores(self, plan: StepPlan) -> None:
-        while self.swapped and len(self.running) < self.config.max_num_seqs:
+        while self.swapped and self.has_room_for_active:
             state = self.swapped[0]
             needed = blocks_for(state.num_computed_tokens + 1, self.block_size)
             is_alone = not self.running and not any(
@@ -375,14 +392,14 @@ class StaticScheduler:
             self.swapped.popleft()
             state.block_ids = self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
+            self._num_restoring += 1
             state.kv_phase = self.phase
             slot = self.host.get(state.request_id)
             plan.moves.append(ToDevice(state.request_id, self.phase, slot.host_block_ids, list(state.block_ids)))
             self.counters["restores"] += 1
 
     def _schedule_waiting(self, plan: StepPlan, budget: int, max_rows: int) -> None:
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and len(plan.rows) < max_rows):
+        while self.waiting and budget > 0 and self.has_room_for_active and len(plan.rows) < max_rows:
             state = self.waiting[0]
             num_new = min(state.num_pending_tokens, budget)
             needed = blocks_for(num_new, self.block_size)
@@ -429,7 +446,7 @@ class StaticScheduler:
     def _evict(self, state: RequestState, plan: StepPlan) -> None:
         """Make room on the device: the request's KV goes to the host buffer, or, if it has no
         room, the request starts over later (its tokens so far are kept and recomputed)."""
-        self.running.remove(state)
+        self._take_out(state)
         self.counters["evictions"] += 1
         if self.host.can_store(state.num_computed_tokens):
             self.host.store(state.request_id, state.num_computed_tokens)
@@ -472,6 +489,8 @@ class StaticScheduler:
             self.pool.free(state.block_ids)
         if state.status is RequestStatus.EVICTING:
             self._evicting_blocks -= len(state.block_ids)
+        elif state.status is RequestStatus.RESTORING:
+            self._num_restoring -= 1
         state.block_ids = []
         self._release(state)
         if state.status is RequestStatus.RUNNING:

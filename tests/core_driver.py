@@ -1,0 +1,129 @@
+"""Fake workers and a fake KV tier for driving a scheduling core in tests: steps land in order,
+copies in order, the two interleaved at random; every plan is checked against the core's rules
+(block deltas, the row and token caps, a block owned once)."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import torch
+from helpers import check_block_deltas
+
+from seesaw.config import SchedulerConfig
+from seesaw.messages import AddRequest
+from seesaw.runtime.step_inputs import BlockTables
+from seesaw.scheduling.decisions import Phase, ToHost
+from seesaw.scheduling.static import StaticScheduler
+from seesaw.step import RowSampling
+
+EOS = 2
+
+
+def token(request_id, index):
+    """The fake model: a request's token at each output index."""
+    return 100 + hash((request_id, index)) % 50
+
+
+def add(core, request_id, prompt_len, max_tokens):
+    core.add(AddRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, RowSampling(0.0), ignore_eos=True))
+
+
+class Driver:
+    """Plays the workers and the KV tier: steps land in order (as a pipeline's do) and copies in
+    order, the two interleaved at random."""
+
+    def __init__(self, core, rng=None):
+        self.core = core
+        self.rng = rng or random.Random(0)
+        self.steps: deque = deque()
+        self.moves: deque = deque()
+        self.outputs: dict[str, list[int]] = {}
+        self.finished: list[str] = []
+        self.switches: list[Phase] = []
+        self.tables = BlockTables(torch.device("cpu"), mirrored=False)
+        self.peak_rows = 0
+
+    def pump(self):
+        core = self.core
+        while core.has_unfinished and core.num_in_flight_steps < core.max_in_flight_steps:
+            plan = core.schedule()
+            self.check_caps(plan)
+            self.moves.extend(plan.moves)
+            for move in plan.moves:
+                self.check_move(move)
+            if plan.rows:
+                self.check_rows(plan)
+                self.steps.append(plan)
+            if plan.switch_to is not None:
+                self.switches.append(plan.switch_to)
+                continue
+            if not plan.rows:
+                return
+
+    def check_caps(self, plan):
+        """No step has more rows than max_num_seqs or more new tokens than the token budget, and
+        no more requests run (or are on their way back to run) than max_num_seqs."""
+        config = self.core.config
+        assert len(plan.rows) <= config.max_num_seqs, f"{len(plan.rows)} rows in one step"
+        num_tokens = sum(row.num_new_tokens for row in plan.rows)
+        assert num_tokens <= config.max_num_batched_tokens, f"{num_tokens} tokens in one step"
+        assert self.core.num_active <= config.max_num_seqs, f"{self.core.num_active} requests active"
+        self.peak_rows = max(self.peak_rows, len(plan.rows))
+
+    def check_rows(self, plan):
+        phase = self.core.phase
+        for row in plan.rows:
+            state = self.core.requests[row.request_id]
+            # Prefill rows only in the prefill phase, decode rows only in the decode phase.
+            assert state.kv_phase is phase, f"{row} of a {state.kv_phase} request planned in the {phase} phase"
+            if phase is Phase.DECODE:
+                assert row.num_new_tokens == 1
+        check_block_deltas(self.tables, self.core, plan)
+        owned = [b for s in self.core.requests.values() for b in s.block_ids]
+        assert len(owned) == len(set(owned)), "a block is owned twice"
+
+    def check_move(self, move):
+        state = self.core.requests[move.request_id]
+        expected = Phase.PREFILL if isinstance(move, ToHost) and state.kv_phase is Phase.PREFILL else state.kv_phase
+        assert move.phase is expected
+
+    def land_step(self):
+        plan = self.steps.popleft()
+        sampled = [token(row.request_id, row.sampling.output_index) for row in plan.rows if row.sampling]
+        for update in self.core.complete(plan.step_id, sampled):
+            self.outputs.setdefault(update.request_id, []).extend(update.token_ids)
+            if update.finish_reason:
+                self.finished.append(update.request_id)
+
+    def land_move(self):
+        move = self.moves.popleft()
+        if isinstance(move, ToHost):
+            self.core.on_saved(move.request_id)
+        else:
+            self.core.on_loaded(move.request_id)
+
+    def run(self, max_events=100_000):
+        for _ in range(max_events):
+            self.pump()
+            if not self.core.has_unfinished:
+                return
+            choices = [c for c, queue in ((self.land_step, self.steps), (self.land_move, self.moves)) if queue]
+            assert choices, "stalled: nothing in flight and nothing scheduled"
+            self.rng.choice(choices)()
+        raise AssertionError("the run did not finish")
+
+
+def reference_outputs(requests):
+    """Each request's tokens from a static core with room for everything, one step at a time."""
+    config = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=64, watermark=0.0)
+    core = StaticScheduler(config, 10_000, 4, 400, (EOS,))
+    for request_id, prompt_len, max_tokens in requests:
+        add(core, request_id, prompt_len, max_tokens)
+    outputs = {}
+    while core.has_unfinished:
+        plan = core.schedule()
+        sampled = [token(row.request_id, row.sampling.output_index) for row in plan.rows if row.sampling]
+        for update in core.complete(plan.step_id, sampled):
+            outputs.setdefault(update.request_id, []).extend(update.token_ids)
+    return outputs
