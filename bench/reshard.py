@@ -4,11 +4,13 @@
     python bench/reshard.py --model dummy:llama3-8b --device cuda --layouts "t1;p2,t2" --kv-gb 1
 
 Builds the host weight store and host KV buffer as the engine does, then, for each rank of the
-layouts, that worker's runtime. Transition: the worker copies its shard of the other layout from
-the store into its weight arena (what a re-shard does), timed against a plain copy of as many bytes
-between the same kinds of memory (shared memory to the arena on a CPU; pinned host memory to the
-device on a GPU). KV: the worker's share of --kv-gb of KV blocks is swapped out to the host buffer
-and back in, checked bit for bit, and timed against the same plain copy in each direction.
+layouts, that worker's runtime with a KV pool just large enough for the swaps (no profiling step:
+the worker runs no forward pass here). Transition: the worker copies its shard of the other layout
+from the store into its weight arena (what a re-shard does), timed against one plain copy of as
+many bytes between the same two buffers (on a GPU the store is registered with CUDA, so that is
+the pinned-memory floor, and nothing more is allocated). KV: the worker's share of --kv-gb of KV
+blocks is swapped out to the host buffer and back in, checked bit for bit, and timed against one
+plain copy between the KV pool and the host buffer in each direction.
 With one layout, the transition reloads that layout's shard. Several sets of layouts, separated by
 `;`, share one weight store. Medians of --iters; no assertions.
 """
@@ -19,6 +21,7 @@ import argparse
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,13 +77,45 @@ def main(argv=None) -> None:
         source = (SafetensorsSource(resolved.weights_folder) if resolved.weights_folder
                   else RandomSource(spec, args.seed))
         started = time.perf_counter()
-        store.fill(source.rows)
+        fill_in_parallel(store, source, os.cpu_count() or 1)
         print(f"weight store: {store.spec.num_bytes / 1e6:.0f} MB filled in {time.perf_counter() - started:.1f} s")
         for layouts in layout_sets:
             _each_rank(layouts, store, host, spec, dtype, block_bytes, num_blocks, args)
     finally:
         store.close()
         host.close()
+
+
+def fill_in_parallel(store, source, num_threads: int) -> None:
+    """Fill the store one tensor per thread: seeded random values are drawn by one core per tensor,
+    and torch releases the GIL while it draws, so a 16 GB store fills in seconds, not a minute."""
+    import torch
+
+    def fill(name: str) -> None:
+        with torch.no_grad():
+            store.rows(name).copy_(source.rows(name))
+
+    with ThreadPoolExecutor(num_threads) as pool:
+        list(pool.map(fill, store.shapes))
+
+
+def kv_pool_bytes_for(num_blocks: int, block_bytes: int) -> int:
+    """A KV pool that holds the swapped blocks under any layout (a page is at most a whole
+    model's block), with a little room to spare."""
+    return num_blocks * block_bytes + (1 << 24)
+
+
+def device_plan(spec, layouts, rank: int, dtype: str, num_blocks: int, block_bytes: int):
+    """What one worker of this benchmark puts on its device: its larger shard and the KV pool."""
+    from seesaw.layout import shard_for
+    from seesaw.model.llama import ShardModel
+    from seesaw.runtime.arena import measure
+    from seesaw.runtime.memory_plan import DevicePlan
+    from seesaw.transport.host_buffer import torch_dtype
+
+    shards = [shard_for(layout, spec.shape, rank) for layout in layouts]
+    weights = max(measure(lambda a, s=s: ShardModel(spec, s, a), torch_dtype(dtype)) for s in shards)
+    return DevicePlan().add("weights", weights).add("KV pool", kv_pool_bytes_for(num_blocks, block_bytes))
 
 
 def _each_rank(layouts, store, host, spec, dtype, block_bytes, num_blocks, args) -> None:
@@ -92,7 +127,12 @@ def _each_rank(layouts, store, host, spec, dtype, block_bytes, num_blocks, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     print(f"layouts {','.join(map(str, layouts))}, {threads} threads per worker", flush=True)
     for rank in range(world):
-        kv_bytes = None if args.device == "cuda" else num_blocks * block_bytes + (1 << 24)
+        kv_bytes = kv_pool_bytes_for(num_blocks, block_bytes)
+        if args.device == "cuda":
+            import torch
+
+            device_plan(spec, layouts, rank, dtype, num_blocks, block_bytes).check(
+                torch.cuda.mem_get_info()[1], 0.95, f"rank {rank} of {','.join(map(str, layouts))}")
         config = RuntimeConfig(spec, rank, tuple(layouts), dtype, args.device, args.block_size,
                                kv_cache_bytes=kv_bytes, memory_fraction=0.9, num_threads=threads, seed=args.seed)
         # The worker's own attachments, as in the engine (closing the runtime closes them).
@@ -112,18 +152,19 @@ def _sync(runtime):
     return torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
 
 
-def _floor_s(num_bytes: int, runtime, to_device: bool, iters: int) -> float:
-    """A plain copy of `num_bytes` between the kinds of memory the real copy uses."""
+def _floor_s(num_bytes: int, runtime, path: str, iters: int) -> float:
+    """One plain copy of `num_bytes` between the buffers the real copy uses (`path`: "weights",
+    store to weight arena; "kv-out", KV pool to host buffer; "kv-in", back). On a GPU the store and
+    the host buffer are registered with CUDA: these are pinned-memory copies, and allocate nothing."""
     import torch
 
-    device = runtime.device
-    if device.type == "cuda":
-        host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
-        on_device = torch.empty(num_bytes, dtype=torch.uint8, device=device)
-        src, dst = (host, on_device) if to_device else (on_device, host)
-    else:
-        src = runtime.weights.flat.view(torch.uint8)[:num_bytes] if to_device else runtime.kv_arena.bytes[:num_bytes]
-        dst = runtime.weight_arena.bytes[:num_bytes] if to_device else runtime.host_buffer.blocks.view(-1).view(torch.uint8)[:num_bytes]
+    host_kv = runtime.host_buffer.blocks.view(-1).view(torch.uint8)[:num_bytes]
+    device_kv = runtime.kv_arena.bytes[:num_bytes]
+    src, dst = {
+        "weights": (runtime.weights.flat.view(torch.uint8)[:num_bytes], runtime.weight_arena.bytes[:num_bytes]),
+        "kv-out": (device_kv, host_kv),
+        "kv-in": (host_kv, device_kv),
+    }[path]
     return _median_s(lambda: dst.copy_(src, non_blocking=True), iters, _sync(runtime))
 
 
@@ -138,7 +179,7 @@ def _transitions(runtime, layouts, args, rank: int) -> None:
         samples = [switch() for _ in range(args.iters + 1)][1:]
         seconds = statistics.median(s for s, _ in samples)
         num_bytes = samples[0][1]
-        floor = _floor_s(num_bytes, runtime, True, args.iters)
+        floor = _floor_s(num_bytes, runtime, "weights", args.iters)
         print(f"rank {rank} {old}->{new}: {num_bytes / 1e6:8.1f} MB in {seconds * 1e3:7.1f} ms "
               f"({num_bytes / seconds / 1e9:5.1f} GB/s); plain copy {floor * 1e3:7.1f} ms: "
               f"{seconds / floor:.2f}x the floor", flush=True)
@@ -158,8 +199,8 @@ def _swaps(runtime, layouts, num_blocks: int, args, rank: int) -> None:
         pages[blocks] = 0
         in_s = _median_s(lambda: runtime.prefetch(layout, blocks, blocks), args.iters, _sync(runtime))
         exact = torch.equal(pages[blocks], original)
-        floor_out = _floor_s(num_bytes, runtime, False, args.iters)
-        floor_in = _floor_s(num_bytes, runtime, True, args.iters)
+        floor_out = _floor_s(num_bytes, runtime, "kv-out", args.iters)
+        floor_in = _floor_s(num_bytes, runtime, "kv-in", args.iters)
         print(f"rank {rank} KV in {layout}: {num_bytes / 1e6:7.1f} MB; swap-out {num_bytes / out_s / 1e9:5.1f} GB/s "
               f"({floor_out / out_s:.0%} of a plain copy's {num_bytes / floor_out / 1e9:.1f}), swap-in "
               f"{num_bytes / in_s / 1e9:5.1f} GB/s ({floor_in / in_s:.0%} of {num_bytes / floor_in / 1e9:.1f}); "

@@ -23,6 +23,7 @@ from seesaw.model.spec import ModelSpec
 from seesaw.model.weights import Copy, WeightSource, load_shard, plain_copy
 from seesaw.runtime.arena import Arena, KVArena, block_elements, measure
 from seesaw.runtime.layout_state import LayoutState, StageContext
+from seesaw.runtime.memory_plan import NCCL_RESERVE_BYTES, DeviceMemory, kv_pool_bytes
 from seesaw.runtime.step_inputs import (
     AttentionKernels,
     BlockTables,
@@ -130,7 +131,8 @@ class WorkerRuntime:
     def _size_kv_pool(self, memory_fraction: float, page_elements: int) -> None:
         """Run the largest step the scheduler may plan, then give the KV pool what is left of
         `memory_fraction` of the card beyond everything in use (weights, communicators, other
-        processes) and that step's peak of activations and workspaces."""
+        processes), that step's peak of activations, workspaces and sampler buffers, and a reserve
+        for the NCCL buffers the step did not show."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
@@ -143,16 +145,19 @@ class WorkerRuntime:
             state.kv_pages = None
         self.kv_arena = None
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        kv_bytes = int(memory_fraction * total - (total - free) - peak)
-        log.info("profiling step: %.2f GiB of activations; %.2f GiB of %.2f GiB in use; KV pool %.2f GiB",
-                 peak / GIB, (total - free) / GIB, total / GIB, kv_bytes / GIB)
+        memory = DeviceMemory(*torch.cuda.mem_get_info(self.device))
+        reserve = NCCL_RESERVE_BYTES * sum(1 for c in self.communicators.values() if c.size > 1)
+        kv_bytes = kv_pool_bytes(memory, memory_fraction, peak, reserve)
+        log.info("profiling step: %.2f GiB of activations; %.2f GiB of %.2f GiB in use; NCCL reserve %.2f GiB; "
+                 "KV pool %.2f GiB", peak / GIB, memory.in_use_bytes / GIB, memory.total_bytes / GIB,
+                 reserve / GIB, kv_bytes / GIB)
         if kv_bytes < 2 * self.page_bytes:
             raise ValueError(
-                f"no room for a KV pool on {self.device}: {memory_fraction:.0%} of its {total / GIB:.1f} GiB, "
-                f"less {(total - free) / GIB:.1f} GiB in use and {peak / GIB:.1f} GiB for the largest step, "
-                f"leaves {max(kv_bytes, 0) / GIB:.2f} GiB (raise --memory-fraction, lower "
-                f"--max-num-batched-tokens, or use more GPUs)")
+                f"no room for a KV pool on {self.device}: {memory_fraction:.0%} of its "
+                f"{memory.total_bytes / GIB:.1f} GiB, less {memory.in_use_bytes / GIB:.1f} GiB in use, "
+                f"{peak / GIB:.1f} GiB for the largest step and {reserve / GIB:.2f} GiB for NCCL, leaves "
+                f"{max(kv_bytes, 0) / GIB:.2f} GiB (raise --memory-fraction, lower --max-num-batched-tokens "
+                f"or --max-num-seqs, or use more GPUs)")
         self.kv_arena = KVArena(kv_bytes, page_elements, self.dtype, self.device)
         for state in self.states.values():
             state.kv_pages = self.kv_arena.pages(state.shard, self.block_size, self.spec.head_dim)
@@ -228,7 +233,8 @@ class WorkerRuntime:
 @dataclass(frozen=True)
 class ProfileStep:
     """The largest step the scheduler may plan: its whole token budget, spread over as many rows
-    as it may run, every row sampling (so the logits are as large as they get too)."""
+    as it may run, every row sampling with temperature, top-k and top-p (so the logits and the
+    sampler's sort buffers are as large as they get too)."""
 
     num_tokens: int
     num_rows: int
@@ -253,7 +259,7 @@ class ProfileStep:
         for request_id, length in zip(self.request_ids, self._lengths()):
             count = -(-length // block_size)
             rows.append(StepRow(request_id, [0] * length, 0, list(range(first, first + count)),
-                                sampling=RowSampling(0.0)))
+                                sampling=RowSampling(1.0, top_p=0.9, top_k=50)))
             first += count
         return rows
 
