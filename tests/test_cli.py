@@ -147,4 +147,8 @@ def test_seesaw_batch_reports_its_phases_and_writes_metrics_and_a_timeline(tiny_
     report = orjson.loads(metrics.read_bytes())
     assert len(report["transitions"]) >= 2 and report["steps"]["prefill"] > 0 and report["steps"]["decode"] > 0
     assert report["totals"]["written_bytes"] > 0 and report["peak_host_fill"] > 0
+    # Phase time is measured from the steps that ran, and drawn as the steps ran it.
+    assert report["phase_seconds"]["prefill"] > 0 and report["phase_seconds"]["decode"] > 0
+    assert sum(report["phase_seconds"].values()) <= report["elapsed_s"]
+    assert {span[1] for span in report["timeline"]["spans"]} >= {"prefill", "decode"}
     assert timeline.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

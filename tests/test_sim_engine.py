@@ -117,9 +117,11 @@ def test_layout_larger_than_the_node_is_refused():
         simulate(cost, RunSpec(Layout(pp=2), Layout(tp=2), host_buffer_gb=0.0), fixed(1, 10, 10))
 
 
-def test_phase_seconds_add_up_to_the_run():
+def test_phase_seconds_are_the_time_steps_ran_and_the_waits_for_weights():
     catalog = Catalog()
     cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4"))
     result = simulate(cost, RunSpec(Layout(pp=2), Layout(tp=2), host_buffer_gb=1.0), fixed(100, 500, 50))
-    assert set(result.phase_s) == {"prefill", "decode"}
-    assert sum(result.phase_s.values()) == pytest.approx(result.elapsed_s)
+    assert set(result.phase_s) == {"prefill", "decode", "transition"}
+    assert sum(result.phase_s.values()) <= result.elapsed_s + 1e-9  # idle time (waiting on copies) counts nowhere
+    assert sum(result.phase_s.values()) > 0.9 * result.elapsed_s
+    assert 0 < result.phase_s["transition"] <= result.reload_s * 2  # never more than the replica's workers reloaded

@@ -115,11 +115,7 @@ class Scheduler(Actor):
         self.failure: str | None = None
         # Requests and tokens so far, and KV bytes moved and copy seconds (summed over workers).
         self.totals = {"requests_added": 0, "prompt_tokens": 0, "generated_tokens": 0, "written_bytes": 0,
-                       "written_s": 0.0, "read_bytes": 0, "read_s": 0.0,
-                       # decode-only steps: how many, their time, and the context tokens their rows attended
-                       "decode_steps": 0, "decode_s": 0.0, "decode_rows": 0, "decode_context_tokens": 0}
-        self._decode_steps: dict[tuple[int, int], tuple[int, int]] = {}  # decode-only steps in flight: rows, context
-        self._last_done_s = [0.0] * self.layout.dp  # when each replica last finished a step
+                       "written_s": 0.0, "read_bytes": 0, "read_s": 0.0}
         self._replies: dict[str, Outbox] = {}  # where stats go, by address
 
     def _first_phase(self) -> Phase:
@@ -191,8 +187,6 @@ class Scheduler(Actor):
         self._next_step_ids[replica] = core.next_step_id
         for key in [key for key in self._timers if key[0] == replica or key[1] in request_ids]:
             self._timers.pop(key).cancel()
-        self._decode_steps = {key: step for key, step in self._decode_steps.items() if key[0] != replica}
-        self._last_done_s[replica] = 0.0
         self._reshards[replica].clear()
         for outbox in self.workers[replica]:
             self.disconnect(outbox)
@@ -264,7 +258,7 @@ class Scheduler(Actor):
         if not self.cores or replica in self._held:
             return  # a late answer from a replica being restarted
         self.compute_ms += message.compute_ms
-        self._count_decode_step(replica, message.step_id)
+        self.metrics.on_step_done(time.monotonic(), replica, message.step_id)
         updates = self.cores[replica].complete(message.step_id, message.sampled)
         self.totals["generated_tokens"] += sum(len(update.token_ids) for update in updates)
         if updates:
@@ -302,6 +296,7 @@ class Scheduler(Actor):
                  message.rank, message.layout, message.drain_s, message.num_bytes / 1e6, message.load_s)
         while pending and not pending[0][1]:
             done, _ = pending.popleft()
+            self.metrics.on_reloaded(time.monotonic(), done)
             timer = self._timers.pop((replica, f"reshard {done}"), None)
             if timer is not None:
                 timer.cancel()
@@ -354,7 +349,7 @@ class Scheduler(Actor):
     def _switch(self, replica: int, old: Phase, new: Phase) -> None:
         old_layout, new_layout = self.layouts[old], self.layouts[new]
         direction = f"{old_layout}->{new_layout}"
-        index = self.metrics.on_switch(time.monotonic(), replica, new, direction)
+        index = self.metrics.on_switch(time.monotonic(), replica, new, direction, reloads=new_layout != old_layout)
         log.info("replica %d: %s phase in %s (transition %d)", replica, new.value, new_layout, index)
         if new_layout == old_layout:
             return  # the KV tier still moves every request; no weights change
@@ -377,11 +372,10 @@ class Scheduler(Actor):
         step = RunStep(plan.step_id, plan.rows, plan.released)
         for worker in self.workers[replica]:
             worker.send(step)
-        core = self.cores[replica]
         num_decode_rows = sum(1 for row in plan.rows if row.num_new_tokens == 1 and row.start > 0)
-        if num_decode_rows == len(plan.rows):
-            self._decode_steps[(replica, plan.step_id)] = (len(plan.rows), sum(row.start + 1 for row in plan.rows))
-        self.metrics.on_step(time.monotonic(), replica, num_decode_rows, core.host.used_fraction)
+        context_tokens = sum(row.start + 1 for row in plan.rows)
+        self.metrics.on_step(time.monotonic(), replica, plan.step_id, num_decode_rows, context_tokens, len(plan.rows),
+                             self.cores[replica].host.used_fraction)
         self._arm((replica, plan.step_id), f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
                                            f"requests) did not finish within {self.step_timeout_s:.0f} s")
 
@@ -395,18 +389,6 @@ class Scheduler(Actor):
         self.engine.send(EngineFailed(reason))
 
     # ------------------------------------------------------------ stats
-
-    def _count_decode_step(self, replica: int, step_id: int) -> None:
-        """A decode-only step's time is the gap since its replica's step before it finished: with
-        steps queued behind one another, that is what each one adds to the run."""
-        now = time.monotonic()
-        decode = self._decode_steps.pop((replica, step_id), None)
-        if decode is not None and self._last_done_s[replica]:
-            self.totals["decode_steps"] += 1
-            self.totals["decode_s"] += now - self._last_done_s[replica]
-            self.totals["decode_rows"] += decode[0]
-            self.totals["decode_context_tokens"] += decode[1]
-        self._last_done_s[replica] = now
 
     def _count_kv(self, direction: str, num_bytes: int, seconds: float) -> None:
         self.totals[f"{direction}_bytes"] += num_bytes
@@ -423,7 +405,7 @@ class Scheduler(Actor):
         """Counters, live request counts, KV pool use and the phase metrics so far."""
         running, waiting = self.num_requests()
         up = [core for replica, core in enumerate(self.cores) if replica not in self._held]
-        counters: dict[str, float] = {"compute_s": self.compute_ms / 1000, **self.totals}
+        counters: dict[str, float] = {"compute_s": self.compute_ms / 1000, **self.totals, **self.metrics.decode}
         for core in self.cores:
             for name, count in core.counters.items():
                 counters[name] = counters.get(name, 0) + count

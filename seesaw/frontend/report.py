@@ -24,7 +24,9 @@ def phase_lines(metrics: dict) -> list[str]:
     seconds, steps = metrics["phase_seconds"], metrics["steps"]
     phases = ", ".join(f"{name} {seconds.get(name, 0.0):.1f} s ({steps.get(name, 0)} steps)"
                        for name in ("prefill", "decode") if name in seconds)
-    lines = [f"phases:   {phases}"]
+    if seconds.get("transition"):
+        phases += f", waiting for weights {seconds['transition']:.1f} s"
+    lines = [f"phases:   {phases} (the time their steps ran)"]
     transitions = metrics["transitions"]
     if transitions:
         directions: dict[str, int] = {}
@@ -68,15 +70,10 @@ def draw_timeline(path: Path, metrics: dict) -> None:
 
     timeline = metrics["timeline"]
     figure, (batch_axis, host_axis) = plt.subplots(2, 1, sharex=True, figsize=(10, 5.5))
-    colours = {"prefill": "#f2c14e", "decode": "#5fa8d3", "mixed": "#cccccc"}
-    end_s = metrics["elapsed_s"]
-    for replica in range(metrics["num_replicas"]):
-        switches = [t for t in metrics["transitions"] if t["replica"] == replica]
-        starts = [0.0] + [t["at_s"] for t in switches]
-        phases = [metrics["first_phase"]] + [t["phase"] for t in switches]
-        for start, stop, phase in zip(starts, starts[1:] + [end_s], phases):
-            for axis in (batch_axis, host_axis):
-                axis.axvspan(start, stop, color=colours[phase], alpha=0.25 / metrics["num_replicas"], linewidth=0)
+    colours = {"prefill": "#f2c14e", "decode": "#5fa8d3", "mixed": "#cccccc", "transition": "#b04a4a"}
+    for _, phase, start, stop in timeline["spans"]:  # each replica's phases as its steps ran them
+        for axis in (batch_axis, host_axis):
+            axis.axvspan(start, stop, color=colours[phase], alpha=0.25 / metrics["num_replicas"], linewidth=0)
     batch_axis.plot(timeline["at_s"], timeline["decode_rows"], ".", markersize=3, color="#1b4965")
     batch_axis.set_ylabel("decode batch (rows)")
     host_axis.plot(timeline["at_s"], [100 * fill for fill in timeline["host_fill"]], color="#8a5a44")
@@ -85,10 +82,10 @@ def draw_timeline(path: Path, metrics: dict) -> None:
     host_axis.set_xlabel("seconds since the engine was ready")
     for transition in metrics["transitions"]:
         for axis in (batch_axis, host_axis):
-            axis.axvline(transition["at_s"], color="#333333", linewidth=0.6, linestyle="--")
+            axis.axvline(transition["at_s"], color="#333333", linewidth=0.6, linestyle="--")  # decided
     handles = [plt.Rectangle((0, 0), 1, 1, color=colour, alpha=0.4) for colour in colours.values()]
     batch_axis.legend(handles, list(colours), loc="upper right", fontsize="small")
-    batch_axis.set_title(f"{len(metrics['transitions'])} transitions (dashed lines)")
+    batch_axis.set_title(f"{len(metrics['transitions'])} transitions (dashed: decided; red: waiting for weights)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import gc
 import heapq
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.host_slots import HostSlots, split_host_blocks
 from seesaw.layout import Layout
 from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
+from seesaw.scheduling.metrics import RunMetrics, Transition
 from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.static import StaticScheduler
 from seesaw.sim.cost import GIB, CostModel, step_shape
@@ -28,7 +29,6 @@ from seesaw.sim.workload import Workload
 from seesaw.step import RowSampling
 
 _GREEDY = RowSampling(temperature=0.0)
-
 
 
 @dataclass(frozen=True)
@@ -63,18 +63,9 @@ class RunSpec:
 
 
 @dataclass
-class Transition:
-    replica: int
-    start_s: float  # when the phase switch was decided
-    end_s: float  # when the last worker finished reloading
-    direction: str
-    phase: str  # the phase it switched to
-
-
-@dataclass
 class SimResult:
-    """What a simulated run gives: its time and throughput, phases and transitions, and a thinned
-    timeline of steps (time, replica, phase, decode rows, host buffer fill)."""
+    """What a simulated run gives: its time and throughput, phases and transitions, and the books
+    the engine keeps of a run (`RunMetrics`), kept the same way."""
 
     run: str
     elapsed_s: float
@@ -83,14 +74,15 @@ class SimResult:
     output_tokens: int
     num_failed: int
     num_steps: int
-    phase_s: dict[str, float]
+    phase_s: dict[str, float]  # seconds the steps of each phase ran (and waits for weights), summed over replicas
     transitions: list[Transition]
     reload_s: float  # total seconds workers spent reloading weights (mean per replica)
     host_peak_fraction: float
     mean_decode_batch: float
+    peak_decode_batch: int
     device_blocks: int
     host_blocks: int
-    timeline: list[tuple[float, int, str, int, float]]
+    timeline: dict[str, list]  # as `RunMetrics.timeline_dict` gives it
     counters: dict[str, int]
     num_replicas: int = 1
     first_phase: str = "mixed"
@@ -106,13 +98,10 @@ class SimResult:
 
     def metrics(self) -> dict:
         """The run in the form `seesaw-cli batch --metrics-json` writes (what draws a timeline)."""
-        at_s, replica, phase, decode_rows, host_fill = [list(column) for column in zip(*self.timeline)] or [[]] * 5
         return {
             "elapsed_s": self.elapsed_s, "first_phase": self.first_phase, "num_replicas": self.num_replicas,
-            "transitions": [{"replica": t.replica, "at_s": t.start_s, "phase": t.phase, "direction": t.direction,
-                             "reload_end_s": t.end_s} for t in self.transitions],
-            "timeline": {"at_s": at_s, "replica": replica, "phase": phase, "decode_rows": decode_rows,
-                         "host_fill": host_fill},
+            "phase_seconds": self.phase_s, "transitions": [asdict(t) for t in self.transitions],
+            "timeline": self.timeline,
         }
 
     def summary(self) -> dict:
@@ -125,7 +114,7 @@ class SimResult:
             "transitions": len(self.transitions), "kv_copies": self.num_kv_copies,
             "reload_s": round(self.reload_s, 3),
             "host_peak_fraction": round(self.host_peak_fraction, 3),
-            "mean_decode_batch": round(self.mean_decode_batch, 1),
+            "mean_decode_batch": round(self.mean_decode_batch, 1), "peak_decode_batch": self.peak_decode_batch,
             "device_blocks": self.device_blocks, "host_blocks": self.host_blocks,
             "counters": self.counters,
         }
@@ -153,13 +142,12 @@ class _Replica:
         self.free_at = [0.0] * num_workers  # by position in the replica (pp rank * tp + tp rank)
         self.link_free_at = 0.0
         self.pending_tokens = 0  # for placing requests as the Scheduler actor does (least loaded)
-        self.phase_since = 0.0
 
 
 class Simulation:
     """One simulated run; `run()` returns its SimResult."""
 
-    def __init__(self, cost: CostModel, spec: RunSpec, workload: Workload, max_timeline: int = 2000):
+    def __init__(self, cost: CostModel, spec: RunSpec, workload: Workload):
         self.cost = cost
         self.spec = spec
         self.workload = workload
@@ -185,17 +173,14 @@ class Simulation:
         self._events: list[tuple[float, int, str, int, object]] = []
         self._seq = 0
         self.now = 0.0
-        self.transitions: list[Transition] = []
-        self.phase_s: dict[str, float] = {}
+        first_phase = Phase.PREFILL if spec.is_seesaw else Phase.MIXED
+        self.metrics = RunMetrics(0.0, [first_phase] * len(self.replicas))
         self.reload_total_s = 0.0
         self.num_steps = 0
         self.num_kv_copies = 0
         self.num_failed = 0
         self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
         self.finished_at = 0.0
-        self.decode_rows = self.decode_steps = 0
-        self.timeline: list[tuple[float, int, str, int, float]] = []
-        self._timeline_every = max(1, sum(out for _, out in workload.lengths) // max(1, max_timeline) // 8)
 
     def _core(self, host: HostSlots) -> StaticScheduler:
         spec, max_len = self.spec, self.spec.max_model_len or 1 << 30
@@ -222,6 +207,7 @@ class Simulation:
             replica = self.replicas[replica_index]
             if kind == "step":
                 step_id, num_sampled = payload
+                self.metrics.on_step_done(self.now, replica_index, step_id)
                 for update in replica.core.complete(step_id, [0] * num_sampled):
                     if update.finish_reason is not None:
                         self.finished_at = self.now
@@ -231,8 +217,6 @@ class Simulation:
             else:
                 replica.core.on_loaded(payload)
             self._pump(replica_index)
-        for replica in self.replicas:
-            self._close_phase(replica, replica.core.phase, self.finished_at)
         return self._result()
 
     def _place(self, request: AddRequest) -> None:
@@ -296,12 +280,8 @@ class Simulation:
                 free_at[first:first + tp] = [end] * tp
             ready = end + send_s  # the next stage starts once this one handed its activations on
         self.num_steps += 1
-        num_decode = shape.num_decode_rows
-        if num_decode:
-            self.decode_rows += num_decode
-            self.decode_steps += 1
-        if self.num_steps % self._timeline_every == 0:
-            self.timeline.append((self.now, index, phase.value, num_decode, replica.core.host.used_fraction))
+        self.metrics.on_step(self.now, index, plan.step_id, shape.num_decode_rows, shape.context_tokens, shape.num_rows,
+                             replica.core.host.used_fraction)
         self._push(end, "step", index, (plan.step_id, shape.num_sampled))
 
     def _move(self, index: int, move: ToHost | ToDevice) -> None:
@@ -318,10 +298,11 @@ class Simulation:
 
     def _switch(self, index: int, old: Phase, new: Phase) -> None:
         replica = self.replicas[index]
-        self._close_phase(replica, old, self.now)
         old_layout, new_layout = self.layouts[old], self.layouts[new]
-        end = self.now
+        transition = self.metrics.on_switch(self.now, index, new, f"{old_layout}->{new_layout}",
+                                            reloads=new_layout != old_layout)
         if new_layout != old_layout:
+            end = self.now
             tp = new_layout.tp
             for position in range(len(replica.free_at)):
                 stage = position // tp
@@ -330,31 +311,25 @@ class Simulation:
                 self.reload_total_s += seconds / len(replica.free_at) / len(self.replicas)
                 end = max(end, replica.free_at[position])
             replica.link_free_at = max(replica.link_free_at, end)  # the reload used the host links
-        self.transitions.append(Transition(index, self.now, end, f"{old_layout}->{new_layout}", new.value))
-
-    def _close_phase(self, replica: _Replica, phase: Phase, now: float) -> None:
-        """Add the seconds since the replica's last switch to `phase` (averaged over replicas)."""
-        seconds = (now - replica.phase_since) / len(self.replicas)
-        self.phase_s[phase.value] = self.phase_s.get(phase.value, 0.0) + seconds
-        replica.phase_since = now
+            self.metrics.on_reloaded(end, transition)  # known now: the books take it ahead of time
 
     def _result(self) -> SimResult:
         counters: dict[str, int] = {}
         for replica in self.replicas:
             for name, count in replica.core.counters.items():
                 counters[name] = counters.get(name, 0) + count
+        metrics = self.metrics
         return SimResult(
             run=str(self.spec), elapsed_s=self.finished_at, num_requests=self.workload.num_requests,
             prompt_tokens=self.workload.num_prompt_tokens - self.failed_tokens[0],
             output_tokens=self.workload.num_output_tokens - self.failed_tokens[1],
-            num_failed=self.num_failed, num_steps=self.num_steps, phase_s=self.phase_s,
-            transitions=self.transitions, reload_s=self.reload_total_s,
+            num_failed=self.num_failed, num_steps=self.num_steps, phase_s=dict(metrics.phase_seconds),
+            transitions=metrics.transitions, reload_s=self.reload_total_s,
             host_peak_fraction=max(replica.core.host.peak_fraction for replica in self.replicas),
-            mean_decode_batch=self.decode_rows / self.decode_steps if self.decode_steps else 0.0,
-            device_blocks=self.device_blocks, host_blocks=self.host_blocks, timeline=self.timeline,
-            counters=counters, num_replicas=len(self.replicas),
-            first_phase=(Phase.PREFILL if self.spec.is_seesaw else Phase.MIXED).value,
-            num_kv_copies=self.num_kv_copies,
+            mean_decode_batch=metrics.decode_rows / metrics.decode_steps if metrics.decode_steps else 0.0,
+            peak_decode_batch=metrics.peak_decode_rows, device_blocks=self.device_blocks, host_blocks=self.host_blocks,
+            timeline=metrics.timeline_dict(), counters=counters, num_replicas=len(self.replicas),
+            first_phase=metrics.first_phase.value, num_kv_copies=self.num_kv_copies,
         )
 
 
