@@ -170,3 +170,52 @@ def test_block_tables_kept_on_the_device_by_deltas_feed_the_kernel():
     expected = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), build_attention_batch(shapes, BLOCK, 64, "cpu"))
     out = paged_attention(q, k, v, k_cache, v_cache, batch)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kv_writer_puts_each_token_where_torch_indexing_does():
+    from seesaw.model.triton_attention import write_kv_triton
+
+    generator = torch.Generator().manual_seed(7)
+    pages = torch.randn(NUM_BLOCKS, 2, KV_HEADS, BLOCK, 64, generator=generator)  # k and v side by side
+    qkv = torch.randn(9, 3 * KV_HEADS, 64, generator=generator)  # k and v are strided views of it
+    k, v = qkv[:, KV_HEADS : 2 * KV_HEADS], qkv[:, 2 * KV_HEADS :]
+    blocks = torch.tensor([3, 3, 7, 0, 12, 12, 12, 5, 23], dtype=torch.int32)
+    offsets = torch.tensor([0, 1, 15, 4, 8, 9, 10, 2, 15], dtype=torch.int32)
+    expected = pages.clone()
+    expected[blocks.long(), 0, :, offsets.long()] = k
+    expected[blocks.long(), 1, :, offsets.long()] = v
+    write_kv_triton(k, v, pages[:, 0], pages[:, 1], blocks, offsets)
+    assert torch.equal(pages, expected)
+
+
+def test_warming_up_launches_every_variant_on_a_tiny_step():
+    from seesaw.model import triton_attention
+
+    launched = []
+    for name in ("_attend_kernel", "_combine_kernel", "_write_kv_kernel"):
+        kernel = getattr(triton_attention, name)
+        launched_kernel = _Recorded(kernel, launched, name)
+        setattr(triton_attention, name, launched_kernel)
+    try:
+        triton_attention.warm_up(8, 2, 64, BLOCK, torch.float32, torch.device("cpu"))
+    finally:
+        for name in ("_attend_kernel", "_combine_kernel", "_write_kv_kernel"):
+            setattr(triton_attention, name, getattr(triton_attention, name).kernel)
+    tiles = {(kwargs["TILE"], kwargs["IS_SPLIT"]) for name, kwargs in launched if name == "_attend_kernel"}
+    widths = {kwargs["SPLITS_PADDED"] for name, kwargs in launched if name == "_combine_kernel"}
+    assert tiles == {(4, False), (4, True), (16, False), (16, True)}  # decode and prefill tiles, split or not
+    assert widths == {2, 4, 8, 16} and ("_write_kv_kernel", {"HEADS_PADDED": 2, "HEAD_DIM": 64}) in launched
+
+
+class _Recorded:
+    """A kernel whose launches are noted (name and compile-time arguments) and then run."""
+
+    def __init__(self, kernel, launched: list, name: str):
+        self.kernel, self.launched, self.name = kernel, launched, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append((self.name, {k: v for k, v in kwargs.items() if k.isupper()}))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch

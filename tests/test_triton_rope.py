@@ -59,12 +59,14 @@ def test_bad_arguments_are_named(x_shape, table_shape, named):
 
 
 def test_a_decoder_layer_gives_the_same_with_the_gpu_kernels():
-    """The wiring: norms, the fused residual add and the rotation swapped in for torch's."""
+    """The wiring: norms, the fused residual add, the rotation of q and k at once and the MLP's
+    activation swapped in for torch's, with the layer before's output still to add."""
     from seesaw.layout import Layout, shard_for
     from seesaw.model.attention import RowShape, build_attention_batch
     from seesaw.model.llama import DecoderLayer, LayerKernels
     from seesaw.model.presets import PRESETS
     from seesaw.model.spec import ModelSpec
+    from seesaw.model.triton_mlp import silu_mul_triton
     from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
 
     spec = ModelSpec.from_hf_config(PRESETS["tiny"])
@@ -74,14 +76,14 @@ def test_a_decoder_layer_gives_the_same_with_the_gpu_kernels():
     rows = [RowShape(0, 5, [3]), RowShape(20, 1, [0, 1])]
     positions = torch.tensor([0, 1, 2, 3, 4, 20])
     cos, sin = rotation(positions, inverse_frequencies(spec.rope, spec.head_dim), torch.float32)
-    hidden = torch.randn(6, spec.hidden_size, generator=generator)
+    hidden, update = (torch.randn(6, spec.hidden_size, generator=generator) for _ in range(2))
     caches = [torch.randn(4, spec.num_kv_heads, 16, spec.head_dim, generator=generator) for _ in range(2)]
 
-    def run(kernels: LayerKernels) -> torch.Tensor:
+    def run(kernels: LayerKernels) -> tuple[torch.Tensor, torch.Tensor]:
         layer.kernels = kernels
         batch = build_attention_batch(rows, 16, spec.head_dim, "cpu")
-        return layer(hidden, cos, sin, caches[0].clone(), caches[1].clone(), batch, lambda x: x)
+        return layer(hidden, update, cos, sin, caches[0].clone(), caches[1].clone(), batch, lambda x: x)
 
     expected = run(LayerKernels())
-    torch.testing.assert_close(run(LayerKernels(rms_norm_triton, add_rms_norm_triton, apply_rotation_triton)),
-                               expected, rtol=1e-5, atol=1e-5)
+    gpu = LayerKernels(rms_norm_triton, add_rms_norm_triton, apply_rotation_triton, silu_mul_triton)
+    torch.testing.assert_close(run(gpu), expected, rtol=1e-5, atol=1e-5)

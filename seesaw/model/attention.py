@@ -47,6 +47,40 @@ class PrefillRow:
     bias: torch.Tensor | None  # [1, 1, num_new, context] causal mask aligned to the last token
 
 
+DECODE_LINES = 16  # query lines (token x head) per tile when rows are mostly single tokens: tl.dot's minimum
+PREFILL_LINES = 64
+
+
+class AttentionTiles(NamedTuple):
+    """A step's query tiles for a ragged kernel, worked out once per step for every layer: each
+    tile's row, first token and number of tokens, and the tokens per tile."""
+
+    rows: torch.Tensor  # [num_tiles] int32
+    firsts: torch.Tensor  # [num_tiles] int32
+    sizes: torch.Tensor  # [num_tiles] int32
+    tile: int
+
+
+def tile_tokens(num_tokens: int, num_rows: int, group: int) -> int:
+    """Query tokens per tile: few when rows are mostly decodes (one token each), more for prefill;
+    `group` query heads share each KV head, and a tile holds tokens x (group padded to a power of 2)."""
+    lines = DECODE_LINES if num_tokens <= 2 * num_rows else PREFILL_LINES
+    return max(1, lines // (1 << max(0, group - 1).bit_length()))
+
+
+def tile_map(row_lengths: list[int], tile: int) -> tuple[list[int], list[int], list[int]]:
+    """Each tile's row, first token and size, for rows of `row_lengths` new tokens."""
+    rows, firsts, sizes = [], [], []
+    first = 0
+    for row, length in enumerate(row_lengths):
+        for offset in range(0, length, tile):
+            rows.append(row)
+            firsts.append(first + offset)
+            sizes.append(min(tile, length - offset))
+        first += length
+    return rows, firsts, sizes
+
+
 @dataclass
 class RaggedRows:
     """Every row of a step for a kernel that reads the paged cache in place, in one launch."""
@@ -54,10 +88,13 @@ class RaggedRows:
     row_starts: torch.Tensor  # [num_rows + 1] int32 each row's first token in the flat step
     row_contexts: torch.Tensor  # [num_rows] int32 cached plus new tokens
     block_table: torch.Tensor  # [num_rows, max_blocks] int32, padding points at block 0
+    tiles: AttentionTiles | None = None  # the step's query tiles; None: the kernel works them out
 
 
-# (q, k_cache, v_cache, row_starts, row_contexts, block_table, scale) -> out: seesaw.model.triton_attention
+# (q, k_cache, v_cache, row_starts, row_contexts, block_table, scale, tiles=) -> out: seesaw.model.triton_attention
 RaggedKernel = Callable[..., torch.Tensor]
+# (k, v, k_cache, v_cache, write_blocks, write_offsets) -> None: writes the step's new k/v in one launch
+KVWriter = Callable[..., None]
 
 
 @dataclass
@@ -72,6 +109,7 @@ class AttentionBatch:
     decode_kernel: PagedDecode | None = None  # reads the cache in place; None: gather, then attend
     ragged: RaggedRows | None = None  # set with a ragged kernel, which then attends every row
     ragged_kernel: RaggedKernel | None = None
+    kv_writer: KVWriter | None = None  # writes the new k/v into the cache; None: torch indexing
 
 
 def build_attention_batch(
@@ -154,13 +192,16 @@ def paged_attention(
     batch: AttentionBatch,
 ) -> torch.Tensor:
     """Write the new k/v into the cache, then attend each token over its request's context."""
-    k_cache[batch.write_blocks, :, batch.write_offsets] = k
-    v_cache[batch.write_blocks, :, batch.write_offsets] = v
+    if batch.kv_writer is not None:
+        batch.kv_writer(k, v, k_cache, v_cache, batch.write_blocks, batch.write_offsets)
+    else:
+        k_cache[batch.write_blocks, :, batch.write_offsets] = k
+        v_cache[batch.write_blocks, :, batch.write_offsets] = v
     if batch.ragged is not None:
         rows = batch.ragged
         return batch.ragged_kernel(q, k_cache, v_cache, rows.row_starts, rows.row_contexts, rows.block_table,
-                                   batch.scale)
-    out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
+                                   batch.scale, tiles=rows.tiles)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [num_tokens, num_heads, head_dim]
     if batch.decode is not None:
         group = batch.decode
         queries = q.index_select(0, group.token_index)  # [rows, heads, hd]

@@ -41,14 +41,21 @@ def add_rms_norm(hidden: torch.Tensor, update: torch.Tensor, weight: torch.Tenso
     return hidden, rms_norm(hidden, weight, eps)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [num_tokens, 2 * ffn] (gate first): [num_tokens, ffn]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 @dataclass(frozen=True)
 class LayerKernels:
-    """The norms and the rotation a forward pass calls: torch here, Triton kernels on GPUs (the
-    same results, up to rounding)."""
+    """The norms, the rotation and the MLP's activation a forward pass calls: torch here, Triton
+    kernels on GPUs (the same results, up to rounding)."""
 
     norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = add_rms_norm
     rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rotation
+    silu_mul: Callable[[torch.Tensor], torch.Tensor] = silu_mul
 
 
 class DecoderLayer:
@@ -74,26 +81,31 @@ class DecoderLayer:
 
     def __call__(
         self,
-        hidden: torch.Tensor,  # [num_tokens, hidden]
+        hidden: torch.Tensor,  # [num_tokens, hidden]: the residual stream
+        update: torch.Tensor | None,  # [num_tokens, hidden]: the layer before's MLP output, not yet added
         cos: torch.Tensor,
         sin: torch.Tensor,
         k_cache: torch.Tensor,  # [num_blocks, kv_heads, block_size, head_dim]
         v_cache: torch.Tensor,
         batch: AttentionBatch,
         reduce: Reduce,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, this layer's MLP output): the caller adds the output, fused with the next norm."""
         num_tokens = hidden.shape[0]
-        x = self.kernels.norm(hidden, self.input_norm, self.eps)
+        if update is None:
+            x = self.kernels.norm(hidden, self.input_norm, self.eps)
+        else:
+            hidden, x = self.kernels.add_norm(hidden, update, self.input_norm, self.eps)
         qkv = F.linear(x, self.qkv, self.qkv_bias)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
-        q = self.kernels.rotate(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = self.kernels.rotate(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        heads = qkv.view(num_tokens, -1, self.head_dim)  # [num_tokens, heads + 2 * kv_heads, head_dim]
+        rotated = self.kernels.rotate(heads[:, : self.num_heads + self.num_kv_heads], cos, sin)  # q and k at once
+        q, k = rotated[:, : self.num_heads], rotated[:, self.num_heads :]
+        v = heads[:, self.num_heads + self.num_kv_heads :]  # [num_tokens, kv_heads, head_dim]
         attn = paged_attention(q, k, v, k_cache, v_cache, batch)  # [num_tokens, heads, head_dim]
-        attended = reduce(F.linear(attn.view(num_tokens, -1), self.o_proj_t.t(), self.o_bias))
+        attended = reduce(F.linear(attn.reshape(num_tokens, -1), self.o_proj_t.t(), self.o_bias))
         hidden, x = self.kernels.add_norm(hidden, attended, self.post_attention_norm, self.eps)
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)  # [num_tokens, ffn_shard] each
-        return hidden + reduce(F.linear(F.silu(gate) * up, self.down_t.t()))
+        activated = self.kernels.silu_mul(F.linear(x, self.gate_up))  # [num_tokens, ffn_shard]
+        return hidden, reduce(F.linear(activated, self.down_t.t()))
 
 
 class ShardModel:
@@ -124,9 +136,11 @@ class ShardModel:
         batch: AttentionBatch,
         reduce: Reduce,
     ) -> torch.Tensor:
+        update = None
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, kv_pages[:, index, 0], kv_pages[:, index, 1], batch, reduce)
-        return hidden
+            hidden, update = layer(hidden, update, cos, sin, kv_pages[:, index, 0], kv_pages[:, index, 1], batch,
+                                   reduce)
+        return hidden if update is None else hidden + update
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab rows of this shard] for the sampled rows' final hidden states."""

@@ -1,5 +1,11 @@
 """Paged attention in Triton for GPUs: ragged rows of new tokens, each attending causally over its
-own paged cache, one KV head's whole query group per program, long contexts split across programs."""
+own paged cache, one KV head's whole query group per program, long contexts split across programs;
+and the write of a step's new keys and values into the cache, both in one launch.
+
+Nothing that changes from step to step is specialised on (token and tile counts, the block table's
+width, the metadata's offsets in the step's upload), so a run compiles each kernel once per tile
+shape and split mode, at start-up (`warm_up`), never in the middle of a run.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from seesaw.model.attention import DECODE_LINES, PREFILL_LINES, AttentionTiles, tile_tokens
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DECODE_LINES = 16  # query lines (token x head) per tile when rows are mostly single tokens: tl.dot's minimum
-_PREFILL_LINES = 64
 _MAX_SPLITS = 16
 _TOKENS_PER_SPLIT = 512  # splits at least this long, so the combine stays cheap next to them (untuned)
 _ENOUGH_PROGRAMS = 256  # with this many (tile, kv head) programs a GPU is busy without splitting (untuned)
@@ -25,18 +31,22 @@ def paged_attention_triton(
     block_table: torch.Tensor,  # [num_rows, max_blocks] int32
     scale: float,
     num_splits: int | None = None,
+    tiles: AttentionTiles | None = None,
 ) -> torch.Tensor:
     """Each row's new tokens attend causally over the row's context, which the cache already holds
     in full (new tokens included). Returns [num_tokens, num_heads, head_dim] in q's dtype; any
-    `num_splits` (programs sharing one row's context) gives the same result up to rounding."""
+    `num_splits` (programs sharing one row's context) gives the same result up to rounding.
+    `tiles`: the step's tile map, built once per step; without it, it is worked out here."""
     _check_tensors(q, k_cache, v_cache)
     _check_metadata(q, row_starts, row_contexts, block_table)
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads
     group_padded = triton.next_power_of_2(group)
-    tile = _tile_tokens(num_tokens, row_contexts.shape[0], group_padded)
-    tile_rows, tile_firsts, tile_sizes = _tile_map(row_starts, num_tokens, tile)  # [num_tiles] each
+    if tiles is None:
+        tile = tile_tokens(num_tokens, row_contexts.shape[0], group)
+        tiles = AttentionTiles(*_tile_map(row_starts, num_tokens, tile), tile)
+    tile_rows, tile_firsts, tile_sizes, tile = tiles
     num_tiles = tile_rows.shape[0]
     if num_splits is None:
         num_splits = _default_num_splits(block_table.shape[1] * block_size, num_tiles * num_kv_heads)
@@ -114,12 +124,6 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _tile_tokens(num_tokens: int, num_rows: int, group_padded: int) -> int:
-    """Query tokens per tile: few when rows are mostly decodes (one token each), more for prefill."""
-    lines = _DECODE_LINES if num_tokens <= 2 * num_rows else _PREFILL_LINES
-    return max(1, lines // group_padded)
-
-
 def _tile_map(row_starts: torch.Tensor, num_tokens: int, tile: int):
     """Each tile's row, first token in q and number of tokens, computed on the device without a sync.
     The grid is an upper bound on the tile count; tiles past the real ones have no tokens."""
@@ -144,7 +148,11 @@ def _default_num_splits(max_context: int, num_programs: int) -> int:
     return max(1, min(_MAX_SPLITS, max_context // _TOKENS_PER_SPLIT))
 
 
-@triton.jit
+_METADATA = ["row_starts_ptr", "row_contexts_ptr", "table_ptr", "tile_rows_ptr", "tile_firsts_ptr", "tile_sizes_ptr"]
+
+
+@triton.jit(do_not_specialize=["stride_table_row", "num_tokens", "num_splits"],
+            do_not_specialize_on_alignment=_METADATA)
 def _attend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, max_ptr, sum_ptr,
     row_starts_ptr, row_contexts_ptr, table_ptr, tile_rows_ptr, tile_firsts_ptr, tile_sizes_ptr,
@@ -227,7 +235,7 @@ def _store_tile(out_ptr, max_ptr, sum_ptr, acc, m_i, l_i, tokens, heads, is_line
                  mask=is_line[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _combine_kernel(out_ptr, max_ptr, sum_ptr, acc_ptr, num_tokens, num_heads, num_splits,
                     SPLITS_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One (token, head): rescale each split's partial result to the common max and normalize."""
@@ -242,3 +250,68 @@ def _combine_kernel(out_ptr, max_ptr, sum_ptr, acc_ptr, num_tokens, num_heads, n
     weights = tl.exp2(m - tl.max(m, 0))  # [SPLITS_PADDED]; empty splits (max -inf) weigh nothing
     out = tl.sum(weights[:, None] * acc, 0) / tl.sum(weights * total, 0)  # [HEAD_DIM]
     tl.store(out_ptr + (token * num_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def write_kv_triton(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], last dim contiguous
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    write_blocks: torch.Tensor,  # [num_tokens] int32: the block each token's k/v goes to
+    write_offsets: torch.Tensor,  # [num_tokens] int32: its slot in that block
+) -> None:
+    """Write every new token's keys and values into the paged cache, in one launch."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    if v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError(f"k and v must be [num_tokens, num_kv_heads, head_dim] with contiguous last dims, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    if write_blocks.dtype != torch.int32 or write_offsets.dtype != torch.int32:
+        raise ValueError("write_blocks and write_offsets must be int32")
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, write_blocks, write_offsets,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], num_kv_heads,
+        HEADS_PADDED=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
+    )
+
+
+@triton.jit(do_not_specialize_on_alignment=["blocks_ptr", "offsets_ptr"])
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, blocks_ptr, offsets_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kb, stride_kch, stride_kct, stride_vb, stride_vch, stride_vct, num_kv_heads,
+                     HEADS_PADDED: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One token: its keys and values for every KV head, into its block's slot."""
+    token = tl.program_id(0).to(tl.int64)
+    block = tl.load(blocks_ptr + token).to(tl.int64)
+    slot = tl.load(offsets_ptr + token).to(tl.int64)
+    heads = tl.arange(0, HEADS_PADDED)
+    dims = tl.arange(0, HEAD_DIM)
+    is_head = (heads < num_kv_heads)[:, None]
+    keys = tl.load(k_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=is_head)
+    values = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=is_head)
+    tl.store(k_cache_ptr + block * stride_kb + heads[:, None] * stride_kch + slot * stride_kct + dims[None, :],
+             keys, mask=is_head)
+    tl.store(v_cache_ptr + block * stride_vb + heads[:, None] * stride_vch + slot * stride_vct + dims[None, :],
+             values, mask=is_head)
+
+
+def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Compile every variant a run launches (decode and prefill tiles, with and without splits, each
+    combine width) on a tiny step, so no compile lands in the middle of a run."""
+    q = torch.zeros(2 * PREFILL_LINES, num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.zeros(q.shape[0], num_kv_heads, head_dim, dtype=dtype, device=device)
+    cache = torch.zeros(2, num_kv_heads, block_size, head_dim, dtype=dtype, device=device)
+    index = torch.zeros(q.shape[0], dtype=torch.int32, device=device)
+    write_kv_triton(k, k, cache, cache, index, index)
+    contexts = torch.ones(1, dtype=torch.int32, device=device)
+    table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    for num_tokens in (1, q.shape[0]):  # a decode tile, a prefill tile
+        starts = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+        for num_splits in (1, 2, 3, 5, 9):  # no split, then each power-of-two combine width
+            if num_splits <= _MAX_SPLITS:
+                paged_attention_triton(q[:num_tokens], cache, cache, starts, contexts.fill_(num_tokens),
+                                       table.expand(1, -(-num_tokens // block_size)).contiguous(), 1.0,
+                                       num_splits=num_splits)

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
-from seesaw.model.attention import AttentionBatch, RaggedKernel, RaggedRows, RowShape, build_attention_batch
+from seesaw.model.attention import (
+    AttentionBatch,
+    AttentionTiles,
+    KVWriter,
+    RaggedKernel,
+    RaggedRows,
+    RowShape,
+    build_attention_batch,
+    tile_map,
+    tile_tokens,
+)
 from seesaw.model.cpu_kernels import PagedDecode
 from seesaw.step import StepRow
 
@@ -130,14 +140,20 @@ class Uploader:
 
 @dataclass(frozen=True)
 class AttentionKernels:
-    """How a worker attends: a ragged kernel reading the cache in place (GPUs), else the torch path
-    with the CPU decode kernel where it is built."""
+    """How a worker attends: a ragged kernel reading the cache in place (GPUs), with a writer that
+    puts a step's new k/v in the cache in one launch; else the torch path with the CPU decode
+    kernel where it is built. `group`: query heads per KV head, which sets the ragged kernel's tiles."""
 
     block_size: int
     head_dim: int
     dtype: torch.dtype
     decode_kernel: PagedDecode | None = None
     ragged_kernel: RaggedKernel | None = None
+    kv_writer: KVWriter | None = None
+    group: int = 1
+
+
+SEGMENT_ALIGN = 4  # int32 values: each segment of the upload starts on 16 bytes, as Triton's loads assume
 
 
 def build_step_inputs(rows: list[StepRow], released: list[str], tables: BlockTables, before: SampledTokens | None,
@@ -166,9 +182,9 @@ def build_step_inputs(rows: list[StepRow], released: list[str], tables: BlockTab
     write_slots, write_columns, write_blocks = ([list(column) for column in zip(*writes)] if writes else [[], [], []])
     segments = [token_ids, positions, sample_index, fill_places, fill_sources, write_slots, write_columns, write_blocks]
     if ragged:
-        segments += _ragged_segments(shapes, tables, rows, kernels.block_size)
-    flat = uploader.upload([value for segment in segments for value in segment])
-    parts = list(flat.split([len(segment) for segment in segments]))
+        segments += _ragged_segments(shapes, tables, rows, kernels)
+    flat = uploader.upload(_padded(segments))
+    parts = _unpadded(flat, [len(segment) for segment in segments])
     token_ids_t, positions_t, sample_t, fill_places, fill_sources, write_slots, write_columns, write_blocks = parts[:8]
     if fills:
         token_ids_t[fill_places.long()] = before.tokens[fill_sources.long()].to(torch.int32)
@@ -189,8 +205,28 @@ def _awaited(row: StepRow, before: SampledTokens | None) -> int:
     return before.index[row.request_id]
 
 
-def _ragged_segments(shapes: list[RowShape], tables: BlockTables, rows: list[StepRow], block_size: int):
-    """Where each new token's k/v goes, each row's first token and context, and its table slot."""
+def _padded(segments: list[list[int]]) -> list[int]:
+    """The segments end to end, each padded with zeros to a multiple of SEGMENT_ALIGN values."""
+    flat: list[int] = []
+    for segment in segments:
+        flat.extend(segment)
+        flat.extend([0] * (-len(segment) % SEGMENT_ALIGN))
+    return flat
+
+
+def _unpadded(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    """Each segment's view of the padded upload."""
+    parts, start = [], 0
+    for length in lengths:
+        parts.append(flat[start : start + length])
+        start += length + (-length % SEGMENT_ALIGN)
+    return parts
+
+
+def _ragged_segments(shapes: list[RowShape], tables: BlockTables, rows: list[StepRow], kernels: AttentionKernels):
+    """Where each new token's k/v goes, each row's first token and context, its table slot, and
+    the step's query tiles."""
+    block_size = kernels.block_size
     write_blocks: list[int] = []
     write_offsets: list[int] = []
     for shape in shapes:
@@ -200,18 +236,22 @@ def _ragged_segments(shapes: list[RowShape], tables: BlockTables, rows: list[Ste
     starts = [0, *itertools.accumulate(shape.num_new for shape in shapes)]
     contexts = [shape.start + shape.num_new for shape in shapes]
     slots = [tables.slots[row.request_id] for row in rows]
-    return [write_blocks, write_offsets, starts, contexts, slots]
+    tile = tile_tokens(starts[-1], len(shapes), kernels.group)
+    tile_rows, tile_firsts, tile_sizes = tile_map([shape.num_new for shape in shapes], tile)
+    return [write_blocks, write_offsets, starts, contexts, slots, tile_rows, tile_firsts, tile_sizes]
 
 
 def _ragged_batch(parts: list[torch.Tensor], tables: BlockTables, shapes: list[RowShape],
                   kernels: AttentionKernels) -> AttentionBatch:
-    write_blocks, write_offsets, starts, contexts, slots = parts
+    write_blocks, write_offsets, starts, contexts, slots, tile_rows, tile_firsts, tile_sizes = parts
     max_blocks = max(-(-(shape.start + shape.num_new) // kernels.block_size) for shape in shapes)
     block_table = tables.table.index_select(0, slots)[:, :max_blocks].contiguous()  # [rows, max_blocks]
+    tiles = AttentionTiles(tile_rows, tile_firsts, tile_sizes,
+                           tile_tokens(write_blocks.shape[0], len(shapes), kernels.group))
     return AttentionBatch(
         write_blocks=write_blocks, write_offsets=write_offsets, decode=None, prefills=[],
-        scale=kernels.head_dim**-0.5, ragged=RaggedRows(starts, contexts, block_table),
-        ragged_kernel=kernels.ragged_kernel,
+        scale=kernels.head_dim**-0.5, ragged=RaggedRows(starts, contexts, block_table, tiles),
+        ragged_kernel=kernels.ragged_kernel, kv_writer=kernels.kv_writer,
     )
 
 

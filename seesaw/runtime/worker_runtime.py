@@ -97,11 +97,9 @@ class WorkerRuntime:
         is_cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
         context = StageContext(spec=spec, device=self.device, dtype=self.dtype,
                                inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device))
-        self.attention = AttentionKernels(
-            self.block_size, spec.head_dim, self.dtype,
-            decode_kernel=load_paged_decode() if is_cpu_float32 else None,
-            ragged_kernel=_gpu_attention() if self.device.type == "cuda" else None,
-        )
+        self.attention = _gpu_attention(self.block_size, spec, self.dtype) if self.device.type == "cuda" else \
+            AttentionKernels(self.block_size, spec.head_dim, self.dtype,
+                             decode_kernel=load_paged_decode() if is_cpu_float32 else None)
         self.block_tables = BlockTables(self.device, mirrored=self.attention.ragged_kernel is not None)
         self.uploader = Uploader(self.device)
         self.sampled: SampledTokens | None = None  # the last step's tokens, for rows that await them
@@ -115,6 +113,9 @@ class WorkerRuntime:
         self.sampler = Sampler(self.device, seed=config.seed)
         load_shard(self.current.model, weights, self._weight_copy())
         self.copies.wait_for_weights()
+        if self.attention.ragged_kernel is not None:
+            _warm_up_triton([state.shard for state in self.states.values()], spec, self.block_size, self.dtype,
+                            self.device)
         if self._profile is not None:
             self._size_kv_pool(config.memory_fraction, page_elements)
         self.load_s = time.perf_counter() - started
@@ -291,24 +292,46 @@ def _host_share(host_buffer: HostBuffer | None, state: LayoutState) -> torch.Ten
 
 
 def _gpu_kernels() -> LayerKernels:
-    """RMSNorm (with the residual add before it) and the rotation as Triton kernels, or torch's
-    where Triton is missing."""
+    """RMSNorm (with the residual add before it), the rotation and the MLP's activation as Triton
+    kernels, or torch's where Triton is missing."""
     try:
+        from seesaw.model.triton_mlp import silu_mul_triton
         from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
         from seesaw.model.triton_rope import apply_rotation_triton
     except ImportError:
         return LayerKernels()
-    return LayerKernels(rms_norm_triton, add_rms_norm_triton, apply_rotation_triton)
+    return LayerKernels(rms_norm_triton, add_rms_norm_triton, apply_rotation_triton, silu_mul_triton)
 
 
-def _gpu_attention():
-    """The Triton paged-attention kernel, or None (the torch path) where Triton is missing."""
+def _gpu_attention(block_size: int, spec: ModelSpec, dtype: torch.dtype) -> AttentionKernels:
+    """The Triton paged-attention kernel and KV writer, or the torch path where Triton is missing."""
     try:
-        from seesaw.model.triton_attention import paged_attention_triton
+        from seesaw.model.triton_attention import paged_attention_triton, write_kv_triton
     except ImportError:
         log.warning("triton is not importable: attention runs on the torch reference path")
-        return None
-    return paged_attention_triton
+        return AttentionKernels(block_size, spec.head_dim, dtype)
+    return AttentionKernels(block_size, spec.head_dim, dtype, ragged_kernel=paged_attention_triton,
+                            kv_writer=write_kv_triton, group=spec.num_heads // spec.num_kv_heads)
+
+
+def _warm_up_triton(shards, spec: ModelSpec, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile every Triton variant the run's layouts launch now, while loading, not mid-run."""
+    from seesaw.model.triton_attention import warm_up
+    from seesaw.model.triton_mlp import silu_mul_triton
+    from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
+    from seesaw.model.triton_rope import apply_rotation_triton
+
+    group = spec.num_heads // spec.num_kv_heads
+    hidden = torch.zeros(1, spec.hidden_size, dtype=dtype, device=device)  # [1, hidden]
+    rms_norm_triton(hidden, hidden[0], spec.rms_norm_eps)
+    add_rms_norm_triton(hidden, hidden, hidden[0], spec.rms_norm_eps)
+    angles = torch.zeros(1, spec.head_dim, dtype=dtype, device=device)  # [1, head_dim]
+    for shard in shards:
+        heads = shard.heads.size + shard.kv_heads.size
+        apply_rotation_triton(torch.zeros(1, heads, spec.head_dim, dtype=dtype, device=device), angles, angles)
+        silu_mul_triton(torch.zeros(1, 2 * shard.ffn.size, dtype=dtype, device=device))
+    for num_kv_heads in sorted({shard.kv_heads.size for shard in shards}):
+        warm_up(num_kv_heads * group, num_kv_heads, spec.head_dim, block_size, dtype, device)
 
 
 def device_for(kind: str, device_index: int) -> torch.device:
