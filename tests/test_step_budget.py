@@ -80,7 +80,7 @@ _NO_KERNEL = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::d
 def _stage(spec: ModelSpec) -> LayoutState:
     shard = shard_for(Layout.parse("t1"), spec.shape, 0)
     weights = Arena(measure(lambda allocate: ShardModel(spec, shard, allocate), torch.float32), CPU)
-    model = ShardModel(spec, shard, weights.allocator(torch.float32), _gpu_kernels())
+    model = ShardModel(spec, shard, weights.allocator(torch.float32), _gpu_kernels(spec, BLOCK))
     page = block_elements(shard, BLOCK, spec.head_dim)
     pages = KVArena(64 * page * 4, page, torch.float32, CPU).pages(shard, BLOCK, spec.head_dim)
     context = StageContext(spec, CPU, torch.float32, inverse_frequencies(spec.rope, spec.head_dim))

@@ -103,7 +103,7 @@ class WorkerRuntime:
         self.block_tables = BlockTables(self.device, mirrored=self.attention.ragged_kernel is not None)
         self.uploader = Uploader(self.device)
         self.sampled: SampledTokens | None = None  # the last step's tokens, for rows that await them
-        kernels = _gpu_kernels() if self.device.type == "cuda" else LayerKernels()
+        kernels = _gpu_kernels(spec, self.block_size) if self.device.type == "cuda" else LayerKernels()
         self.states: dict[str, LayoutState] = {}
         for shard in shards:
             model = ShardModel(spec, shard, self.weight_arena.allocator(self.dtype), kernels)
@@ -291,24 +291,47 @@ def _host_share(host_buffer: HostBuffer | None, state: LayoutState) -> torch.Ten
     return host_buffer.blocks[:, layers.start : layers.end, :, heads.start : heads.end]
 
 
-def _gpu_kernels() -> LayerKernels:
+def triton_limits(spec: ModelSpec, block_size: int) -> list[str]:
+    """Why the Triton kernels cannot run this model with this block size (empty when they can)."""
+    problems = []
+    if block_size < 16 or block_size & (block_size - 1):
+        problems.append(f"the attention kernel needs a block size that is a power of two of at least 16, "
+                        f"got --block-size {block_size}")
+    if spec.head_dim < 16 or spec.head_dim & (spec.head_dim - 1):
+        problems.append(f"the attention kernel needs a head_dim that is a power of two of at least 16; "
+                        f"this model's is {spec.head_dim}")
+    if spec.hidden_size > 8192:
+        problems.append(f"the norm kernel holds a row of at most 8,192 values; this model's hidden size is "
+                        f"{spec.hidden_size}")
+    return problems
+
+
+def _gpu_kernels(spec: ModelSpec, block_size: int) -> LayerKernels:
     """RMSNorm (with the residual add before it), the rotation and the MLP's activation as Triton
-    kernels, or torch's where Triton is missing."""
+    kernels, or torch's where Triton is missing or the model is past the kernels' limits."""
     try:
         from seesaw.model.triton_mlp import silu_mul_triton
         from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
         from seesaw.model.triton_rope import apply_rotation_triton
     except ImportError:
         return LayerKernels()
+    if triton_limits(spec, block_size):
+        return LayerKernels()
     return LayerKernels(rms_norm_triton, add_rms_norm_triton, apply_rotation_triton, silu_mul_triton)
 
 
 def _gpu_attention(block_size: int, spec: ModelSpec, dtype: torch.dtype) -> AttentionKernels:
-    """The Triton paged-attention kernel and KV writer, or the torch path where Triton is missing."""
+    """The Triton paged-attention kernel and KV writer, or the torch path (said once, at start)
+    where Triton is missing or the model or block size is past the kernels' limits."""
     try:
         from seesaw.model.triton_attention import paged_attention_triton, write_kv_triton
     except ImportError:
         log.warning("triton is not importable: attention runs on the torch reference path")
+        return AttentionKernels(block_size, spec.head_dim, dtype)
+    problems = triton_limits(spec, block_size)
+    if problems:
+        log.warning("the Triton kernels are not used (%s): the torch reference path runs instead, much slower",
+                    "; ".join(problems))
         return AttentionKernels(block_size, spec.head_dim, dtype)
     return AttentionKernels(block_size, spec.head_dim, dtype, ragged_kernel=paged_attention_triton,
                             kv_writer=write_kv_triton, group=spec.num_heads // spec.num_kv_heads)
