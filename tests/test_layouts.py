@@ -10,7 +10,7 @@ import torch
 
 from helpers import default_config, engine_config, generate, greedy_requests, random_prompts
 from seesaw.layout import Layout, groups_of
-from seesaw.messages import CollectiveSpec, GroupSpec, LoadShard
+from seesaw.messages import Backend, CollectiveSpec, GroupSpec, LoadShard
 from seesaw.step import RowSampling, StepRow
 from seesaw.transport.collective import free_tcp_address
 
@@ -58,12 +58,19 @@ def test_default_model_layouts_match_t1(default_t1, default_prompts, layout):
     assert matches >= 0.95 * len(default_prompts)
 
 
-def _shard_logits(layout: str, rank: int, command_fields: dict, rows, queue) -> None:
-    """Worker body: build one shard, run one step, hand back the gathered logits from the sampling rank."""
+def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, queue, with_nccl_standin: bool) -> None:
+    """Worker body: build one shard (in the first layout, then re-sharded through the others), run
+    one step, hand back the gathered logits from the sampling rank."""
+    if with_nccl_standin:
+        import nccl_standin
+
+        nccl_standin.install()
     from seesaw.actors.worker_setup import build_runtime
 
-    runtime = build_runtime(LoadShard(rank=rank, layouts=[layout], **command_fields))
+    runtime = build_runtime(LoadShard(rank=rank, layouts=layouts, **command_fields))
     try:
+        for layout in layouts[1:]:
+            runtime.reshard(layout)
         logits = runtime.current.forward(runtime.inputs(rows))
         if runtime.is_sampling:
             queue.put(logits.numpy().copy())  # by value: the process may exit before it is read
@@ -71,22 +78,33 @@ def _shard_logits(layout: str, rank: int, command_fields: dict, rows, queue) -> 
         runtime.close()
 
 
-def _logits(default_model, layout: str, rows) -> torch.Tensor:
-    parsed = Layout.parse(layout)
+def _logits(model, layout: str, rows, backend: Backend = Backend.GLOO) -> torch.Tensor:
+    """The logits of one step at `layout` ("p2->t2": loaded at p2, re-sharded to t2, then run),
+    from one process per worker joined over `backend` (NCCL: the gloo-backed stand-in)."""
+    layouts = layout.split("->")
+    parsed = [Layout.parse(text) for text in layouts]
     collective = None
-    if parsed.world_size > 1:
-        groups = [GroupSpec(key, ranks) for key, ranks in groups_of([parsed], 0)]
-        collective = CollectiveSpec("gloo", parsed.world_size, groups, free_tcp_address())
+    if parsed[0].world_size > 1:
+        if backend == Backend.NCCL:
+            import nccl_standin
+
+            groups = [GroupSpec(key, ranks, nccl_standin.get_unique_id()) for key, ranks in groups_of(parsed, 0)]
+            collective = CollectiveSpec(Backend.NCCL, parsed[0].world_size, groups)
+        else:
+            groups = [GroupSpec(key, ranks) for key, ranks in groups_of(parsed, 0)]
+            collective = CollectiveSpec(Backend.GLOO, parsed[0].world_size, groups, free_tcp_address())
     fields = dict(
-        hf_config=default_model.hf_config, weights_folder=str(default_model.weights_folder), weight_store=None,
+        hf_config=model.hf_config, weights_folder=str(model.weights_folder), weight_store=None,
         dummy_seed=0,
         dtype="float32", device="cpu", block_size=16, kv_cache_bytes=64 << 20, memory_fraction=0.9,
         num_threads=1, host_buffer=None, collective=collective, scheduler_address="", kv_tier_address="",
+        join_timeout_s=60,
     )
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    processes = [context.Process(target=_shard_logits, args=(layout, rank, fields, rows, queue))
-                 for rank in range(parsed.world_size)]
+    processes = [context.Process(target=_shard_logits,
+                                 args=(layouts, rank, fields, rows, queue, backend == Backend.NCCL))
+                 for rank in range(parsed[0].world_size)]
     for process in processes:
         process.start()
     try:
@@ -107,3 +125,35 @@ def test_default_model_logits_agree_with_t1_within_1e_4(default_model, default_p
     split = _logits(default_model, layout, rows)
     relative = (split - reference).abs().max() / reference.abs().max()
     assert relative < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_resolved(tiny_models):
+    from seesaw.config import default_cache_dir
+    from seesaw.model.resolve import resolve_model
+
+    return resolve_model(str(tiny_models["llama-gqa-tied"]), default_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tiny_prompts):
+    return [StepRow(str(i), p, 0, list(range(8 * i, 8 * i + 8)), sampling=RowSampling(0.0))
+            for i, p in enumerate(tiny_prompts[:4])]
+
+
+@pytest.fixture(scope="module")
+def tiny_t1_logits(tiny_resolved, tiny_rows):
+    return _logits(tiny_resolved, "t1", tiny_rows)
+
+
+@pytest.mark.parametrize("layout", ["t2", "p2", "t2p2", "p2->t2"])
+def test_layouts_through_the_nccl_code_path_agree_with_t1(tiny_resolved, tiny_rows, tiny_t1_logits, layout,
+                                                          tmp_path, monkeypatch):
+    """The workers' NCCL communicators (cupy's NCCL replaced by a gloo-backed stand-in) carry the
+    tensor-parallel sums, the pipeline's activations and the gathered logits, after a re-shard too."""
+    import nccl_standin
+
+    monkeypatch.setenv(nccl_standin.STANDIN_DIR, str(tmp_path))  # the workers inherit it
+    split = _logits(tiny_resolved, layout, tiny_rows, Backend.NCCL)
+    relative = (split - tiny_t1_logits).abs().max() / tiny_t1_logits.abs().max()
+    assert relative < 1e-5

@@ -8,6 +8,8 @@ matching operations in the same order.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from datetime import timedelta
 from typing import Protocol
 
@@ -118,7 +120,7 @@ def join_groups(spec: CollectiveSpec | None, global_rank: int, device: torch.dev
     if spec is None:
         return {}
     if spec.backend == Backend.NCCL:
-        return nccl_groups(spec.groups, global_rank, device)
+        return nccl_groups(spec.groups, global_rank, device, timeout_s)
     if spec.backend == Backend.GLOO:
         return gloo_groups(spec.init_address, global_rank, spec.world_size, spec.groups, timeout_s, spec.first_rank)
     raise ValueError(f"unknown collective backend {spec.backend!r}")
@@ -134,28 +136,35 @@ _NCCL_TYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16", t
 
 
 class NcclCommunicator:
-    """cupy's NCCL over one group, on torch's current CUDA stream, tensors passed by pointer."""
+    """cupy's NCCL over one group, on torch's current CUDA stream, tensors passed by pointer (so
+    every tensor handed to NCCL is contiguous: a strided view is reduced through a contiguous copy)."""
 
     def __init__(self, spec: GroupSpec, global_rank: int, device: torch.device):
         from cupy.cuda import nccl
 
         self._nccl = nccl
+        self.key = spec.key
         self.ranks = spec.ranks
         self.rank = spec.ranks.index(global_rank)
         self.size = len(spec.ranks)
         self.device = device
-        with torch.cuda.device(device):
+        with _on_device(device):
             self._comm = nccl.NcclCommunicator(self.size, tuple(spec.nccl_id), self.rank)
 
     def _type(self, tensor: torch.Tensor) -> int:
+        if tensor.dtype not in _NCCL_TYPES:
+            raise ValueError(f"NCCL group {self.key} cannot carry {tensor.dtype} tensors")
         return getattr(self._nccl, _NCCL_TYPES[tensor.dtype])
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        self._comm.allReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._type(tensor),
-                             self._nccl.NCCL_SUM, self._stream())
+        def reduce(flat: torch.Tensor) -> None:
+            self._comm.allReduce(flat.data_ptr(), flat.data_ptr(), flat.numel(), self._type(flat),
+                                 self._nccl.NCCL_SUM, self._stream())
+
+        _in_place(tensor, reduce)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
@@ -170,19 +179,63 @@ class NcclCommunicator:
         self._nccl.groupEnd()
 
     def recv(self, tensor: torch.Tensor, peer: int) -> None:
-        self._nccl.groupStart()
-        self._comm.recv(tensor.data_ptr(), tensor.numel(), self._type(tensor), peer, self._stream())
-        self._nccl.groupEnd()
+        def receive(flat: torch.Tensor) -> None:
+            self._nccl.groupStart()
+            self._comm.recv(flat.data_ptr(), flat.numel(), self._type(flat), peer, self._stream())
+            self._nccl.groupEnd()
+
+        _in_place(tensor, receive)
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> None:
-        self._comm.broadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), self._type(tensor), root,
-                             self._stream())
+        def broadcast(flat: torch.Tensor) -> None:
+            self._comm.broadcast(flat.data_ptr(), flat.data_ptr(), flat.numel(), self._type(flat), root,
+                                 self._stream())
+
+        _in_place(tensor, broadcast)
 
     def barrier(self) -> None:
         self.all_reduce(torch.zeros(1, device=self.device))
-        torch.cuda.current_stream(self.device).synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
 
-def nccl_groups(groups: list[GroupSpec], global_rank: int, device: torch.device) -> dict[str, NcclCommunicator]:
-    """One NCCL communicator per group this rank belongs to, in the shared order."""
-    return {spec.key: NcclCommunicator(spec, global_rank, device) for spec in groups if global_rank in spec.ranks}
+def _in_place(tensor: torch.Tensor, operation: Callable[[torch.Tensor], None]) -> None:
+    """Run `operation` on `tensor`'s memory by pointer: directly when it is contiguous, else on a
+    contiguous copy whose result is copied back (NCCL sees only `numel` elements from the pointer)."""
+    if tensor.is_contiguous():
+        operation(tensor)
+        return
+    flat = tensor.contiguous()
+    operation(flat)
+    tensor.copy_(flat)
+
+
+def _on_device(device: torch.device):
+    """`device` as the current CUDA device (NCCL binds a communicator to it); nothing on a CPU."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def nccl_groups(groups: list[GroupSpec], global_rank: int, device: torch.device,
+                timeout_s: float = 300.0) -> dict[str, NcclCommunicator]:
+    """One NCCL communicator per group this rank belongs to, in the shared order. NCCL's own
+    initialisation waits for every member without a limit; here each group has `timeout_s`, and a
+    group that does not form is a JoinError naming it (the stuck thread ends with the process)."""
+    communicators = {}
+    joiner = ThreadPoolExecutor(1, thread_name_prefix="nccl-join")
+    try:
+        for spec in groups:
+            if global_rank not in spec.ranks:
+                continue
+            future = joiner.submit(NcclCommunicator, spec, global_rank, device)
+            try:
+                communicators[spec.key] = future.result(timeout=timeout_s)
+            except FutureTimeout:
+                raise JoinError(
+                    f"rank {global_rank} waited {timeout_s:.0f} s for NCCL group {spec.key} (ranks "
+                    f"{', '.join(map(str, spec.ranks))}) to form: a member is dead, stuck, or creating its groups "
+                    f"in another order") from None
+    finally:
+        joiner.shutdown(wait=False, cancel_futures=True)
+    return communicators
