@@ -173,10 +173,17 @@ class ShardWorker(Actor):
         self._submit(self._copies, copy, self.kv_tier.send, f"prefetching request {command.request_id}")
 
     def _submit(self, executor: ThreadPoolExecutor, work, deliver: Callable, activity: str) -> None:
-        """Run `work` on `executor`; its result, unless None, goes to `deliver` on the event loop."""
+        """Run `work` on `executor`, its thread bound to this worker's device; its result, unless None,
+        goes to `deliver` on the event loop."""
         loop = asyncio.get_running_loop()
+
+        def on_this_workers_device():
+            if self.runtime is not None:  # loading binds the step thread itself
+                self.runtime.bind_thread()
+            return work()
+
         try:
-            future: Future = executor.submit(work)
+            future: Future = executor.submit(on_this_workers_device)
         except RuntimeError:  # the worker is stopping and its executors take no more work
             log.debug("rank %d is stopping: not %s", self.rank, activity)
             return

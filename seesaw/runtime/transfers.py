@@ -49,7 +49,7 @@ class DeviceCopies:
             # rows): wait for it, and keep its memory from being reused before the copy runs.
             self.weight_stream.wait_stream(self.compute_stream)
             source.record_stream(self.weight_stream)
-        with torch.cuda.stream(self.weight_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.weight_stream):
             destination.copy_(source, non_blocking=True)
 
     def wait_for_weights(self) -> None:
@@ -70,7 +70,7 @@ class DeviceCopies:
             return num_bytes
         # KV written by steps queued so far (on the compute stream) must land before it is read.
         self.kv_stream.wait_stream(self.compute_stream)
-        with torch.cuda.stream(self.kv_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.kv_stream):
             for destination, source in pairs:
                 self._copy_share(destination, source)
         self.kv_stream.synchronize()

@@ -120,6 +120,13 @@ class WorkerRuntime:
             self._size_kv_pool(config.memory_fraction, page_elements)
         self.load_s = time.perf_counter() - started
 
+    def bind_thread(self) -> None:
+        """Make this worker's GPU the calling thread's current device. Every thread that touches
+        the device calls it first: a thread starts on GPU 0, and a stream context entered there
+        would switch back to GPU 0 on exit, making a context on a GPU that is not this worker's."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     @property
     def num_blocks(self) -> int:
         """Device KV blocks; a block id names the same bytes under every layout."""
