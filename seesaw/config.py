@@ -189,6 +189,11 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     watermark: float = 0.01  # fraction of device blocks kept free when admitting requests
     host_low_water: float = 0.2  # seesaw: back to prefill once the host buffer is this empty
+    # seesaw: and once the waiting prompts would fill this share of the host buffer, or the oldest
+    # has waited this long, or decode has nothing left to do (two weight reloads are worth a batch)
+    prefill_min_fill: float = 0.1
+    prefill_max_wait_s: float = 30.0
+    prefetch: bool = True  # seesaw: load host requests for decode while the last prefill steps run
     overlap: bool = True  # single-stage layouts: plan the next step while one runs (two in flight)
 
     def __post_init__(self) -> None:
@@ -200,6 +205,10 @@ class SchedulerConfig:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         if not 0.0 <= self.host_low_water < 1.0:
             raise ValueError(f"host_low_water must be in [0, 1), got {self.host_low_water}")
+        if not 0.0 <= self.prefill_min_fill <= 1.0:
+            raise ValueError(f"prefill_min_fill must be in [0, 1], got {self.prefill_min_fill}")
+        if self.prefill_max_wait_s < 0:
+            raise ValueError(f"prefill_max_wait_s must not be negative, got {self.prefill_max_wait_s}")
 
 
 def default_token_budget(device: str) -> int:

@@ -24,7 +24,8 @@ from seesaw.sim.workload import sharegpt
 def _config(rng: random.Random, overlap: bool) -> SchedulerConfig:
     return SchedulerConfig(max_num_batched_tokens=rng.randint(8, 40), max_num_seqs=rng.randint(1, 6),
                            watermark=rng.choice([0.0, 0.05]), host_low_water=rng.choice([0.0, 0.2, 0.5]),
-                           overlap=overlap)
+                           overlap=overlap, prefill_min_fill=rng.choice([0.0, 0.1, 0.5]),
+                           prefetch=rng.choice([True, False]))
 
 
 def _requests(core, rng: random.Random, tag: str) -> list[tuple[str, int, int]]:
@@ -88,7 +89,7 @@ def test_decode_loads_no_more_requests_than_the_cap_and_the_rest_wait_in_the_hos
 
 
 def test_paused_requests_past_the_cap_stay_paused_until_rows_free_up():
-    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=3, watermark=0.0)
+    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=3, watermark=0.0, prefill_min_fill=0.0)
     core = PhaseScheduler(config, 200, 4, 400, (EOS,), {Phase.PREFILL: 1, Phase.DECODE: 1}, HostSlots(400, 4))
     driver = Driver(core)
     for index in range(3):

@@ -16,9 +16,9 @@ from seesaw.scheduling.request import RequestStatus
 
 
 def make(num_blocks=64, host_blocks=32, block_size=4, budget=32, max_seqs=16, low_water=0.2, micro_batches=1,
-         max_model_len=400, watermark=0.0):
+         max_model_len=400, watermark=0.0, prefetch=True, min_fill=0.1):
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, watermark=watermark,
-                             host_low_water=low_water)
+                             host_low_water=low_water, prefetch=prefetch, prefill_min_fill=min_fill)
     depth = {Phase.PREFILL: micro_batches, Phase.DECODE: 1}
     return PhaseScheduler(config, num_blocks, block_size, max_model_len, (EOS,), depth,
                           HostSlots(host_blocks, block_size))
@@ -102,7 +102,7 @@ def test_a_drained_host_buffer_brings_waiting_prompts_in_and_pauses_decoding_req
 
 
 def test_a_prompt_the_paused_requests_leave_no_room_for_moves_the_latest_of_them_to_the_host_buffer():
-    core = make(num_blocks=16, host_blocks=40, block_size=4, budget=16)
+    core = make(num_blocks=16, host_blocks=40, block_size=4, budget=16, prefetch=False)
     driver = Driver(core)
     requests = [(f"r{index}", 8, 40) for index in range(3)] + [("late0", 16, 4), ("late1", 16, 4)]
     for request in requests[:3]:
@@ -135,7 +135,7 @@ def test_a_prompt_the_paused_requests_leave_no_room_for_moves_the_latest_of_them
 
 
 def test_decode_waits_for_blocks_rather_than_loading_more_when_a_prompt_could_start():
-    core = make(num_blocks=8, host_blocks=64, block_size=4, low_water=0.5)
+    core = make(num_blocks=8, host_blocks=64, block_size=4, low_water=0.5, min_fill=0.0)
     core.phase = Phase.DECODE
     add(core, "waiting", 20, 4)  # needs 5 blocks
     core.waiting[0].status = RequestStatus.WAITING
@@ -178,7 +178,8 @@ def test_random_workloads_finish_every_request_once_with_static_tokens(seed):
     block_size = rng.choice([2, 4, 8])
     core = make(num_blocks=rng.randint(24, 60), host_blocks=rng.randint(24, 80), block_size=block_size,
                 budget=rng.randint(8, 40), max_seqs=rng.randint(2, 12), low_water=rng.choice([0.0, 0.2, 0.5]),
-                micro_batches=rng.choice([1, 2]), watermark=rng.choice([0.0, 0.01, 0.05, 0.1]))
+                micro_batches=rng.choice([1, 2]), watermark=rng.choice([0.0, 0.01, 0.05, 0.1]),
+                prefetch=rng.choice([True, False]), min_fill=rng.choice([0.0, 0.1, 0.5]))
     requests = []
     for index in range(rng.randint(5, 25)):
         prompt_len, max_tokens = rng.randint(1, 40), rng.randint(1, 20)
@@ -204,3 +205,79 @@ def test_many_switches_when_the_host_buffer_is_small_and_the_last_long_requests_
     assert sorted(driver.finished) == sorted(r for r, _, _ in requests)
     assert driver.outputs == reference_outputs(requests)
     assert len(driver.switches) >= 5
+
+
+def _trickle(min_fill: float, max_wait_s: float) -> tuple[int, list[str]]:
+    """Four long requests decode while a short prompt arrives every 0.5 s for 20 s (each step
+    takes 0.05 s); returns the transitions and which requests finished."""
+    clock = [0.0]
+    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=16, watermark=0.0,
+                             prefill_min_fill=min_fill, prefill_max_wait_s=max_wait_s)
+    core = PhaseScheduler(config, 200, 4, 2000, (EOS,), {Phase.PREFILL: 2, Phase.DECODE: 1},
+                          HostSlots(400, 4), clock=lambda: clock[0])
+    driver = Driver(core)
+    for index in range(4):
+        add(core, f"long{index}", 16, 600)
+    arrivals = [(0.5 * (i + 1), f"short{i}") for i in range(40)]
+    while core.has_unfinished or arrivals:
+        while arrivals and arrivals[0][0] <= clock[0]:
+            add(core, arrivals.pop(0)[1], 12, 8)
+        driver.pump()
+        if driver.moves:
+            driver.land_move()
+        elif driver.steps:
+            driver.land_step()
+            clock[0] += 0.05
+        else:
+            clock[0] = arrivals[0][0]  # idle until the next arrival
+    return len(driver.switches), driver.finished
+
+
+def test_a_trickle_of_prompts_waits_for_a_batch_worth_two_reshards():
+    eager_switches, eager_finished = _trickle(min_fill=0.0, max_wait_s=0.0)
+    switches, finished = _trickle(min_fill=0.1, max_wait_s=4.0)
+    assert sorted(finished) == sorted(eager_finished) and len(finished) == 44
+    assert eager_switches >= 50  # most arrivals: a prefill phase and a decode phase for each
+    # A prefill phase at most every 4 s of the 20 while decode has work: a handful of pairs.
+    assert switches <= 12
+
+
+def test_once_no_prompt_can_start_prefetched_requests_load_in_the_decode_layout_before_the_switch():
+    core = make(num_blocks=64, host_blocks=64, block_size=4, budget=8, micro_batches=2)
+    add(core, "first", 8, 4)
+    add(core, "second", 8, 4)
+    first = core.schedule()
+    second = core.schedule()
+    assert [r.request_id for r in first.rows] == ["first"] and [r.request_id for r in second.rows] == ["second"]
+    core.complete(first.step_id, [7])  # "first" is prefilled; "second" is still in the pipeline
+    save = core.schedule()
+    assert [(type(m), m.request_id) for m in save.moves] == [(ToHost, "first")] and save.switch_to is None
+    core.on_saved("first")
+    plan = core.schedule()  # nothing waits: "first" loads in the decode layout while "second" runs
+    assert [(type(m).__name__, m.request_id, m.phase) for m in plan.moves] == [("ToDevice", "first", Phase.DECODE)]
+    assert plan.switch_to is None and core.phase is Phase.PREFILL
+    core.on_loaded("first")
+    assert core.requests["first"].status is RequestStatus.PAUSED and "first" in core.host  # host copy kept
+    core.complete(second.step_id, [7])
+    plan = core.schedule()
+    assert plan.switch_to is Phase.DECODE and "first" not in core.host  # released once decode starts
+    assert core.counters["prefetches"] == 1
+
+
+def test_a_prefetched_request_a_new_prompt_needs_room_from_leaves_without_a_copy():
+    core = make(num_blocks=8, host_blocks=64, block_size=4, budget=8, micro_batches=2)
+    add(core, "a", 8, 4)
+    add(core, "busy", 8, 4)
+    first, second = core.schedule(), core.schedule()
+    core.complete(first.step_id, [7])
+    core.schedule()  # "a" goes to the host buffer
+    core.on_saved("a")
+    core.schedule()  # nothing waits: "a" comes back for decode while "busy" is in the pipeline
+    core.on_loaded("a")
+    assert core.requests["a"].status is RequestStatus.PAUSED and core.pool.num_free == 3
+    add(core, "b", 20, 4)  # 5 blocks: it needs the prefetched request's
+    plan = core.schedule()
+    assert not plan.moves and core.requests["a"].status is RequestStatus.SWAPPED and "a" in core.host
+    assert core.pool.num_free == 6
+    core.complete(second.step_id, [7])
+    assert "b" in [r.request_id for r in core.schedule().rows]

@@ -170,7 +170,7 @@ class Scheduler(Actor):
         if self.is_seesaw:
             micro_batches = {phase: layout.pp for phase, layout in self.layouts.items()}
             return PhaseScheduler(self.config, num_blocks, limits.block_size, limits.max_model_len,
-                                  limits.eos_token_ids, micro_batches, host, first_step_id)
+                                  limits.eos_token_ids, micro_batches, host, first_step_id, clock=time.monotonic)
         return StaticScheduler(self.config, num_blocks, limits.block_size, limits.max_model_len,
                                limits.eos_token_ids, num_micro_batches=self.layout.pp, host=host,
                                first_step_id=first_step_id)

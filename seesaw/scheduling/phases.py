@@ -2,22 +2,25 @@
 
 Prefill while the host buffer can take the next waiting prompt: each prompt is prefilled (in
 chunks under the token budget) into device blocks and its KV copied to a host slot reserved for
-it on admission, freeing the blocks. Then decode: host-resident requests are loaded into free
-device blocks above a watermark and decoded together. Back to prefill once the host buffer has
-drained below its low-water mark and a prompt is waiting; requests still decoding then stay on
-the device, paused, until the next decode phase, unless a prompt needs their blocks: then their KV
-goes to the host buffer too (the latest first) and comes back with the rest. Switches happen as
-rarely as that allows.
+it on admission, freeing the blocks. Once no more prompts can start, host-resident requests load
+into free device blocks in the decode layout's shape while the last prefill steps run. Then
+decode: host-resident requests are loaded into free device blocks above a watermark and decoded
+together. Back to prefill once the host buffer has drained below its low-water mark and enough
+prompts wait (they would fill a share of the host buffer, the oldest has waited long enough, or
+decode has nothing left); requests still decoding then stay on the device, paused, until the next
+decode phase, unless a prompt needs their blocks: then their KV goes to the host buffer too (the
+latest first) and comes back with the rest. Switches happen as rarely as that allows.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import blocks_for
 from seesaw.kv.host_slots import HostSlots
+from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, StepPlan
 from seesaw.scheduling.request import RequestState, RequestStatus
 from seesaw.scheduling.static import StaticScheduler
@@ -36,15 +39,25 @@ class PhaseScheduler(StaticScheduler):
         micro_batches: dict[Phase, int],
         host: HostSlots,
         first_step_id: int = 0,
+        clock: Callable[[], float] | None = None,
     ):
         super().__init__(config, num_device_blocks, block_size, max_model_len, eos_token_ids, host=host,
                          first_step_id=first_step_id)
         self.micro_batches = micro_batches  # steps in flight in each phase: its layout's pipeline depth
         self.phase = Phase.PREFILL
         self._pipeline_depth = micro_batches[self.phase]  # follows the phase: _switch sets both
+        self._clock = clock or (lambda: 0.0)  # seconds; only the waits of prompts are measured with it
         self.paused: list[RequestState] = []  # decoding requests kept on the device during prefill
+        # Requests loaded for decode while the replica still prefills: their host copies are kept
+        # (and count as the host buffer's) until decode starts, so the load makes no room for prompts.
+        self.loaded_early: set[str] = set()
         self.counters["transitions"] = 0
         self.counters["paused_to_host"] = 0  # of the evictions, paused requests moved out for a prompt
+        self.counters["prefetches"] = 0  # of the restores, those started before decode
+
+    def add(self, request: AddRequest) -> None:
+        super().add(request)
+        self.requests[request.request_id].arrival_s = self._clock()
 
     def capacity_error(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
         """Why a request of this size can never fit the device pool or the host buffer, or None."""
@@ -65,6 +78,7 @@ class PhaseScheduler(StaticScheduler):
         plan = self._plan()
         if self.phase is Phase.PREFILL:
             if not self._has_prefill_work():
+                self._prefetch(plan)  # before the switch: the copies start while the last steps run
                 if self._has_decode_work() and self._may_leave_prefill():
                     self._switch(Phase.DECODE, plan)
                 return self._commit(plan)
@@ -78,6 +92,7 @@ class PhaseScheduler(StaticScheduler):
         budget = self._schedule_running(plan, budget, max_rows)
         if self.phase is Phase.PREFILL:
             self._schedule_prefills(plan, budget, max_rows)
+            self._prefetch(plan)
         elif not self._is_holding_loads():
             self._schedule_restores(plan)
         return self._commit(plan)
@@ -109,14 +124,30 @@ class PhaseScheduler(StaticScheduler):
         return bool(self.paused or self.swapped or self.has_kv_moves or self.running)
 
     def _should_prefill(self) -> bool:
-        """Back to prefill: prompts wait, the host buffer is low, and the device has room for a
-        step's worth of them (or for the next one, once nothing else will free blocks)."""
+        """Back to prefill: enough prompts wait, the host buffer is low, and the device has room
+        for a step's worth of them (or for the next one, once nothing else will free blocks)."""
         if not self.waiting or self.host.used_fraction > self.config.host_low_water:
             return False
-        if not self._can_start_prefill(self.waiting[0]):
+        if not self._can_start_prefill(self.waiting[0]) or not self._is_prefill_due():
             return False
-        will_free = any(s.status in (RequestStatus.RUNNING, RequestStatus.RESTORING) for s in self.requests.values())
-        return not will_free or self.pool.num_free >= self._prefill_room_wanted()
+        return not self.num_active or self.pool.num_free >= self._prefill_room_wanted()
+
+    def _is_prefill_due(self) -> bool:
+        """Whether the prompts waiting are worth a prefill phase and the two re-shards around it:
+        decode has nothing left, the oldest has waited `prefill_max_wait_s`, or together they would
+        fill `prefill_min_fill` of the host buffer."""
+        config = self.config
+        if not self._has_decode_work():
+            return True
+        if self._clock() - self.waiting[0].arrival_s >= config.prefill_max_wait_s:
+            return True
+        wanted = config.prefill_min_fill * self.host.num_blocks
+        num_blocks = 0
+        for state in self.waiting:  # stops as soon as the share is reached
+            num_blocks += blocks_for(state.num_tokens, self.block_size)
+            if num_blocks >= wanted:
+                return True
+        return False
 
     def _prefill_room_wanted(self) -> int:
         """Device blocks for the waiting prompts that one step's token budget and the host buffer's
@@ -133,10 +164,11 @@ class PhaseScheduler(StaticScheduler):
 
     def _is_holding_loads(self) -> bool:
         """Whether to stop loading host requests so the device frees room for the next prompt
-        (only when the host buffer could take that prompt: otherwise loading is what drains it)."""
+        (only when a prefill phase is due and the host buffer could take that prompt: otherwise
+        loading is what drains it)."""
         if not self.waiting or self.host.used_fraction > self.config.host_low_water:
             return False
-        return self.host.can_store(self.waiting[0].num_tokens)
+        return self.host.can_store(self.waiting[0].num_tokens) and self._is_prefill_due()
 
     def _can_start_prefill(self, state: RequestState) -> bool:
         """Whether the prompt can be admitted now. No watermark: during prefill nothing on the
@@ -160,7 +192,22 @@ class PhaseScheduler(StaticScheduler):
             self.paused.extend(decoding)
             self.running = [state for state in self.running if state.kv_phase is Phase.PREFILL]
         else:
+            for request_id in self.loaded_early:  # on the device now, in the decode layout
+                self.host.release(request_id)
+            self.loaded_early.clear()
             self._resume_paused()
+
+    def _prefetch(self, plan: StepPlan) -> None:
+        """Once no more prompts can start this phase, load host-resident requests into the free
+        device blocks in the decode layout's shape, so decode starts with a full batch: the copies
+        run beside the last prefill steps and the re-shard, not after them. At most `max_num_seqs`
+        requests wait for decode on the device."""
+        if not self.config.prefetch or not self.swapped:
+            return
+        if self.waiting and self.host.can_store(self.waiting[0].num_tokens):
+            return  # prompts can still start: their blocks come first
+        room = self.config.max_num_seqs - len(self.paused) - self._num_restoring
+        self._schedule_restores(plan, limit=room)
 
     def _resume_paused(self) -> None:
         """Decode: paused requests run again, the oldest first, as far as `max_num_seqs` allows;
@@ -196,7 +243,8 @@ class PhaseScheduler(StaticScheduler):
         prompt's slot free (with a row in flight too: they can move once it lands)."""
         room = self.host.num_free_blocks - blocks_for(prompt.num_tokens, self.block_size)
         for state in reversed(self.paused):
-            room -= blocks_for(state.num_computed_tokens, self.block_size)
+            if state.request_id not in self.loaded_early:  # one loaded early still has its host copy
+                room -= blocks_for(state.num_computed_tokens, self.block_size)
             if room < 0:
                 return
             yield state
@@ -216,8 +264,19 @@ class PhaseScheduler(StaticScheduler):
             self.paused.remove(state)
             self.counters["evictions"] += 1
             self.counters["paused_to_host"] += 1
+            if state.request_id in self.loaded_early:  # its host copy is still there: no copy back
+                self.loaded_early.discard(state.request_id)
+                self._drop_device_copy(state)
+                continue
             self.host.store(state.request_id, state.num_computed_tokens)
             plan.moves.append(self._to_host(state))
+
+    def _drop_device_copy(self, state: RequestState) -> None:
+        self.pool.free(state.block_ids)
+        state.block_ids = []
+        self._release(state)
+        state.status = RequestStatus.SWAPPED
+        self.swapped.appendleft(state)
 
     def _may_follow(self, state: RequestState) -> bool:
         """Only decoding requests run ahead of their token: a prompt just prefilled leaves for the host."""
@@ -235,9 +294,27 @@ class PhaseScheduler(StaticScheduler):
             state.status = RequestStatus.PAUSED
             self.paused.append(state)
 
+    def on_loaded(self, request_id: str) -> None:
+        """As the static core does, except that a request loaded while the replica prefills keeps
+        its host copy until decode starts."""
+        state = self.requests.get(request_id)
+        if (self.phase is Phase.PREFILL and state is not None and state.status is RequestStatus.RESTORING
+                and not state.is_stopped):
+            self.loaded_early.add(request_id)
+            self._num_restoring -= 1
+            self._resume(state)
+            return
+        super().on_loaded(request_id)
+
+    def take_all(self) -> list[RequestState]:
+        self.loaded_early.clear()
+        self.paused.clear()
+        return super().take_all()
+
     def _forget(self, state: RequestState) -> None:
         if state.status is RequestStatus.PAUSED:
             self.paused.remove(state)
+        self.loaded_early.discard(state.request_id)
 
     def _pick_victim(self) -> RequestState | None:
         """In decode, requests left paused by the row cap give way first: they would only wait."""

@@ -28,7 +28,7 @@ class RequestState:
     max_tokens: int
     sampling: RowSampling
     stop_token_ids: frozenset[int]
-    arrival: int
+    arrival: int  # the order requests came in
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_ids: list[int] = field(default_factory=list)
@@ -39,6 +39,7 @@ class RequestState:
     num_blocks_sent: int = 0  # of block_ids, how many the workers already hold (0: none, or stale)
     is_stopped: bool = False  # finished by the user while busy; released once idle
     kv_phase: Phase = Phase.MIXED  # the phase whose layout its device blocks are laid out in
+    arrival_s: float = 0.0  # when it came in, by the core's clock
 
     @property
     def num_tokens(self) -> int:

@@ -380,8 +380,11 @@ class StaticScheduler:
         room = (len(state.block_ids) + max(1, self.pool.num_free)) * self.block_size - state.num_computed_tokens
         return min(num_new, room)
 
-    def _schedule_restores(self, plan: StepPlan) -> None:
-        while self.swapped and self.has_room_for_active:
+    def _schedule_restores(self, plan: StepPlan, limit: int | None = None) -> None:
+        """Load swapped requests back (at most `limit` of them) into free blocks above the
+        watermark, laid out for the decode phase in seesaw mode."""
+        phase = Phase.MIXED if self.phase is Phase.MIXED else Phase.DECODE
+        while self.swapped and self.has_room_for_active and (limit is None or limit > 0):
             state = self.swapped[0]
             needed = blocks_for(state.num_computed_tokens + 1, self.block_size)
             is_alone = not self.running and not any(
@@ -393,10 +396,14 @@ class StaticScheduler:
             state.block_ids = self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
             self._num_restoring += 1
-            state.kv_phase = self.phase
+            state.kv_phase = phase
             slot = self.host.get(state.request_id)
-            plan.moves.append(ToDevice(state.request_id, self.phase, slot.host_block_ids, list(state.block_ids)))
+            plan.moves.append(ToDevice(state.request_id, phase, slot.host_block_ids, list(state.block_ids)))
             self.counters["restores"] += 1
+            if self.phase is not phase:
+                self.counters["prefetches"] += 1
+            if limit is not None:
+                limit -= 1
 
     def _schedule_waiting(self, plan: StepPlan, budget: int, max_rows: int) -> None:
         while self.waiting and budget > 0 and self.has_room_for_active and len(plan.rows) < max_rows:

@@ -38,7 +38,7 @@ class RunSpec:
     layout: Layout
     decode_layout: Layout | None = None
     block_size: int = 16
-    host_buffer_gb: float = 0.0
+    host_buffer_gb: float | None = 0.0  # None: auto (the planner sizes it before a run)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_model_len: int | None = None
 
@@ -162,6 +162,8 @@ class Simulation:
         distinct = list(dict.fromkeys(self.layouts.values()))
         self.device_blocks = cost.device_blocks(distinct, spec.block_size)
         host_block_bytes = cost.kv_bytes_per_token * spec.block_size
+        if spec.host_buffer_gb is None:
+            raise ValueError(f"{spec}: size its host buffer first (planner.with_host_buffer)")
         self.host_blocks = int(spec.host_buffer_gb * GIB) // host_block_bytes
         if spec.is_seesaw and self.host_blocks < layout.dp:
             raise ValueError(f"{spec}: a prefill -> decode pair keeps KV in host memory between phases, and its "
@@ -187,7 +189,7 @@ class Simulation:
         if spec.is_seesaw:
             micro_batches = {phase: layout.pp for phase, layout in self.layouts.items()}
             return PhaseScheduler(spec.scheduler, self.device_blocks, spec.block_size, max_len, (),
-                                  micro_batches, host)
+                                  micro_batches, host, clock=lambda: self.now)
         return StaticScheduler(spec.scheduler, self.device_blocks, spec.block_size, max_len, (),
                                num_micro_batches=spec.layout.pp, host=host)
 
@@ -307,7 +309,10 @@ class Simulation:
             for position in range(len(replica.free_at)):
                 stage = position // tp
                 seconds = self.cost.reload_s(new_layout, stage)
-                replica.free_at[position] = max(replica.free_at[position], self.now) + seconds
+                # A worker reloads once its own part of the last steps is done, and the host links
+                # have carried the KV copies already queued on them (prefetched loads among them).
+                start = max(replica.free_at[position], self.now, replica.link_free_at)
+                replica.free_at[position] = start + seconds
                 self.reload_total_s += seconds / len(replica.free_at) / len(self.replicas)
                 end = max(end, replica.free_at[position])
             replica.link_free_at = max(replica.link_free_at, end)  # the reload used the host links
