@@ -24,7 +24,7 @@ def test_truncation_matches_a_brute_force_nucleus():
     generator = torch.Generator().manual_seed(2)
     for top_k, top_p in [(0, 0.5), (5, 1.0), (7, 0.8), (0, 0.99), (3, 0.1)]:
         logits = torch.randn(1, 30, generator=generator)
-        kept = _truncate(logits, [RowSampling(1.0, top_p=top_p, top_k=top_k)])[0] > float("-inf")
+        kept = _truncate(logits, torch.tensor([top_p]), torch.tensor([float(top_k)]))[0] > float("-inf")
         order = logits[0].argsort(descending=True).tolist()
         if top_k:
             order = order[:top_k]
@@ -56,3 +56,29 @@ def test_samples_follow_the_distribution():
     for index in range(4000):
         counts[sampler.sample(logits, [RowSampling(1.0, seed=7, output_index=index)])[0].item()] += 1
     assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+
+
+def test_a_step_with_random_rows_makes_no_blocking_copy_to_the_device(monkeypatch):
+    """The random rows' parameters go up in one copy from pinned memory, never as tensors made
+    from lists on the device (each a copy the host waits for); unseeded noise is one draw."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    sampler = Sampler(torch.device("cpu"))
+    uploads = []
+    upload = sampler._upload
+    monkeypatch.setattr(sampler, "_upload", lambda columns: uploads.append(columns) or upload(columns))
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
+    rows = [RowSampling(0.8, top_p=0.9, top_k=5)] * 4 + [RowSampling(0.0), RowSampling(1.0, seed=3)]
+    with Ops() as ops:
+        sampler.sample(logits, rows)
+    assert len(uploads) == 1
+    assert ops.names.count("exponential_.default") == 2  # the unseeded rows at once, the seeded row alone

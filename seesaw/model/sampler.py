@@ -14,6 +14,10 @@ _SEED_STRIDE = 1_000_003
 
 
 class Sampler:
+    """On a GPU a step's sampling never waits for the device: the random rows' parameters reach it
+    in one non-blocking copy from pinned memory, and unseeded rows draw their noise in one launch
+    (a seeded row draws its own, from its seed and output index)."""
+
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -24,37 +28,48 @@ class Sampler:
         tokens = logits.argmax(dim=-1)  # [rows]
         random_rows = [index for index, row in enumerate(rows) if row.temperature > 0.0]
         if random_rows:
-            chosen = torch.tensor(random_rows, device=logits.device)
-            picked = self._sample_random(logits.index_select(0, chosen), [rows[i] for i in random_rows])
+            chosen_rows = [rows[i] for i in random_rows]
+            params = self._upload([random_rows, [row.temperature for row in chosen_rows],
+                                   [row.top_p for row in chosen_rows], [row.top_k for row in chosen_rows]])
+            chosen = params[0].long()  # [random rows]
+            picked = self._sample_random(logits.index_select(0, chosen), chosen_rows, params[1:])
             tokens = tokens.index_copy(0, chosen, picked)
         return tokens
 
-    def _sample_random(self, logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-        temperatures = torch.tensor([row.temperature for row in rows], device=logits.device)
+    def _upload(self, columns: list[list[float]]) -> torch.Tensor:
+        """[len(columns), n] float32 on the device, without waiting for it (exact for indices and
+        top-k below 2**24)."""
+        host = torch.tensor(columns, dtype=torch.float32)  # [columns, n]
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _sample_random(self, logits: torch.Tensor, rows: list[RowSampling], params: torch.Tensor) -> torch.Tensor:
+        temperatures, top_p, top_k = params  # [rows] each
         logits = logits / temperatures[:, None]
         if any(row.top_k > 0 for row in rows) or any(row.top_p < 1.0 for row in rows):
-            logits = _truncate(logits, rows)
+            logits = _truncate(logits, top_p, top_k)
         probs = torch.softmax(logits, dim=-1)  # [rows, vocab]
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs)
+        if any(row.seed is None for row in rows):
+            noise.exponential_(generator=self.generator)  # every row at once; seeded rows redraw below
         for index, row in enumerate(rows):
-            noise[index].exponential_(generator=self._generator_for(row))
+            if row.seed is not None:
+                noise[index].exponential_(generator=self._seeded(row))
         return (probs / noise).argmax(dim=-1)
 
-    def _generator_for(self, row: RowSampling) -> torch.Generator:
-        if row.seed is None:
-            return self.generator
+    def _seeded(self, row: RowSampling) -> torch.Generator:
         return self._row_generator.manual_seed((row.seed * _SEED_STRIDE + row.output_index) & (2**63 - 1))
 
 
-def _truncate(logits: torch.Tensor, rows: list[RowSampling]) -> torch.Tensor:
-    """Mask tokens outside each row's top-k and top-p nucleus to -inf."""
+def _truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Mask tokens outside each row's top-k (0: all) and top-p nucleus to -inf; top_p and top_k
+    are [rows] tensors on the logits' device."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [rows, vocab]
-    top_k = torch.tensor([row.top_k if row.top_k > 0 else vocab for row in rows], device=logits.device)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= top_k[:, None]
-    top_p = torch.tensor([row.top_p for row in rows], device=logits.device)
+    drop = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep a token while the mass before it is below top_p; the most likely token always stays.
     mass_before = probs.cumsum(dim=-1) - probs
