@@ -44,7 +44,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_gb: float | None = None  # per worker; None: 2 GiB on CPU, free memory on CUDA
     memory_fraction: float = 0.9  # CUDA: share of the card Seesaw may fill
-    host_buffer_gb: float = 1.0
+    host_buffer_gb: float | None = None  # None: auto, sized from what the node has (and the job needs)
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -54,7 +54,7 @@ class CacheConfig:
         if not 0.05 <= self.memory_fraction < 1.0:
             raise ValueError(f"memory_fraction must be in [0.05, 1): the driver, NCCL and the attention "
                              f"workspace need some of the card, got {self.memory_fraction}")
-        if self.host_buffer_gb < 0:
+        if self.host_buffer_gb is not None and self.host_buffer_gb < 0:
             raise ValueError(f"host_buffer_gb must not be negative, got {self.host_buffer_gb}")
 
     def kv_cache_bytes(self, device: str) -> int | None:

@@ -32,6 +32,8 @@ from seesaw.actors.scheduler import ModelLimits, Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
 from seesaw.frontend.text import TextCodec
+from seesaw.kv.block_pool import blocks_for
+from seesaw.kv.host_sizing import GIB, HostBufferPlan, NodeMemory, auto_host_buffer, check_host_buffer, few_pools_warning
 from seesaw.layout import shard_for
 from seesaw.messages import (
     Backend,
@@ -53,8 +55,8 @@ from seesaw.scheduling.decisions import Phase
 from seesaw.transport.addresses import advertise_ip, reachable
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
-from seesaw.transport.shared_memory import SHM_DIR, hold_lock, reclaim_orphans
-from seesaw.transport.weight_store import WeightStore
+from seesaw.transport.shared_memory import SHM_DIR, hold_lock, read_node_memory, reclaim_orphans
+from seesaw.transport.weight_store import WeightStore, store_bytes
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,12 @@ class _EngineInbox(Actor):
 
 class Engine:
     """Start with `await engine.start()`; front doors send Submit to `request_queue_address` and
-    QueryStats to `scheduler_address`."""
+    QueryStats to `scheduler_address`. `job_kv_blocks`, the KV blocks a known job (a batch file)
+    may hold at once at most, caps an auto-sized host buffer; `node_memory` stands in for what
+    this node's /dev/shm and memory offer."""
 
-    def __init__(self, config: EngineConfig, model: ResolvedModel, codec: TextCodec | None = None):
+    def __init__(self, config: EngineConfig, model: ResolvedModel, codec: TextCodec | None = None, *,
+                 job_kv_blocks: int | None = None, node_memory: NodeMemory | None = None):
         self.config = config
         self.model = model
         self.spec = model.spec
@@ -90,7 +95,7 @@ class Engine:
         for layout in parallel.layouts:
             for rank in range(layout.world_size):
                 shard_for(layout, self.spec.shape, rank)  # fail fast on impossible layouts
-        if parallel.is_seesaw and config.cache.host_buffer_gb <= 0:
+        if parallel.is_seesaw and config.cache.host_buffer_gb is not None and config.cache.host_buffer_gb <= 0:
             raise ValueError("--prefill-layout and --decode-layout pass every request's KV through the host "
                              "buffer: --host-buffer-gb must be positive")
         if parallel.is_seesaw and parallel.local_workers() < parallel.layout.world_size:
@@ -98,6 +103,8 @@ class Engine:
                              "memory, so every worker must run here; workers on other hosts need --layout")
         limit = config.model.max_model_len
         self.max_model_len = min(limit, self.spec.max_position) if limit else self.spec.max_position
+        # Sized (and checked against /dev/shm) now, before anything starts.
+        self.host_buffer_plan = self._plan_host_buffer(node_memory or read_node_memory(), job_kv_blocks)
         self.context: zmq.asyncio.Context | None = None
         self.failure: str | None = None
         self.failed = asyncio.Event()
@@ -185,17 +192,42 @@ class Engine:
         """An in-process address for a front door's inbox."""
         return f"inproc://{self._run_dir.name}/{name}"
 
-    def _make_host_buffer(self) -> HostBuffer | None:
-        parallel = self.config.parallel
+    def _host_block_shape(self) -> list[int]:
+        spec = self.spec
+        return [spec.num_layers, 2, spec.num_kv_heads, self.config.cache.block_size, spec.head_dim]
+
+    def _plan_host_buffer(self, memory: NodeMemory, job_kv_blocks: int | None) -> HostBufferPlan | None:
+        """The host buffer's size and why: the one asked for (checked against /dev/shm), or auto.
+        None when workers on other hosts could not reach it."""
+        config, parallel = self.config, self.config.parallel
         if parallel.local_workers() < parallel.layout.world_size:
+            return None
+        dtype = config.model.resolved_dtype
+        model_bytes = store_bytes(neutral_shapes(self.spec), dtype)
+        weight_store_bytes = model_bytes if parallel.reshards else 0
+        asked_gb = config.cache.host_buffer_gb
+        if asked_gb is not None:
+            check_host_buffer(int(asked_gb * GIB), memory, weight_store_bytes)
+            return HostBufferPlan(int(asked_gb * GIB), f"host KV buffer {asked_gb:g} GiB (--host-buffer-gb)")
+        block_bytes = math.prod(self._host_block_shape()) * torch_dtype(dtype).itemsize
+        num_workers = parallel.layout.world_size
+        if config.model.device == "cpu":  # the workers' weights and KV pools live in host memory too
+            process_bytes = model_bytes + num_workers * (config.cache.kv_cache_bytes("cpu") + GIB // 2)
+        else:
+            process_bytes = num_workers * GIB
+        min_bytes = blocks_for(self.max_model_len, config.cache.block_size) * block_bytes * parallel.layout.dp
+        return auto_host_buffer(memory, store_bytes=weight_store_bytes, process_bytes=process_bytes,
+                                min_bytes=min_bytes, job_bytes=None if job_kv_blocks is None else job_kv_blocks * block_bytes,
+                                is_seesaw=parallel.is_seesaw, num_workers=num_workers)
+
+    def _make_host_buffer(self) -> HostBuffer | None:
+        if self.host_buffer_plan is None:
             log.info("workers on other hosts cannot reach this host's shared memory: evicted requests "
                      "will be recomputed instead of waiting in a host buffer")
             return None
-        spec, block_size = self.spec, self.config.cache.block_size
-        block_shape = [spec.num_layers, 2, spec.num_kv_heads, block_size, spec.head_dim]
-        dtype = self.config.model.resolved_dtype
+        block_shape, dtype = self._host_block_shape(), self.config.model.resolved_dtype
         block_bytes = math.prod(block_shape) * torch_dtype(dtype).itemsize
-        num_blocks = int(self.config.cache.host_buffer_gb * (1 << 30)) // block_bytes
+        num_blocks = self.host_buffer_plan.num_bytes // block_bytes
         return HostBuffer.create(num_blocks, block_shape, dtype) if num_blocks else None
 
     def _make_weight_store(self, finished: threading.Event) -> None:
@@ -333,6 +365,7 @@ class Engine:
             case EngineReady():
                 self.is_ready = True
                 self._ready.set()
+                self._warn_of_a_small_host_buffer(message.num_device_blocks)
             case EngineFailed():
                 self._on_engine_failed(message)
             case RestartWorkers():
@@ -341,6 +374,15 @@ class Engine:
                 future = self._stats.pop(message.query_id, None)
                 if future is not None and not future.done():
                     future.set_result(message.stats)
+
+    def _warn_of_a_small_host_buffer(self, device_blocks: list[int]) -> None:
+        """Seesaw mode: say so when the host buffer holds only a few device pools' worth of KV."""
+        if not self.config.parallel.is_seesaw or self._host_buffer is None or not device_blocks:
+            return
+        host_blocks = self._host_buffer.spec.num_blocks // len(device_blocks)
+        warning = few_pools_warning(self.host_buffer_plan, host_blocks, min(device_blocks))
+        if warning is not None:
+            log.warning("%s", warning)
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
         """The first failure is the engine's: pass it on once; later ones add nothing."""
@@ -366,7 +408,10 @@ class Engine:
         self._stats[query_id] = future
         self._send("scheduler", QueryStats(query_id, self._inboxes["engine"].bound_address, with_timeline))
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            stats = await asyncio.wait_for(future, timeout_s)
+            if self.host_buffer_plan is not None:
+                stats["host_buffer"] = {"gib": self.host_buffer_plan.gib, "reason": self.host_buffer_plan.reason}
+            return stats
         except TimeoutError:
             raise EngineError(f"the scheduler did not answer a stats query within {timeout_s:.0f} s") from None
         finally:

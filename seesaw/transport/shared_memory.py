@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from seesaw.kv.host_sizing import NodeMemory
+
 SHM_DIR = Path("/dev/shm")
 _OWNED_NAME = re.compile(r"^seesaw-[a-z]+-(\d+)-[0-9a-z_]+$")  # seesaw-KIND-PID-RANDOM
 
@@ -67,6 +69,18 @@ class SharedSegment:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def read_node_memory() -> NodeMemory:
+    """What this node can give shared memory: /dev/shm's free room and the memory available."""
+    free = os.statvfs(SHM_DIR)
+    available = 0
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    return NodeMemory(free.f_bavail * free.f_frsize, available, str(SHM_DIR))
 
 
 def hold_lock(fd: int) -> None:

@@ -31,6 +31,11 @@ def _offsets(shapes: dict[str, tuple[int, ...]], itemsize: int) -> tuple[dict[st
     return offsets, cursor * itemsize
 
 
+def store_bytes(shapes: dict[str, tuple[int, ...]], dtype: str) -> int:
+    """The size of a weight store holding `shapes` at `dtype`."""
+    return _offsets(shapes, torch_dtype(dtype).itemsize)[1]
+
+
 class WeightStore:
     """Layout-neutral weights in shared memory; `rows(name, span)` is a view, never a copy."""
 
