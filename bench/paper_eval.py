@@ -21,9 +21,9 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from seesaw.sim.catalog import GB, Catalog, Node
-from seesaw.sim.cost import CostModel
-from seesaw.sim.planner import Candidate, PlanOptions, best, plan
+from seesaw.sim.catalog import GB, Catalog, Node, parse_all_reduce, with_all_reduce
+from seesaw.sim.cost import GIB, CostModel
+from seesaw.sim.planner import Candidate, PlanOptions, best, choose, evaluate, plan
 from seesaw.sim.workload import Workload, arxiv, fixed, sharegpt
 
 # Figure 10's bar labels: for each GPU, model and workload, the best vLLM layout and Seesaw's pair.
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host-memory-per-gpu", type=float, default=80.0, help="GiB (the paper's: 80)")
     parser.add_argument("--all-reduce-gbs", default=None, metavar="SIZE=GBS,...",
                         help="ring all-reduce bus bandwidth by group size on the PCIe nodes, e.g. 8=3.2 "
-                             "(default: the link's copy bandwidth for every size)")
+                             "(default: the link's catalogued figures)")
     parser.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
     parser.add_argument("--output-json", default=None)
     return parser.parse_args(argv)
@@ -71,15 +71,10 @@ def _node(catalog: Catalog, args, gpus: str, interconnect: str | None = None) ->
     node = catalog.node(gpus, interconnect or args.interconnect, args.host_memory_per_gpu * count)
     if not args.all_reduce_gbs or not node.interconnect.name.startswith("pcie"):
         return node
-    link = node.interconnect
-    measured = {size: link.all_reduce_bandwidth(size) / GB for size in range(2, count + 1)}
-    for item in args.all_reduce_gbs.split(","):
-        size, _, gbs = item.partition("=")
-        try:
-            measured[int(size)] = float(gbs)
-        except ValueError:
-            raise SystemExit(f"--all-reduce-gbs: {item!r} is not SIZE=GBS (for example 8=3.2)") from None
-    return replace(node, interconnect=replace(link, all_reduce_gbs=measured))
+    try:
+        return with_all_reduce(node, parse_all_reduce(args.all_reduce_gbs))
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
 
 def _workloads(args) -> dict[str, Workload]:
@@ -87,14 +82,27 @@ def _workloads(args) -> dict[str, Workload]:
 
 
 def compare(cost: CostModel, workload: Workload, jobs: int, named: tuple[str, ...] = ()) -> dict:
-    """Best static layout and best pair with their throughputs and ratio, and the throughput and
-    rank (among static layouts, or among pairs) of each run in `named`."""
+    """Best static layout and best pair with their throughputs and ratio (every run with the
+    engine's default flags: auto host buffers), what `--layout auto` chooses, the chosen pair (or
+    the best) with an unlimited host buffer, and the throughput and rank (among static layouts,
+    or among pairs) of each run in `named`."""
     ranked = plan(cost, workload, PlanOptions(), jobs=jobs)
     static, pair = best(ranked, False), best(ranked, True)
     row = {"static": _name(static), "static_tps": _tps(static), "pair": _name(pair), "pair_tps": _tps(pair)}
     row["ratio"] = pair.throughput / static.throughput if static and pair else None
     if pair:
         row["transitions"] = len(pair.result.transitions)
+        row["pair_host_buffer_gb"] = round(pair.spec.host_buffer_gb, 1)
+    choice = choose(ranked)
+    row["auto"], row["auto_tps"] = _name(choice.best), _tps(choice.best)
+    row["auto_vs_static"] = choice.best.throughput / static.throughput if static else None
+    if pair:
+        unlimited_spec = (choice.best if choice.best.spec.is_seesaw else pair).spec
+        job_gib = sum(p + o for p, o in workload.lengths) * cost.kv_bytes_per_token / GIB
+        unlimited = evaluate(cost, replace(unlimited_spec, host_buffer_gb=job_gib * 1.1 + 1), workload)
+        row["unlimited"], row["unlimited_tps"] = unlimited.name, _tps(unlimited)
+        chosen_pair = choice.best if choice.best.spec.is_seesaw else pair
+        row["pair_vs_unlimited"] = chosen_pair.throughput / unlimited.throughput if unlimited.throughput else None
     by_name = {candidate.name: candidate for candidate in ranked}
     for name in named:
         candidate = by_name.get(name)
@@ -123,27 +131,39 @@ def _run(row: dict, name: str) -> str:
 
 def figure10(args, catalog: Catalog) -> list[dict]:
     print("Figure 10: best static layout (chunked prefill) against best prefill->decode pair, total tokens/s;\n"
-          "the paper's best configurations as our model predicts and ranks them")
+          "the paper's best configurations as our model predicts and ranks them; then seesaw mode with default\n"
+          "flags (--layout auto, auto host buffer) against the best static layout and against the same pair\n"
+          "with an unlimited host buffer")
     rows = []
-    for gpu in ("A10", "L4"):
+    for label, gpu in (("A10", "A10G"), ("L4", "L4")):  # the paper's A10 nodes are AWS's, of A10Gs
         for model, count in FIG10_MODELS:
             cost = CostModel(catalog.model(model), _node(catalog, args, f"{count}x{gpu}"))
             for workload_name, workload in _workloads(args).items():
-                paper_static, paper_pair = PAPER_FIG10[(gpu, model, workload_name)]
-                row = {"gpus": f"{count}x{gpu}", "model": model, "workload": workload_name,
+                paper_static, paper_pair = PAPER_FIG10[(label, model, workload_name)]
+                row = {"gpus": f"{count}x{gpu}", "paper_gpus": label, "model": model, "workload": workload_name,
                        "paper_static": paper_static, "paper_pair": paper_pair,
                        **compare(cost, workload, args.jobs, (paper_static, paper_pair))}
                 static_tps, pair_tps = row[paper_static]["tps"], row[paper_pair]["tps"]
                 row["paper_configs_ratio"] = pair_tps / static_tps if static_tps and pair_tps else None
                 rows.append(row)
-                print(f"  {row['gpus']:<6} {model:<13} {workload_name:<8} ours: {row['static']} "
+                print(f"  {row['gpus']:<7} {model:<13} {workload_name:<8} ours: {row['static']} "
                       f"({row['static_tps']:,.0f}) -> {row['pair']} ({row['pair_tps']:,.0f}) {row['ratio']:.2f}x, "
                       f"{row.get('transitions', 0)} switches | paper's: {_run(row, paper_static)}, "
                       f"{_run(row, paper_pair)}, {row['paper_configs_ratio'] or 0:.2f}x", flush=True)
-        for key, what in (("ratio", "ours"), ("paper_configs_ratio", "the paper's configurations")):
-            ratios = [row[key] for row in rows if row["gpus"].endswith(gpu) and row[key]]
-            print(f"  {gpu}: geomean {_geomean(ratios):.2f}x predicted for {what}; the paper reports "
-                  f"{PAPER_FIG10_GEOMEAN[gpu]:.2f}x", flush=True)
+                unlimited = (f", {row['pair_vs_unlimited']:.3f}x the unlimited buffer"
+                             if row.get("pair_vs_unlimited") and "->" in row["auto"] else "")
+                print(f"          defaults: {row['auto']} ({row['auto_tps']:,.0f}), {row['auto_vs_static']:.3f}x the "
+                      f"best static{unlimited}", flush=True)
+        for key, what in (("ratio", "ours"), ("paper_configs_ratio", "the paper's configurations"),
+                          ("auto_vs_static", "seesaw mode with default flags")):
+            ratios = [row[key] for row in rows if row["paper_gpus"] == label and row[key]]
+            print(f"  {label}: geomean {_geomean(ratios):.2f}x predicted for {what}; the paper reports "
+                  f"{PAPER_FIG10_GEOMEAN[label]:.2f}x", flush=True)
+    worst = min(rows, key=lambda row: row["auto_vs_static"])
+    paired = [row for row in rows if "->" in row["auto"]]
+    print(f"  defaults against the best static layout: lowest {worst['auto_vs_static']:.3f}x "
+          f"({worst['gpus']} {worst['model']} {worst['workload']}); where a pair is chosen, against an unlimited "
+          f"host buffer: lowest {min((row['pair_vs_unlimited'] for row in paired), default=float('nan')):.3f}x", flush=True)
     return rows
 
 

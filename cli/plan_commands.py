@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,7 +33,9 @@ def plan(
     seed: Annotated[int, typer.Option(help="seed for the built-in workloads")] = 0,
     max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="token budget of one step (default: the GPU profile's)")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="most requests running at once")] = 256,
-    host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: what host memory leaves)")] = None,
+    host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: auto, as the engine sizes it: what /dev/shm and memory leave, at most the workload's KV)")] = None,
+    shm_gb: Annotated[Optional[float], typer.Option(help="the size of /dev/shm on the node in GiB (default: half its host memory, as Linux mounts it)")] = None,
+    all_reduce_gbs: Annotated[Optional[str], typer.Option(help="ring all-reduce bus bandwidth by group size, SIZE=GB/s,... (for example 2=10,4=8,8=3.2; default: the link's measured figures, else its copy bandwidth)")] = None,
     profiles: ProfilesOption = None,
     jobs: Annotated[int, typer.Option(help="simulations run at once (processes)")] = max(1, os.cpu_count() or 1),
     top: Annotated[int, typer.Option(help="rows of the ranking to print (0: all)")] = 0,
@@ -42,11 +45,14 @@ def plan(
     """Rank every static layout and every prefill->decode pair of a node by simulated throughput."""
     from seesaw.frontend.output import check_folder
     from seesaw.sim import planner
-    from seesaw.sim.cost import GIB, CostModel
+    from seesaw.sim.catalog import parse_all_reduce, with_all_reduce
+    from seesaw.sim.cost import CostModel
 
     try:
         catalog = _catalog(profiles)
-        node = catalog.node(gpus, interconnect, host_memory_gb)
+        node = catalog.node(gpus, interconnect, host_memory_gb, shm_gb)
+        if all_reduce_gbs is not None:
+            node = with_all_reduce(node, parse_all_reduce(all_reduce_gbs))
         spec = catalog.model(model)
         requests, refused = _workload(workload, num_requests, seed, spec.max_position, model)
         if timeline is not None:
@@ -68,12 +74,7 @@ def plan(
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
                f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
     typer.echo(f"workload: {requests.describe()}")
-    buffers = f"host KV buffer: {planner.host_buffer_for(cost, options, False):.1f} GiB for static layouts"
-    if node.num_gpus > 1:  # one GPU has one layout: no pairs
-        buffers += (f", {planner.host_buffer_for(cost, options, True):.1f} GiB for pairs"
-                    + ("" if options.host_buffer_gb is not None else
-                       f" (which keep the {cost.model_bytes / GIB:.0f} GiB of weights in host memory to re-shard)"))
-    typer.echo(buffers)
+    typer.echo(f"host KV buffer: {_buffers(planner, cost, options, requests)}")
     try:
         ranked = planner.plan(cost, requests, options, jobs=jobs)
     except RuntimeError as error:
@@ -83,16 +84,18 @@ def plan(
     if static is not None and pair is not None:
         typer.echo(f"\nbest static: {static.name} ({static.throughput:.0f} tokens/s); best pair: {pair.name} "
                    f"({pair.throughput:.0f} tokens/s), {pair.throughput / static.throughput:.2f}x")
-    winner = next((c for c in ranked if c.result is not None and not c.result.num_failed), None)
-    if winner is None:
+    choice = planner.choose(ranked)
+    if choice is None:
         _fail("no layout of this node can run this model and workload")
+    typer.echo(choice.describe())
+    winner = choice.best if options.host_buffer_gb is not None else planner.right_sized(cost, choice.best, requests)
     command = planner.batch_command(winner, model, node.gpu)
     typer.echo(f"run the best:\n  {command}")
     notes = planner.host_memory_notes(winner, cost)
     for note in notes:
         typer.echo(f"  note: {note}")
     if output_json is not None:
-        rows = [{"run": c.name, "error": c.error, "host_buffer_gb": round(c.spec.host_buffer_gb, 1),
+        rows = [{"run": c.name, "error": c.error, "host_buffer_gb": c.spec.host_buffer_gb and round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]
         left_out = {"bad_lines": list(requests.left_out), "longer_than_context": refused}
         output_json.write_text(json.dumps({"node": str(node), "model": model, "workload": requests.describe(),
@@ -104,6 +107,27 @@ def plan(
         drawn = pair or winner  # a node of one GPU has no pair: its best layout's run
         draw_timeline(timeline, drawn.result.metrics())
         typer.echo(f"timeline of {drawn.name}{'' if pair else ' (no prefill->decode pair runs here)'}: {timeline}")
+
+
+def _buffers(planner, cost, options, requests) -> str:
+    """The host buffers static layouts and pairs get, and why, in one line."""
+    from seesaw.layout import Layout
+    from seesaw.sim.simulator import RunSpec
+
+    count = cost.node.num_gpus
+    base = RunSpec(Layout(pp=count), host_buffer_gb=options.host_buffer_gb, block_size=options.block_size,
+                   max_model_len=cost.spec.max_position)
+    runs = [("static layouts", base)]
+    if count > 1:  # one GPU has one layout: no pairs
+        runs.append(("pairs", replace(base, decode_layout=Layout(tp=count))))
+    parts = []
+    for what, run in runs:
+        try:
+            parts.append(f"{planner.host_buffer_for(cost, run, requests).gib:.1f} GiB for {what}")
+        except ValueError as error:
+            parts.append(f"none for {what} ({error})")
+    how = "as given" if options.host_buffer_gb is not None else "auto, as the engine sizes it on such a node"
+    return f"{', '.join(parts)} ({how})"
 
 
 def _print_ranking(ranked, top: int) -> None:

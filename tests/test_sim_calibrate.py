@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from seesaw.sim import measure
 from seesaw.sim.catalog import Catalog
-from seesaw.sim.measure_gpu import GPU_RUNS, catalogue_name, gpu_entry
+from seesaw.sim.catalog import catalogue_name
+from seesaw.sim.measure_gpu import GPU_RUNS, gpu_entry
 from seesaw_cli.main import app
 
 H200_RATES = {"peak_flops": 800e12, "model_matmul_flops": 650e12, "copy_bandwidth": 4.0e12,
@@ -23,8 +24,8 @@ H200_RATES = {"peak_flops": 800e12, "model_matmul_flops": 650e12, "copy_bandwidt
 @pytest.mark.parametrize(("device_name", "entry"), [
     ("NVIDIA H200", "H200"), ("NVIDIA H100 80GB HBM3", "H100-SXM"), ("NVIDIA H100 PCIe", "H100-PCIe"),
     ("NVIDIA A100-SXM4-40GB", "A100-40GB-SXM"), ("NVIDIA A100-PCIE-40GB", "A100-40GB-PCIe"),
-    ("NVIDIA L4", "L4"), ("NVIDIA A10", "A10"), ("NVIDIA A100-SXM4-80GB", None), ("NVIDIA A10G", None),
-    ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA L4", "L4"), ("NVIDIA A10", "A10"), ("NVIDIA A100-SXM4-80GB", "A100-80GB-SXM"),
+    ("NVIDIA A100 80GB PCIe", "A100-80GB-PCIe"), ("NVIDIA A10G", "A10G"), ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_a_cuda_device_is_matched_to_its_catalogue_entry_by_name(device_name, entry):
     assert catalogue_name(device_name) == entry

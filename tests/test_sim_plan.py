@@ -72,7 +72,7 @@ def test_the_batch_line_of_the_best_run_carries_what_was_simulated(tmp_path):
     assert batch_command(pair, "llama3-8b", catalog.gpu("fixed")).endswith("--kv-cache-gb 3")
 
 
-def test_host_memory_notes_say_when_shared_memory_or_an_idle_buffer_is_worth_a_look():
+def test_host_memory_notes_say_when_shared_memory_would_not_hold_the_run():
     from seesaw.sim.planner import Candidate, host_memory_notes
     from seesaw.sim.simulator import RunSpec, simulate
 
@@ -84,16 +84,28 @@ def test_host_memory_notes_say_when_shared_memory_or_an_idle_buffer_is_worth_a_l
         spec = RunSpec.parse(run, host_buffer_gb=buffer_gb)
         return host_memory_notes(Candidate(spec, simulate(cost, spec, work)), cost)
 
-    assert notes("t2", 4.0) == []  # little and unused
-    assert notes("t2", 60.0) == ["it keeps 60 GiB in shared memory, the host KV buffer; /dev/shm must hold that, "
-                                 "and Linux sizes it at half of RAM unless mounted larger",
-                                 "the simulated run never used its 60.0 GiB host buffer, which the engine reserves "
-                                 "and pins at start: plan --host-buffer-gb shows what a smaller one changes"]
-    # Every request of a pair goes through the buffer, far from filling it; re-sharding adds the weights.
-    pair = notes("p2-t2", 40.0)
-    assert len(pair) == 2 and pair[0].startswith("it keeps 55 GiB in shared memory, the host KV buffer and the weight")
-    assert pair[1].startswith("the simulated run used at most 0.1 GiB of its 40.0 GiB host buffer")
-    assert notes("t2-t2", 40.0) == pair[1:]  # one layout: no weight store
+    assert notes("t2", 40.0) == []  # /dev/shm holds half of the 100 GiB
+    assert notes("t2", 60.0) == ["it keeps 60 GiB in shared memory, the host KV buffer; /dev/shm holds 50 GiB on "
+                                 "this node (Linux mounts it at half of RAM unless told otherwise)"]
+    pair = notes("p2-t2", 40.0)  # re-sharding adds the weights
+    assert len(pair) == 1 and pair[0].startswith("it keeps 55 GiB in shared memory, the host KV buffer and the weight")
+    assert notes("t2-t2", 40.0) == []  # one layout: no weight store
+
+
+def test_the_recommended_host_buffer_is_what_the_simulated_run_held_and_a_margin():
+    from seesaw.sim.planner import evaluate, right_sized
+    from seesaw.sim.simulator import RunSpec
+
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4", host_memory_gb=100))
+    work = fixed(40, 300, 30)
+    roomy = evaluate(cost, RunSpec.parse("p2-t2", host_buffer_gb=40.0, max_model_len=8192), work)
+    held_gib = roomy.result.host_peak_fraction * 40.0
+    sized = right_sized(cost, roomy, work)
+    assert held_gib * 1.1 <= sized.spec.host_buffer_gb <= held_gib * 1.1 + 1.0  # a tenth more, and at least a full-length request
+    assert sized.throughput >= 0.99 * roomy.throughput
+    static = evaluate(cost, RunSpec.parse("t2", host_buffer_gb=8.0), work)
+    assert right_sized(cost, static, work).spec.host_buffer_gb is None  # it never evicted: left to auto
 
 
 _CARD = {"memory_gb": 48, "memory_bandwidth_gbs": 900, "peak_tflops": 180, "interconnect": "pcie4x16",
@@ -162,8 +174,10 @@ def test_plan_command_prints_the_ranking_and_the_flags(tmp_path):
                                       "--num-requests", "40", "--jobs", "1", "--output-json", str(output)])
     assert result.exit_code == 0, result.output
     assert "best static:" in result.output and "best pair:" in result.output
-    assert "GiB for pairs (which keep the 15 GiB of weights in host memory to re-shard)" in result.output
-    assert "seesaw-cli batch INPUT.jsonl --model dummy:llama3-8b --device cuda" in result.output
+    assert "GiB for pairs (auto, as the engine sizes it on such a node)" in result.output
+    assert "chosen: t2 (static layout)" in result.output and "runner-up: p2->t2 (the best pair)" in result.output
+    assert "seesaw-cli batch INPUT.jsonl --model dummy:llama3-8b --device cuda --layout t2" in result.output
+    assert "--host-buffer-gb" not in result.output  # t2 evicts nothing: auto sizes its buffer
     ranking = json.loads(output.read_text())["ranking"]
     assert {row["run"] for row in ranking} == {"t2", "p2", "d2", "t2->p2", "p2->t2"}
 
@@ -236,7 +250,7 @@ def test_plan_draws_the_best_pairs_timeline_or_with_none_the_best_layouts(tmp_pa
                                       "--num-requests", "30", "--jobs", "1", "--timeline", str(picture)])
     assert result.exit_code == 0, result.output
     assert "timeline of t1 (no prefill->decode pair runs here)" in result.stdout
-    assert "for static layouts\n" in result.stdout and "for pairs" not in result.stdout
+    assert "for static layouts (auto" in result.stdout and "for pairs" not in result.stdout
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

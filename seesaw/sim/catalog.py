@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -17,6 +17,24 @@ _MAY_BE_ZERO = {"latency_us", "copy_overlap", "row_overhead_us"}
 _SHARES = {"copy_overlap", "memory_fraction", "matmul_efficiency", "memory_efficiency", "attention_efficiency",
            "efficiency"}
 _NODE_RE = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
+# What the driver calls a device -> its catalogue entry (the datasheet figures its efficiencies are shares of).
+_CATALOGUE_NAMES = (
+    (re.compile(r"\bH200\b"), "H200"),
+    (re.compile(r"\bH100\b.*\bPCIe\b", re.IGNORECASE), "H100-PCIe"),
+    (re.compile(r"\bH100\b"), "H100-SXM"),
+    (re.compile(r"\bA100\b.*80GB.*PCIE|\bA100\b.*PCIE.*80GB", re.IGNORECASE), "A100-80GB-PCIe"),
+    (re.compile(r"\bA100\b.*80GB", re.IGNORECASE), "A100-80GB-SXM"),
+    (re.compile(r"\bA100\b.*PCIE", re.IGNORECASE), "A100-40GB-PCIe"),
+    (re.compile(r"\bA100\b"), "A100-40GB-SXM"),
+    (re.compile(r"\bL4\b"), "L4"),
+    (re.compile(r"\bA10G\b"), "A10G"),
+    (re.compile(r"\bA10\b"), "A10"),
+)
+
+
+def catalogue_name(device_name: str) -> str | None:
+    """The catalogue entry of a device as its driver names it ("NVIDIA H100 80GB HBM3": H100-SXM), or None."""
+    return next((name for pattern, name in _CATALOGUE_NAMES if pattern.search(device_name)), None)
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,16 @@ class Node:
     interconnect: Link
     host_link: Link
     host_memory_gb: float  # the whole node's
+    shm_gb: float | None = None  # what /dev/shm holds; None: half the memory, as Linux mounts it
+    available_gb: float | None = None  # memory free for the engine; None: nearly all (an idle node)
+
+    @property
+    def shm_bytes(self) -> int:
+        return int((self.shm_gb if self.shm_gb is not None else self.host_memory_gb / 2) * (1 << 30))
+
+    @property
+    def available_bytes(self) -> int:
+        return int((self.available_gb if self.available_gb is not None else 0.95 * self.host_memory_gb) * (1 << 30))
 
     def __str__(self) -> str:
         return f"{self.num_gpus}x{self.gpu.name} ({self.interconnect.name})"
@@ -171,7 +199,8 @@ class Catalog:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(self.models))}, "
                          f"or a folder with a config.json")
 
-    def node(self, gpus: str, interconnect: str | None = None, host_memory_gb: float | None = None) -> Node:
+    def node(self, gpus: str, interconnect: str | None = None, host_memory_gb: float | None = None,
+             shm_gb: float | None = None) -> Node:
         """A node from `8xL4` (count x GPU), with the GPU's usual links unless named."""
         match = _NODE_RE.match(gpus.strip())
         if match is None:
@@ -181,11 +210,32 @@ class Catalog:
             raise ValueError(f"--gpus {gpus!r}: a node needs at least one GPU")
         if host_memory_gb is not None and host_memory_gb <= 0:
             raise ValueError(f"--host-memory-gb must be positive, got {host_memory_gb}")
+        if shm_gb is not None and shm_gb <= 0:
+            raise ValueError(f"--shm-gb must be positive, got {shm_gb}")
         link = self.link(interconnect or gpu.interconnect, gpu)
         host_link = self.link(gpu.host_link, gpu)
         if interconnect is not None and link.name.startswith("pcie"):  # the node's PCIe slots carry host copies too
             host_link = link
-        return Node(gpu, count, link, host_link, host_memory_gb or gpu.host_memory_gb * count)
+        return Node(gpu, count, link, host_link, host_memory_gb or gpu.host_memory_gb * count, shm_gb)
+
+
+def parse_all_reduce(text: str) -> dict[int, float]:
+    """`SIZE=GBS,...` (for example `2=10,8=3.2`) as {group size: GB/s}."""
+    figures = {}
+    for item in text.split(","):
+        size, _, gbs = item.partition("=")
+        try:
+            figures[int(size)] = float(gbs)
+        except ValueError:
+            raise ValueError(f"--all-reduce-gbs: {item!r} is not SIZE=GBS (for example 8=3.2)") from None
+    return _ring_figures(figures, "--all-reduce-gbs")
+
+
+def with_all_reduce(node: Node, figures: dict[int, float]) -> Node:
+    """The node with these ring all-reduce figures over the link's own (size by size)."""
+    link = node.interconnect
+    ring = {**(link.all_reduce_gbs or {}), **figures}
+    return replace(node, interconnect=replace(link, all_reduce_gbs=ring))
 
 
 def _ring_figures(figures, where: str) -> dict[int, float]:

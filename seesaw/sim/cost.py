@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable
 
+from seesaw.kv.host_sizing import HostBufferPlan, NodeMemory
+from seesaw.kv.host_sizing import auto_host_buffer as auto_sized
 from seesaw.layout import Layout, Shard, shard_for, validate
 from seesaw.model.spec import ModelSpec
 from seesaw.sim.catalog import GB, Node
@@ -285,11 +287,23 @@ class CostModel:
         return self.shard_bytes(layout, stage) / self.node.host_link.copy_bandwidth
 
 
-def host_buffer_gb(cost: CostModel, reshards: bool, reserve: float = 0.2) -> float:
-    """Host memory left for the KV buffer: the node's, less a reserve for the processes, less the
-    weight store when phases change layouts."""
-    total = cost.node.host_memory_gb * (1 - reserve)
-    return max(0.0, total - (cost.model_bytes / GIB if reshards else 0.0))
+def auto_host_buffer(cost: CostModel, layout: Layout, is_seesaw: bool, reshards: bool, job_tokens: list[int],
+                     block_size: int, max_model_len: int, job_scale: float = 1.0) -> HostBufferPlan:
+    """The host buffer the engine's `--host-buffer-gb auto` would take on the simulated node (see
+    seesaw/kv/host_sizing.py), for a run of `layout` over a job of `job_scale` times requests of
+    `job_tokens` tokens at most each; a ValueError when a pair cannot have the least it needs."""
+    node, gpu = cost.node, cost.node.gpu
+    memory = NodeMemory(node.shm_bytes, node.available_bytes)
+    num_workers = layout.world_size
+    if gpu.device == "cpu":  # CPU workers hold their weights and KV pools in host memory
+        process_bytes = cost.model_bytes + num_workers * (int((gpu.kv_cache_gb or 2.0) * GIB) + GIB // 2)
+    else:
+        process_bytes = num_workers * GIB
+    block_bytes = cost.kv_bytes_per_token * block_size
+    job_blocks = round(job_scale * sum(-(-tokens // block_size) for tokens in job_tokens))
+    return auto_sized(memory, store_bytes=cost.model_bytes if reshards else 0, process_bytes=process_bytes,
+                      min_bytes=-(-max_model_len // block_size) * block_bytes * layout.dp,
+                      job_bytes=job_blocks * block_bytes, is_seesaw=is_seesaw, num_workers=num_workers)
 
 
-__all__ = ["CostModel", "StepShape", "step_shape", "host_buffer_gb", "GB", "GIB"]
+__all__ = ["CostModel", "StepShape", "step_shape", "auto_host_buffer", "GB", "GIB"]

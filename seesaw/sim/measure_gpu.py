@@ -6,11 +6,10 @@ makes (`measure.py`), at shapes that keep a GPU busy."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import fields
 
-from seesaw.sim.catalog import GB, Catalog, Gpu
+from seesaw.sim.catalog import GB, Catalog, Gpu, catalogue_name
 from seesaw.sim.measure import FitRuns, fit_host_link_to_engine, fit_to_engine, scaled_rates, step_overhead_ms
 
 GIB = 1 << 30
@@ -18,23 +17,6 @@ GIB = 1 << 30
 # their time. Each run is a few seconds on a datacenter GPU.
 GPU_RUNS = FitRuns(model="dummy:llama3-8b", device="cuda", token_budget=8192, host_buffer_gb=8.0,
                    prefill=(128, 1024, 2), decode=(256, 16, 128), copies=(256, 256, 4))
-
-# What torch calls a device -> its catalogue entry (the datasheet figures its efficiencies are shares of).
-_CATALOGUE_NAMES = (
-    (re.compile(r"\bH200\b"), "H200"),
-    (re.compile(r"\bH100\b.*\bPCIe\b", re.IGNORECASE), "H100-PCIe"),
-    (re.compile(r"\bH100\b"), "H100-SXM"),
-    (re.compile(r"\bA100\b.*PCIE.*40GB", re.IGNORECASE), "A100-40GB-PCIe"),
-    (re.compile(r"\bA100\b.*SXM.*40GB", re.IGNORECASE), "A100-40GB-SXM"),
-    (re.compile(r"\bL4\b"), "L4"),
-    (re.compile(r"\bA10\b"), "A10"),
-)
-
-
-def catalogue_name(device_name: str) -> str | None:
-    """The catalogue entry of a device as torch names it ("NVIDIA H100 80GB HBM3": H100-SXM), or None."""
-    return next((name for pattern, name in _CATALOGUE_NAMES if pattern.search(device_name)), None)
-
 
 def gpu_entry(base: Gpu, rates: dict, overhead_ms: float, host_link: str) -> dict:
     """A profile entry from measured rates: the base entry's datasheet peaks, the measured rates as

@@ -3,14 +3,16 @@ rank them by predicted throughput (pure; runs simulations in worker processes wh
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 
 from seesaw.config import CacheConfig, SchedulerConfig
+from seesaw.kv.host_sizing import HostBufferPlan
 from seesaw.layout import Layout, validate
 from seesaw.sim.catalog import Gpu
-from seesaw.sim.cost import GIB, CostModel, host_buffer_gb
+from seesaw.sim.cost import GIB, CostModel, auto_host_buffer
 from seesaw.sim.simulator import RunSpec, SimResult, simulate
 from seesaw.sim.workload import Workload
 
@@ -20,10 +22,19 @@ class PlanOptions:
     token_budget: int | None = None  # None: the GPU profile's
     max_num_seqs: int = 256
     block_size: int = 16
-    host_buffer_gb: float | None = None  # None: what the node's host memory leaves
+    host_buffer_gb: float | None = None  # None: auto, as the engine sizes it on the node for the job
     host_low_water: float = 0.2
+    prefill_min_fill: float = 0.1
+    prefill_max_wait_s: float = 30.0
     include_static: bool = True
     include_pairs: bool = True
+    max_model_len: int | None = None  # None: the model's context
+    job_scale: float = 1.0  # the job is this many times the workload simulated (auto buffers are sized for it)
+
+    def scheduler(self, cost: CostModel) -> SchedulerConfig:
+        return SchedulerConfig(max_num_batched_tokens=self.token_budget or cost.gpu.token_budget,
+                               max_num_seqs=self.max_num_seqs, host_low_water=self.host_low_water,
+                               prefill_min_fill=self.prefill_min_fill, prefill_max_wait_s=self.prefill_max_wait_s)
 
     def __post_init__(self) -> None:
         for name in ("token_budget", "max_num_seqs", "block_size"):
@@ -71,29 +82,44 @@ def layouts_of(num_gpus: int, cost: CostModel) -> list[Layout]:
 
 
 def candidates(cost: CostModel, options: PlanOptions) -> list[RunSpec]:
-    """Static layouts first, then every pair of different layouts with the same replicas."""
+    """Static layouts first, then every pair of different layouts with the same replicas; their
+    host buffers are `options.host_buffer_gb`, or None (auto, sized when simulated)."""
     layouts = layouts_of(cost.node.num_gpus, cost)
-    scheduler = SchedulerConfig(max_num_batched_tokens=options.token_budget or cost.gpu.token_budget,
-                                max_num_seqs=options.max_num_seqs, host_low_water=options.host_low_water)
-    base = RunSpec(Layout(), block_size=options.block_size, scheduler=scheduler,
-                   max_model_len=cost.spec.max_position)
+    base = RunSpec(Layout(), block_size=options.block_size, scheduler=options.scheduler(cost),
+                   max_model_len=options.max_model_len or cost.spec.max_position, host_buffer_gb=options.host_buffer_gb)
     runs = []
     if options.include_static:
-        runs += [replace(base, layout=layout, host_buffer_gb=host_buffer_for(cost, options, False)) for layout in layouts]
+        runs += [replace(base, layout=layout) for layout in layouts]
     if options.include_pairs:
-        runs += [replace(base, layout=prefill, decode_layout=decode, host_buffer_gb=host_buffer_for(cost, options, True))
+        runs += [replace(base, layout=prefill, decode_layout=decode)
                  for prefill in layouts for decode in layouts if prefill != decode and prefill.dp == decode.dp]
     return runs
 
 
-def host_buffer_for(cost: CostModel, options: PlanOptions, reshards: bool) -> float:
-    """The host KV buffer of a static layout (reshards False) or a pair, in GiB."""
-    return options.host_buffer_gb if options.host_buffer_gb is not None else host_buffer_gb(cost, reshards)
+def host_buffer_for(cost: CostModel, spec: RunSpec, workload: Workload, job_scale: float = 1.0) -> HostBufferPlan:
+    """The host KV buffer a run takes: the one it names, or what the engine's auto sizing gives
+    on the simulated node for a job of `job_scale` times this workload (a ValueError when a pair
+    cannot have enough)."""
+    if spec.host_buffer_gb is not None:
+        return HostBufferPlan(int(spec.host_buffer_gb * GIB), f"host KV buffer {spec.host_buffer_gb:g} GiB")
+    reshards = spec.is_seesaw and spec.layout != spec.decode_layout
+    max_model_len = spec.max_model_len or cost.spec.max_position
+    return auto_host_buffer(cost, spec.layout, spec.is_seesaw, reshards, [p + o for p, o in workload.lengths],
+                            spec.block_size, max_model_len, job_scale)
 
 
-def evaluate(cost: CostModel, spec: RunSpec, workload: Workload) -> Candidate:
-    """Simulate one candidate; a layout that cannot hold the model is a candidate with an error."""
+def with_host_buffer(cost: CostModel, spec: RunSpec, workload: Workload, job_scale: float = 1.0) -> RunSpec:
+    """The run with its host buffer sized (an auto one resolved to GiB)."""
+    if spec.host_buffer_gb is not None:
+        return spec
+    return replace(spec, host_buffer_gb=host_buffer_for(cost, spec, workload, job_scale).gib)
+
+
+def evaluate(cost: CostModel, spec: RunSpec, workload: Workload, job_scale: float = 1.0) -> Candidate:
+    """Simulate one candidate; a layout that cannot hold the model (or a pair without host room)
+    is a candidate with an error."""
     try:
+        spec = with_host_buffer(cost, spec, workload, job_scale)
         return Candidate(spec, simulate(cost, spec, workload))
     except ValueError as error:
         return Candidate(spec, error=str(error))
@@ -107,13 +133,57 @@ def plan(cost: CostModel, workload: Workload, options: PlanOptions = PlanOptions
     if jobs > 1 and len(runs) > 1:
         try:
             with ProcessPoolExecutor(jobs) as pool:
-                results = list(pool.map(evaluate, [cost] * len(runs), runs, [workload] * len(runs)))
+                results = list(pool.map(evaluate, [cost] * len(runs), runs, [workload] * len(runs),
+                                        [options.job_scale] * len(runs)))
         except BrokenProcessPool as error:
             raise RuntimeError(f"a simulation process ended abruptly (out of memory?) with {workload.num_requests} "
                                f"requests and {jobs} jobs; try fewer of either") from error
     else:
-        results = [evaluate(cost, run, workload) for run in runs]
+        results = [evaluate(cost, run, workload, options.job_scale) for run in runs]
     return sorted(results, key=lambda c: (c.result is None, -c.throughput, c.name))
+
+
+MIN_PAIR_GAIN = 0.03  # a pair is chosen over the best static layout only when predicted this much ahead
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The run to make, the best of the other kind, and the ratio of their predicted throughputs."""
+
+    best: Candidate
+    runner_up: Candidate | None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.runner_up is None or not self.runner_up.throughput:
+            return None
+        return self.best.throughput / self.runner_up.throughput
+
+    def describe(self) -> str:
+        """Two lines: the choice and the runner-up, with the predicted ratio of the two."""
+        best, other = self.best, self.runner_up
+        if best.spec.is_seesaw:
+            first = f"chosen: {best.name} (prefill -> decode pair), {best.throughput:,.0f} tokens/s predicted"
+            if other is None:
+                return first + "\nrunner-up: none (no static layout runs here)"
+            return (f"{first}, {self.ratio:.2f}x the best static layout\n"
+                    f"runner-up: {other.name} (static), {other.throughput:,.0f} tokens/s")
+        first = f"chosen: {best.name} (static layout), {best.throughput:,.0f} tokens/s predicted"
+        if other is None:
+            return first + "\nrunner-up: none (no prefill -> decode pair runs here)"
+        return (f"{first}\nrunner-up: {other.name} (the best pair), {other.throughput:,.0f} tokens/s, "
+                f"{other.throughput / best.throughput:.2f}x (a pair is chosen {MIN_PAIR_GAIN:.0%} ahead or more)")
+
+
+def choose(ranked: list[Candidate], min_pair_gain: float = MIN_PAIR_GAIN) -> Choice | None:
+    """The best static layout, or the best pair when it is predicted `min_pair_gain` ahead of it
+    (switching phases has costs a prediction may miss); None when nothing can run."""
+    static, pair = best(ranked, False), best(ranked, True)
+    if static is None and pair is None:
+        return None
+    if pair is not None and (static is None or pair.throughput >= (1 + min_pair_gain) * static.throughput):
+        return Choice(pair, static)
+    return Choice(static, pair)
 
 
 def best(candidates_: list[Candidate], seesaw: bool) -> Candidate | None:
@@ -122,30 +192,45 @@ def best(candidates_: list[Candidate], seesaw: bool) -> Candidate | None:
     return max(found, key=lambda c: c.throughput, default=None)
 
 
-def host_memory_notes(candidate: Candidate, cost: CostModel) -> list[str]:
-    """What running a candidate asks of the node's host memory, where it is worth saying: shared
-    memory past the half of RAM Linux gives /dev/shm by default, and a host buffer the simulated
-    run left mostly empty (the engine reserves and pins all of it at start)."""
+def right_sized(cost: CostModel, candidate: Candidate, workload: Workload, margin: float = 0.1) -> Candidate:
+    """The candidate with the host buffer its simulated run needed: the most it held, `margin`
+    more, and never less than a pair needs for one request of the model's full length per
+    replica. A static layout that evicted nothing is left to auto (its buffer only ever parks
+    evicted requests, and auto gives it a few GiB). Kept
+    only if the run with it is predicted within 1% of the run with the larger one (the phase
+    machine's thresholds are shares of the buffer, so a smaller one can change its decisions)."""
     spec, result = candidate.spec, candidate.result
+    if result is None or spec.host_buffer_gb is None:
+        return candidate
+    if not result.host_peak_fraction and not spec.is_seesaw:
+        return Candidate(replace(spec, host_buffer_gb=None), result)  # auto gives it the same, unused
+    block_bytes = cost.kv_bytes_per_token * spec.block_size
+    least = -(-(spec.max_model_len or cost.spec.max_position) // spec.block_size) * block_bytes * spec.layout.dp
+    needed_gib = max(result.host_peak_fraction * spec.host_buffer_gb * (1 + margin),
+                     least / GIB if spec.is_seesaw else 0.0)
+    needed_gib = min(spec.host_buffer_gb, math.ceil(needed_gib * 10) / 10)
+    if needed_gib >= spec.host_buffer_gb:
+        return candidate
+    smaller = evaluate(cost, replace(spec, host_buffer_gb=needed_gib), workload)
+    return smaller if smaller.throughput >= 0.99 * candidate.throughput else candidate
+
+
+def host_memory_notes(candidate: Candidate, cost: CostModel) -> list[str]:
+    """What running a candidate asks of the node's shared memory, where it is worth saying: more
+    than /dev/shm holds on the simulated node."""
+    spec = candidate.spec
     stored_gib = cost.model_bytes / GIB if spec.is_seesaw and spec.layout != spec.decode_layout else 0.0
-    shared_gib = spec.host_buffer_gb + stored_gib
-    notes = []
-    if shared_gib > cost.node.host_memory_gb / 2:
-        what = "the host KV buffer and the weight store" if stored_gib else "the host KV buffer"
-        notes.append(f"it keeps {shared_gib:.0f} GiB in shared memory, {what}; /dev/shm must hold that, and "
-                     "Linux sizes it at half of RAM unless mounted larger")
-    used_gib = result.host_peak_fraction * spec.host_buffer_gb if result is not None else 0.0
-    if spec.host_buffer_gb >= 8 and used_gib < spec.host_buffer_gb / 4:
-        used = f"used at most {used_gib:.1f} GiB of" if used_gib else "never used"
-        notes.append(f"the simulated run {used} its {spec.host_buffer_gb:.1f} GiB host buffer, which the engine "
-                     "reserves and pins at start: plan --host-buffer-gb shows what a smaller one changes")
-    return notes
+    shared_gib = (spec.host_buffer_gb or 0.0) + stored_gib
+    if shared_gib <= cost.node.shm_bytes / GIB:
+        return []
+    what = "the host KV buffer and the weight store" if stored_gib else "the host KV buffer"
+    return [f"it keeps {shared_gib:.0f} GiB in shared memory, {what}; /dev/shm holds {cost.node.shm_bytes / GIB:.0f} "
+            "GiB on this node (Linux mounts it at half of RAM unless told otherwise)"]
 
 
 def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
     """The `seesaw-cli batch` line that runs a candidate as simulated on `gpu` (a model known only
     by its profile needs the user's checkpoint; a preset runs with random weights)."""
-    import math
     from pathlib import Path
 
     from seesaw.model.presets import PRESETS
@@ -159,11 +244,14 @@ def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
               else f"--layout {spec.layout}")
     scheduler = spec.scheduler
     flags = [f"--model {model}", f"--device {gpu.device}", layout,
-             f"--max-num-batched-tokens {scheduler.max_num_batched_tokens}", f"--max-num-seqs {scheduler.max_num_seqs}",
-             f"--host-buffer-gb {math.floor(spec.host_buffer_gb * 10) / 10:g}"]  # never more than simulated
+             f"--max-num-batched-tokens {scheduler.max_num_batched_tokens}", f"--max-num-seqs {scheduler.max_num_seqs}"]
+    if spec.host_buffer_gb is not None:
+        flags.append(f"--host-buffer-gb {math.floor(spec.host_buffer_gb * 10) / 10:g}")  # never more than simulated
     batch_defaults, cache_defaults = SchedulerConfig(), CacheConfig()  # what `seesaw-cli batch` runs without flags
-    if scheduler.host_low_water != batch_defaults.host_low_water:
-        flags.append(f"--host-low-water {scheduler.host_low_water:g}")
+    for flag, name in (("--host-low-water", "host_low_water"), ("--prefill-min-fill", "prefill_min_fill"),
+                       ("--prefill-max-wait", "prefill_max_wait_s")):
+        if getattr(scheduler, name) != getattr(batch_defaults, name):
+            flags.append(f"{flag} {getattr(scheduler, name):g}")
     if spec.block_size != cache_defaults.block_size:
         flags.append(f"--block-size {spec.block_size}")
     if gpu.kv_cache_gb is not None:
