@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from seesaw.layout import Layout
+
 from .client_commands import register as register_client_commands
 from .plan_commands import register as register_plan_commands
 
@@ -19,10 +21,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seesaw: thro
 ModelOption = Annotated[str, typer.Option("--model", "-m", help="'default' (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder, or dummy:<preset>")]
 DeviceOption = Annotated[str, typer.Option(help="cpu or cuda")]
 DtypeOption = Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 (CUDA default) or float16")]
-LayoutOption = Annotated[str, typer.Option(help="static mode: the one parallel layout (t1, t2, p2, d2, t2p2, ...)")]
+LayoutOption = Annotated[Optional[str], typer.Option(help="static mode: the one parallel layout (t1, t2, p2, d2, t2p2, ...); or auto: the planner simulates every layout and prefill->decode pair of this node for the job and runs the best (the default when more than one GPU is visible, or with --workers on a CPU; otherwise t1)")]
+WorkersOption = Annotated[Optional[int], typer.Option(help="--layout auto: how many workers it may use (default: every visible GPU; on a CPU, 1)")]
 PrefillLayoutOption = Annotated[Optional[str], typer.Option(help="seesaw mode: prefill in this layout (with --decode-layout)")]
 DecodeLayoutOption = Annotated[Optional[str], typer.Option(help="seesaw mode: decode in this layout (with --prefill-layout)")]
 HostLowWaterOption = Annotated[float, typer.Option(help="seesaw mode: back to prefill once the host buffer is this empty (0-1)")]
+PrefillMinFillOption = Annotated[float, typer.Option(help="seesaw mode: and once the waiting prompts would fill this share of the host buffer (0-1), or --prefill-max-wait passed, or decode has nothing left")]
+PrefillMaxWaitOption = Annotated[float, typer.Option(help="seesaw mode: seconds the oldest waiting prompt may wait for a prefill phase while decode goes on")]
 MaxTokensOption = Annotated[int, typer.Option(help="max_tokens for requests that do not set it")]
 TemperatureOption = Annotated[float, typer.Option(help="temperature for requests that do not set it (0 = greedy)")]
 TopPOption = Annotated[float, typer.Option(help="top_p for requests that do not set it")]
@@ -32,7 +37,7 @@ MaxNumSeqsOption = Annotated[int, typer.Option(help="most requests running at on
 BlockSizeOption = Annotated[int, typer.Option(help="tokens per KV block")]
 KVCacheOption = Annotated[Optional[float], typer.Option(help="device KV pool per worker in GiB (CPU default 2)")]
 MemoryFractionOption = Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")]
-HostBufferOption = Annotated[float, typer.Option(help="host KV buffer in GiB (evicted requests wait there)")]
+HostBufferOption = Annotated[str, typer.Option(help="host KV buffer in GiB, or auto: what /dev/shm and memory leave beside the weight store (capped at a batch job's whole KV; static mode: at most 4 GiB per worker, as evicted requests wait there)")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")]
 MaxRestartsOption = Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the engine gives up")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")]
@@ -51,10 +56,13 @@ def batch(
     model: ModelOption = "default",
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
-    layout: LayoutOption = "t1",
+    layout: LayoutOption = None,
+    workers: WorkersOption = None,
     prefill_layout: PrefillLayoutOption = None,
     decode_layout: DecodeLayoutOption = None,
     host_low_water: HostLowWaterOption = 0.2,
+    prefill_min_fill: PrefillMinFillOption = 0.1,
+    prefill_max_wait: PrefillMaxWaitOption = 30.0,
     max_tokens: MaxTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -64,7 +72,7 @@ def batch(
     block_size: BlockSizeOption = 16,
     kv_cache_gb: KVCacheOption = None,
     memory_fraction: MemoryFractionOption = 0.9,
-    host_buffer_gb: HostBufferOption = 1.0,
+    host_buffer_gb: HostBufferOption = "auto",
     overlap: OverlapOption = True,
     threads: ThreadsOption = None,
     seed: Annotated[int, typer.Option(help="seed for dummy weights; lines without a seed sample with one derived from it and their custom_id")] = 0,
@@ -89,12 +97,13 @@ def batch(
     output = output or input_path.with_name(input_path.name.removesuffix(".jsonl") + ".results.jsonl")
     started = time.perf_counter()
     try:
+        layouts = _layouts(layout, prefill_layout, decode_layout, device, workers)
         config = _engine_config(
-            model=model, device=device, dtype=dtype,
-            layouts=_layouts(layout, prefill_layout, decode_layout), max_model_len=max_model_len,
+            model=model, device=device, dtype=dtype, layouts=layouts or (Layout(), None), max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
-            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
-            host_low_water=host_low_water, overlap=overlap, threads=threads, seed=seed, head_address=head_address,
+            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=_host_buffer_gb(host_buffer_gb),
+            host_low_water=host_low_water, prefill_min_fill=prefill_min_fill, prefill_max_wait=prefill_max_wait,
+            overlap=overlap, threads=threads, seed=seed, head_address=head_address,
             local_workers=local_workers, max_restarts=max_restarts, advertise_address=advertise_address,
             join_timeout=join_timeout,
         )
@@ -108,7 +117,13 @@ def batch(
 
             check_timeline_support()
         job = _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline)
-        engine = _engine(config)
+        resolved, codec = _model(config)
+        profile = _profile(input_path, defaults, codec, config, resolved.spec)
+        if layouts is None:
+            config = _planned(config, resolved.spec, profile, input_path.name, workers)
+        elif config.parallel.is_seesaw:
+            _warn_if_pair_loses(config, resolved.spec, profile, input_path.name)
+        engine = _engine(config, resolved, codec, job_kv_blocks=profile.kv_blocks(config.cache.block_size))
     except (ValueError, OSError) as error:
         _fail(str(error))
     from seesaw.frontend.batch_job import run_job
@@ -126,10 +141,13 @@ def serve(
     model: ModelOption = "default",
     device: DeviceOption = "cpu",
     dtype: DtypeOption = None,
-    layout: LayoutOption = "t1",
+    layout: LayoutOption = None,
+    workers: WorkersOption = None,
     prefill_layout: PrefillLayoutOption = None,
     decode_layout: DecodeLayoutOption = None,
     host_low_water: HostLowWaterOption = 0.2,
+    prefill_min_fill: PrefillMinFillOption = 0.1,
+    prefill_max_wait: PrefillMaxWaitOption = 30.0,
     max_tokens: MaxTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
@@ -139,7 +157,7 @@ def serve(
     block_size: BlockSizeOption = 16,
     kv_cache_gb: KVCacheOption = None,
     memory_fraction: MemoryFractionOption = 0.9,
-    host_buffer_gb: HostBufferOption = 1.0,
+    host_buffer_gb: HostBufferOption = "auto",
     overlap: OverlapOption = True,
     threads: ThreadsOption = None,
     seed: Annotated[int, typer.Option(help="seed for dummy weights")] = 0,
@@ -167,16 +185,23 @@ def serve(
             from seesaw.transport.curve import read_secret
 
             read_secret(curve_secret_key)  # a bad key file is an error now, not after the model loads
+        layouts = _layouts(layout, prefill_layout, decode_layout, device, workers)
         config = _engine_config(
-            model=model, device=device, dtype=dtype,
-            layouts=_layouts(layout, prefill_layout, decode_layout), max_model_len=max_model_len,
+            model=model, device=device, dtype=dtype, layouts=layouts or (Layout(), None), max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
-            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=host_buffer_gb,
-            host_low_water=host_low_water, overlap=overlap, threads=threads, seed=seed, head_address=None,
-            local_workers=None, max_restarts=max_restarts,
+            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=_host_buffer_gb(host_buffer_gb),
+            host_low_water=host_low_water, prefill_min_fill=prefill_min_fill, prefill_max_wait=prefill_max_wait,
+            overlap=overlap, threads=threads, seed=seed, head_address=None, local_workers=None,
+            max_restarts=max_restarts,
         )
         defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
-        engine = _engine(config)
+        resolved, codec = _model(config)
+        if layouts is None:  # a daemon's job is not known yet: plan for a chat-like mix
+            from seesaw.sim.workload import sharegpt
+
+            config = _planned(config, resolved.spec, None, "a chat-like mix (sharegpt x1000)", workers,
+                              workload=sharegpt(1000))
+        engine = _engine(config, resolved, codec)
     except (ValueError, OSError) as error:
         _fail(str(error))
     from seesaw.frontend.serve_job import run_server
@@ -208,18 +233,96 @@ def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, g
                     argv=sys.argv[1:])
 
 
-def _layouts(layout: str, prefill_layout: str | None, decode_layout: str | None):
-    """(layout, decode layout or None): static mode from --layout, seesaw mode from the pair."""
-    from seesaw.layout import Layout
+def _layouts(layout: str | None, prefill_layout: str | None, decode_layout: str | None, device: str,
+             workers: int | None):
+    """(layout, decode layout or None): static mode from --layout, seesaw mode from the pair, or
+    None when the planner is to choose (--layout auto, or nothing named on a node of several devices)."""
+    from .layout_choice import wants_auto
 
     if (prefill_layout is None) != (decode_layout is None):
         raise ValueError("--prefill-layout and --decode-layout go together (seesaw mode); "
                          "for one layout throughout use --layout")
-    if prefill_layout is None:
-        return Layout.parse(layout), None
-    if layout != "t1":
-        raise ValueError("--layout is static mode; with --prefill-layout and --decode-layout leave it out")
-    return Layout.parse(prefill_layout), Layout.parse(decode_layout)
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    pair = prefill_layout is not None
+    if pair and layout is not None:
+        raise ValueError("--layout is static mode (or auto); with --prefill-layout and --decode-layout leave it out")
+    if wants_auto(layout, pair, device, workers):
+        return None
+    if workers is not None:
+        raise ValueError("--workers is for --layout auto; a named layout says its own number of workers")
+    if pair:
+        return Layout.parse(prefill_layout), Layout.parse(decode_layout)
+    return Layout.parse(layout or "t1"), None
+
+
+def _host_buffer_gb(text: str) -> float | None:
+    """--host-buffer-gb: a size in GiB, or None for auto."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--host-buffer-gb must be a size in GiB or auto, got {text!r}") from None
+
+
+def _model(config):
+    """The model found (and converted once) and its tokenizer, which measures a job's prompts before
+    the engine starts and is then the engine's."""
+    from seesaw.frontend.text import TextCodec
+    from seesaw.model.resolve import resolve_model
+
+    resolved = resolve_model(config.model.model, config.cache_dir)
+    if resolved.convert_s:
+        typer.echo(f"converted {resolved.name} in {resolved.convert_s:.1f} s (cached for later runs)", err=True)
+    return resolved, TextCodec(resolved.tokenizer_folder)
+
+
+def _profile(input_path: Path, defaults, codec, config, spec):
+    """The batch file's first lines measured and the rest counted (what sizes the host buffer and
+    what --layout auto plans on)."""
+    from seesaw.frontend.job_profile import read_job
+
+    limit = config.model.max_model_len
+    return read_job(input_path, defaults, codec, min(limit, spec.max_position) if limit else spec.max_position)
+
+
+def _workload(profile, name: str):
+    from seesaw.sim.workload import Workload
+
+    return Workload(name, profile.lengths)
+
+
+def _planned(config, spec, profile, name: str, workers: int | None, workload=None):
+    """The config with the layouts the planner chose for this node and this job."""
+    from dataclasses import replace
+
+    from .layout_choice import choose_layouts
+
+    job_scale = 1.0
+    if workload is None:
+        if not profile.lengths:
+            raise ValueError(f"--layout auto: none of the first {profile.num_read} lines of {name} can run, so there "
+                             "is nothing to plan with; name a layout")
+        workload = _workload(profile, name)
+        job_scale = profile.num_requests / len(profile.lengths)
+        skipped = f"; {len(profile.skipped)} could not be read and were left out" if profile.skipped else ""
+        typer.echo(f"layout auto: planning with {len(profile.lengths)} of the {profile.num_lines} lines of {name} "
+                   f"(the first {profile.num_read} read{skipped})", err=True)
+    else:
+        typer.echo(f"layout auto: planning with {name}", err=True)
+    layout, decode_layout = choose_layouts(spec, config, workload, workers, lambda line: typer.echo(line, err=True),
+                                           job_scale=job_scale)
+    parallel = replace(config.parallel, layout=layout, decode_layout=decode_layout)
+    return replace(config, parallel=parallel)
+
+
+def _warn_if_pair_loses(config, spec, profile, name: str) -> None:
+    from .layout_choice import warn_if_pair_loses
+
+    if profile.lengths:
+        warn_if_pair_loses(spec, config, _workload(profile, name), lambda line: typer.echo(line, err=True),
+                           job_scale=profile.num_requests / len(profile.lengths))
 
 
 def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: int):
@@ -258,8 +361,9 @@ def worker(
 
 
 def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
-                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, overlap, threads, seed,
-                   head_address, local_workers, max_restarts, advertise_address=None, join_timeout=60.0):
+                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, prefill_min_fill,
+                   prefill_max_wait, overlap, threads, seed, head_address, local_workers, max_restarts,
+                   advertise_address=None, join_timeout=60.0):
     from seesaw.config import (
         CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, TransportConfig,
         default_cache_dir, default_token_budget,
@@ -277,21 +381,21 @@ def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batc
                                   advertise_address=advertise_address, join_timeout_s=join_timeout),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs,
-            host_low_water=host_low_water, overlap=overlap,
+            host_low_water=host_low_water, prefill_min_fill=prefill_min_fill, prefill_max_wait_s=prefill_max_wait,
+            overlap=overlap,
         ),
         cache_dir=cache_dir,
     )
 
 
-def _engine(config):
-    """The engine for `config`, its model found (and converted once) and its layout checked."""
+def _engine(config, resolved, codec, job_kv_blocks: int | None = None):
+    """The engine for `config`, its layout checked and its host buffer sized (the size said in one line)."""
     from seesaw.engine import Engine
-    from seesaw.model.resolve import resolve_model
 
-    resolved = resolve_model(config.model.model, config.cache_dir)
-    if resolved.convert_s:
-        typer.echo(f"converted {resolved.name} in {resolved.convert_s:.1f} s (cached for later runs)", err=True)
-    return Engine(config, resolved)
+    engine = Engine(config, resolved, codec, job_kv_blocks=job_kv_blocks)
+    if engine.host_buffer_plan is not None:
+        typer.echo(engine.host_buffer_plan.reason, err=True)
+    return engine
 
 
 def _run(coroutine):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from seesaw.frontend.batch_io import LineError, SamplingDefaults, parse_line
+from seesaw.frontend.job_profile import item_lengths
 
 
 def codec_for(model: str, log: Callable[[str], None] = lambda line: None):
@@ -37,13 +38,4 @@ def batch_line_lengths(entry: dict, where: str, codec, max_model_len: int) -> tu
         item = parse_line(orjson.dumps(entry), 0, SamplingDefaults())
     except LineError as error:
         raise ValueError(f"{where}: {error.message}") from None
-    if item.prompt_token_ids is not None:
-        prompt = len(item.prompt_token_ids)
-    elif item.messages is not None:
-        prompt = len(codec.encode_chat(item.messages))
-    else:
-        prompt = len(codec.encode_prompt(item.prompt or ""))
-    output = item.sampling.max_tokens
-    if item.sampling.fit_max_tokens:  # a default max_tokens is lowered to what the context leaves, as the engine does
-        output = min(output, max(1, max_model_len - prompt))
-    return max(1, prompt), output
+    return item_lengths(item, codec, max_model_len)
