@@ -281,3 +281,55 @@ def test_a_prefetched_request_a_new_prompt_needs_room_from_leaves_without_a_copy
     assert core.pool.num_free == 6
     core.complete(second.step_id, [7])
     assert "b" in [r.request_id for r in core.schedule().rows]
+
+
+def _four_decoding_on_a_full_device(**settings):
+    """Four requests decoding with five blocks each on a pool of 24 (4 free), prefill in two stages."""
+    core = make(num_blocks=24, host_blocks=200, block_size=4, budget=16, micro_batches=2, prefetch=False,
+                min_fill=0.0, **settings)
+    driver = Driver(core)
+    for index in range(4):
+        add(core, f"r{index}", 16, 40)
+    while len(core.running) < 4 or core.phase is not Phase.DECODE or any(len(s.output_token_ids) < 2 for s in core.running):
+        driver.pump()
+        (driver.land_move if driver.moves else driver.land_step)()
+    while driver.steps:
+        driver.land_step()
+    assert core.pool.num_free == 4
+    return core, driver
+
+
+def test_paused_requests_leave_for_a_full_pipeline_of_prompts_and_small_steps_wait_for_them():
+    core, driver = _four_decoding_on_a_full_device()
+    for index in range(4):
+        add(core, f"late{index}", 16, 4)  # four blocks each, one step's budget each
+    assert core.schedule().switch_to is Phase.PREFILL
+    first = core.schedule()
+    assert [row.request_id for row in first.rows] == ["late0"] and core.pool.num_free == 0
+    # Room for the next two prompts (one per stage), not for one: the two latest paused requests go.
+    making_room = core.schedule()
+    assert not making_room.rows and [m.request_id for m in making_room.moves] == ["r3", "r2"]
+    assert core.schedule().is_empty  # a step now could hold nothing; it waits for the copies to land
+    core.on_saved("r3")
+    core.on_saved("r2")
+    second, third = core.schedule(), core.schedule()
+    assert [row.request_id for row in second.rows] == ["late1"] and [row.request_id for row in third.rows] == ["late2"]
+    driver.steps.extend([first, second, third])
+    driver.run()
+    assert sorted(driver.finished) == [f"late{i}" for i in range(4)] + [f"r{i}" for i in range(4)]
+
+
+def test_in_decode_the_prompts_waiting_for_prefill_do_not_unbalance_the_micro_batches():
+    core = make(num_blocks=400, host_blocks=400, block_size=4, budget=64, min_fill=0.5, max_seqs=64)
+    core.micro_batches = {Phase.PREFILL: 1, Phase.DECODE: 2}
+    driver = Driver(core)
+    for index in range(8):
+        add(core, f"r{index}", 8, 30)
+    while core.phase is not Phase.DECODE or len(core.running) < 8:
+        driver.pump()
+        (driver.land_move if driver.moves else driver.land_step)()
+    for index in range(40):
+        add(core, f"late{index}", 4, 2)  # a little under half the buffer: not yet worth a prefill phase
+    while driver.steps:
+        driver.land_step()
+    assert [len(core.schedule().rows), len(core.schedule().rows)] == [4, 4]

@@ -73,6 +73,9 @@ def read_job(path: Path, defaults: SamplingDefaults, codec, max_model_len: int,
             except LineError as error:
                 skipped.append(f"{path}, {error}")
                 continue
+            except ValueError as error:  # a prompt the tokenizer cannot take (no chat template, no tokenizer)
+                skipped.append(f"{path}, line {number}: {error}")
+                continue
             if prompt + output > max_model_len:
                 skipped.append(f"{path}, line {number}: {prompt} prompt tokens and max_tokens {output} do not fit "
                                f"the model's context of {max_model_len}")

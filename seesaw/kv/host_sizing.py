@@ -47,6 +47,13 @@ class HostBufferPlan:
         return self.num_bytes / GIB
 
 
+def size_text(num_bytes: int) -> str:
+    """A size for people: GiB with one decimal, MiB below one GiB."""
+    if num_bytes >= GIB:
+        return f"{num_bytes / GIB:.1f} GiB"
+    return f"{num_bytes / (1 << 20):.1f} MiB"
+
+
 def room_for_buffer(memory: NodeMemory, store_bytes: int, process_bytes: int) -> int:
     """Bytes the host buffer may take: /dev/shm's free room and the available memory, each less
     the weight store (both hold it), the memory also less the processes and the reserve."""
@@ -71,13 +78,13 @@ def auto_host_buffer(memory: NodeMemory, *, store_bytes: int, process_bytes: int
         where += f", {store_bytes / GIB:.1f} GiB of it for the weight store"
     if job_bytes is not None and job_bytes <= room and (is_seesaw or job_bytes <= num_workers * STATIC_BYTES_PER_WORKER):
         size = max(job_bytes, min_bytes if is_seesaw else 0)
-        return HostBufferPlan(size, f"host KV buffer {size / GIB:.2f} GiB (auto): the whole job's KV ({where})",
+        return HostBufferPlan(size, f"host KV buffer {size_text(size)} (auto): the whole job's KV ({where})",
                               holds_whole_job=True)
     if not is_seesaw:
         size = min(room, num_workers * STATIC_BYTES_PER_WORKER)
-        return HostBufferPlan(size, f"host KV buffer {size / GIB:.1f} GiB (auto): room for requests evicted from "
+        return HostBufferPlan(size, f"host KV buffer {size_text(size)} (auto): room for requests evicted from "
                                     f"the device, at most {STATIC_BYTES_PER_WORKER // GIB} GiB per worker ({where})")
-    return HostBufferPlan(room, f"host KV buffer {room / GIB:.1f} GiB (auto): what the node leaves ({where}; "
+    return HostBufferPlan(room, f"host KV buffer {size_text(room)} (auto): what the node leaves ({where}; "
                                 f"{memory.reserve_bytes / GIB:.1f} GiB kept back for the rest)")
 
 

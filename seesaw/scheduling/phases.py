@@ -111,7 +111,8 @@ class PhaseScheduler(StaticScheduler):
         # Blocks of prompts being prefilled or copied out free up by themselves, and so do those of
         # paused requests the host buffer can take beside the prompt.
         freeing = self._evicting_blocks + sum(len(s.block_ids) for s in self.running)
-        freeing += sum(len(s.block_ids) for s in self._paused_the_host_can_take(state))
+        leaving = self._paused_the_host_can_take(blocks_for(state.num_tokens, self.block_size))
+        freeing += sum(len(s.block_ids) for s in leaving)
         return self.pool.num_free + freeing >= blocks_for(state.num_tokens, self.block_size)
 
     def _may_leave_prefill(self) -> bool:
@@ -149,13 +150,14 @@ class PhaseScheduler(StaticScheduler):
                 return True
         return False
 
-    def _prefill_room_wanted(self) -> int:
-        """Device blocks for the waiting prompts that one step's token budget and the host buffer's
-        free space could take (at least the first; never more than the whole pool)."""
+    def _prefill_room_wanted(self, num_steps: int = 1) -> int:
+        """Device blocks for the waiting prompts that `num_steps` steps' token budget and the host
+        buffer's free space could take (at least the first; never more than the whole pool)."""
         num_tokens = num_blocks = 0
+        budget = num_steps * self.config.max_num_batched_tokens
         for state in self.waiting:
             needed = blocks_for(state.num_tokens, self.block_size)
-            if num_blocks and (num_tokens + state.num_tokens > self.config.max_num_batched_tokens
+            if num_blocks and (num_tokens + state.num_tokens > budget
                                or num_blocks + needed > self.host.num_free_blocks):
                 break
             num_tokens += state.num_tokens
@@ -222,7 +224,12 @@ class PhaseScheduler(StaticScheduler):
 
     def _schedule_prefills(self, plan: StepPlan, budget: int, max_rows: int) -> None:
         """Admit waiting prompts: a host slot is reserved and every block of the prompt taken now,
-        so a prefill never has to evict anything."""
+        so a prefill never has to evict anything. While blocks on their way to the host buffer are
+        what a full step of prompts still lacks, a step of only the prompts that fit now waits for
+        them (in a pipeline, a small step stays small through every stage)."""
+        if self.waiting and not plan.rows and self._is_room_coming():
+            self._move_paused_out(self.waiting[0], plan)
+            return
         while self.waiting and budget > 0 and len(plan.rows) < max_rows and self.has_room_for_active:
             state = self.waiting[0]
             if not self._can_start_prefill(state):
@@ -238,10 +245,17 @@ class PhaseScheduler(StaticScheduler):
             plan.rows.append(self._row(state, num_new))
             budget -= num_new
 
-    def _paused_the_host_can_take(self, prompt: RequestState) -> Iterator[RequestState]:
-        """Paused requests, the latest first, whose KV the host buffer can take while keeping the
-        prompt's slot free (with a row in flight too: they can move once it lands)."""
-        room = self.host.num_free_blocks - blocks_for(prompt.num_tokens, self.block_size)
+    def _is_room_coming(self) -> bool:
+        """Whether a step's worth of the waiting prompts lacks device room now but will have it
+        once the copies in flight to the host buffer land."""
+        wanted = self._prefill_room_wanted()
+        return self.pool.num_free < wanted <= self.pool.num_free + self._evicting_blocks
+
+    def _paused_the_host_can_take(self, reserved_blocks: int) -> Iterator[RequestState]:
+        """Paused requests, the latest first, whose KV the host buffer can take while keeping
+        `reserved_blocks` free for prompts (with a row in flight too: they can move once it
+        lands); one loaded early still has its host copy."""
+        room = self.host.num_free_blocks - reserved_blocks
         for state in reversed(self.paused):
             if state.request_id not in self.loaded_early:  # one loaded early still has its host copy
                 room -= blocks_for(state.num_computed_tokens, self.block_size)
@@ -251,12 +265,13 @@ class PhaseScheduler(StaticScheduler):
 
     def _move_paused_out(self, prompt: RequestState, plan: StepPlan) -> None:
         """The device cannot take the next prompt: copy paused requests to the host buffer until the
-        blocks on their way out would hold it. They come back in the next decode phase like the
-        prompts prefilled now, so the prefill pipeline is not left to one prompt at a time."""
+        blocks on their way out would hold the prompts of a full pipeline (a step's budget for each
+        of its stages). They come back in the next decode phase like the prompts prefilled now, so
+        the prefill pipeline is not left to one prompt at a time."""
         if not self.host.can_store(prompt.num_tokens):
             return  # the host buffer is full: the replica is about to decode
-        needed = blocks_for(prompt.num_tokens, self.block_size)
-        for state in list(self._paused_the_host_can_take(prompt)):
+        needed = max(blocks_for(prompt.num_tokens, self.block_size), self._prefill_room_wanted(self._pipeline_depth))
+        for state in list(self._paused_the_host_can_take(needed)):
             if self.pool.num_free + self._evicting_blocks >= needed:
                 return
             if state.num_in_flight:
@@ -277,6 +292,13 @@ class PhaseScheduler(StaticScheduler):
         self._release(state)
         state.status = RequestStatus.SWAPPED
         self.swapped.appendleft(state)
+
+    def _max_rows(self) -> int:
+        """In decode, each micro-batch takes its share of the requests decoding (prompts waiting
+        for the next prefill phase take no row now, so they must not unbalance the pipeline)."""
+        if self.phase is Phase.DECODE:
+            return -(-max(1, len(self.running)) // self._pipeline_depth)
+        return super()._max_rows()
 
     def _may_follow(self, state: RequestState) -> bool:
         """Only decoding requests run ahead of their token: a prompt just prefilled leaves for the host."""
