@@ -360,6 +360,7 @@ class LoadShard:
     join_timeout_s: float = 60.0  # forming the communicator groups gives up after this
     max_step_tokens: int = 2048  # the largest step the scheduler may plan: what a GPU worker profiles
     max_step_rows: int = 256
+    max_model_len: int | None = None  # the longest request (sizes the device block table); None: the model's
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
-"""A recording stand-in for torch's CUDA devices, streams and events, under which the worker's CUDA
-code paths run on CPU tensors and every device and stream use is noted with its thread.
+"""A recording stand-in for torch's CUDA devices, streams, events and allocations, under which the
+worker's CUDA code paths run on CPU tensors and every device and stream use is noted with its thread.
 
 It models what matters for ordering: each thread has its own current device, 0 until it sets one
 (as CUDA's runtime has); a stream context switches to the stream's device and back on exit; a
-`Tensor.copy_` is noted with the stream current on its thread. `install(monkeypatch)`
-puts it in place of the torch.cuda functions the runtime calls; `uses` is the record.
+`Tensor.copy_` is noted with the stream current on its thread and the address it writes; an
+allocation on a CUDA device (or in pinned memory) is made on the CPU and noted with the device it
+names (a bare "cuda" names the thread's current one); events are noted by name when recorded and
+waited for. `install(monkeypatch)` puts it in place of the torch functions the runtime calls;
+`uses` is the record.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ class Use:
     device: int
     thread: str
     stream: str | None = None
-    waited_for: str | None = None
+    waited_for: str | None = None  # wait_stream: the stream waited for
+    event: str | None = None  # event record / event synchronize: which event
+    target: int | None = None  # copy: the address written
 
 
 class RecordingCuda:
@@ -36,9 +41,10 @@ class RecordingCuda:
 
     # ------------------------------------------------------------ the record
 
-    def note(self, what: str, device: int, stream: str | None = None, waited_for: str | None = None) -> None:
+    def note(self, what: str, device: int, stream: str | None = None, waited_for: str | None = None,
+             event: str | None = None, target: int | None = None) -> None:
         with self._lock:
-            self.uses.append(Use(what, device, threading.current_thread().name, stream, waited_for))
+            self.uses.append(Use(what, device, threading.current_thread().name, stream, waited_for, event, target))
 
     def _name(self, kind: str) -> str:
         with self._lock:
@@ -106,8 +112,17 @@ class RecordingCuda:
         index = self.current_device if device is None else torch.device(device).index
         return StandinStream(self, index, self.current_stream_name)
 
-    def make_event(self) -> StandinEvent:
-        return StandinEvent(self)
+    def make_event(self, *args, **kwargs) -> StandinEvent:
+        return StandinEvent(self, self._name("event"))
+
+    def device_index(self, device) -> int | None:
+        """The CUDA device an allocation names (a bare "cuda": this thread's), None for the CPU."""
+        if device is None:
+            return None
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        return self.current_device if device.index is None else device.index
 
     def synchronize(self, device=None) -> None:
         self.note("synchronize", self.current_device if device is None else torch.device(device).index)
@@ -126,14 +141,15 @@ class StandinStream:
 
 
 class StandinEvent:
-    def __init__(self, cuda: RecordingCuda):
-        self.cuda = cuda
+    def __init__(self, cuda: RecordingCuda, name: str):
+        self.cuda, self.name = cuda, name
 
     def record(self, stream=None) -> None:
-        self.cuda.note("event record", self.cuda.current_device, self.cuda.current_stream_name)
+        name = self.cuda.current_stream_name if stream is None else stream.name
+        self.cuda.note("event record", self.cuda.current_device, name, event=self.name)
 
     def synchronize(self) -> None:
-        self.cuda.note("event synchronize", self.cuda.current_device)
+        self.cuda.note("event synchronize", self.cuda.current_device, event=self.name)
 
 
 def install(monkeypatch) -> RecordingCuda:
@@ -149,8 +165,25 @@ def install(monkeypatch) -> RecordingCuda:
     copy = torch.Tensor.copy_
 
     def noted_copy(tensor, source, non_blocking=False):
-        cuda.note("copy", cuda.current_device, cuda.current_stream_name)
+        cuda.note("copy", cuda.current_device, cuda.current_stream_name, target=tensor.data_ptr())
         return copy(tensor, source, non_blocking)
 
     monkeypatch.setattr(torch.Tensor, "copy_", noted_copy)
+    for name in ("empty", "zeros"):
+        monkeypatch.setattr(torch, name, _on_the_cpu(cuda, getattr(torch, name)))
     return cuda
+
+
+def _on_the_cpu(cuda: RecordingCuda, make):
+    """`make` (torch.empty, torch.zeros) with CUDA and pinned allocations made on the CPU, noted."""
+
+    def made(*args, device=None, pin_memory=False, **kwargs):
+        index = cuda.device_index(device)
+        if index is not None:
+            cuda.note("allocate", index)
+            device = "cpu"
+        if pin_memory:
+            cuda.note("allocate pinned", cuda.current_device)  # pinning makes a context on the current device
+        return make(*args, device=device, **kwargs)
+
+    return made

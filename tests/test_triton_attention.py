@@ -172,6 +172,34 @@ def test_block_tables_kept_on_the_device_by_deltas_feed_the_kernel():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_decode_step_padded_to_its_bucket_attends_its_rows_as_unpadded():
+    """Three decode rows padded to a bucket of four through the worker's step builder: the kernels
+    give the real rows what the same step unpadded gives them, and the padding row writes only the
+    padding block (the page past the pool's)."""
+    from seesaw.model.triton_attention import write_kv_triton
+    from seesaw.runtime.step_bounds import StepBounds, decode_buckets
+
+    generator = torch.Generator().manual_seed(8)
+    bounds = StepBounds(max_tokens=64, max_rows=8, num_blocks=NUM_BLOCKS, max_blocks_per_request=4)
+    rows = [StepRow("a", [7], 15, [3]), StepRow("b", [7], 16, [4, 11]), StepRow("c", [7], 40, [5, 0, 8])]
+    pages = torch.randn(NUM_BLOCKS + 1, 2, KV_HEADS, BLOCK, 64, generator=generator)  # [pages, k/v, ...]
+    q = torch.randn(4, KV_HEADS * 2, 64, generator=generator)  # [bucket, heads, hd]: the last row pads
+    k, v = (torch.randn(4, KV_HEADS, 64, generator=generator) for _ in range(2))
+    outputs, caches = [], []
+    for buckets, num_tokens in (((), 3), (decode_buckets(8), 4)):
+        kernels = AttentionKernels(BLOCK, 64, torch.float32, ragged_kernel=paged_attention_triton,
+                                   kv_writer=write_kv_triton, group=2, decode_buckets=buckets)
+        tables, uploader = BlockTables(torch.device("cpu"), mirrored=True, bounds=bounds), Uploader(torch.device("cpu"))
+        batch = build_step_inputs(rows, [], tables, None, kernels, uploader).attention
+        assert batch.write_blocks.shape[0] == num_tokens
+        cache = pages.clone()
+        outputs.append(paged_attention(q[:num_tokens], k[:num_tokens], v[:num_tokens], cache[:, 0], cache[:, 1], batch))
+        caches.append(cache)
+    torch.testing.assert_close(outputs[1][:3], outputs[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[1][:NUM_BLOCKS], caches[0][:NUM_BLOCKS])
+    assert not torch.equal(caches[1][NUM_BLOCKS], pages[NUM_BLOCKS])
+
+
 def test_the_kv_writer_puts_each_token_where_torch_indexing_does():
     from seesaw.model.triton_attention import write_kv_triton
 

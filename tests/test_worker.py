@@ -29,58 +29,172 @@ async def test_a_stopping_worker_drops_a_copy_its_executors_no_longer_take(caplo
     assert not worker.has_failed and not delivered
 
 
-class _CopyOnlyRuntime:
-    """A worker's runtime on GPU 1 of 2 reduced to its KV copies, for the CUDA stand-in."""
-
-    def __init__(self):
-        import torch
-
-        from seesaw.runtime.transfers import DeviceCopies
-        from seesaw.runtime.worker_runtime import WorkerRuntime
-
-        self.device = torch.device("cuda", 1)
-        self.copies = DeviceCopies(self.device)
-        self.bind_thread = WorkerRuntime.bind_thread.__get__(self)
-        self.pool = torch.zeros(4, 8)  # [blocks, elements]
-        self.host = torch.arange(32.0).view(4, 8)
-
-    def swap_out(self, layout, block_ids, host_block_ids) -> int:
-        return self.copies.kv_copy([(self.host[h], self.pool[b]) for b, h in zip(block_ids, host_block_ids)])
+GPU_1 = 1
 
 
-async def test_the_copy_thread_of_gpu_1_binds_it_and_never_touches_gpu_0(monkeypatch):
-    """Rehearsed with a recording stand-in for torch's CUDA streams: the KV-copy thread sets its
-    device before its first stream, never lands on device 0 (a stream context on a thread left at
-    device 0 would switch back there on exit, making a context on GPU 0), and its KV stream waits
-    for the compute stream before it copies."""
-    import asyncio
+def _runtime_on_gpu_1(monkeypatch):
+    """A worker runtime of the tiny preset built on the CPU, then given GPU 1 of 2's CUDA pieces
+    (streams, the upload's staging and device buffers, pending tokens' pinned copies) under the
+    recording stand-in, which runs them on CPU tensors; returns (the record, the runtime). A
+    second name for its layout makes a Reshard reload the shard."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
 
     import cuda_standin
+    from seesaw.layout import Layout
+    from seesaw.model.presets import PRESETS
+    from seesaw.model.spec import ModelSpec
+    from seesaw.model.weights import RandomSource
+    from seesaw.runtime.step_inputs import Uploader
+    from seesaw.runtime.transfers import DeviceCopies
+    from seesaw.runtime.worker_runtime import RuntimeConfig, WorkerRuntime
+
+    spec = ModelSpec.from_hf_config(PRESETS["tiny"])
+    config = RuntimeConfig(spec, 0, (Layout.parse("t1"),), "float32", "cpu", 16, kv_cache_bytes=1 << 20,
+                           memory_fraction=0.9, num_threads=1, seed=0, max_step_tokens=64, max_step_rows=8)
+    runtime = WorkerRuntime(config, {}, RandomSource(spec, 0))
+    cuda = cuda_standin.install(monkeypatch)
+    torch.cuda.set_device(GPU_1)  # as the step thread does before it builds the runtime
+    runtime.device = torch.device("cuda", GPU_1)
+    runtime.copies = DeviceCopies(runtime.device)
+    runtime.uploader = Uploader(runtime.device, runtime.bounds.upload_values(is_ragged=False))
+    runtime.states["t1-again"] = copy.copy(runtime.states["t1"])
+    pages = runtime.current.kv_pages
+    runtime.host_buffer = SimpleNamespace(blocks=torch.zeros(4, *pages.shape[1:]))  # [host blocks, ...]
+    return cuda, runtime
+
+
+async def _run_on_gpu_1(monkeypatch):
+    """Drive a ShardWorker on local rank 1 of 2 through steps, a KV swap out, a transition and a
+    prefetch, under the recording stand-in; returns (the record, the runtime, the replies)."""
+    import asyncio
+
     from seesaw.actors.shard_worker import ShardWorker
-    from seesaw.messages import SwapOut
+    from seesaw.messages import Prefetch, Reshard, RunStep, SwapOut
+    from seesaw.step import RowSampling, StepRow
+
+    worker = ShardWorker(inbox=None, rank=1, supervisor=None, context=None, local_rank=GPU_1)
+    cuda, worker.runtime = _runtime_on_gpu_1(monkeypatch)
+    replies: asyncio.Queue = asyncio.Queue()
+    worker.scheduler = worker.kv_tier = type("Outbox", (), {"send": staticmethod(replies.put_nowait)})()
+    greedy = RowSampling(0.0)
+    commands = [
+        RunStep(1, [StepRow("a", [5, 6, 7], 0, [0], sampling=greedy), StepRow("b", [8, 9], 0, [1], sampling=greedy)]),
+        RunStep(2, [StepRow("a", [11], 3, [], 1, sampling=greedy), StepRow("b", [12], 2, [], 1, sampling=greedy)]),
+        SwapOut(transfer_id=1, request_id="a", layout="t1", block_ids=[0], host_block_ids=[2]),
+        Reshard("t1-again"),
+        RunStep(3, [StepRow("b", [13], 3, [], 1, sampling=greedy)], released=["a"]),
+        Prefetch(transfer_id=2, request_id="a", layout="t1-again", host_block_ids=[2], block_ids=[3]),
+    ]
+    received = []
+    try:
+        for command in commands:  # one at a time: each reply lands before the next command
+            worker.handle(command)
+            received.append(await asyncio.wait_for(replies.get(), 10))
+    finally:
+        for executor in (worker._compute, worker._copies, worker._tokens):
+            executor.shutdown()
+    return cuda, worker.runtime, received
+
+
+async def test_a_worker_on_gpu_1_of_2_never_touches_gpu_0(monkeypatch):
+    """Steps, the upload, pending tokens, KV copies and a transition of local rank 1 of 2 use device
+    1 only: no allocation, stream, event or copy lands on device 0, on any thread."""
+    cuda, _, replies = await _run_on_gpu_1(monkeypatch)
+    assert len(replies) == 6 and replies[-1].num_bytes > 0
+    assert [use for use in cuda.uses if use.device != GPU_1] == []
+
+
+async def test_every_thread_binds_its_gpu_before_it_uses_one(monkeypatch):
+    """The step, KV-copy and token threads (and the one that built the runtime) each set their
+    device before any allocation, stream, event or copy: a thread starts on GPU 0."""
+    cuda, _, _ = await _run_on_gpu_1(monkeypatch)
+    threads = {use.thread.split("_")[0] for use in cuda.uses}
+    assert {"step", "kv-copy", "tokens"} <= threads
+    assert not cuda.threads_that_used_a_device_before_setting_it()
+
+
+async def test_steps_run_on_the_workers_compute_stream_never_the_default_one(monkeypatch):
+    """Every copy and event of a step (the upload, the sampled tokens' copy to pinned memory) is
+    queued on the compute stream of the worker's own; nothing runs on the legacy default stream."""
+    cuda, runtime, _ = await _run_on_gpu_1(monkeypatch)
+    compute = runtime.copies.compute_stream.name
+    step_uses = [use for use in cuda.uses if use.thread.startswith("step") and use.what in ("copy", "event record")]
+    weight_copies = [use for use in step_uses if use.stream == runtime.copies.weight_stream.name]
+    assert step_uses and weight_copies
+    assert {use.stream for use in step_uses if use not in weight_copies} == {compute}
+    assert not [use for use in cuda.uses if (use.stream or "").startswith("default")]
+
+
+async def test_steps_after_a_transition_wait_for_the_weight_stream(monkeypatch):
+    """A reload's copies run on the weight stream after the compute stream's queued work, and the
+    compute stream waits for them before the next step's first copy."""
+    cuda, runtime, _ = await _run_on_gpu_1(monkeypatch)
+    compute, weight = runtime.copies.compute_stream.name, runtime.copies.weight_stream.name
+    uses = cuda.uses
+    weight_copies = [i for i, use in enumerate(uses) if use.what == "copy" and use.stream == weight]
+    before = [i for i, use in enumerate(uses) if use.what == "wait_stream" and use.stream == weight
+              and use.waited_for == compute]
+    after = [i for i, use in enumerate(uses) if use.what == "wait_stream" and use.stream == compute
+             and use.waited_for == weight]
+    later_steps = [i for i, use in enumerate(uses) if use.what == "copy" and use.stream == compute
+                   and i > weight_copies[-1]]
+    assert before and before[-1] < weight_copies[0]
+    assert after and weight_copies[-1] < after[-1] < later_steps[0]
+
+
+async def test_a_staging_buffer_is_rewritten_only_once_its_last_copy_is_done(monkeypatch):
+    """The upload's two pinned staging buffers take turns; before either is written again, the
+    event recorded after the copy that read it is waited for."""
+    cuda, runtime, _ = await _run_on_gpu_1(monkeypatch)
+    uploader = runtime.uploader
+    for staging, event in zip(uploader.staging, uploader.copied):
+        writes = [i for i, use in enumerate(cuda.uses) if use.what == "copy" and use.target == staging.data_ptr()]
+        records = [i for i, use in enumerate(cuda.uses) if use.what == "event record" and use.event == event.name]
+        waits = [i for i, use in enumerate(cuda.uses) if use.what == "event synchronize" and use.event == event.name]
+        assert writes and records
+        for write in writes:
+            last_record = max((i for i in records if i < write), default=None)
+            assert last_record is None or any(last_record < i < write for i in waits), \
+                f"staging buffer written at use {write} while its copy recorded at {last_record} may still read it"
+
+
+async def test_the_kv_stream_waits_for_compute_before_it_copies(monkeypatch):
+    """KV written by the steps queued so far lands before a swap out reads it: each KV command's
+    stream waits for the compute stream before its first copy."""
+    cuda, runtime, _ = await _run_on_gpu_1(monkeypatch)
+    kv, compute = runtime.copies.kv_stream.name, runtime.copies.compute_stream.name
+    copy_thread = [use for use in cuda.uses if use.thread.startswith("kv-copy")]
+    copies = [i for i, use in enumerate(copy_thread) if use.what == "copy"]
+    waits = [i for i, use in enumerate(copy_thread) if use.what == "wait_stream" and use.stream == kv
+             and use.waited_for == compute]
+    assert len(waits) == 2 and waits[0] < copies[0]
+    assert all(copy_thread[i].stream == kv for i in copies)
+
+
+def test_the_nccl_join_thread_binds_the_workers_gpu_before_forming_a_group(monkeypatch, tmp_path):
+    """A communicator of GPU 1 is formed on a thread of its own (so a dead peer cannot hang the
+    worker past its timeout); that thread makes GPU 1 current first and never lands on GPU 0."""
+    import sys
+    import types
+
+    import torch
+
+    import cuda_standin
+    import nccl_standin
+    from seesaw.messages import GroupSpec
+    from seesaw.transport.collective import nccl_groups
 
     cuda = cuda_standin.install(monkeypatch)
-    worker = ShardWorker(inbox=None, rank=1, supervisor=None, context=None, local_rank=1)
-    cuda.set_device(1)  # as the step thread does before it builds the runtime
-    worker.runtime = _CopyOnlyRuntime()
-    delivered = asyncio.get_running_loop().create_future()
-
-    class KVTier:
-        def send(self, message):
-            delivered.set_result(message)
-
-    worker.kv_tier = KVTier()
-    worker.handle(SwapOut(transfer_id=1, request_id="r1", layout="t1", block_ids=[2], host_block_ids=[0]))
-    reply = await asyncio.wait_for(delivered, 10)
-    for executor in (worker._compute, worker._copies, worker._tokens):
-        executor.shutdown()
-    assert reply.num_bytes == 32
-    copy_thread = [use for use in cuda.uses if use.thread.startswith("kv-copy")]
-    assert copy_thread[0].what == "set_device" and copy_thread[0].device == 1
-    assert all(use.device == 1 for use in copy_thread), [use for use in copy_thread if use.device != 1]
-    assert not cuda.threads_that_used_a_device_before_setting_it()
-    copies = [index for index, use in enumerate(copy_thread) if use.what == "copy"]
-    waits = [index for index, use in enumerate(copy_thread) if use.what == "wait_stream"
-             and use.waited_for == "default-1"]
-    assert copies and waits and waits[0] < copies[0]
-    assert all(copy_thread[index].stream.startswith("stream-") for index in copies)  # on the KV stream
+    monkeypatch.setenv(nccl_standin.STANDIN_DIR, str(tmp_path))
+    cupy, cupy_cuda = types.ModuleType("cupy"), types.ModuleType("cupy.cuda")
+    cupy.cuda, cupy_cuda.nccl = cupy_cuda, nccl_standin
+    for name, module in {"cupy": cupy, "cupy.cuda": cupy_cuda, "cupy.cuda.nccl": nccl_standin}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    groups = nccl_groups([GroupSpec("ranks:1", [1], nccl_standin.get_unique_id())], 1, torch.device("cuda", GPU_1),
+                         timeout_s=10)
+    joining = [use for use in cuda.uses if use.thread.startswith("nccl-join")]
+    assert list(groups) == ["ranks:1"]
+    assert joining and joining[0].what == "set_device" and all(use.device == GPU_1 for use in joining)

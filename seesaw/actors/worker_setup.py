@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from seesaw.layout import Layout
 from seesaw.messages import LoadShard
 from seesaw.model.spec import ModelSpec
@@ -30,6 +32,7 @@ def runtime_config(command: LoadShard, device_index: int = 0) -> RuntimeConfig:
         device_index=device_index,
         max_step_tokens=command.max_step_tokens,
         max_step_rows=command.max_step_rows,
+        max_model_len=command.max_model_len,
     )
 
 
@@ -37,6 +40,8 @@ def build_runtime(command: LoadShard, device_index: int = 0) -> WorkerRuntime:
     """`device_index`: which of this host's GPUs the worker owns (its local rank)."""
     config = runtime_config(command, device_index)
     device = device_for(config.device, config.device_index)
+    if device.type == "cuda":  # before anything touches a GPU, NCCL's set-up included
+        torch.cuda.set_device(device)
     communicators = join_groups(command.collective, command.rank, device, command.join_timeout_s)
     weights: WeightSource
     if command.weight_store is not None:

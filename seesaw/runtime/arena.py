@@ -77,9 +77,11 @@ def block_elements(shard: Shard, block_size: int, head_dim: int) -> int:
 
 
 class KVArena:
-    """The device KV pool: `num_blocks` pages, each viewed per layout as that shard's block."""
+    """The device KV pool: `num_blocks` pages of `num_bytes`, each viewed per layout as that shard's
+    block, then `num_padding_pages` more that no request is given (padded decode rows use them)."""
 
-    def __init__(self, num_bytes: int, page_elements: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_bytes: int, page_elements: int, dtype: torch.dtype, device: torch.device,
+                 num_padding_pages: int = 0):
         self.page_elements = page_elements
         self.dtype = dtype
         self.num_blocks = num_bytes // (page_elements * dtype.itemsize)
@@ -88,12 +90,14 @@ class KVArena:
                 f"no room for a KV pool: {num_bytes / 2**30:.3f} GiB left, one block takes "
                 f"{page_elements * dtype.itemsize / 2**30:.4f} GiB"
             )
-        self.bytes = zeroed_bytes(self.num_blocks * page_elements * dtype.itemsize, device, is_lazy=True)
+        self.num_pages = self.num_blocks + num_padding_pages
+        self.bytes = zeroed_bytes(self.num_pages * page_elements * dtype.itemsize, device, is_lazy=True)
         self._flat = self.bytes.view(dtype)
 
     def pages(self, shard: Shard, block_size: int, head_dim: int) -> torch.Tensor:
-        """The arena as this shard's blocks: [blocks, layers, 2, kv_heads, block_size, head_dim]."""
+        """The arena as this shard's blocks, padding pages last:
+        [pages, layers, 2, kv_heads, block_size, head_dim]."""
         layers, heads = shard.layers.size, shard.kv_heads.size
-        shape = (self.num_blocks, layers, 2, heads, block_size, head_dim)
+        shape = (self.num_pages, layers, 2, heads, block_size, head_dim)
         inner = (2 * heads * block_size * head_dim, heads * block_size * head_dim, block_size * head_dim, head_dim, 1)
         return self._flat.as_strided(shape, (self.page_elements, *inner))

@@ -27,6 +27,7 @@ from seesaw.model.attention import (
     tile_tokens,
 )
 from seesaw.model.cpu_kernels import PagedDecode
+from seesaw.runtime.step_bounds import SEGMENT_ALIGN, StepBounds, bucket_for, padded_length
 from seesaw.step import StepRow
 
 
@@ -49,15 +50,24 @@ class StepInputs:
 
 class BlockTables:
     """Each request's KV block ids as this worker holds them; with `mirrored`, also a device table
-    [slots, columns] int32 with one slot per request, grown (never shrunk) as needed."""
+    [requests, columns] int32, allocated once from `bounds` (a captured graph reads it in place):
+    a row per request, reused once the request is released, and a last row for padding rows,
+    every entry of it the padding block."""
 
-    def __init__(self, device: torch.device, mirrored: bool):
+    def __init__(self, device: torch.device, mirrored: bool, bounds: StepBounds = StepBounds()):
         self.device = device
         self.mirrored = mirrored
+        self.bounds = bounds
         self.blocks: dict[str, list[int]] = {}
         self.slots: dict[str, int] = {}
         self._free_slots: list[int] = []
-        self.table = torch.zeros(64, 16, dtype=torch.int32, device=device) if mirrored else None
+        self.table = self.step_table = None
+        self.padding_slot = bounds.table_shape[0] - 1
+        if mirrored:
+            self.table = torch.zeros(bounds.table_shape, dtype=torch.int32, device=device)  # [slots, columns]
+            self.table[self.padding_slot].fill_(bounds.padding_block)
+            # A decode step's rows' tables, gathered in place: [max_rows, columns]
+            self.step_table = torch.zeros(bounds.max_rows, bounds.table_shape[1], dtype=torch.int32, device=device)
 
     def release(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -77,72 +87,70 @@ class BlockTables:
             del blocks[row.first_new_block:]
             blocks.extend(row.new_block_ids)
             if self.mirrored and row.new_block_ids:
+                if len(blocks) > self.bounds.max_blocks_per_request:
+                    raise ValueError(f"request {row.request_id} holds {len(blocks)} blocks, but the device block "
+                                     f"table has {self.bounds.max_blocks_per_request} columns (the model's length)")
                 slot = self._slot(row.request_id)
                 writes.extend((slot, row.first_new_block + i, block) for i, block in enumerate(row.new_block_ids))
-        if writes:
-            self._fit(max(slot for slot, _, _ in writes) + 1, max(column for _, column, _ in writes) + 1)
         return writes
+
+    def gather(self, slots: torch.Tensor, width: int | None) -> torch.Tensor:
+        """The tables of the rows at `slots` ([rows] int32): every column into the fixed step table
+        when `width` is None (a decode step of a bucket), else their first `width` columns anew."""
+        if width is None:
+            return torch.index_select(self.table, 0, slots, out=self.step_table[: slots.shape[0]])
+        return self.table.index_select(0, slots)[:, :width].contiguous()  # [rows, width]
 
     def _slot(self, request_id: str) -> int:
         slot = self.slots.get(request_id)
         if slot is None:
             slot = self._free_slots.pop() if self._free_slots else len(self.slots)
+            if slot >= self.padding_slot:
+                raise ValueError(f"request {request_id} needs a row of the device block table, but all "
+                                 f"{self.padding_slot} (one per KV block) hold other requests' tables")
             self.slots[request_id] = slot
         return slot
 
-    def _fit(self, num_slots: int, num_columns: int) -> None:
-        rows, columns = self.table.shape
-        if num_slots <= rows and num_columns <= columns:
-            return
-        grown = torch.zeros(max(rows, _power_of_two(num_slots)), max(columns, _power_of_two(num_columns)),
-                            dtype=torch.int32, device=self.device)
-        grown[:rows, :columns] = self.table
-        self.table = grown
-
 
 class Uploader:
-    """Step inputs to the device in one non-blocking copy from pinned memory. The two host staging
-    buffers take turns, each refilled only once its last copy is done; the device buffer persists
-    across steps (a fixed address, as captured CUDA graphs need), and the stream orders each copy
-    after the steps still reading the last one."""
+    """Step inputs to the device in one non-blocking copy from pinned memory, into one device
+    buffer of `capacity` int32 values allocated once (a fixed address, as captured CUDA graphs
+    need). The two host staging buffers take turns, each rewritten only once the copy that last
+    read it is done; the stream orders each copy after the steps still reading the last one."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, capacity: int = StepBounds().upload_values(is_ragged=True)):
         self.device = device
+        self.capacity = capacity
         self._turn = 0
-        self._staging: list[torch.Tensor] = []
-        self._copied: list[torch.cuda.Event] = []
-        self._on_device = torch.empty(0, dtype=torch.int32, device=device)
+        self.is_staged = device.type == "cuda"
+        if self.is_staged:
+            self.staging = [torch.empty(capacity, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+            self.copied = [torch.cuda.Event() for _ in range(2)]
+            self.on_device = torch.empty(capacity, dtype=torch.int32, device=device)  # [capacity]
 
     def upload(self, values: list[int]) -> torch.Tensor:
+        if len(values) > self.capacity:
+            raise ValueError(f"a step's inputs take {len(values)} values, past the {self.capacity} its upload "
+                             f"buffer was sized for (its token budget, row cap and model length)")
         host = torch.tensor(values, dtype=torch.int32)  # [n]
-        if self.device.type == "cpu":
+        if not self.is_staged:
             return host
-        if len(values) > self._on_device.numel():
-            self._grow(_power_of_two(len(values)))
-        staging, copied = self._staging[self._turn], self._copied[self._turn]
+        staging, copied = self.staging[self._turn], self.copied[self._turn]
         copied.synchronize()
-        staging[: len(values)] = host
-        out = self._on_device[: len(values)]
+        staging[: len(values)].copy_(host)
+        out = self.on_device[: len(values)]
         out.copy_(staging[: len(values)], non_blocking=True)
         copied.record()
         self._turn ^= 1
         return out
-
-    def _grow(self, size: int) -> None:
-        for event in self._copied:
-            event.synchronize()
-        self._staging = [torch.empty(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
-        self._copied = [torch.cuda.Event() for _ in range(2)]
-        for event in self._copied:
-            event.record()
-        self._on_device = torch.empty(size, dtype=torch.int32, device=self.device)
 
 
 @dataclass(frozen=True)
 class AttentionKernels:
     """How a worker attends: a ragged kernel reading the cache in place (GPUs), with a writer that
     puts a step's new k/v in the cache in one launch; else the torch path with the CPU decode
-    kernel where it is built. `group`: query heads per KV head, which sets the ragged kernel's tiles."""
+    kernel where it is built. `group`: query heads per KV head, which sets the ragged kernel's tiles.
+    `decode_buckets`: with a ragged kernel, the batch sizes decode steps are padded to (none: no padding)."""
 
     block_size: int
     head_dim: int
@@ -151,15 +159,18 @@ class AttentionKernels:
     ragged_kernel: RaggedKernel | None = None
     kv_writer: KVWriter | None = None
     group: int = 1
-
-
-SEGMENT_ALIGN = 4  # int32 values: each segment of the upload starts on 16 bytes, as Triton's loads assume
+    decode_buckets: tuple[int, ...] = ()
 
 
 def build_step_inputs(rows: list[StepRow], released: list[str], tables: BlockTables, before: SampledTokens | None,
                       kernels: AttentionKernels, uploader: Uploader) -> StepInputs:
     """The step's inputs on the device, after forgetting `released` requests and applying the rows'
-    block deltas; `before`: what the previous step sampled, for rows that await their token."""
+    block deltas; `before`: what the previous step sampled, for rows that await their token.
+
+    A decode step (one new token per row) with a ragged kernel is padded up to its bucket with
+    rows that write to and read only the padding block, and the inputs its forward pass reads come
+    first in the upload, at places and sizes set by the bucket alone: every decode step of a bucket
+    presents the same tensors, so a graph captured for the bucket can replay it."""
     tables.release(released)
     writes = tables.update(rows)
     token_ids: list[int] = []
@@ -178,24 +189,38 @@ def build_step_inputs(rows: list[StepRow], released: list[str], tables: BlockTab
             sampled_ids.append(row.request_id)
     shapes = [RowShape(row.start, row.num_new_tokens, tables.blocks[row.request_id]) for row in rows]
     ragged = kernels.ragged_kernel is not None
-    fill_places, fill_sources = ([list(column) for column in zip(*fills)] if fills else [[], []])
-    write_slots, write_columns, write_blocks = ([list(column) for column in zip(*writes)] if writes else [[], [], []])
-    segments = [token_ids, positions, sample_index, fill_places, fill_sources, write_slots, write_columns, write_blocks]
+    bucket = _decode_bucket(shapes, kernels) if ragged else None
+    num_padding = 0 if bucket is None else bucket - len(shapes)
+    token_ids.extend([0] * num_padding)
+    positions.extend([0] * num_padding)
+    segments = [token_ids, positions]
     if ragged:
-        segments += _ragged_segments(shapes, tables, rows, kernels)
+        segments += _ragged_segments(shapes, tables, rows, kernels, num_padding)
+    num_read = len(segments)  # what the forward pass reads; what follows is applied before it
+    fill_places, fill_sources = ([list(column) for column in zip(*fills)] if fills else [[], []])
+    table_slots, table_columns, table_blocks = ([list(column) for column in zip(*writes)] if writes else [[], [], []])
+    segments += [sample_index, fill_places, fill_sources, table_slots, table_columns, table_blocks]
     flat = uploader.upload(_padded(segments))
     parts = _unpadded(flat, [len(segment) for segment in segments])
-    token_ids_t, positions_t, sample_t, fill_places, fill_sources, write_slots, write_columns, write_blocks = parts[:8]
+    sample_t, fill_places, fill_sources, table_slots, table_columns, table_blocks = parts[num_read:]
+    token_ids_t, positions_t = parts[:2]
     if fills:
         token_ids_t[fill_places.long()] = before.tokens[fill_sources.long()].to(torch.int32)
     if writes:
-        tables.table[write_slots.long(), write_columns.long()] = write_blocks
+        tables.table[table_slots.long(), table_columns.long()] = table_blocks
     if ragged:
-        attention = _ragged_batch(parts[8:], tables, shapes, kernels)
+        attention = _ragged_batch(parts[2:num_read], tables, shapes, kernels, bucket)
     else:
         attention = build_attention_batch(shapes, kernels.block_size, kernels.head_dim, flat.device,
                                           kernels.decode_kernel, kernels.dtype)
     return StepInputs(token_ids_t, positions_t, sample_t, attention, sampled_ids)
+
+
+def _decode_bucket(shapes: list[RowShape], kernels: AttentionKernels) -> int | None:
+    """The bucket a decode step is padded to; None for other steps, or past the largest bucket."""
+    if not kernels.decode_buckets or any(shape.num_new != 1 for shape in shapes):
+        return None
+    return bucket_for(len(shapes), kernels.decode_buckets)
 
 
 def _awaited(row: StepRow, before: SampledTokens | None) -> int:
@@ -219,13 +244,14 @@ def _unpadded(flat: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
     parts, start = [], 0
     for length in lengths:
         parts.append(flat[start : start + length])
-        start += length + (-length % SEGMENT_ALIGN)
+        start += padded_length(length)
     return parts
 
 
-def _ragged_segments(shapes: list[RowShape], tables: BlockTables, rows: list[StepRow], kernels: AttentionKernels):
+def _ragged_segments(shapes: list[RowShape], tables: BlockTables, rows: list[StepRow], kernels: AttentionKernels,
+                     num_padding: int) -> list[list[int]]:
     """Where each new token's k/v goes, each row's first token and context, its table slot, and
-    the step's query tiles."""
+    the step's query tiles; padding rows (one token each) write and read the padding block only."""
     block_size = kernels.block_size
     write_blocks: list[int] = []
     write_offsets: list[int] = []
@@ -233,27 +259,31 @@ def _ragged_segments(shapes: list[RowShape], tables: BlockTables, rows: list[Ste
         for position in range(shape.start, shape.start + shape.num_new):
             write_blocks.append(shape.block_ids[position // block_size])
             write_offsets.append(position % block_size)
-    starts = [0, *itertools.accumulate(shape.num_new for shape in shapes)]
-    contexts = [shape.start + shape.num_new for shape in shapes]
-    slots = [tables.slots[row.request_id] for row in rows]
-    tile = tile_tokens(starts[-1], len(shapes), kernels.group)
-    tile_rows, tile_firsts, tile_sizes = tile_map([shape.num_new for shape in shapes], tile)
+    write_blocks.extend([tables.bounds.padding_block] * num_padding)
+    write_offsets.extend([0] * num_padding)
+    lengths = [shape.num_new for shape in shapes] + [1] * num_padding
+    starts = [0, *itertools.accumulate(lengths)]
+    contexts = [shape.start + shape.num_new for shape in shapes] + [1] * num_padding
+    slots = [tables.slots[row.request_id] for row in rows] + [tables.padding_slot] * num_padding
+    tile = tile_tokens(starts[-1], len(lengths), kernels.group)
+    tile_rows, tile_firsts, tile_sizes = tile_map(lengths, tile)
     return [write_blocks, write_offsets, starts, contexts, slots, tile_rows, tile_firsts, tile_sizes]
 
 
 def _ragged_batch(parts: list[torch.Tensor], tables: BlockTables, shapes: list[RowShape],
-                  kernels: AttentionKernels) -> AttentionBatch:
+                  kernels: AttentionKernels, bucket: int | None) -> AttentionBatch:
+    """The kernel's view of the step. A decode step of a bucket gathers every column of its rows'
+    tables into the fixed step table, so the table's address and shape (and the kernel's split
+    count, which follows from the shape) are the bucket's alone."""
     write_blocks, write_offsets, starts, contexts, slots, tile_rows, tile_firsts, tile_sizes = parts
-    max_blocks = max(-(-(shape.start + shape.num_new) // kernels.block_size) for shape in shapes)
-    block_table = tables.table.index_select(0, slots)[:, :max_blocks].contiguous()  # [rows, max_blocks]
-    tiles = AttentionTiles(tile_rows, tile_firsts, tile_sizes,
-                           tile_tokens(write_blocks.shape[0], len(shapes), kernels.group))
+    num_rows = len(shapes) if bucket is None else bucket
+    width = None if bucket is not None else max(-(-(shape.start + shape.num_new) // kernels.block_size)
+                                                for shape in shapes)
+    block_table = tables.gather(slots, width)  # [rows, width or every column]
+    tiles = AttentionTiles(tile_rows, tile_firsts, tile_sizes, tile_tokens(write_blocks.shape[0], num_rows,
+                                                                          kernels.group))
     return AttentionBatch(
         write_blocks=write_blocks, write_offsets=write_offsets, decode=None, prefills=[],
         scale=kernels.head_dim**-0.5, ragged=RaggedRows(starts, contexts, block_table, tiles),
         ragged_kernel=kernels.ragged_kernel, kv_writer=kernels.kv_writer,
     )
-
-
-def _power_of_two(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()

@@ -1,23 +1,29 @@
-"""How a worker's bulk copies reach its device: plain copies on a CPU; on a GPU, side streams for
-weights and for KV, straight DMA to and from host memory registered with CUDA (no pageable
-staging copy), and one wait per command rather than per copy."""
+"""A worker's streams, and how its bulk copies reach its device: plain copies on a CPU; on a GPU,
+steps and their collectives on a compute stream of the worker's own (never the legacy default
+stream, which CUDA graphs cannot capture), side streams for weights and for KV, straight DMA to and
+from host memory registered with CUDA (no pageable staging copy), and one wait per command rather
+than per copy."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from seesaw.model.weights import WeightSource, load_shard, plain_copy
 from seesaw.transport.shared_memory import register_with_cuda, unregister_with_cuda
 
 _CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: the direction follows from the pointers
 
 
 class DeviceCopies:
-    """Weight and KV copies for one worker's device; steps run on the device's default stream."""
+    """One worker's streams: steps run on `compute_stream` (inside `computing()`), weight and KV
+    copies on side streams ordered against it."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.compute_stream = torch.cuda.default_stream(device) if self.is_cuda else None
+        self.compute_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self.weight_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self.kv_stream = torch.cuda.Stream(device) if self.is_cuda else None
         self._memcpy_2d = _cupy_memcpy_2d() if self.is_cuda else None
@@ -36,7 +42,20 @@ class DeviceCopies:
             unregister_with_cuda(pointer)
         self._registered.clear()
 
+    def computing(self):
+        """A context in which the calling thread's work (kernels, copies, NCCL calls, events) goes
+        to the compute stream; nothing on a CPU."""
+        return torch.cuda.stream(self.compute_stream) if self.is_cuda else contextlib.nullcontext()
+
     # ------------------------------------------------------------ weights
+
+    def load_weights(self, model, weights: WeightSource) -> int:
+        """Fill `model` (a ShardModel over the weight arena) from `weights` once the steps queued so
+        far are done reading the arena; later steps run after the copies. Returns bytes copied."""
+        self.before_weights()
+        num_bytes = load_shard(model, weights, self.weight_copy if self.is_cuda else plain_copy)
+        self.wait_for_weights()
+        return num_bytes
 
     def before_weights(self) -> None:
         """Order weight copies after every step already queued (they may still read the old weights)."""

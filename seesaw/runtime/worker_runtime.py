@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,10 +20,11 @@ from seesaw.model.llama import LayerKernels, ShardModel
 from seesaw.model.rope import inverse_frequencies
 from seesaw.model.sampler import Sampler
 from seesaw.model.spec import ModelSpec
-from seesaw.model.weights import Copy, WeightSource, load_shard, plain_copy
+from seesaw.model.weights import WeightSource
 from seesaw.runtime.arena import Arena, KVArena, block_elements, measure
 from seesaw.runtime.layout_state import LayoutState, StageContext
 from seesaw.runtime.memory_plan import NCCL_RESERVE_BYTES, DeviceMemory, kv_pool_bytes
+from seesaw.runtime.step_bounds import StepBounds, decode_buckets, step_bytes_per_block
 from seesaw.runtime.step_inputs import (
     AttentionKernels,
     BlockTables,
@@ -60,6 +61,7 @@ class RuntimeConfig:
     device_index: int = 0  # which of this host's GPUs (the worker's local rank); unused on CPU
     max_step_tokens: int = 2048  # the largest step the scheduler may plan, profiled to size the KV pool
     max_step_rows: int = 256
+    max_model_len: int | None = None  # the longest request; None: the model's own length
 
 
 class WorkerRuntime:
@@ -90,18 +92,21 @@ class WorkerRuntime:
         self.weight_arena = Arena(weight_bytes, self.device)
         page_elements = max(block_elements(s, self.block_size, spec.head_dim) for s in shards)
         self.page_bytes = page_elements * self.dtype.itemsize
-        # Without a set size, a pool just large enough for the profiling step comes first.
-        self._profile = None if config.kv_cache_bytes is not None else ProfileStep.largest(config)
-        kv_bytes = config.kv_cache_bytes or self._profile.num_blocks(self.block_size) * self.page_bytes
-        self.kv_arena = KVArena(kv_bytes, page_elements, self.dtype, self.device)
         is_cpu_float32 = self.device.type == "cpu" and self.dtype == torch.float32
-        context = StageContext(spec=spec, device=self.device, dtype=self.dtype,
-                               inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device))
         self.attention = _gpu_attention(self.block_size, spec, self.dtype) if self.device.type == "cuda" else \
             AttentionKernels(self.block_size, spec.head_dim, self.dtype,
                              decode_kernel=load_paged_decode() if is_cpu_float32 else None)
-        self.block_tables = BlockTables(self.device, mirrored=self.attention.ragged_kernel is not None)
-        self.uploader = Uploader(self.device)
+        if self.attention.ragged_kernel is not None:  # decode steps padded to the buckets graphs are captured for
+            self.attention = replace(self.attention, decode_buckets=decode_buckets(config.max_step_rows))
+        self.num_padding_pages = 1 if self.attention.decode_buckets else 0
+        # Without a set size, a pool just large enough for the profiling step comes first.
+        self._profile = None if config.kv_cache_bytes is not None else ProfileStep.largest(config)
+        kv_bytes = config.kv_cache_bytes or self._profile.num_blocks(self.block_size) * self.page_bytes
+        self.kv_arena = KVArena(kv_bytes, page_elements, self.dtype, self.device, self.num_padding_pages)
+        self._step_limits = (config.max_step_tokens, config.max_step_rows, config.max_model_len or spec.max_position)
+        self._make_step_buffers()
+        context = StageContext(spec=spec, device=self.device, dtype=self.dtype,
+                               inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device))
         self.sampled: SampledTokens | None = None  # the last step's tokens, for rows that await them
         kernels = _gpu_kernels(spec, self.block_size) if self.device.type == "cuda" else LayerKernels()
         self.states: dict[str, LayoutState] = {}
@@ -111,11 +116,11 @@ class WorkerRuntime:
             self.states[str(shard.layout)] = LayoutState(shard, model, pages, communicators, context)
         self.current = self.states[str(shards[0].layout)]
         self.sampler = Sampler(self.device, seed=config.seed)
-        load_shard(self.current.model, weights, self._weight_copy())
-        self.copies.wait_for_weights()
-        if self.attention.ragged_kernel is not None:
-            _warm_up_triton([state.shard for state in self.states.values()], spec, self.block_size, self.dtype,
-                            self.device)
+        with self.copies.computing():
+            self.copies.load_weights(self.current.model, weights)
+            if self.attention.ragged_kernel is not None:
+                _warm_up_triton([state.shard for state in self.states.values()], spec, self.block_size, self.dtype,
+                                self.device)
         if self._profile is not None:
             self._size_kv_pool(config.memory_fraction, page_elements)
         self.load_s = time.perf_counter() - started
@@ -126,6 +131,16 @@ class WorkerRuntime:
         would switch back to GPU 0 on exit, making a context on a GPU that is not this worker's."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+    def _make_step_buffers(self) -> None:
+        """The device block table and the upload buffer, allocated once for the KV pool as it is
+        (fixed addresses, which captured CUDA graphs read in place)."""
+        max_tokens, max_rows, max_model_len = self._step_limits
+        self.bounds = StepBounds.for_worker(max_tokens, max_rows, self.kv_arena.num_blocks, max_model_len,
+                                            self.block_size)
+        is_ragged = self.attention.ragged_kernel is not None
+        self.block_tables = BlockTables(self.device, mirrored=is_ragged, bounds=self.bounds)
+        self.uploader = Uploader(self.device, self.bounds.upload_values(is_ragged))
 
     @property
     def num_blocks(self) -> int:
@@ -140,15 +155,15 @@ class WorkerRuntime:
         """Run the largest step the scheduler may plan, then give the KV pool what is left of
         `memory_fraction` of the card beyond everything in use (weights, communicators, other
         processes), that step's peak of activations, workspaces and sampler buffers, and a reserve
-        for the NCCL buffers the step did not show."""
+        for the NCCL buffers the step did not show. Each block brings its share of the step
+        buffers, which are then made once for the pool's size; the padding page comes out too."""
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
         self.execute(self._profile.rows(self.block_size))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
-        self.block_tables.release(self._profile.request_ids)
-        self.sampled = None
+        self.block_tables = self.uploader = self.sampled = None
         for state in self.states.values():
             state.kv_pages = None
         self.kv_arena = None
@@ -156,17 +171,21 @@ class WorkerRuntime:
         memory = DeviceMemory(*torch.cuda.mem_get_info(self.device))
         reserve = NCCL_RESERVE_BYTES * sum(1 for c in self.communicators.values() if c.size > 1)
         kv_bytes = kv_pool_bytes(memory, memory_fraction, peak, reserve)
+        per_block = self.page_bytes + step_bytes_per_block(self._step_limits[2], self.block_size)
+        num_blocks = max(0, kv_bytes - self.num_padding_pages * self.page_bytes) // per_block
         log.info("profiling step: %.2f GiB of activations; %.2f GiB of %.2f GiB in use; NCCL reserve %.2f GiB; "
-                 "KV pool %.2f GiB", peak / GIB, memory.in_use_bytes / GIB, memory.total_bytes / GIB,
-                 reserve / GIB, kv_bytes / GIB)
-        if kv_bytes < 2 * self.page_bytes:
+                 "KV pool %.2f GiB (%d blocks)", peak / GIB, memory.in_use_bytes / GIB, memory.total_bytes / GIB,
+                 reserve / GIB, kv_bytes / GIB, num_blocks)
+        if num_blocks < 2:
             raise ValueError(
                 f"no room for a KV pool on {self.device}: {memory_fraction:.0%} of its "
                 f"{memory.total_bytes / GIB:.1f} GiB, less {memory.in_use_bytes / GIB:.1f} GiB in use, "
                 f"{peak / GIB:.1f} GiB for the largest step and {reserve / GIB:.2f} GiB for NCCL, leaves "
                 f"{max(kv_bytes, 0) / GIB:.2f} GiB (raise --memory-fraction, lower --max-num-batched-tokens "
                 f"or --max-num-seqs, or use more GPUs)")
-        self.kv_arena = KVArena(kv_bytes, page_elements, self.dtype, self.device)
+        self.kv_arena = KVArena(num_blocks * self.page_bytes, page_elements, self.dtype, self.device,
+                                self.num_padding_pages)
+        self._make_step_buffers()
         for state in self.states.values():
             state.kv_pages = self.kv_arena.pages(state.shard, self.block_size, self.spec.head_dim)
         self._profile = None
@@ -176,16 +195,18 @@ class WorkerRuntime:
     def execute(self, rows: list[StepRow], released: list[str] = ()) -> PendingTokens | None:
         """One forward pass of this stage over the rows' new tokens. Every rank of the last stage
         samples (each holds the gathered logits, and at one stage the next step's rows may await
-        the tokens); the sampling rank returns them, on their way to the host, others None."""
-        inputs = self.inputs(rows, released)
-        logits = self.current.forward(inputs)
-        if logits is None:
-            self.sampled = None
-            return PendingTokens(torch.empty(0, dtype=torch.long)) if self.current.is_sampling else None
-        with torch.inference_mode():
-            tokens = self.sampler.sample(logits, [row.sampling for row in rows if row.sampling is not None])
-        self.sampled = SampledTokens({request_id: i for i, request_id in enumerate(inputs.sampled_ids)}, tokens)
-        return PendingTokens(tokens) if self.current.is_sampling else None
+        the tokens); the sampling rank returns them, on their way to the host, others None. On a GPU
+        all of it (the upload, kernels, collectives, the copy of the tokens) runs on the compute stream."""
+        with self.copies.computing():
+            inputs = self.inputs(rows, released)
+            logits = self.current.forward(inputs)
+            if logits is None:
+                self.sampled = None
+                return PendingTokens(torch.empty(0, dtype=torch.long), self.device) if self.is_sampling else None
+            with torch.inference_mode():
+                tokens = self.sampler.sample(logits, [row.sampling for row in rows if row.sampling is not None])
+            self.sampled = SampledTokens({request_id: i for i, request_id in enumerate(inputs.sampled_ids)}, tokens)
+            return PendingTokens(tokens, self.device) if self.is_sampling else None
 
     def inputs(self, rows: list[StepRow], released: list[str] = ()) -> StepInputs:
         """The step's inputs on this worker's device (block tables updated by the rows' deltas)."""
@@ -204,14 +225,10 @@ class WorkerRuntime:
         layer, whatever the arena held; returns (seconds, bytes copied)."""
         started = time.perf_counter()
         target = self.states[layout]
-        self.copies.before_weights()  # the last step of the old layout must be done reading
-        num_bytes = load_shard(target.model, self.weights, self._weight_copy())
-        self.copies.wait_for_weights()
+        with self.copies.computing():  # weights drawn on the device are drawn on the compute stream
+            num_bytes = self.copies.load_weights(target.model, self.weights)
         self.current = target
         return time.perf_counter() - started, num_bytes
-
-    def _weight_copy(self) -> Copy:
-        return self.copies.weight_copy if self.device.type == "cuda" else plain_copy
 
     # ------------------------------------------------------------ KV copies
 
@@ -274,12 +291,13 @@ class ProfileStep:
 
 class PendingTokens:
     """A step's sampled tokens on their way to the host: on GPUs an asynchronous copy into pinned
-    memory, so the worker can start its next step before they land; `wait` returns them."""
+    memory on the current (compute) stream, so the worker can start its next step before they
+    land; `wait` returns them."""
 
-    def __init__(self, tokens: torch.Tensor):  # [sampled rows]
+    def __init__(self, tokens: torch.Tensor, device: torch.device):  # [sampled rows] on `device`
         self._event = None
         self._host = tokens
-        if tokens.is_cuda:
+        if device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()

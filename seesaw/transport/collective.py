@@ -136,8 +136,9 @@ _NCCL_TYPES = {torch.float32: "NCCL_FLOAT32", torch.bfloat16: "NCCL_BFLOAT16", t
 
 
 class NcclCommunicator:
-    """cupy's NCCL over one group, on torch's current CUDA stream, tensors passed by pointer (so
-    every tensor handed to NCCL is contiguous: a strided view is reduced through a contiguous copy)."""
+    """cupy's NCCL over one group, on torch's current CUDA stream (a worker's compute stream, in
+    its steps), tensors passed by pointer (so every tensor handed to NCCL is contiguous: a strided
+    view is reduced through a contiguous copy)."""
 
     def __init__(self, spec: GroupSpec, global_rank: int, device: torch.device):
         from cupy.cuda import nccl
@@ -148,8 +149,9 @@ class NcclCommunicator:
         self.rank = spec.ranks.index(global_rank)
         self.size = len(spec.ranks)
         self.device = device
-        with _on_device(device):
-            self._comm = nccl.NcclCommunicator(self.size, tuple(spec.nccl_id), self.rank)
+        if device.type == "cuda":  # NCCL binds a communicator to the current device; this thread stays on it
+            torch.cuda.set_device(device)
+        self._comm = nccl.NcclCommunicator(self.size, tuple(spec.nccl_id), self.rank)
 
     def _type(self, tensor: torch.Tensor) -> int:
         if tensor.dtype not in _NCCL_TYPES:
@@ -208,13 +210,6 @@ def _in_place(tensor: torch.Tensor, operation: Callable[[torch.Tensor], None]) -
     flat = tensor.contiguous()
     operation(flat)
     tensor.copy_(flat)
-
-
-def _on_device(device: torch.device):
-    """`device` as the current CUDA device (NCCL binds a communicator to it); nothing on a CPU."""
-    import contextlib
-
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def nccl_groups(groups: list[GroupSpec], global_rank: int, device: torch.device,
