@@ -81,6 +81,17 @@ def test_triton_paged_attention_in_bf16_at_real_shapes(group, head_dim):
 
 
 @needs_cuda
+def test_the_sampling_race_draws_by_key_on_the_gpu():
+    from seesaw.model.triton_sampling import exponential_race_triton
+
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05], device="cuda")
+    keys = torch.arange(20000, dtype=torch.int64, device="cuda") * 7919
+    tokens = exponential_race_triton(expected.expand(20000, 4).contiguous(), keys)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / 20000, expected, atol=0.02)
+    assert torch.equal(exponential_race_triton(expected.expand(3, 4).contiguous(), keys[:3]), tokens[:3])
+
+
+@needs_cuda
 def test_triton_norms_in_bf16_match_torch():
     from seesaw.model.llama import add_rms_norm, rms_norm
     from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton

@@ -6,20 +6,30 @@ on what it was batched with; unseeded requests share the worker's generator.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from seesaw.step import RowSampling
 
 _SEED_STRIDE = 1_000_003
+_KEY_MASK = 2**63 - 1
+
+# (probs [rows, vocab] float32, keys [rows] int64) -> tokens [rows] int64: an exponential race
+# per row with noise from the row's key alone (seesaw.model.triton_sampling on GPUs)
+Race = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Sampler:
     """On a GPU a step's sampling never waits for the device: the random rows' parameters reach it
-    in one non-blocking copy from pinned memory, and unseeded rows draw their noise in one launch
-    (a seeded row draws its own, from its seed and output index)."""
+    in non-blocking copies from pinned memory. With a `race` kernel (GPUs) every random row draws in
+    one launch, from a key per row: its seed and output index for a seeded row, drawn from the
+    worker's generator (one launch) for the others. Without one (CPUs), unseeded rows draw their
+    noise in one launch and each seeded row its own, from its seed and output index."""
 
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, race: Race | None = None):
         self.device = device
+        self.race = race
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._row_generator = torch.Generator(device=device)
 
@@ -36,13 +46,23 @@ class Sampler:
             tokens = tokens.index_copy(0, chosen, picked)
         return tokens
 
-    def _upload(self, columns: list[list[float]]) -> torch.Tensor:
-        """[len(columns), n] float32 on the device, without waiting for it (exact for indices and
-        top-k below 2**24)."""
-        host = torch.tensor(columns, dtype=torch.float32)  # [columns, n]
+    def _upload(self, columns: list[list[float]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[len(columns), n] on the device, without waiting for it (in float32, exact for indices
+        and top-k below 2**24)."""
+        host = torch.tensor(columns, dtype=dtype)  # [columns, n]
         if self.device.type == "cpu":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _keys(self, rows: list[RowSampling]) -> torch.Tensor:
+        """[rows] int64 on the device: each seeded row's key from its seed and output index, each
+        other row's drawn from the worker's generator."""
+        seeded = self._upload([[_seed_key(row) if row.seed is not None else 0 for row in rows],
+                               [row.seed is not None for row in rows]], torch.int64)  # [2, rows]
+        if all(row.seed is not None for row in rows):
+            return seeded[0]
+        drawn = torch.randint(0, _KEY_MASK, (len(rows),), generator=self.generator, device=self.device)  # [rows]
+        return torch.where(seeded[1].bool(), seeded[0], drawn)
 
     def _sample_random(self, logits: torch.Tensor, rows: list[RowSampling], params: torch.Tensor) -> torch.Tensor:
         temperatures, top_p, top_k = params  # [rows] each
@@ -50,6 +70,8 @@ class Sampler:
         if any(row.top_k > 0 for row in rows) or any(row.top_p < 1.0 for row in rows):
             logits = _truncate(logits, top_p, top_k)
         probs = torch.softmax(logits, dim=-1)  # [rows, vocab]
+        if self.race is not None:
+            return self.race(probs, self._keys(rows))
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs)
         if any(row.seed is None for row in rows):
@@ -60,7 +82,12 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     def _seeded(self, row: RowSampling) -> torch.Generator:
-        return self._row_generator.manual_seed((row.seed * _SEED_STRIDE + row.output_index) & (2**63 - 1))
+        return self._row_generator.manual_seed(_seed_key(row))
+
+
+def _seed_key(row: RowSampling) -> int:
+    """A seeded row's key: its seed and output index, folded into 63 bits."""
+    return (row.seed * _SEED_STRIDE + row.output_index) & _KEY_MASK
 
 
 def _truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

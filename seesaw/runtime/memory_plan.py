@@ -32,10 +32,11 @@ class DeviceMemory:
 
 
 def sampler_bytes(num_rows: int, vocab_size: int) -> int:
-    """The sampler's peak for `num_rows` rows of float32 logits with temperature, top-k and top-p:
-    the scaled logits, sorted values, their int64 order, probabilities, cumulative mass, masks,
-    the scattered result, the noise and probs / noise, all [rows, vocab] at once at worst."""
-    per_entry = 4 + 4 + 8 + 4 + 4 + 1 + 4 + 4 + 4  # scaled, sorted, order, probs, cumsum, mask, result, noise, ratio
+    """The sampler's peak on a GPU for `num_rows` rows of float32 logits with temperature, top-k and
+    top-p: the scaled logits, sorted values, their int64 order, probabilities, cumulative mass,
+    masks, the scattered result and the final probabilities, all [rows, vocab] at once at worst
+    (the draw itself, one race kernel, writes no noise)."""
+    per_entry = 4 + 4 + 8 + 4 + 4 + 1 + 4 + 4  # scaled, sorted, order, probs, cumsum, mask, result, final probs
     return num_rows * vocab_size * per_entry
 
 

@@ -115,7 +115,7 @@ class WorkerRuntime:
             pages = self.kv_arena.pages(shard, self.block_size, spec.head_dim)
             self.states[str(shard.layout)] = LayoutState(shard, model, pages, communicators, context)
         self.current = self.states[str(shards[0].layout)]
-        self.sampler = Sampler(self.device, seed=config.seed)
+        self.sampler = Sampler(self.device, seed=config.seed, race=_gpu_race() if self.device.type == "cuda" else None)
         with self.copies.computing():
             self.copies.load_weights(self.current.model, weights)
             if self.attention.ragged_kernel is not None:
@@ -362,12 +362,22 @@ def _gpu_attention(block_size: int, spec: ModelSpec, dtype: torch.dtype) -> Atte
                             kv_writer=write_kv_triton, group=spec.num_heads // spec.num_kv_heads)
 
 
+def _gpu_race():
+    """The sampling race kernel (every random row of a step in one launch), or None without Triton."""
+    try:
+        from seesaw.model.triton_sampling import exponential_race_triton
+    except ImportError:
+        return None
+    return exponential_race_triton
+
+
 def _warm_up_triton(shards, spec: ModelSpec, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
     """Compile every Triton variant the run's layouts launch now, while loading, not mid-run."""
     from seesaw.model.triton_attention import warm_up
     from seesaw.model.triton_mlp import silu_mul_triton
     from seesaw.model.triton_norm import add_rms_norm_triton, rms_norm_triton
     from seesaw.model.triton_rope import apply_rotation_triton
+    from seesaw.model.triton_sampling import exponential_race_triton
 
     group = spec.num_heads // spec.num_kv_heads
     hidden = torch.zeros(1, spec.hidden_size, dtype=dtype, device=device)  # [1, hidden]
@@ -380,6 +390,8 @@ def _warm_up_triton(shards, spec: ModelSpec, block_size: int, dtype: torch.dtype
         silu_mul_triton(torch.zeros(1, 2 * shard.ffn.size, dtype=dtype, device=device))
     for num_kv_heads in sorted({shard.kv_heads.size for shard in shards}):
         warm_up(num_kv_heads * group, num_kv_heads, spec.head_dim, block_size, dtype, device)
+    probs = torch.full((1, spec.vocab_size), 1.0 / spec.vocab_size, device=device)  # [1, vocab]
+    exponential_race_triton(probs, torch.zeros(1, dtype=torch.int64, device=device))
 
 
 def device_for(kind: str, device_index: int) -> torch.device:
