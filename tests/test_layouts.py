@@ -58,9 +58,11 @@ def test_default_model_layouts_match_t1(default_t1, default_prompts, layout):
     assert matches >= 0.95 * len(default_prompts)
 
 
-def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, queue, with_nccl_standin: bool) -> None:
-    """Worker body: build one shard (in the first layout, then re-sharded through the others), run
-    one step, hand back the gathered logits from the sampling rank."""
+def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, queue, with_nccl_standin: bool,
+                  warm_up: bool) -> None:
+    """Worker body: build one shard (in the first layout, then re-sharded through the others; with
+    `warm_up`, every group warmed first, as before a profiling step), run one step, hand back the
+    gathered logits from the sampling rank."""
     if with_nccl_standin:
         import nccl_standin
 
@@ -69,6 +71,8 @@ def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, que
 
     runtime = build_runtime(LoadShard(rank=rank, layouts=layouts, **command_fields))
     try:
+        if warm_up:
+            runtime.warm_up_groups()
         for layout in layouts[1:]:
             runtime.reshard(layout)
         logits = runtime.current.forward(runtime.inputs(rows))
@@ -78,7 +82,7 @@ def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, que
         runtime.close()
 
 
-def _logits(model, layout: str, rows, backend: Backend = Backend.GLOO) -> torch.Tensor:
+def _logits(model, layout: str, rows, backend: Backend = Backend.GLOO, warm_up: bool = False) -> torch.Tensor:
     """The logits of one step at `layout` ("p2->t2": loaded at p2, re-sharded to t2, then run),
     from one process per worker joined over `backend` (NCCL: the gloo-backed stand-in)."""
     layouts = layout.split("->")
@@ -103,7 +107,7 @@ def _logits(model, layout: str, rows, backend: Backend = Backend.GLOO) -> torch.
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     processes = [context.Process(target=_shard_logits,
-                                 args=(layouts, rank, fields, rows, queue, backend == Backend.NCCL))
+                                 args=(layouts, rank, fields, rows, queue, backend == Backend.NCCL, warm_up))
                  for rank in range(parsed[0].world_size)]
     for process in processes:
         process.start()
@@ -155,5 +159,19 @@ def test_layouts_through_the_nccl_code_path_agree_with_t1(tiny_resolved, tiny_ro
 
     monkeypatch.setenv(nccl_standin.STANDIN_DIR, str(tmp_path))  # the workers inherit it
     split = _logits(tiny_resolved, layout, tiny_rows, Backend.NCCL)
+    relative = (split - tiny_t1_logits).abs().max() / tiny_t1_logits.abs().max()
+    assert relative < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["p2->t2", "t2p2"])
+def test_warming_every_group_before_profiling_completes_through_the_nccl_code_path(
+        tiny_resolved, tiny_rows, tiny_t1_logits, layout, tmp_path, monkeypatch):
+    """Each rank warms the groups of all the run's layouts (all-reduces, passes down the pipeline,
+    at three sizes) in an order its peers share: every rank gets through, and the step after gives
+    t1's logits."""
+    import nccl_standin
+
+    monkeypatch.setenv(nccl_standin.STANDIN_DIR, str(tmp_path))
+    split = _logits(tiny_resolved, layout, tiny_rows, Backend.NCCL, warm_up=True)
     relative = (split - tiny_t1_logits).abs().max() / tiny_t1_logits.abs().max()
     assert relative < 1e-5

@@ -76,6 +76,28 @@ class LayoutState:
             return logits
 
 
+def group_uses(states) -> list[tuple[str, Communicator]]:
+    """Each communicator the layouts' steps use and how ("tp": all-reduces, "pp": sends to the next
+    stage), once each, in the layouts' order: the same order on every member of a group, since a
+    group's members hold it in the same layouts and the same roles."""
+    uses, seen = [], set()
+    for state in states:
+        for kind, communicator in (("tp", state.tp), ("pp", state.pp)):
+            if communicator is not None and (kind, id(communicator)) not in seen:
+                seen.add((kind, id(communicator)))
+                uses.append((kind, communicator))
+    return uses
+
+
+def pass_along(pp: Communicator, tensor: torch.Tensor) -> None:
+    """Send `tensor` down the pipeline as a step does: each stage receives it from the one before
+    (into `tensor`) and sends it to the one after."""
+    if pp.rank > 0:
+        pp.recv(tensor, pp.rank - 1)
+    if pp.rank < pp.size - 1:
+        pp.send(tensor, pp.rank + 1)
+
+
 def gathered_vocab_index(vocab_size: int, tp: int) -> torch.Tensor:
     """Positions of the real vocabulary rows in logits gathered from `tp` equally padded shards."""
     padded = padded_vocab_rows(vocab_size, tp)

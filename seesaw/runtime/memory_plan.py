@@ -2,9 +2,10 @@
 the sampler's buffers and the communicators' own buffers. Plain arithmetic on byte counts, so the
 plan can be checked against any card's figures without the card.
 
-On a GPU the runtime measures the largest step (a profiling step) and gives the KV pool what is
-left (`kv_pool_bytes`); `DevicePlan` states the same budget ahead of time, part by part, for the
-checks a test or a benchmark makes before it allocates anything.
+On a GPU the runtime warms its communicator groups (NCCL allocates its buffers, outside torch's
+allocator, on a group's first use), measures the largest step (a profiling step) and gives the KV
+pool what is left (`kv_pool_bytes`); `DevicePlan` states the same budget ahead of time, part by
+part, for the checks a test or a benchmark makes before it allocates anything.
 """
 
 from __future__ import annotations
@@ -12,12 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GIB = 1 << 30
-
-# NCCL's own buffers per communicator, allocated outside torch's allocator (so a profiling step
-# does not see them) and lazily, on a group's first collective or first send to a new peer: about
-# 2 x NCCL_BUFFSIZE (4 MiB) per channel and peer, with up to 32 channels. An upper estimate.
-NCCL_RESERVE_BYTES = 256 << 20
-
 
 @dataclass(frozen=True)
 class DeviceMemory:
@@ -49,12 +44,11 @@ def step_activation_bytes(hidden_size: int, qkv_size: int, ffn_size: int, vocab_
     return num_tokens * per_token + num_rows * vocab_rows * 4 * 2
 
 
-def kv_pool_bytes(memory: DeviceMemory, memory_fraction: float, step_peak_bytes: int,
-                  reserve_bytes: int = 0) -> int:
+def kv_pool_bytes(memory: DeviceMemory, memory_fraction: float, step_peak_bytes: int) -> int:
     """What the KV pool may take: `memory_fraction` of the card, less everything in use now
-    (weights, the CUDA context, other processes), the largest step's peak and `reserve_bytes`
-    (buffers the step did not show, such as NCCL's). Negative when nothing is left."""
-    return int(memory_fraction * memory.total_bytes) - memory.in_use_bytes - step_peak_bytes - reserve_bytes
+    (weights, the CUDA context, NCCL's buffers, other processes) and the largest step's peak.
+    Negative when nothing is left."""
+    return int(memory_fraction * memory.total_bytes) - memory.in_use_bytes - step_peak_bytes
 
 
 @dataclass

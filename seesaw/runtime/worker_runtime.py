@@ -22,8 +22,8 @@ from seesaw.model.sampler import Sampler
 from seesaw.model.spec import ModelSpec
 from seesaw.model.weights import WeightSource
 from seesaw.runtime.arena import Arena, KVArena, block_elements, measure
-from seesaw.runtime.layout_state import LayoutState, StageContext
-from seesaw.runtime.memory_plan import NCCL_RESERVE_BYTES, DeviceMemory, kv_pool_bytes
+from seesaw.runtime.layout_state import LayoutState, StageContext, group_uses, pass_along
+from seesaw.runtime.memory_plan import DeviceMemory, kv_pool_bytes
 from seesaw.runtime.step_bounds import StepBounds, decode_buckets, step_bytes_per_block
 from seesaw.runtime.step_inputs import (
     AttentionKernels,
@@ -151,12 +151,29 @@ class WorkerRuntime:
     def is_sampling(self) -> bool:
         return self.current.is_sampling
 
+    def warm_up_groups(self) -> None:
+        """Every communicator group the run's layouts use carries what a step sends through it
+        (an all-reduce, or a pass down the pipeline) at each size steps send: one row, the row cap,
+        the token budget. NCCL allocates its buffers for a group (and each algorithm it picks by
+        size) on first use, outside torch's allocator: after this they are in the memory in use.
+        Collective: every rank of the replica calls it at the same point."""
+        max_tokens, max_rows, _ = self._step_limits
+        with self.copies.computing(), torch.inference_mode():
+            for kind, communicator in group_uses(self.states.values()):
+                for num_rows in sorted({1, max_rows, max_tokens}):
+                    probe = torch.zeros(num_rows, self.spec.hidden_size, dtype=self.dtype, device=self.device)
+                    if kind == "tp":
+                        communicator.all_reduce(probe)
+                    else:
+                        pass_along(communicator, probe)
+
     def _size_kv_pool(self, memory_fraction: float, page_elements: int) -> None:
-        """Run the largest step the scheduler may plan, then give the KV pool what is left of
-        `memory_fraction` of the card beyond everything in use (weights, communicators, other
-        processes), that step's peak of activations, workspaces and sampler buffers, and a reserve
-        for the NCCL buffers the step did not show. Each block brings its share of the step
-        buffers, which are then made once for the pool's size; the padding page comes out too."""
+        """Warm the communicator groups, run the largest step the scheduler may plan, then give the
+        KV pool what is left of `memory_fraction` of the card beyond everything in use (weights,
+        NCCL's buffers, other processes) and that step's peak of activations, workspaces and
+        sampler buffers. Each block brings its share of the step buffers, which are then made once
+        for the pool's size; the padding page comes out too."""
+        self.warm_up_groups()
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
@@ -169,18 +186,17 @@ class WorkerRuntime:
         self.kv_arena = None
         torch.cuda.empty_cache()
         memory = DeviceMemory(*torch.cuda.mem_get_info(self.device))
-        reserve = NCCL_RESERVE_BYTES * sum(1 for c in self.communicators.values() if c.size > 1)
-        kv_bytes = kv_pool_bytes(memory, memory_fraction, peak, reserve)
+        kv_bytes = kv_pool_bytes(memory, memory_fraction, peak)
         per_block = self.page_bytes + step_bytes_per_block(self._step_limits[2], self.block_size)
         num_blocks = max(0, kv_bytes - self.num_padding_pages * self.page_bytes) // per_block
-        log.info("profiling step: %.2f GiB of activations; %.2f GiB of %.2f GiB in use; NCCL reserve %.2f GiB; "
+        log.info("profiling step: %.2f GiB of activations; %.2f GiB of %.2f GiB in use (NCCL's buffers included); "
                  "KV pool %.2f GiB (%d blocks)", peak / GIB, memory.in_use_bytes / GIB, memory.total_bytes / GIB,
-                 reserve / GIB, kv_bytes / GIB, num_blocks)
+                 kv_bytes / GIB, num_blocks)
         if num_blocks < 2:
             raise ValueError(
                 f"no room for a KV pool on {self.device}: {memory_fraction:.0%} of its "
-                f"{memory.total_bytes / GIB:.1f} GiB, less {memory.in_use_bytes / GIB:.1f} GiB in use, "
-                f"{peak / GIB:.1f} GiB for the largest step and {reserve / GIB:.2f} GiB for NCCL, leaves "
+                f"{memory.total_bytes / GIB:.1f} GiB, less {memory.in_use_bytes / GIB:.1f} GiB in use and "
+                f"{peak / GIB:.1f} GiB for the largest step, leaves "
                 f"{max(kv_bytes, 0) / GIB:.2f} GiB (raise --memory-fraction, lower --max-num-batched-tokens "
                 f"or --max-num-seqs, or use more GPUs)")
         self.kv_arena = KVArena(num_blocks * self.page_bytes, page_elements, self.dtype, self.device,
