@@ -194,8 +194,8 @@ def figure11(args, catalog: Catalog) -> list[dict]:
 
 
 def figure13(args, catalog: Catalog) -> list[dict]:
-    print("\nFigure 13: llama2-70b on 8 A10, input 3,000 tokens, output/input swept, total tokens/s")
-    cost = CostModel(catalog.model("llama2-70b"), _node(catalog, args, "8xA10"))
+    print("\nFigure 13: llama2-70b on 8 A10G, input 3,000 tokens, output/input swept, total tokens/s")
+    cost = CostModel(catalog.model("llama2-70b"), _node(catalog, args, "8xA10G"))
     rows = []
     for output in (1, 30, 150, 300, 600, 900):
         row = {"output_len": output, **compare(cost, fixed(args.fixed_requests, 3000, output), args.jobs, FIG13_RUNS)}
@@ -215,8 +215,8 @@ def _all_reduce_scaled(node: Node, factor: float) -> Node:
 
 
 def figure14(args, catalog: Catalog) -> list[dict]:
-    print("\nFigure 14: codellama-34b on 8 A10, arxiv, all-reduce bandwidth scaled, total tokens/s")
-    base = _node(catalog, args, "8xA10")
+    print("\nFigure 14: codellama-34b on 8 A10G, arxiv, all-reduce bandwidth scaled, total tokens/s")
+    base = _node(catalog, args, "8xA10G")
     spec = catalog.model("codellama-34b")
     workload = arxiv(args.arxiv_requests)
     rows = []
