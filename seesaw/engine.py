@@ -110,6 +110,7 @@ class Engine:
         self.failed = asyncio.Event()
         self.is_ready = False
         self.start_s = 0.0
+        self.pin_s = 0.0  # GPU: the slowest worker's pinning of the host buffer and weight store
         self._ready = asyncio.Event()
         self._stats: dict[int, asyncio.Future] = {}  # query id -> the StatsReport awaited
         self._next_query_ids = itertools.count()
@@ -315,6 +316,7 @@ class Engine:
             join_timeout_s=config.transport.join_timeout_s,
             max_step_tokens=config.scheduler.max_num_batched_tokens,
             max_step_rows=config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
 
     def _spawn_workers(self) -> None:
@@ -364,6 +366,7 @@ class Engine:
         match message:
             case EngineReady():
                 self.is_ready = True
+                self.pin_s = message.pin_s
                 self._ready.set()
                 self._warn_of_a_small_host_buffer(message.num_device_blocks)
             case EngineFailed():
@@ -410,7 +413,8 @@ class Engine:
         try:
             stats = await asyncio.wait_for(future, timeout_s)
             if self.host_buffer_plan is not None:
-                stats["host_buffer"] = {"gib": self.host_buffer_plan.gib, "reason": self.host_buffer_plan.reason}
+                stats["host_buffer"] = {"gib": self.host_buffer_plan.gib, "reason": self.host_buffer_plan.reason,
+                                        "pin_s": self.pin_s}
             return stats
         except TimeoutError:
             raise EngineError(f"the scheduler did not answer a stats query within {timeout_s:.0f} s") from None

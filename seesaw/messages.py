@@ -230,6 +230,7 @@ class EngineReady:
 
     num_device_blocks: list[int]
     worker_addresses: list[str]
+    pin_s: float = 0.0  # the slowest worker's pinning of the host buffer and weight store
 
 
 @dataclass(frozen=True)
@@ -463,6 +464,7 @@ class WorkerReady:
     load_s: float
     device_name: str
     pid: int | None = None
+    pin_s: float = 0.0  # of load_s, pinning the host buffer and weight store for the GPU (0 on a CPU)
 
 
 @dataclass(frozen=True)

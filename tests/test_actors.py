@@ -255,9 +255,10 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     loads = [await expect(w, m.LoadShard) for w in workers]
     assert [(c.rank, c.collective) for c in loads] == [(0, collective), (1, collective)]
     # 3. Once all are ready the scheduler, the KV tier and the engine learn the pool and the addresses.
-    to_actor.send(m.WorkerReady(0, [50], 1.0, "cpu", 100))
-    to_actor.send(m.WorkerReady(1, [40], 1.0, "cpu", 101))
-    expected = m.EngineReady([40], [w.addresses[0] for w in workers])
+    #    (and how long the slowest took to pin the shared memory for its GPU, to be said at start).
+    to_actor.send(m.WorkerReady(0, [50], 1.0, "cpu", 100, pin_s=0.25))
+    to_actor.send(m.WorkerReady(1, [40], 1.0, "cpu", 101, pin_s=0.5))
+    expected = m.EngineReady([40], [w.addresses[0] for w in workers], pin_s=0.5)
     assert await expect(scheduler, m.EngineReady) == expected == await expect(kv, m.EngineReady)
     assert await expect(engine, m.EngineReady) == expected
 

@@ -122,7 +122,7 @@ class ShardWorker(Actor):
             device = self.runtime.device
             name = "cpu" if device.type == "cpu" else _cuda_name(device)
             blocks = [self.runtime.num_blocks] * len(command.layouts)
-            return WorkerReady(self.rank, blocks, self.runtime.load_s, name, os.getpid())
+            return WorkerReady(self.rank, blocks, self.runtime.load_s, name, os.getpid(), self.runtime.pin_s)
 
         self._submit(self._compute, load, self.supervisor.send, "loading its shard of the model")
 

@@ -247,8 +247,9 @@ class Supervisor(Actor):
         if self._start_deadline is not None:
             self._start_deadline.cancel()
         blocks = [self._replica_blocks(r) for r in range(self.layout.dp)]
+        pin_s = max(ready.pin_s for ready in self.ready.values())
         for listener in [*self.listeners, self.engine]:
-            listener.send(EngineReady(blocks, list(self.addresses)))
+            listener.send(EngineReady(blocks, list(self.addresses), pin_s))
 
     def _replica_blocks(self, replica: int) -> int:
         return min(min(self.ready[rank].num_device_blocks) for rank in self.layout.replica_ranks(replica))

@@ -80,6 +80,8 @@ async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO 
         await engine.start()
         _echo(stream, f"engine ready in {time.perf_counter() - started:.1f} s ({engine.model.name}, "
                       f"{_layouts(engine)}, {engine.config.model.device})")
+        if engine.pin_s:
+            _echo(stream, f"pinned the host buffer and weight store for the GPUs in {engine.pin_s:.1f} s")
         summary = await runner.run(job.input_path)
         metrics = await engine.query_stats(with_timeline=True)
     except asyncio.CancelledError:

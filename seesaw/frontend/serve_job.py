@@ -66,6 +66,8 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
         if config.metrics_port is not None:
             stop_metrics = _start_metrics(server, config.metrics_port, loop)
         _echo(stream, f"serving {engine.model.name} on {config.address} (ready in {time.perf_counter() - started:.1f} s)")
+        if engine.pin_s:
+            _echo(stream, f"pinned the host buffer and weight store for the GPUs in {engine.pin_s:.1f} s")
         code = await _serve(engine, server, config, stopping, now, received, stream)
     except asyncio.CancelledError:
         if not received:

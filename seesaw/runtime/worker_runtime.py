@@ -83,10 +83,12 @@ class WorkerRuntime:
         self.communicators = communicators
         self.host_buffer = host_buffer
         self.copies = DeviceCopies(self.device)
+        pinning = time.perf_counter()
         if host_buffer is not None:
             self.copies.register(host_buffer.blocks, "host KV buffer")
         if isinstance(weights, WeightStore):
             self.copies.register(weights.flat, "host weight store")
+        self.pin_s = time.perf_counter() - pinning if self.copies.is_cuda else 0.0  # pinning the shared memory
         shards = [shard_for(layout, spec.shape, config.rank) for layout in dict.fromkeys(config.layouts)]
         weight_bytes = max(measure(lambda a, s=s: ShardModel(spec, s, a), self.dtype) for s in shards)
         self.weight_arena = Arena(weight_bytes, self.device)
