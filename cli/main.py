@@ -37,7 +37,7 @@ MaxNumSeqsOption = Annotated[int, typer.Option(help="most requests running at on
 BlockSizeOption = Annotated[int, typer.Option(help="tokens per KV block")]
 KVCacheOption = Annotated[Optional[float], typer.Option(help="device KV pool per worker in GiB (CPU default 2)")]
 MemoryFractionOption = Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")]
-HostBufferOption = Annotated[str, typer.Option(help="host KV buffer in GiB, or auto: what /dev/shm and memory leave beside the weight store (capped at a batch job's whole KV; static mode: at most 4 GiB per worker, as evicted requests wait there)")]
+HostBufferOption = Annotated[str, typer.Option(help="host KV buffer in GiB, or auto: what /dev/shm and memory leave beside the weight store (capped at a batch job's whole KV; static mode: a worker's KV pool where known, at most 4 GiB per worker, as evicted requests wait there)")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")]
 MaxRestartsOption = Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the engine gives up")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")]

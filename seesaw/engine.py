@@ -219,7 +219,8 @@ class Engine:
         min_bytes = blocks_for(self.max_model_len, config.cache.block_size) * block_bytes * parallel.layout.dp
         return auto_host_buffer(memory, store_bytes=weight_store_bytes, process_bytes=process_bytes,
                                 min_bytes=min_bytes, job_bytes=None if job_kv_blocks is None else job_kv_blocks * block_bytes,
-                                is_seesaw=parallel.is_seesaw, num_workers=num_workers)
+                                is_seesaw=parallel.is_seesaw, num_workers=num_workers,
+                                pool_bytes=config.cache.kv_cache_bytes(config.model.device))
 
     def _make_host_buffer(self) -> HostBuffer | None:
         if self.host_buffer_plan is None:

@@ -40,10 +40,13 @@ def test_a_known_job_smaller_than_the_room_caps_it():
     assert _auto(job=GIB // 10).num_bytes == GIB // 4  # never below one full-length request per replica
 
 
-def test_static_mode_parks_evicted_requests_in_a_few_gib_per_worker():
+def test_static_mode_parks_evicted_requests_in_a_device_pool_per_worker_at_most_4_gib():
     plan = _auto(store=0, seesaw=False, workers=2)
-    assert plan.num_bytes == 8 * GIB and "at most 4 GiB per worker" in plan.reason
+    assert plan.num_bytes == 8 * GIB and "4.0 GiB per worker" in plan.reason
     assert _auto(store=0, seesaw=False, workers=2, job=GIB).num_bytes == GIB
+    small_pools = auto_host_buffer(NODE, store_bytes=0, process_bytes=0, min_bytes=0, job_bytes=None, is_seesaw=False,
+                                   num_workers=2, pool_bytes=GIB // 2)
+    assert small_pools.num_bytes == GIB and "512.0 MiB per worker" in small_pools.reason
 
 
 def test_too_little_shared_memory_for_a_pair_says_how_to_enlarge_it():

@@ -6,8 +6,8 @@ means longer phases and fewer re-shards: auto takes what the node can give, whic
 of what /dev/shm can still take and what memory has available, less the weight store (it lives in
 /dev/shm too), the engine's own processes and a reserve. A buffer larger than the job's whole KV
 buys nothing, so when the job is known (a batch file) it is the cap. Static mode only parks
-requests evicted from the device there, so it takes a few GiB per worker, as other engines' swap
-space does.
+requests evicted from the device there (never more than a device pool's worth at once), so it
+takes a worker's KV pool where that is known (at most 4 GiB), as other engines' swap space does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 1 << 30
-STATIC_BYTES_PER_WORKER = 4 * GIB  # static mode: room for requests evicted from the device
+STATIC_BYTES_PER_WORKER = 4 * GIB  # static mode: room for requests evicted from the device (at most)
 MIN_RESERVE_BYTES = 2 * GIB  # memory never given to the buffer, whatever the node has
 RESERVE_SHARE = 0.1  # and a tenth of what is available, for everything else on the node
 FEW_POOLS = 4  # a seesaw buffer holding fewer device pools' worth of KV than this re-shards often
@@ -63,12 +63,15 @@ def room_for_buffer(memory: NodeMemory, store_bytes: int, process_bytes: int) ->
 
 
 def auto_host_buffer(memory: NodeMemory, *, store_bytes: int, process_bytes: int, min_bytes: int,
-                     job_bytes: int | None, is_seesaw: bool, num_workers: int) -> HostBufferPlan:
+                     job_bytes: int | None, is_seesaw: bool, num_workers: int,
+                     pool_bytes: int | None = None) -> HostBufferPlan:
     """The auto-sized buffer. `store_bytes` is the weight store's size (0 when phases keep one
     layout), `process_bytes` what the engine's processes hold in host memory, `min_bytes` the
     least a seesaw run needs (one request of the model's full length per replica), `job_bytes`
-    the KV of the whole job when it is known. Raises ValueError, saying how to make room, when a
-    seesaw run cannot have `min_bytes`."""
+    the KV of the whole job when it is known, `pool_bytes` a worker's device KV pool when it is
+    known before the workers start. Raises ValueError, saying how to make room, when a seesaw run
+    cannot have `min_bytes`."""
+    per_worker = min(STATIC_BYTES_PER_WORKER, pool_bytes or STATIC_BYTES_PER_WORKER)
     room = room_for_buffer(memory, store_bytes, process_bytes)
     if is_seesaw and room < min_bytes:
         raise ValueError(_too_little_room(memory, store_bytes, process_bytes, min_bytes))
@@ -76,14 +79,14 @@ def auto_host_buffer(memory: NodeMemory, *, store_bytes: int, process_bytes: int
              f"{memory.available_bytes / GIB:.1f} GiB available")
     if store_bytes:
         where += f", {store_bytes / GIB:.1f} GiB of it for the weight store"
-    if job_bytes is not None and job_bytes <= room and (is_seesaw or job_bytes <= num_workers * STATIC_BYTES_PER_WORKER):
+    if job_bytes is not None and job_bytes <= room and (is_seesaw or job_bytes <= num_workers * per_worker):
         size = max(job_bytes, min_bytes if is_seesaw else 0)
         return HostBufferPlan(size, f"host KV buffer {size_text(size)} (auto): the whole job's KV ({where})",
                               holds_whole_job=True)
     if not is_seesaw:
-        size = min(room, num_workers * STATIC_BYTES_PER_WORKER)
+        size = min(room, num_workers * per_worker)
         return HostBufferPlan(size, f"host KV buffer {size_text(size)} (auto): room for requests evicted from "
-                                    f"the device, at most {STATIC_BYTES_PER_WORKER // GIB} GiB per worker ({where})")
+                                    f"the device, {size_text(per_worker)} per worker ({where})")
     return HostBufferPlan(room, f"host KV buffer {size_text(room)} (auto): what the node leaves ({where}; "
                                 f"{memory.reserve_bytes / GIB:.1f} GiB kept back for the rest)")
 

@@ -136,7 +136,7 @@ class Catalog:
         self.gpus: dict[str, Gpu] = {}
         self.links: dict[str, Link] = {}
         self.models: dict[str, dict] = {name: dict(config) for name, config in PRESETS.items()}
-        for name in ("gpus.json", "links.json", "models.json"):
+        for name in ("gpus.json", "links.json", "models.json", "cpu.json"):
             text = resources.files("seesaw.sim").joinpath("profiles", name).read_text()
             self.add(json.loads(text), f"seesaw/sim/profiles/{name}")
         for path in extra_files:

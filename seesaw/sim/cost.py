@@ -303,7 +303,8 @@ def auto_host_buffer(cost: CostModel, layout: Layout, is_seesaw: bool, reshards:
     job_blocks = round(job_scale * sum(-(-tokens // block_size) for tokens in job_tokens))
     return auto_sized(memory, store_bytes=cost.model_bytes if reshards else 0, process_bytes=process_bytes,
                       min_bytes=-(-max_model_len // block_size) * block_bytes * layout.dp,
-                      job_bytes=job_blocks * block_bytes, is_seesaw=is_seesaw, num_workers=num_workers)
+                      job_bytes=job_blocks * block_bytes, is_seesaw=is_seesaw, num_workers=num_workers,
+                      pool_bytes=int(gpu.kv_cache_gb * GIB) if gpu.kv_cache_gb else None)
 
 
 __all__ = ["CostModel", "StepShape", "step_shape", "auto_host_buffer", "GB", "GIB"]
