@@ -90,7 +90,10 @@ class RequestQueue(Actor):
             return
         try:
             submit.sampling.validate()
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, submit)
+            if submit.prompt_token_ids is not None:  # only checked: no tokenizer, no thread hop
+                prompt_ids = self._prompt_ids(submit)
+            else:
+                prompt_ids = await asyncio.to_thread(self._prompt_ids, submit)
             max_tokens = self._max_tokens(submit, len(prompt_ids))
         except _Refused as refusal:
             self._refuse(submit, refusal.message, refusal.code, refusal.prompt_tokens)
@@ -115,7 +118,7 @@ class RequestQueue(Actor):
         ))
 
     def _prompt_ids(self, submit: Submit) -> list[int]:
-        """The prompt's token ids (runs on a worker thread)."""
+        """The prompt's token ids (a text prompt's are made on a worker thread)."""
         if submit.prompt_token_ids is not None:
             ids = submit.prompt_token_ids
             if not isinstance(ids, list) or not all(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import os
 import signal
 import sys
@@ -61,6 +62,7 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
     try:
         lock = _claim(config.address)
         await engine.start()
+        gc.freeze()  # what start-up made (torch, the tokenizer, the actors) lives on: no collection need walk it
         server = Server(engine, config, defaults, engine.model.name)
         await server.start()
         if config.metrics_port is not None:
