@@ -108,27 +108,52 @@ def choose_layouts(spec: ModelSpec, config: EngineConfig, workload, workers: int
     return choice.best.spec.layout, choice.best.spec.decode_layout
 
 
-def warn_if_pair_loses(spec: ModelSpec, config: EngineConfig, workload, echo: Callable[[str], None],
-                       job_scale: float = 1.0) -> None:
+def planned(config: EngineConfig, spec: ModelSpec, workers: int | None, echo: Callable[[str], None], *,
+            profile=None, name: str = "") -> EngineConfig:
+    """The config with the layouts the planner chose for this node: for a batch job, on its
+    profile (its first lines' lengths, scaled to the whole file); for a daemon, whose jobs are not
+    known yet, on a chat-like mix. `echo` gets what was planned with and what was chosen."""
+    from seesaw.sim.workload import Workload, sharegpt
+
+    if profile is None:
+        workload, job_scale = sharegpt(1000), 1.0
+        echo("layout auto: planning with a chat-like mix (sharegpt x1000), as a daemon's jobs are not known yet")
+    else:
+        if not profile.lengths:
+            raise ValueError(f"--layout auto: none of the first {profile.num_read} lines of {name} can run, so there "
+                             "is nothing to plan with; name a layout")
+        workload, job_scale = Workload(name, profile.lengths), profile.num_requests / len(profile.lengths)
+        skipped = f"; {len(profile.skipped)} could not be read and were left out" if profile.skipped else ""
+        echo(f"layout auto: planning with {len(profile.lengths)} of the {profile.num_lines} lines of {name} "
+             f"(the first {profile.num_read} read{skipped})")
+    layout, decode_layout = choose_layouts(spec, config, workload, workers, echo, job_scale=job_scale)
+    return replace(config, parallel=replace(config.parallel, layout=layout, decode_layout=decode_layout))
+
+
+def warn_if_pair_loses(config: EngineConfig, spec: ModelSpec, profile, name: str, echo: Callable[[str], None]) -> None:
     """A named pair still runs; if the planner predicts it more than 10% behind the best static
-    layout of the same workers, one line says so (nothing when this node has no profile)."""
+    layout of the same workers for this job, one line says so (nothing when this node has no profile)."""
     from seesaw.sim import planner
     from seesaw.sim.cost import CostModel
     from seesaw.sim.simulator import RunSpec
+    from seesaw.sim.workload import Workload
 
+    if not profile.lengths:
+        return
     parallel = config.parallel
     try:
         node = this_node(_catalog(), config.model.device, parallel.layout.world_size)
     except ValueError:
         return
     cost = CostModel(spec, node)
+    job_scale = profile.num_requests / len(profile.lengths)
     options = replace(plan_options(config), include_pairs=False, job_scale=job_scale)
-    work = _within(workload, config, spec)
+    work = _within(Workload(name, profile.lengths), config, spec)
     statics = planner.plan(cost, work, options, jobs=max(1, os.cpu_count() or 1))
     static = planner.best(statics, False)
     asked = RunSpec(parallel.layout, parallel.decode_layout, block_size=config.cache.block_size,
                     host_buffer_gb=config.cache.host_buffer_gb, scheduler=options.scheduler(cost),
-                    max_model_len=_max_model_len(config, spec))
+                    max_model_len=config.model.context_length(spec.max_position))
     pair = planner.evaluate(cost, asked, work, job_scale)
     if static is None or not pair.throughput or pair.throughput >= LOSING_PAIR * static.throughput:
         return
@@ -136,15 +161,10 @@ def warn_if_pair_loses(spec: ModelSpec, config: EngineConfig, workload, echo: Ca
          f"({static.name}) on {node} for this job; running it as asked (--layout auto would choose for you)")
 
 
-def _max_model_len(config: EngineConfig, spec: ModelSpec) -> int:
-    limit = config.model.max_model_len
-    return min(limit, spec.max_position) if limit else spec.max_position
-
-
 def _within(workload, config: EngineConfig, spec: ModelSpec):
     from seesaw.sim.workload import within_context
 
-    return within_context(workload, _max_model_len(config, spec))[0]
+    return within_context(workload, config.model.context_length(spec.max_position))[0]
 
 
 def _catalog():

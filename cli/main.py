@@ -118,11 +118,15 @@ def batch(
             check_timeline_support()
         job = _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline)
         resolved, codec = _model(config)
-        profile = _profile(input_path, defaults, codec, config, resolved.spec)
+        from seesaw.frontend.job_profile import read_job
+
+        from .layout_choice import planned, warn_if_pair_loses
+
+        profile = read_job(input_path, defaults, codec, config.model.context_length(resolved.spec.max_position))
         if layouts is None:
-            config = _planned(config, resolved.spec, profile, input_path.name, workers)
+            config = planned(config, resolved.spec, workers, _say, profile=profile, name=input_path.name)
         elif config.parallel.is_seesaw:
-            _warn_if_pair_loses(config, resolved.spec, profile, input_path.name)
+            warn_if_pair_loses(config, resolved.spec, profile, input_path.name, _say)
         engine = _engine(config, resolved, codec, job_kv_blocks=profile.kv_blocks(config.cache.block_size))
     except (ValueError, OSError) as error:
         _fail(str(error))
@@ -197,10 +201,9 @@ def serve(
         defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
         resolved, codec = _model(config)
         if layouts is None:  # a daemon's job is not known yet: plan for a chat-like mix
-            from seesaw.sim.workload import sharegpt
+            from .layout_choice import planned
 
-            config = _planned(config, resolved.spec, None, "a chat-like mix (sharegpt x1000)", workers,
-                              workload=sharegpt(1000))
+            config = planned(config, resolved.spec, workers, _say)
         engine = _engine(config, resolved, codec)
     except (ValueError, OSError) as error:
         _fail(str(error))
@@ -276,53 +279,6 @@ def _model(config):
     if resolved.convert_s:
         typer.echo(f"converted {resolved.name} in {resolved.convert_s:.1f} s (cached for later runs)", err=True)
     return resolved, TextCodec(resolved.tokenizer_folder)
-
-
-def _profile(input_path: Path, defaults, codec, config, spec):
-    """The batch file's first lines measured and the rest counted (what sizes the host buffer and
-    what --layout auto plans on)."""
-    from seesaw.frontend.job_profile import read_job
-
-    limit = config.model.max_model_len
-    return read_job(input_path, defaults, codec, min(limit, spec.max_position) if limit else spec.max_position)
-
-
-def _workload(profile, name: str):
-    from seesaw.sim.workload import Workload
-
-    return Workload(name, profile.lengths)
-
-
-def _planned(config, spec, profile, name: str, workers: int | None, workload=None):
-    """The config with the layouts the planner chose for this node and this job."""
-    from dataclasses import replace
-
-    from .layout_choice import choose_layouts
-
-    job_scale = 1.0
-    if workload is None:
-        if not profile.lengths:
-            raise ValueError(f"--layout auto: none of the first {profile.num_read} lines of {name} can run, so there "
-                             "is nothing to plan with; name a layout")
-        workload = _workload(profile, name)
-        job_scale = profile.num_requests / len(profile.lengths)
-        skipped = f"; {len(profile.skipped)} could not be read and were left out" if profile.skipped else ""
-        typer.echo(f"layout auto: planning with {len(profile.lengths)} of the {profile.num_lines} lines of {name} "
-                   f"(the first {profile.num_read} read{skipped})", err=True)
-    else:
-        typer.echo(f"layout auto: planning with {name}", err=True)
-    layout, decode_layout = choose_layouts(spec, config, workload, workers, lambda line: typer.echo(line, err=True),
-                                           job_scale=job_scale)
-    parallel = replace(config.parallel, layout=layout, decode_layout=decode_layout)
-    return replace(config, parallel=parallel)
-
-
-def _warn_if_pair_loses(config, spec, profile, name: str) -> None:
-    from .layout_choice import warn_if_pair_loses
-
-    if profile.lengths:
-        warn_if_pair_loses(spec, config, _workload(profile, name), lambda line: typer.echo(line, err=True),
-                           job_scale=profile.num_requests / len(profile.lengths))
 
 
 def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: int):
@@ -414,6 +370,10 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _say(line: str) -> None:
+    typer.echo(line, err=True)
 
 
 def _fail(message: str) -> None:

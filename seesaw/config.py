@@ -38,6 +38,10 @@ class ModelConfig:
     def resolved_dtype(self) -> str:
         return self.dtype or ("bfloat16" if self.device == "cuda" else "float32")
 
+    def context_length(self, max_position: int) -> int:
+        """The most tokens a request may hold: the model's context, or less with `max_model_len`."""
+        return min(self.max_model_len, max_position) if self.max_model_len else max_position
+
 
 @dataclass(frozen=True)
 class CacheConfig:

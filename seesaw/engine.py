@@ -101,8 +101,7 @@ class Engine:
         if parallel.is_seesaw and parallel.local_workers() < parallel.layout.world_size:
             raise ValueError("seesaw mode keeps the host KV buffer and the weight store in this host's shared "
                              "memory, so every worker must run here; workers on other hosts need --layout")
-        limit = config.model.max_model_len
-        self.max_model_len = min(limit, self.spec.max_position) if limit else self.spec.max_position
+        self.max_model_len = config.model.context_length(self.spec.max_position)
         # Sized (and checked against /dev/shm) now, before anything starts.
         self.host_buffer_plan = self._plan_host_buffer(node_memory or read_node_memory(), job_kv_blocks)
         self.context: zmq.asyncio.Context | None = None
