@@ -11,7 +11,7 @@ import argparse
 from dataclasses import replace
 
 from seesaw.sim.catalog import Catalog
-from seesaw.sim.cost import CostModel, step_shape
+from seesaw.sim.cost import CostModel
 from seesaw.sim.planner import PlanOptions, candidates, with_host_buffer
 from seesaw.sim.simulator import Simulation
 from seesaw.sim.workload import arxiv, sharegpt
@@ -30,17 +30,17 @@ class _Recording(Simulation):
     def __init__(self, *args):
         super().__init__(*args)
         self.first_rows: list[int] = []
+        self._seen_switches = 0
         self._left = 0
 
-    def _switch(self, index, old, new):
-        super()._switch(index, old, new)
-        self._left = FIRST_STEPS if new.value == "decode" else 0
-
-    def _step(self, index, phase, plan):
+    def _step(self, index, phase, plan, shape):
+        switches = len(self.engine.metrics.transitions)
+        if switches != self._seen_switches:
+            self._seen_switches, self._left = switches, FIRST_STEPS
         if phase.value == "decode" and self._left:
-            self.first_rows.append(step_shape(plan.rows).num_decode_rows)
+            self.first_rows.append(shape.num_decode_rows)
             self._left -= 1
-        super()._step(index, phase, plan)
+        super()._step(index, phase, plan, shape)
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,7 @@ import zmq.asyncio
 from seesaw.actors.base import Actor
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
-from seesaw.actors.scheduler import ModelLimits, Scheduler
+from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
 from seesaw.frontend.text import TextCodec
@@ -52,6 +52,7 @@ from seesaw.messages import (
 from seesaw.model.resolve import ResolvedModel
 from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
 from seesaw.scheduling.decisions import Phase
+from seesaw.scheduling.engine_core import ModelLimits
 from seesaw.transport.addresses import advertise_ip, reachable
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype

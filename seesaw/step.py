@@ -3,6 +3,7 @@ the step, the messages that carry it and the model that runs it (pure, no torch)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -57,3 +58,32 @@ class TokenUpdate:
     request_id: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True)
+class StepShape:
+    """What one step asks of the model, summed over its rows."""
+
+    num_tokens: int  # new tokens (prompt chunks and decode tokens)
+    num_rows: int
+    num_sampled: int  # rows whose last token is sampled
+    context_tokens: int  # tokens each row attends to, summed (KV read once per row)
+    attention_pairs: int  # query-key pairs, summed (causal within a chunk)
+    num_decode_rows: int = 0  # rows of one new token past the prompt's start
+
+
+def step_shape(rows: Iterable[StepRow]) -> StepShape:
+    """The shape of a step from its rows."""
+    num_rows = num_tokens = context = pairs = sampled = decode = 0
+    for row in rows:
+        start, new = row.start, len(row.token_ids) + row.awaits_token
+        num_rows += 1
+        num_tokens += new
+        context += start + new
+        sampled += row.sampling is not None
+        if new == 1:
+            pairs += start + 1
+            decode += start > 0
+        else:
+            pairs += new * start + new * (new + 1) // 2
+    return StepShape(num_tokens, num_rows, sampled, context, pairs, decode)

@@ -11,9 +11,9 @@ import torch
 from helpers import check_block_deltas
 
 from seesaw.config import SchedulerConfig
-from seesaw.messages import AddRequest
 from seesaw.runtime.step_inputs import BlockTables
 from seesaw.scheduling.decisions import Phase, ToHost
+from seesaw.scheduling.request import NewRequest
 from seesaw.scheduling.static import StaticScheduler
 from seesaw.step import RowSampling
 
@@ -26,7 +26,7 @@ def token(request_id, index):
 
 
 def add(core, request_id, prompt_len, max_tokens):
-    core.add(AddRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, RowSampling(0.0), ignore_eos=True))
+    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, RowSampling(0.0), ignore_eos=True))
 
 
 class Driver:

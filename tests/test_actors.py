@@ -11,13 +11,14 @@ import zmq.asyncio
 from seesaw import messages as m
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
-from seesaw.actors.scheduler import ModelLimits, Scheduler
+from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import SchedulerConfig, TransportConfig
 from seesaw.frontend.text import TextCodec
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase
+from seesaw.scheduling.engine_core import ModelLimits
 from seesaw.step import FinishReason, RowSampling, TokenUpdate
 from seesaw.transport.channels import Inbox, Outbox
 

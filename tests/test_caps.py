@@ -111,13 +111,13 @@ class _CheckedSimulation(Simulation):
 
     peak_rows = 0
 
-    def _step(self, index, phase, plan):
+    def _step(self, index, phase, plan, shape):
         config = self.spec.scheduler
         assert len(plan.rows) <= config.max_num_seqs
         assert sum(row.num_new_tokens for row in plan.rows) <= config.max_num_batched_tokens
-        assert self.replicas[index].core.num_active <= config.max_num_seqs
+        assert self.engine.cores[index].num_active <= config.max_num_seqs
         self.peak_rows = max(self.peak_rows, len(plan.rows))
-        super()._step(index, phase, plan)
+        super()._step(index, phase, plan, shape)
 
 
 @pytest.mark.parametrize("run, peak", [("t2", 16), ("p2", 9), ("p2-t2", 16), ("t2-p2", 9)])

@@ -11,7 +11,7 @@ from helpers import check_block_deltas
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.host_slots import HostSlots
-from seesaw.messages import AddRequest
+from seesaw.scheduling.request import NewRequest
 from seesaw.runtime.step_inputs import BlockTables
 from seesaw.scheduling.decisions import ToHost
 from seesaw.scheduling.static import StaticScheduler
@@ -89,7 +89,7 @@ def make(overlap: bool, num_blocks=48, block_size=4, budget=24, max_seqs=8, max_
 
 def add(core, request_id, prompt_len, max_tokens, seed=None):
     sampling = RowSampling(0.0, seed=seed)
-    core.add(AddRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, sampling))
+    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, sampling))
 
 
 def run(overlap: bool, requests, **sizes) -> Workers:

@@ -111,14 +111,14 @@ def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, t
     async def run() -> str:
         async with Engine(config, resolved) as engine, LocalClient(engine, "kill") as client:
             scheduler = _scheduler_of(engine)
-            switch = scheduler._switch
+            start_reshard = scheduler._start_reshard
 
-            def switch_then_kill(replica, old, new):
-                switch(replica, old, new)
-                if engine.config.parallel.layouts[0] != scheduler.layouts[new]:
+            def reshard_then_kill(replica, layout, index):
+                start_reshard(replica, layout, index)
+                if engine.config.parallel.layouts[0] != layout:
                     os.kill(engine._processes[1].pid, signal.SIGKILL)  # right behind the Reshard command
 
-            scheduler._switch = switch_then_kill
+            scheduler._start_reshard = reshard_then_kill
             futures = [client.submit(**request) for request in greedy_requests(tiny_prompts, 12)]
             results = await asyncio.gather(*futures, return_exceptions=True)
             assert all(isinstance(r, EngineError) or r.status_code == 500 for r in results)
@@ -138,16 +138,16 @@ def test_a_worker_killed_during_a_transition_is_restarted_and_outputs_stay_as_at
     async def run():
         async with Engine(config, resolved) as engine, LocalClient(engine, "restart") as client:
             scheduler = _scheduler_of(engine)
-            switch = scheduler._switch
+            start_reshard = scheduler._start_reshard
             killed = []
 
-            def switch_then_kill(replica, old, new):
-                switch(replica, old, new)
-                if not killed and engine.config.parallel.layouts[0] != scheduler.layouts[new]:
+            def reshard_then_kill(replica, layout, index):
+                start_reshard(replica, layout, index)
+                if not killed and engine.config.parallel.layouts[0] != layout:
                     killed.append(engine._processes[1].pid)
                     os.kill(killed[0], signal.SIGKILL)
 
-            scheduler._switch = switch_then_kill
+            scheduler._start_reshard = reshard_then_kill
             results = await asyncio.gather(*(client.submit(**r) for r in greedy_requests(tiny_prompts, 12)))
             return results, await engine.query_stats(with_timeline=True), killed
 

@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import blocks_for
 from seesaw.kv.host_slots import HostSlots
-from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, StepPlan
-from seesaw.scheduling.request import RequestState, RequestStatus
+from seesaw.scheduling.request import NewRequest, RequestState, RequestStatus
 from seesaw.scheduling.static import StaticScheduler
 
 
@@ -55,7 +54,7 @@ class PhaseScheduler(StaticScheduler):
         self.counters["paused_to_host"] = 0  # of the evictions, paused requests moved out for a prompt
         self.counters["prefetches"] = 0  # of the restores, those started before decode
 
-    def add(self, request: AddRequest) -> None:
+    def add(self, request: NewRequest) -> None:
         super().add(request)
         self.requests[request.request_id].arrival_s = self._clock()
 

@@ -9,6 +9,18 @@ from seesaw.scheduling.decisions import Phase
 from seesaw.step import RowSampling
 
 
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    """A request as the cores take it: tokenized and checked by the front door."""
+
+    request_id: str
+    prompt_token_ids: list[int]  # read only: requests may share one list
+    max_tokens: int
+    sampling: RowSampling
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
 class RequestStatus(Enum):
     WAITING = "waiting"  # no KV anywhere; prefill (or recompute) pending
     RUNNING = "running"  # KV on the device, schedulable

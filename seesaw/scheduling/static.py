@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import BlockPool, blocks_for
 from seesaw.kv.host_slots import HostSlots
-from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
-from seesaw.scheduling.request import RequestState, RequestStatus
+from seesaw.scheduling.request import NewRequest, RequestState, RequestStatus
 from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
 
 _MOVING = (RequestStatus.EVICTING, RequestStatus.RESTORING)
@@ -122,7 +121,7 @@ class StaticScheduler:
 
     # ------------------------------------------------------------ commands
 
-    def add(self, request: AddRequest) -> None:
+    def add(self, request: NewRequest) -> None:
         """Queue a request; call `capacity_error` first."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")

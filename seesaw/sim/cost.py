@@ -6,28 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable
 
 from seesaw.kv.host_sizing import HostBufferPlan, NodeMemory
 from seesaw.kv.host_sizing import auto_host_buffer as auto_sized
 from seesaw.layout import Layout, Shard, shard_for, validate
 from seesaw.model.spec import ModelSpec
 from seesaw.sim.catalog import GB, Node
-from seesaw.step import StepRow
+from seesaw.step import StepShape, step_shape
 
 GIB = 1 << 30
-
-
-@dataclass(slots=True)
-class StepShape:
-    """What one step asks of the model, summed over its rows."""
-
-    num_tokens: int  # new tokens (prompt chunks and decode tokens)
-    num_rows: int
-    num_sampled: int  # rows whose last token is sampled
-    context_tokens: int  # tokens each row attends to, summed (KV read once per row)
-    attention_pairs: int  # query-key pairs, summed (causal within a chunk)
-    num_decode_rows: int = 0  # rows of one new token past the prompt's start
 
 
 @dataclass(frozen=True)
@@ -48,23 +35,6 @@ class StageRates:
     head_s_per_sampled: float
     gather_s: float  # the logits all-gather's latency
     gather_s_per_sampled: float
-
-
-def step_shape(rows: Iterable[StepRow]) -> StepShape:
-    """The shape of a step from its rows."""
-    num_rows = num_tokens = context = pairs = sampled = decode = 0
-    for row in rows:
-        start, new = row.start, len(row.token_ids) + row.awaits_token
-        num_rows += 1
-        num_tokens += new
-        context += start + new
-        sampled += row.sampling is not None
-        if new == 1:
-            pairs += start + 1
-            decode += start > 0
-        else:
-            pairs += new * start + new * (new + 1) // 2
-    return StepShape(num_tokens, num_rows, sampled, context, pairs, decode)
 
 
 def _layers_and_head_s(rates: StageRates, shape: StepShape) -> tuple[float, float]:
@@ -307,4 +277,4 @@ def auto_host_buffer(cost: CostModel, layout: Layout, is_seesaw: bool, reshards:
                       pool_bytes=int(gpu.kv_cache_gb * GIB) if gpu.kv_cache_gb else None)
 
 
-__all__ = ["CostModel", "StepShape", "step_shape", "auto_host_buffer", "GB", "GIB"]
+__all__ = ["CostModel", "StepShape", "step_shape", "auto_host_buffer", "GB", "GIB"]  # shapes: seesaw.step

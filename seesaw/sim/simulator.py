@@ -17,16 +17,23 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from seesaw.config import SchedulerConfig
-from seesaw.kv.host_slots import HostSlots, split_host_blocks
 from seesaw.layout import Layout
-from seesaw.messages import AddRequest
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
-from seesaw.scheduling.metrics import RunMetrics, Transition
-from seesaw.scheduling.phases import PhaseScheduler
-from seesaw.scheduling.static import StaticScheduler
-from seesaw.sim.cost import GIB, CostModel, step_shape
+from seesaw.scheduling.engine_core import (
+    Effect,
+    EngineCore,
+    ModelLimits,
+    Refused,
+    StartMove,
+    StartReshard,
+    StartStep,
+    Tokens,
+)
+from seesaw.scheduling.metrics import Transition
+from seesaw.scheduling.request import NewRequest
+from seesaw.sim.cost import GIB, CostModel
 from seesaw.sim.workload import Workload
-from seesaw.step import RowSampling
+from seesaw.step import RowSampling, StepShape
 
 _GREEDY = RowSampling(temperature=0.0)
 
@@ -134,18 +141,18 @@ def _collector_paused():
             gc.enable()
 
 
-class _Replica:
-    """One data-parallel replica: its core, its workers' busy-until times and its host links."""
+class _Workers:
+    """One data-parallel replica's modelled workers: when each is next free, and its host links."""
 
-    def __init__(self, core: StaticScheduler, num_workers: int):
-        self.core = core
+    def __init__(self, num_workers: int):
         self.free_at = [0.0] * num_workers  # by position in the replica (pp rank * tp + tp rank)
         self.link_free_at = 0.0
-        self.pending_tokens = 0  # for placing requests as the Scheduler actor does (least loaded)
 
 
 class Simulation:
-    """One simulated run; `run()` returns its SimResult."""
+    """One simulated run; `run()` returns its SimResult. The engine's own core decides (`EngineCore`:
+    placement, the scheduling cores, the run's books), on the simulated clock; only the workers
+    and their links are modelled."""
 
     def __init__(self, cost: CostModel, spec: RunSpec, workload: Workload):
         self.cost = cost
@@ -168,30 +175,18 @@ class Simulation:
         if spec.is_seesaw and self.host_blocks < layout.dp:
             raise ValueError(f"{spec}: a prefill -> decode pair keeps KV in host memory between phases, and its "
                              f"host buffer ({spec.host_buffer_gb:g} GiB) holds no block for a replica")
-        self.replicas = [
-            _Replica(self._core(HostSlots(count, spec.block_size, first)), layout.tp * layout.pp)
-            for first, count in split_host_blocks(self.host_blocks, layout.dp)
-        ]
+        self.now = 0.0
+        limits = ModelLimits(spec.block_size, spec.max_model_len or 1 << 30, (), self.host_blocks)
+        self.engine = EngineCore(spec.scheduler, self.layouts, limits, clock=lambda: self.now)
+        self.workers = [_Workers(layout.tp * layout.pp) for _ in range(layout.dp)]
         self._events: list[tuple[float, int, str, int, object]] = []
         self._seq = 0
-        self.now = 0.0
-        first_phase = Phase.PREFILL if spec.is_seesaw else Phase.MIXED
-        self.metrics = RunMetrics(0.0, [first_phase] * len(self.replicas))
         self.reload_total_s = 0.0
         self.num_steps = 0
         self.num_kv_copies = 0
         self.num_failed = 0
         self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
         self.finished_at = 0.0
-
-    def _core(self, host: HostSlots) -> StaticScheduler:
-        spec, max_len = self.spec, self.spec.max_model_len or 1 << 30
-        if spec.is_seesaw:
-            micro_batches = {phase: layout.pp for phase, layout in self.layouts.items()}
-            return PhaseScheduler(spec.scheduler, self.device_blocks, spec.block_size, max_len, (),
-                                  micro_batches, host, clock=lambda: self.now)
-        return StaticScheduler(spec.scheduler, self.device_blocks, spec.block_size, max_len, (),
-                               num_micro_batches=spec.layout.pp, host=host)
 
     # ------------------------------------------------------------ the loop
 
@@ -200,79 +195,62 @@ class Simulation:
             return self._run()
 
     def _run(self) -> SimResult:
+        engine = self.engine
+        self._apply(engine.ready([self.device_blocks] * len(self.workers)))
         prompts: dict[int, list[int]] = {}  # one list of token ids per prompt length: the cores only read them
+        max_model_len = self.spec.max_model_len
         for index, (prompt, output) in enumerate(self.workload.lengths):
+            if max_model_len is not None and prompt + output > max_model_len:
+                self._fail(f"r{index}")  # the engine's front door refuses it
+                continue
             token_ids = prompts.get(prompt) or prompts.setdefault(prompt, [0] * prompt)
-            self._place(AddRequest(f"r{index}", token_ids, output, _GREEDY, ignore_eos=True))
+            self._apply(engine.add(NewRequest(f"r{index}", token_ids, output, _GREEDY, ignore_eos=True)))
         while self._events:
-            self.now, _, kind, replica_index, payload = heapq.heappop(self._events)
-            replica = self.replicas[replica_index]
+            self.now, _, kind, replica, payload = heapq.heappop(self._events)
             if kind == "step":
                 step_id, num_sampled = payload
-                self.metrics.on_step_done(self.now, replica_index, step_id)
-                for update in replica.core.complete(step_id, [0] * num_sampled):
-                    if update.finish_reason is not None:
-                        self.finished_at = self.now
-                        break
+                self._apply(engine.step_done(replica, step_id, [0] * num_sampled))
             elif kind == "saved":
-                replica.core.on_saved(payload)
+                self._apply(engine.kv_saved(payload))
             else:
-                replica.core.on_loaded(payload)
-            self._pump(replica_index)
+                self._apply(engine.kv_loaded(payload))
         return self._result()
 
-    def _place(self, request: AddRequest) -> None:
-        """The least loaded replica where the request fits; a request that fits none, or not the
-        model's context (the engine refuses it), fails."""
-        size = (len(request.prompt_token_ids), request.max_tokens)
-        if self.spec.max_model_len is not None and sum(size) > self.spec.max_model_len:
-            self._fail([request.request_id])
-            return
-        fits = [index for index, replica in enumerate(self.replicas) if replica.core.capacity_error(*size) is None]
-        if not fits:
-            self._fail([request.request_id])
-            return
-        index = min(fits, key=lambda i: (self.replicas[i].pending_tokens, self.replicas[i].core.pool.num_used))
-        self.replicas[index].pending_tokens += sum(size)
-        self.replicas[index].core.add(request)
-        self._pump(index)
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out what the core decided, with modelled workers (in the order it gave)."""
+        for effect in effects:
+            match effect:
+                case StartStep(replica, phase, plan, shape):
+                    self._step(replica, phase, plan, shape)
+                case StartMove(replica, move):
+                    self._move(replica, move)
+                case StartReshard(replica, layout, index):
+                    self._reshard(replica, layout, index)
+                case Tokens(updates):
+                    if any(update.finish_reason is not None for update in updates):
+                        self.finished_at = self.now
+                case Refused(request_id):
+                    self._fail(request_id)
 
-    def _fail(self, request_ids: list[str]) -> None:
-        """Requests that cannot run: counted, and left out of the tokens produced."""
-        for request_id in request_ids:
-            prompt, output = self.workload.lengths[int(request_id[1:])]
-            self.num_failed += 1
-            self.failed_tokens[0] += prompt
-            self.failed_tokens[1] += output
+    def _fail(self, request_id: str) -> None:
+        """A request that cannot run: counted, and left out of the tokens produced."""
+        prompt, output = self.workload.lengths[int(request_id[1:])]
+        self.num_failed += 1
+        self.failed_tokens[0] += prompt
+        self.failed_tokens[1] += output
 
     def _push(self, time: float, kind: str, replica: int, payload: object) -> None:
         self._seq += 1
         heapq.heappush(self._events, (time, self._seq, kind, replica, payload))
 
-    def _pump(self, index: int) -> None:
-        """Start steps while the replica has work and room in its pipeline, as the Scheduler actor
-        does (the core's `plans`), with modelled workers."""
-        core = self.replicas[index].core
-        for phase_before, plan in core.plans():
-            for move in plan.moves:
-                self._move(index, move)
-            if plan.rows:
-                self._step(index, phase_before, plan)
-            elif core.is_stuck(plan):
-                self._fail(core.fail_all())
-            if plan.switch_to is not None:
-                self._switch(index, phase_before, plan.switch_to)
-
     # ------------------------------------------------------------ modelled workers
 
-    def _step(self, index: int, phase: Phase, plan: StepPlan) -> None:
-        replica = self.replicas[index]
+    def _step(self, index: int, phase: Phase, plan: StepPlan, shape: StepShape) -> None:
+        workers = self.workers[index]
         layout = self.layouts[phase]
-        shape = step_shape(plan.rows)
-        replica.pending_tokens -= shape.num_tokens
         stage_times = self.cost.stage_times(layout, shape)
         send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
-        ready, tp, free_at = self.now, layout.tp, replica.free_at
+        ready, tp, free_at = self.now, layout.tp, workers.free_at
         for stage, seconds in enumerate(stage_times):
             if tp == 1:  # one worker per stage: no slices (a tenth of a p8 run's time)
                 end = free_at[stage] = max(ready, free_at[stage]) + seconds
@@ -282,58 +260,52 @@ class Simulation:
                 free_at[first:first + tp] = [end] * tp
             ready = end + send_s  # the next stage starts once this one handed its activations on
         self.num_steps += 1
-        self.metrics.on_step(self.now, index, plan.step_id, shape.num_decode_rows, shape.context_tokens, shape.num_rows,
-                             replica.core.host.used_fraction)
         self._push(end, "step", index, (plan.step_id, shape.num_sampled))
 
     def _move(self, index: int, move: ToHost | ToDevice) -> None:
-        replica = self.replicas[index]
+        workers = self.workers[index]
         num_tokens = len(move.host_block_ids) * self.spec.block_size
-        start = max(self.now, replica.link_free_at)
+        start = max(self.now, workers.link_free_at)
         seconds = self.cost.kv_copy_s(self.layouts[move.phase], num_tokens)
-        replica.link_free_at = start + seconds
+        workers.link_free_at = start + seconds
         self.num_kv_copies += 1
         stolen = (1 - self.cost.gpu.copy_overlap) * seconds
         if stolen:  # the copy takes its time from the workers' compute too
-            replica.free_at = [max(free_at, start) + stolen for free_at in replica.free_at]
-        self._push(replica.link_free_at, "saved" if isinstance(move, ToHost) else "loaded", index, move.request_id)
+            workers.free_at = [max(free_at, start) + stolen for free_at in workers.free_at]
+        self._push(workers.link_free_at, "saved" if isinstance(move, ToHost) else "loaded", index, move.request_id)
 
-    def _switch(self, index: int, old: Phase, new: Phase) -> None:
-        replica = self.replicas[index]
-        old_layout, new_layout = self.layouts[old], self.layouts[new]
-        transition = self.metrics.on_switch(self.now, index, new, f"{old_layout}->{new_layout}",
-                                            reloads=new_layout != old_layout)
-        if new_layout != old_layout:
-            end = self.now
-            tp = new_layout.tp
-            for position in range(len(replica.free_at)):
-                stage = position // tp
-                seconds = self.cost.reload_s(new_layout, stage)
-                # A worker reloads once its own part of the last steps is done, and the host links
-                # have carried the KV copies already queued on them (prefetched loads among them).
-                start = max(replica.free_at[position], self.now, replica.link_free_at)
-                replica.free_at[position] = start + seconds
-                self.reload_total_s += seconds / len(replica.free_at) / len(self.replicas)
-                end = max(end, replica.free_at[position])
-            replica.link_free_at = max(replica.link_free_at, end)  # the reload used the host links
-            self.metrics.on_reloaded(end, transition)  # known now: the books take it ahead of time
+    def _reshard(self, index: int, layout: Layout, transition: int) -> None:
+        """Each worker reloads its shard of `layout` once its own part of the last steps is done and
+        the KV copies already queued on the host links (loads prefetched at the end of prefill
+        among them) have gone; the reload holds the links, and the next steps queue behind it."""
+        workers = self.workers[index]
+        end = self.now
+        tp = layout.tp
+        for position in range(len(workers.free_at)):
+            seconds = self.cost.reload_s(layout, position // tp)
+            start = max(workers.free_at[position], self.now, workers.link_free_at)
+            workers.free_at[position] = start + seconds
+            self.reload_total_s += seconds / len(workers.free_at) / len(self.workers)
+            end = max(end, workers.free_at[position])
+        workers.link_free_at = max(workers.link_free_at, end)
+        self.engine.reloaded(index, transition, end)  # known now: the books take it ahead of time
 
     def _result(self) -> SimResult:
         counters: dict[str, int] = {}
-        for replica in self.replicas:
-            for name, count in replica.core.counters.items():
+        for core in self.engine.cores:
+            for name, count in core.counters.items():
                 counters[name] = counters.get(name, 0) + count
-        metrics = self.metrics
+        metrics = self.engine.metrics
         return SimResult(
             run=str(self.spec), elapsed_s=self.finished_at, num_requests=self.workload.num_requests,
             prompt_tokens=self.workload.num_prompt_tokens - self.failed_tokens[0],
             output_tokens=self.workload.num_output_tokens - self.failed_tokens[1],
             num_failed=self.num_failed, num_steps=self.num_steps, phase_s=dict(metrics.phase_seconds),
             transitions=metrics.transitions, reload_s=self.reload_total_s,
-            host_peak_fraction=max(replica.core.host.peak_fraction for replica in self.replicas),
+            host_peak_fraction=max(core.host.peak_fraction for core in self.engine.cores),
             mean_decode_batch=metrics.decode_rows / metrics.decode_steps if metrics.decode_steps else 0.0,
             peak_decode_batch=metrics.peak_decode_rows, device_blocks=self.device_blocks, host_blocks=self.host_blocks,
-            timeline=metrics.timeline_dict(), counters=counters, num_replicas=len(self.replicas),
+            timeline=metrics.timeline_dict(), counters=counters, num_replicas=len(self.workers),
             first_phase=metrics.first_phase.value, num_kv_copies=self.num_kv_copies,
         )
 
