@@ -58,7 +58,7 @@ export PYTHONPATH="$HOME/site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 if [ "$mode" = calibrate ]; then # instead of the rest, 5 to 9 minutes: this GPU's fitted profile for plan
   stage calibrate 540 calibrate.txt python3 -c 'import json, sys
-from seesaw.sim.measure_gpu import calibrate_cuda
+from seesaw.calibrate.measure_gpu import calibrate_cuda
 profile = calibrate_cuda(log=lambda line: print(line, flush=True))
 open(sys.argv[1], "w").write(json.dumps(profile, indent=2))' "$out/profile.json"
   exit 0

@@ -20,7 +20,7 @@ base=$("$python" -c 'import sys; print(sys.base_prefix)')/bin/python3
 export PYTHONPATH="$work/site:$PWD:$machine"
 "$base" -S -c 'import importlib, sys
 sys.path[:0] = ["tests", "bench"]
-for name in ["seesaw.worker", "seesaw.engine", "seesaw.sim.measure_gpu", "throughput", "reshard", "pytest_asyncio"]:
+for name in ["seesaw.worker", "seesaw.engine", "seesaw.calibrate.measure_gpu", "throughput", "reshard", "pytest_asyncio"]:
     importlib.import_module(name)
 print("imports: ok")'
 "$base" -S -m pytest --collect-only -q -p no:cacheprovider tests/test_gpu.py | tail -3

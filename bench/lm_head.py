@@ -45,7 +45,7 @@ def _rank_main(rank: int, args: argparse.Namespace, threads: int, shape: tuple[i
     import torch.nn.functional as F
 
     from seesaw.layout import padded_vocab_rows, split_evenly
-    from seesaw.messages import GroupSpec
+    from seesaw.transport.specs import GroupSpec
     from seesaw.runtime.layout_state import gather_vocab, gathered_vocab_index
     from seesaw.transport.collective import gloo_groups, leave_groups
 

@@ -19,7 +19,7 @@ from seesaw.config import SchedulerConfig, default_cache_dir
 from seesaw.model.resolve import resolve_model
 from seesaw.sim.catalog import Catalog
 from seesaw.sim.cost import CostModel
-from seesaw.sim.measure import calibrate, run_engine, step_overhead_ms
+from seesaw.calibrate.measure import calibrate, run_engine, step_overhead_ms
 from seesaw.sim.simulator import RunSpec, simulate
 from seesaw.sim.workload import fixed
 

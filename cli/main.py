@@ -272,7 +272,7 @@ def _host_buffer_gb(text: str) -> float | None:
 def _model(config):
     """The model found (and converted once) and its tokenizer, which measures a job's prompts before
     the engine starts and is then the engine's."""
-    from seesaw.frontend.text import TextCodec
+    from seesaw.text import TextCodec
     from seesaw.model.resolve import resolve_model
 
     resolved = resolve_model(config.model.model, config.cache_dir)

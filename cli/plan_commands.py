@@ -173,7 +173,7 @@ def calibrate(
     if device == "cuda":
         if workers is not None:
             _fail("--workers is for --device cpu: a CUDA calibration measures one device")
-        from seesaw.sim.measure_gpu import calibrate_cuda
+        from seesaw.calibrate.measure_gpu import calibrate_cuda
 
         try:
             profile = calibrate_cuda(like, name, log=lambda line: typer.echo(line, err=True), overhead_model=model)
@@ -188,7 +188,7 @@ def calibrate(
             counts = []
         if not counts or min(counts) < 1:
             _fail(f"--workers {workers!r}: give positive worker counts such as 1,2")
-        from seesaw.sim.measure import calibrate as measure
+        from seesaw.calibrate.measure import calibrate as measure
 
         name = name or "local-cpu"
         profile = measure(name, counts, model, log=lambda line: typer.echo(line, err=True))
@@ -237,7 +237,7 @@ def _batch_lengths(max_model_len: int, model: str):
     codecs: list = []
 
     def lengths(entry: dict, where: str) -> tuple[int, int]:
-        from seesaw.sim.batch_lengths import batch_line_lengths, codec_for
+        from seesaw.frontend.batch_lengths import batch_line_lengths, codec_for
 
         if not codecs:
             codecs.append(codec_for(model, log=lambda line: typer.echo(line, err=True)))

@@ -18,7 +18,8 @@ import orjson
 import zmq
 import zmq.asyncio
 
-from seesaw.transport.curve import default_address, is_loopback, no_socket_hint, read_public, secure_client
+from seesaw.config import is_loopback
+from seesaw.transport.curve import default_address, no_socket_hint, read_public, secure_client
 
 log = logging.getLogger(__name__)
 

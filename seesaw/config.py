@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,27 @@ from seesaw.layout import Layout
 GIB = 1 << 30
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether `address` stays on this host: ipc:// and inproc://, or tcp:// to a loopback host
+    (127.x.x.x, localhost, ::1). Any other host, wildcards included, can be reached from outside."""
+    scheme, separator, rest = address.partition("://")
+    if not separator:
+        return False
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(";")[2].rpartition(":")[0]  # tcp://[source;]host:port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_cache_dir() -> Path:
@@ -168,8 +190,6 @@ class ServeConfig:
     metrics_port: int | None = None
 
     def __post_init__(self) -> None:
-        from seesaw.transport.curve import is_loopback
-
         if not self.address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"bind must be ipc://PATH or tcp://HOST:PORT, got {self.address!r}")
         if not is_loopback(self.address) and self.curve_secret_key is None:

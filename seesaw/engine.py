@@ -31,7 +31,7 @@ from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
-from seesaw.frontend.text import TextCodec
+from seesaw.text import TextCodec
 from seesaw.kv.block_pool import blocks_for
 from seesaw.kv.host_sizing import GIB, HostBufferPlan, NodeMemory, auto_host_buffer, check_host_buffer, few_pools_warning
 from seesaw.layout import shard_for

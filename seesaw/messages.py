@@ -18,6 +18,7 @@ import orjson
 
 from seesaw.sampling import SamplingParams
 from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
+from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec, HostBufferSpec, WeightStoreSpec
 
 # ---------------------------------------------------------------- shared parts
 
@@ -29,13 +30,6 @@ class RequestKind(StrEnum):
     COMPLETION = "completion"
 
 
-class Backend(StrEnum):
-    """The collective library workers move bulk data with."""
-
-    GLOO = "gloo"
-    NCCL = "nccl"
-
-
 class ErrorCode(StrEnum):
     """Why a request got an error instead of a result."""
 
@@ -43,46 +37,6 @@ class ErrorCode(StrEnum):
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # 400
     ENGINE_FAILED = "engine_failed"  # 500: the engine cannot go on
     SERVER_ERROR = "server_error"  # 500: this request failed; the engine goes on
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """One communicator group: its key (its rank set, "ranks:0,1"), its global ranks in order, and an NCCL id."""
-
-    key: str
-    ranks: list[int]
-    nccl_id: list[int] | None = None
-
-
-@dataclass(frozen=True)
-class CollectiveSpec:
-    """How one replica's workers meet for bulk transfers: gloo through its first rank's TCP store,
-    or NCCL ids. A gloo world is one replica: world rank = global rank - first_rank."""
-
-    backend: Backend
-    world_size: int  # the replica's workers
-    groups: list[GroupSpec]
-    init_address: str | None = None  # gloo only
-    first_rank: int = 0
-
-
-@dataclass(frozen=True)
-class HostBufferSpec:
-    """Where the node's host KV buffer lives and how its blocks are shaped."""
-
-    name: str
-    num_blocks: int
-    block_shape: list[int]  # [layers, 2, kv_heads, block_size, head_dim]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class WeightStoreSpec:
-    """Where the node's host weight store lives (its layout follows from the model's config)."""
-
-    name: str
-    dtype: str
-    num_bytes: int
 
 
 # ---------------------------------------------------------------- to the RequestQueue

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import TINY_MODELS, default_config, generate, greedy_requests, make_tiny_model
 from seesaw.config import default_cache_dir
-from seesaw.frontend.text import TextCodec
+from seesaw.text import TextCodec
 from seesaw.model.resolve import resolve_model
 
 CHATS = [

@@ -14,7 +14,7 @@ from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import SchedulerConfig, TransportConfig
-from seesaw.frontend.text import TextCodec
+from seesaw.text import TextCodec
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from cli.client_commands import job_source, register
 from cli.main import app
 from seesaw.client import AsyncClient, Client, ServerError
+from seesaw.config import is_loopback
 from seesaw.transport.curve import (
-    default_address, ensure_socket_folder, is_loopback, read_public, read_secret, secure_server, write_keys,
+    default_address, ensure_socket_folder, read_public, read_secret, secure_server, write_keys,
 )
 
 WAIT_S = 10.0  # the most any test waits for something it expects

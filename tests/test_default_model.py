@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import engine_config, generate
-from seesaw.frontend.text import TextCodec
+from seesaw.text import TextCodec
 from seesaw.model.resolve import default_gguf_path
 from seesaw.sampling import SamplingParams
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import engine_config, generate, greedy, hf_greedy, random_prompts, ragged_attention_batch
-from seesaw.messages import GroupSpec
+from seesaw.transport.specs import GroupSpec
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 pytestmark = pytest.mark.gpu
@@ -167,7 +167,7 @@ def test_cuda_kv_pool_sized_by_a_profiling_step(tiny_models):
 def test_cuda_rates_are_measured_within_reach_of_a_datacenter_gpu():
     """calibrate --device cuda's micro-benchmarks at Llama 3 8B's shapes: every rate measured, and
     each within what GPUs of this project's catalogue can reach."""
-    from seesaw.sim.measure_gpu import cuda_rates
+    from seesaw.calibrate.measure_gpu import cuda_rates
 
     rates = cuda_rates(hidden=4096, intermediate=14336, token_budget=8192)
     assert 20e12 < rates["model_matmul_flops"] <= rates["peak_flops"] * 1.2 < 2500e12

@@ -22,7 +22,7 @@ from gpu_machine import GPU_MACHINE, carried as _carried, closure as _closure, r
 # Declared, but imported only by code the GPU run never calls (gguf's download helpers).
 UNUSED_REQUIREMENTS = {"gguf": {"requests"}}
 # What the GPU run imports: the tests, the benchmarks and the worker's and engine's modules.
-GPU_RUN_MODULES = ["seesaw.worker", "seesaw.engine", "seesaw.sim.measure_gpu", "test_gpu", "conftest", "throughput",
+GPU_RUN_MODULES = ["seesaw.worker", "seesaw.engine", "seesaw.calibrate.measure_gpu", "test_gpu", "conftest", "throughput",
                    "reshard", "pytest_asyncio"]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nccl_standin
-from seesaw.messages import GroupSpec
+from seesaw.transport.specs import GroupSpec
 from seesaw.transport.addresses import JoinError
 
 CPU = torch.device("cpu")

@@ -10,10 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from seesaw.sim import measure
-from seesaw.sim.catalog import Catalog
-from seesaw.sim.catalog import catalogue_name
-from seesaw.sim.measure_gpu import GPU_RUNS, gpu_entry
+from seesaw.calibrate import measure
+from seesaw.calibrate.measure_gpu import GPU_RUNS, gpu_entry
+from seesaw.sim.catalog import Catalog, catalogue_name
 from seesaw_cli.main import app
 
 H200_RATES = {"peak_flops": 800e12, "model_matmul_flops": 650e12, "copy_bandwidth": 4.0e12,
@@ -137,7 +136,7 @@ def test_calibrate_cuda_fits_a_profile_from_its_measurements(monkeypatch):
     for (the engine's runs are the simulation at 80% of the measured rates, with copies 2 ms
     slower than the bare link): the profile it returns is what the catalogue reads, in place of the
     shipped H200, fitted to those runs."""
-    from seesaw.sim import measure_gpu
+    from seesaw.calibrate import measure_gpu
 
     spec = Catalog().model("llama3-8b")
     links = {"H200-host": {"bandwidth_gbs": H200_RATES["host_bandwidth"] / 1e9, "efficiency": 1.0,

@@ -152,7 +152,7 @@ def test_link_latency_fit_recovers_the_wait_of_a_tensor_parallel_run(monkeypatch
     """calibrate's third fit: an engine run at t2 slower than its simulation on idle-rank figures
     raises the link's latency per hop until the simulation takes as long (the engine's run is given
     here as the simulated time at a known latency, so the fit must find that latency)."""
-    from seesaw.sim import measure
+    from seesaw.calibrate import measure
 
     spec = Catalog().model("llama3-8b")
     engine_s = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 0.0), spec, "t2", (32, 16, 64)).elapsed_s
@@ -178,7 +178,7 @@ def test_host_link_fit_recovers_the_time_each_kv_copy_takes_in_a_seesaw_run(monk
     the host link a latency per KV copy. The engine's run is given as the simulated time at a known
     latency, plus one more phase switch and its reload (the engine meets the batch in the phase its
     warm-up left it in), which the fit must not count as the copies' time."""
-    from seesaw.sim import measure
+    from seesaw.calibrate import measure
 
     spec = Catalog().model("llama3-8b")
     truth = measure._simulated_run("w2", CPU_ENTRY, _cpu_links(700.0, 5000.0), spec, "p2-t2", (64, 64, 4))

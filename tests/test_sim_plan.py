@@ -268,7 +268,7 @@ def test_batch_lines_are_measured_by_the_tokenizer_hook(tmp_path):
 
 
 def test_a_batch_lines_default_max_tokens_is_fitted_to_the_context_and_an_explicit_one_is_kept():
-    from seesaw.sim.batch_lengths import batch_line_lengths
+    from seesaw.frontend.batch_lengths import batch_line_lengths
 
     default = {"prompt": [5] * 100}  # lines of token ids need no tokenizer
     explicit = {"prompt": [5] * 100, "max_tokens": 300}
@@ -280,7 +280,7 @@ def test_a_batch_lines_default_max_tokens_is_fitted_to_the_context_and_an_explic
 def test_batch_lines_are_measured_with_the_models_own_tokenizer_when_its_folder_has_one(tmp_path):
     from seesaw.config import default_cache_dir
     from seesaw.model.resolve import resolve_model
-    from seesaw.sim.batch_lengths import codec_for
+    from seesaw.frontend.batch_lengths import codec_for
 
     default_tokenizer = resolve_model("default", default_cache_dir()).tokenizer_folder
     said = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seesaw.frontend.text import IncrementalText, TextCodec, normalize_messages
+from seesaw.text import IncrementalText, TextCodec, normalize_messages
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ def test_the_nccl_join_thread_binds_the_workers_gpu_before_forming_a_group(monke
 
     import cuda_standin
     import nccl_standin
-    from seesaw.messages import GroupSpec
+    from seesaw.transport.specs import GroupSpec
     from seesaw.transport.collective import nccl_groups
 
     cuda = cuda_standin.install(monkeypatch)

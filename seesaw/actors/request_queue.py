@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
-from seesaw.frontend.text import IncrementalText, TextCodec
+from seesaw.text import IncrementalText, TextCodec
 from seesaw.messages import (
     AddRequest,
     CancelRequest,

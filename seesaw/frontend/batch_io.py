@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from seesaw.frontend.text import normalize_messages
+from seesaw.text import normalize_messages
 from seesaw.messages import RequestKind
 from seesaw.sampling import SamplingParams
 

@@ -6,23 +6,35 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from seesaw.engine import EngineError
+from seesaw.engine import Engine, EngineError
 from seesaw.frontend.batch import BatchRunner
+from seesaw.frontend.batch_io import SamplingDefaults
 from seesaw.frontend.protocol import error_frame, frame
 from seesaw.messages import ErrorCode
 
-if TYPE_CHECKING:
-    from seesaw.frontend.server import Server
-
 log = logging.getLogger(__name__)
+
+
+class JobHost(Protocol):
+    """What a job needs of the server it runs in."""
+
+    engine: Engine
+    defaults: SamplingDefaults
+    model_name: str
+
+    def send(self, identity: bytes, data: bytes) -> None: ...
+
+    def is_backlogged(self, identity: bytes) -> bool: ...
+
+    def job_ended(self, job: Job) -> None: ...
 
 
 class Job:
     """A batch job run for one client: the batch front door, its output lines sent as frames."""
 
-    def __init__(self, server: Server, job_id: str, identity: bytes, label: str, source, max_pending: int):
+    def __init__(self, server: JobHost, job_id: str, identity: bytes, label: str, source, max_pending: int):
         self.server, self.job_id, self.identity, self.label = server, job_id, identity, label
         self.source = source
         self.state = "running"

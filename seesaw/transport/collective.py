@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from seesaw.messages import Backend, CollectiveSpec, GroupSpec
 from seesaw.transport.addresses import JoinError
+from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec
 
 
 class Communicator(Protocol):

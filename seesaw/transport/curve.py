@@ -3,7 +3,6 @@ default: small helpers over pyzmq, no I/O beyond the key files and the socket fo
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import struct
 import tempfile
@@ -84,27 +83,6 @@ def _checked_key(text: str, what: str) -> bytes:
     except (ValueError, struct.error):
         raise ValueError(f"{what} is not a valid Z85 CURVE key") from None
     return text.encode()
-
-
-def is_loopback(address: str) -> bool:
-    """Whether `address` stays on this host: ipc:// and inproc://, or tcp:// to a loopback host
-    (127.x.x.x, localhost, ::1). Any other host, wildcards included, can be reached from outside."""
-    scheme, separator, rest = address.partition("://")
-    if not separator:
-        return False
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rpartition(";")[2].rpartition(":")[0]  # tcp://[source;]host:port
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def secure_server(socket: zmq.Socket, secret_path: Path | str) -> None:

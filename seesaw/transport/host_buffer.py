@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from seesaw.messages import HostBufferSpec
+from seesaw.transport.specs import HostBufferSpec
 from seesaw.transport.shared_memory import SharedSegment
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from seesaw.layout import Span
-from seesaw.messages import WeightStoreSpec
+from seesaw.transport.specs import WeightStoreSpec
 from seesaw.transport.host_buffer import torch_dtype
 from seesaw.transport.shared_memory import SharedSegment
 

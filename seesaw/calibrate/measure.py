@@ -147,7 +147,7 @@ def _in_processes(context, target, args: list[tuple], num_results: int, timeout_
 def _communicator_worker(rank: int, size: int, address: str, threads: int, results) -> None:
     import torch
 
-    from seesaw.messages import GroupSpec
+    from seesaw.transport.specs import GroupSpec
     from seesaw.transport.collective import gloo_groups, leave_groups
 
     torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ def codec_for(model: str, log: Callable[[str], None] = lambda line: None):
     """The tokenizer (a TextCodec) that measures prompts for `model`: its own if it is a folder
     holding one, else the default model's; `log` says which."""
     from seesaw.config import default_cache_dir
-    from seesaw.frontend.text import TextCodec
+    from seesaw.text import TextCodec
     from seesaw.model.resolve import resolve_model
 
     folder = Path(model).expanduser()

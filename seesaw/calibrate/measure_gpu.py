@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from seesaw.sim.catalog import GB, Catalog, Gpu, catalogue_name
-from seesaw.sim.measure import FitRuns, fit_host_link_to_engine, fit_to_engine, scaled_rates, step_overhead_ms
+from seesaw.calibrate.measure import FitRuns, fit_host_link_to_engine, fit_to_engine, scaled_rates, step_overhead_ms
 
 GIB = 1 << 30
 # A model of 8B parameters at a full token budget: steps long enough that the GPU, not Python, sets
