@@ -6,7 +6,6 @@ grace period, and leaves the output whole."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from seesaw.engine import Engine, EngineError
+from seesaw.engine_client import EngineClient
 from seesaw.frontend.batch_io import (
     DUPLICATE_CODE,
     BatchItem,
@@ -25,9 +25,8 @@ from seesaw.frontend.batch_io import (
 )
 from seesaw.frontend.output import KeySet, ResultSink, id_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
-from seesaw.messages import CancelRequest, ErrorCode, QueryStats, RequestFinished, StatsReport, Submit
+from seesaw.messages import ErrorCode, RequestFinished, StatsReport
 from seesaw.step import FinishReason
-from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,7 @@ class BatchRunner:
         self._fraction = 0.0  # of the input file read so far
         self._is_stopping = False  # interrupted: read nothing more
         self._deadline: float | None = None  # interrupted: give up on what is in flight after this
-        self._queue: Outbox | None = None
-        self._reply_to = ""
+        self._client: EngineClient | None = None  # while a run is on
         self._live = (0, 0, 0)  # (tokens generated, requests running, requests waiting), from the last stats
         self._query_ids = itertools.count()
         self._is_asking = False  # a stats query is out
@@ -76,9 +74,9 @@ class BatchRunner:
     def cancel(self) -> None:
         """Read nothing more and cancel the requests in flight (each is answered as cancelled)."""
         self._is_stopping = True
-        if self._queue is not None:
+        if self._client is not None:
             for label in self.pending:
-                self._queue.send(CancelRequest(label, self._reply_to))
+                self._client.cancel(label)
 
     async def run(self, input_path: Path) -> BatchSummary:
         """Run every line; raises EngineError if the engine fails (results written so far stay)."""
@@ -88,11 +86,7 @@ class BatchRunner:
     async def run_source(self, source: BinaryIO, size: int) -> BatchSummary:
         """Run every line of an open binary file of `size` bytes (see `run`)."""
         self.summary = BatchSummary()
-        replies = Inbox(self.engine.context, self.engine.reply_address(self.name))
-        self._queue = queue = Outbox(self.engine.context, self.engine.request_queue_address)
-        self._stats = Outbox(self.engine.context, self.engine.scheduler_address)
-        self._reply_to = replies.addresses[0]
-        failed = asyncio.ensure_future(self.engine.failed.wait())
+        self._client = client = EngineClient(self.engine, self.name).open()
         try:
             lines = enumerate(source, start=1)
             is_read = False
@@ -103,20 +97,17 @@ class BatchRunner:
                     if entry is None:
                         is_read = True
                         break
-                    self._submit(*entry, queue)
+                    self._submit(*entry)
                 self._fraction = source.tell() / size
                 if not self.pending and self.sink.is_backlogged:
                     await asyncio.sleep(0.05)  # the reader of the output lags: read on once it catches up
                     continue
-                if self.pending and not await self._collect(replies, failed):
+                if self.pending and not await self._collect():
                     break
                 self._ask_progress()
         finally:
-            failed.cancel()
-            self._queue = None
-            for outbox in (queue, self._stats):
-                outbox.close(linger_s=0)
-            replies.close()
+            self._client = None
+            client.close()
         self.summary.num_abandoned = len(self.pending)
         self.summary.finish()
         self._report(force=True)
@@ -124,7 +115,7 @@ class BatchRunner:
             self.progress.finish()
         return self.summary
 
-    def _submit(self, line_number: int, raw: bytes, queue: Outbox) -> None:
+    def _submit(self, line_number: int, raw: bytes) -> None:
         if not raw.strip():
             return  # blank lines carry no request
         self._num_lines += 1
@@ -147,35 +138,22 @@ class BatchRunner:
             return
         label = f"line-{line_number}"
         self.pending[label] = item
-        queue.send(Submit(
-            label=label, reply_to=self._reply_to, kind=item.kind, sampling=item.sampling,
-            prompt=item.prompt, messages=item.messages, prompt_token_ids=item.prompt_token_ids,
-        ))
+        self._client.submit(label, item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
+                            prompt_token_ids=item.prompt_token_ids)
 
-    async def _collect(self, replies: Inbox, failed: asyncio.Future) -> bool:
+    async def _collect(self) -> bool:
         """Write at least one finished result; False when an interrupted run's grace period is over.
         Raises EngineError when the engine fails."""
         while True:
             now = time.monotonic()
             if self._deadline is not None and now >= self._deadline:
                 return False
-            message = replies.recv_nowait()  # a busy engine has answers waiting: take them without a wait
-            if message is not None:
-                if self._take(message):
-                    return True
-                continue
             timeout_s = 1.0 if self._deadline is None else min(1.0, self._deadline - now)
-            receiving = asyncio.ensure_future(replies.recv())
-            done, _ = await asyncio.wait([receiving, failed], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if receiving not in done:
-                receiving.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await receiving
-                if failed in done:
-                    raise EngineError(self.engine.failure)
+            message = await self._client.receive(timeout_s)  # a busy engine's answers are taken without a wait
+            if message is None:
                 self._ask_progress()
                 continue
-            if self._take(receiving.result()):
+            if self._take(message):
                 return True
 
     def _take(self, message: RequestFinished | StatsReport) -> bool:
@@ -213,7 +191,7 @@ class BatchRunner:
         if self.progress is None or self._is_asking or not self.progress.is_due():
             return
         self._is_asking = True
-        self._stats.send(QueryStats(next(self._query_ids), self._reply_to))
+        self._client.ask_stats(next(self._query_ids))
 
     def _on_stats(self, message: StatsReport) -> None:
         self._is_asking = False

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import secrets
 
 from seesaw.engine import Engine, EngineError
-from seesaw.messages import RequestFinished, RequestKind, Submit
+from seesaw.engine_client import EngineClient
+from seesaw.messages import RequestFinished, RequestKind
 from seesaw.sampling import SamplingParams
-from seesaw.transport.channels import Inbox, Outbox
 
 
 class LocalClient:
@@ -18,24 +16,20 @@ class LocalClient:
 
     def __init__(self, engine: Engine, name: str = "local"):
         self.engine = engine
-        self.name = f"{name}-{secrets.token_hex(4)}"
+        self._client = EngineClient(engine, name)
         self._futures: dict[str, asyncio.Future] = {}  # by label
         self._next_labels = itertools.count()
-        self._replies: Inbox | None = None
-        self._queue: Outbox | None = None
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> LocalClient:
-        self._replies = Inbox(self.engine.context, self.engine.reply_address(self.name))
-        self._queue = Outbox(self.engine.context, self.engine.request_queue_address)
+        self._client.open()
         self._task = asyncio.get_running_loop().create_task(self._receive())
         return self
 
     async def __aexit__(self, *exc) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        self._queue.close(linger_s=0)
-        self._replies.close()
+        self._client.close()
         self._fail_all(EngineError("the client closed before the request finished"))
 
     def submit(self, sampling: SamplingParams, *, prompt: str | None = None, messages: list[dict] | None = None,
@@ -45,7 +39,7 @@ class LocalClient:
         future = asyncio.get_running_loop().create_future()
         self._futures[label] = future
         kind = RequestKind.CHAT if messages is not None else RequestKind.COMPLETION
-        self._queue.send(Submit(label, self._replies.addresses[0], kind, sampling, prompt, messages, prompt_token_ids))
+        self._client.submit(label, kind, sampling, prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids)
         return future
 
     async def generate(self, sampling: SamplingParams, **prompt) -> RequestFinished:
@@ -54,20 +48,11 @@ class LocalClient:
     async def _receive(self) -> None:
         """Resolve futures as results arrive; if the engine dies with requests still here (an actor
         that would have answered them died with it), fail them."""
-        failed = asyncio.ensure_future(self.engine.failed.wait())
         try:
             while True:
-                message = asyncio.ensure_future(self._replies.recv())
-                await asyncio.wait([message, failed], return_when=asyncio.FIRST_COMPLETED)
-                if not message.done():
-                    message.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await message
-                    self._fail_all(EngineError(self.engine.failure))
-                    return
-                self._resolve(message.result())
-        finally:
-            failed.cancel()
+                self._resolve(await self._client.receive())
+        except EngineError as error:
+            self._fail_all(error)
 
     def _resolve(self, message) -> None:
         if isinstance(message, RequestFinished):

@@ -11,7 +11,6 @@ import io
 import itertools
 import logging
 import os
-import secrets
 import stat
 import time
 from collections import deque
@@ -22,6 +21,7 @@ import zmq.asyncio
 
 from seesaw.config import ServeConfig
 from seesaw.engine import Engine
+from seesaw.engine_client import EngineClient
 from seesaw.frontend.batch_io import SamplingDefaults
 from seesaw.frontend.jobs import Job
 from seesaw.frontend.protocol import (
@@ -38,9 +38,8 @@ from seesaw.frontend.protocol import (
     parse_frames,
     result_frame,
 )
-from seesaw.messages import CancelRequest, ErrorCode, QueryStats, RequestFinished, StatsReport, Submit, TextDelta
+from seesaw.messages import ErrorCode, RequestFinished, StatsReport, TextDelta
 from seesaw.step import FinishReason
-from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.curve import secure_server
 
 log = logging.getLogger(__name__)
@@ -84,9 +83,7 @@ class Server:
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
         self._router: zmq.asyncio.Socket | None = None
-        self._replies: Inbox | None = None
-        self._queue: Outbox | None = None
-        self._scheduler: Outbox | None = None
+        self._engine_client = EngineClient(engine, "server")
         self._finished_jobs: dict[str, dict] = {}  # the last statuses of jobs that ended, newest last
         self._stalled_since: dict[bytes, float] = {}  # when a client's backlog last failed to shrink
 
@@ -104,9 +101,7 @@ class Server:
         if config.curve_secret_key is not None:
             secure_server(router, config.curve_secret_key)
         router.bind(config.address)
-        self._replies = Inbox(context, self.engine.reply_address(f"server-{secrets.token_hex(4)}"))
-        self._queue = Outbox(context, self.engine.request_queue_address)
-        self._scheduler = Outbox(context, self.engine.scheduler_address)
+        self._engine_client.open()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._serve_clients(), name="server-clients"),
                        loop.create_task(self._serve_engine(), name="server-engine"),
@@ -133,7 +128,7 @@ class Server:
         """Fail every request and job in flight with `reason`; how many there were."""
         leftovers = list(self._calls.items())
         for label, call in leftovers:
-            self._queue.send(CancelRequest(label, self._replies.addresses[0]))
+            self._engine_client.cancel(label)
             self.send(call.identity, error_frame(call.label, code, reason))
             self._forget(label)
         jobs = list(self._jobs.values())
@@ -154,11 +149,7 @@ class Server:
         for task in [*self._tasks, *jobs]:
             task.cancel()
         await asyncio.gather(*self._tasks, *jobs, return_exceptions=True)
-        for outbox in (self._queue, self._scheduler):
-            if outbox is not None:
-                outbox.close(linger_s=0)
-        if self._replies is not None:
-            self._replies.close()
+        self._engine_client.close()
         if self._router is not None:
             self._router.close(linger=1000)
 
@@ -224,8 +215,8 @@ class Server:
         self._calls[label] = _Call(identity, call.label, item.model or self.model_name, time.monotonic())
         self._labels.setdefault((identity, call.label), set()).add(label)
         self._idle.clear()
-        self._queue.send(Submit(label, self._replies.addresses[0], item.kind, item.sampling, item.prompt,
-                                item.messages, item.prompt_token_ids, stream=call.stream))
+        self._engine_client.submit(label, item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
+                                   prompt_token_ids=item.prompt_token_ids, stream=call.stream)
 
     def _on_batch(self, identity: bytes, call: BatchCall) -> None:
         refusal = self._refusal(call.label, jobs=True)
@@ -276,7 +267,7 @@ class Server:
                 and (job.job_id == call.job_id or (call.job_id is None and job.label == call.label))]
         labels = sorted(self._labels.get((identity, call.label), ())) if call.job_id is None else []
         for label in labels:
-            self._queue.send(CancelRequest(label, self._replies.addresses[0]))
+            self._engine_client.cancel(label)
         num_requests = len(labels)
         for job in jobs:
             num_requests += len(job.runner.pending)
@@ -288,7 +279,8 @@ class Server:
 
     async def _serve_engine(self) -> None:
         while True:
-            message = await self._replies.recv()
+            # The engine's failure comes as answers to what is in flight; the daemon's lifecycle stops the server.
+            message = await self._engine_client.receive(watch_failure=False)
             match message:
                 case RequestFinished():
                     self._on_finished(message)
@@ -331,14 +323,14 @@ class Server:
     def _ask_stats(self, identity: bytes, label: str) -> None:
         query_id = next(self._query_ids)
         self._stats_waiters[query_id] = [(identity, label)]
-        self._scheduler.send(QueryStats(query_id, self._replies.addresses[0]))
+        self._engine_client.ask_stats(query_id)
 
     async def refresh_stats(self, interval_s: float) -> None:
         """Keep `latest_stats` fresh (for the Prometheus endpoint)."""
         while True:
             query_id = next(self._query_ids)
             self._stats_waiters[query_id] = []
-            self._scheduler.send(QueryStats(query_id, self._replies.addresses[0]))
+            self._engine_client.ask_stats(query_id)
             await asyncio.sleep(interval_s)
             self._stats_waiters.pop(query_id, None)  # unanswered (the engine is gone): not kept
 
@@ -458,7 +450,7 @@ class Server:
                         why, len(labels), len(jobs))
         for label in labels:
             self._calls[label].is_gone = True
-            self._queue.send(CancelRequest(label, self._replies.addresses[0]))
+            self._engine_client.cancel(label)
         for job in jobs:
             job.cancel()
 
