@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NamedTuple
 
 import zmq.asyncio
 
@@ -65,6 +66,23 @@ from seesaw.transport.channels import Inbox, Outbox
 log = logging.getLogger(__name__)
 
 
+class StepTimer(NamedTuple):
+    replica: int
+    step_id: int
+
+
+class MoveTimer(NamedTuple):
+    request_id: str
+
+
+class ReshardTimer(NamedTuple):
+    replica: int
+    transition: int
+
+
+Timer = StepTimer | MoveTimer | ReshardTimer  # what the Scheduler waits on, each with a deadline
+
+
 class Scheduler(Actor):
     name = "scheduler"
     accepts = ToScheduler
@@ -92,7 +110,7 @@ class Scheduler(Actor):
         self.engine = engine
         self.step_timeout_s = step_timeout_s
         self.workers: list[list[Outbox]] = []  # each replica's workers
-        self._timers: dict[tuple, asyncio.TimerHandle] = {}  # steps, re-shards and KV moves in flight
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}  # steps, re-shards and KV moves in flight
         self._replies: dict[str, Outbox] = {}  # where stats go, by address
 
     def handle(self, message):
@@ -105,17 +123,17 @@ class Scheduler(Actor):
                 self._apply(self.core.stop(message.request_id))
             case StepDone():
                 replica = self.layout.coordinates(message.rank)[0]
-                self._disarm((replica, message.step_id))
+                self._disarm(StepTimer(replica, message.step_id))
                 self._apply(self.core.step_done(replica, message.step_id, message.sampled, message.compute_ms))
             case Resharded():
                 log.info("rank %d is in %s: waited %.3f s for its last steps, loaded %.1f MB in %.3f s",
                          message.rank, message.layout, message.drain_s, message.num_bytes / 1e6, message.load_s)
                 self._apply(self.core.resharded(message.rank, message.drain_s, message.load_s, message.num_bytes))
             case KVSaved():
-                self._disarm(("kv", message.request_id))
+                self._disarm(MoveTimer(message.request_id))
                 self._apply(self.core.kv_saved(message.request_id, message.num_bytes, message.seconds))
             case KVLoaded():
-                self._disarm(("kv", message.request_id))
+                self._disarm(MoveTimer(message.request_id))
                 self._apply(self.core.kv_loaded(message.request_id, message.num_bytes, message.seconds))
             case QueryStats():
                 self._on_query_stats(message)
@@ -139,7 +157,8 @@ class Scheduler(Actor):
         if not self.core.is_up(replica):
             return
         request_ids = self.core.replica_lost(replica)
-        for key in [key for key in self._timers if key[0] == replica or key[1] in request_ids]:
+        for key in [key for key in self._timers if (key.request_id in request_ids if isinstance(key, MoveTimer)
+                                                    else key.replica == replica)]:
             self._timers.pop(key).cancel()
         for outbox in self.workers[replica]:
             self.disconnect(outbox)
@@ -163,14 +182,14 @@ class Scheduler(Actor):
                     step = RunStep(plan.step_id, plan.rows, plan.released)
                     for worker in self.workers[replica]:
                         worker.send(step)
-                    self._arm((replica, plan.step_id), f"step {plan.step_id} of replica {replica} ({len(plan.rows)} "
-                                                       f"requests) did not finish within {self.step_timeout_s:.0f} s")
+                    self._arm(StepTimer(replica, plan.step_id), f"step {plan.step_id} of replica {replica} "
+                              f"({len(plan.rows)} requests) did not finish within {self.step_timeout_s:.0f} s")
                 case StartMove(replica, move):
                     self._send_move(replica, move)
                 case StartReshard(replica, layout, index):
                     self._start_reshard(replica, layout, index)
                 case ReshardFinished(replica, index, is_last):
-                    self._disarm((replica, f"reshard {index}"))
+                    self._disarm(ReshardTimer(replica, index))
                     if is_last:
                         self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), "running steps"))
                 case Tokens(updates):
@@ -186,8 +205,8 @@ class Scheduler(Actor):
         for worker in self.workers[replica]:
             worker.send(Reshard(str(layout)))
         self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), f"re-sharding to {layout}"))
-        self._arm((replica, f"reshard {index}"), f"replica {replica} did not finish re-sharding to {layout} "
-                                                 f"within {self.step_timeout_s:.0f} s")
+        self._arm(ReshardTimer(replica, index), f"replica {replica} did not finish re-sharding to {layout} "
+                                                f"within {self.step_timeout_s:.0f} s")
 
     def _send_move(self, replica: int, move) -> None:
         layout = str(self.core.layouts[move.phase])
@@ -197,14 +216,14 @@ class Scheduler(Actor):
         else:
             self.kv_tier.send(LoadKV(move.request_id, replica, layout, move.host_block_ids, move.block_ids))
             what = "from the host buffer"
-        self._arm(("kv", move.request_id), f"copying request {move.request_id}'s KV {what} (replica {replica}) "
-                                           f"did not finish within {self.step_timeout_s:.0f} s")
+        self._arm(MoveTimer(move.request_id), f"copying request {move.request_id}'s KV {what} (replica {replica}) "
+                                              f"did not finish within {self.step_timeout_s:.0f} s")
 
-    def _arm(self, key: tuple, reason: str) -> None:
+    def _arm(self, key: Timer, reason: str) -> None:
         """Fail the engine unless what `key` names is done within the step timeout."""
         self._timers[key] = asyncio.get_running_loop().call_later(self.step_timeout_s, self._on_stalled, reason)
 
-    def _disarm(self, key: tuple) -> None:
+    def _disarm(self, key: Timer) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
