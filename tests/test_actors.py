@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
 import pytest
 import zmq.asyncio
@@ -297,4 +298,94 @@ async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
     to_actor.send(m.EngineReady([10], worker.addresses))
     to_actor.send(m.SaveKV("a", 0, "t1", [1, 2, 3], [0, 1, 2]))
     assert (await expect(worker, m.SwapOut)).block_ids == [1, 2, 3]
+    await actor.stop()
+
+
+class _GatedCodec:
+    """The real codec, except that a prompt starting with "slow" waits for the test to open the gate."""
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if prompt.startswith("slow"):
+            self.entered.set()
+            assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return self.codec.encode_prompt(prompt)
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+
+async def test_a_prompt_being_tokenized_delays_no_other_requests_tokens(wiring, codec):
+    scheduler, replies, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
+    gated = _GatedCodec(codec)
+    actor = wiring.start(RequestQueue(inbox, wiring.context, wiring.outbox(scheduler), gated, max_model_len=64,
+                                      vocab_size=49152))
+    to_actor = wiring.outbox(inbox)
+    reply_to = replies.addresses[0]
+    completion = m.RequestKind.COMPLETION
+    to_actor.send(m.Submit("a", reply_to, completion, SamplingParams(max_tokens=2), prompt="Hello", stream=True))
+    running = await expect(scheduler, m.AddRequest)
+    # 1. A prompt stuck in the tokenizer; requests behind it wait their turn (order is kept) ...
+    to_actor.send(m.Submit("slow", reply_to, completion, SamplingParams(max_tokens=2), prompt="slow one"))
+    to_actor.send(m.Submit("next", reply_to, completion, SamplingParams(max_tokens=2), prompt_token_ids=[1, 2]))
+    assert await asyncio.to_thread(gated.entered.wait, 5)
+    # 2. ... but the running request's tokens stream and finish it meanwhile.
+    token = codec.encode_prompt(" world")[0]
+    to_actor.send(m.TokensGenerated([TokenUpdate(running.request_id, [token])]))
+    assert (await expect(replies, m.TextDelta)).label == "a"
+    to_actor.send(m.TokensGenerated([TokenUpdate(running.request_id, [token], FinishReason.LENGTH)]))
+    while isinstance(finished := await replies.recv(timeout_s=5), m.TextDelta):
+        pass
+    assert (finished.label, finished.finish_reason, finished.completion_tokens) == ("a", FinishReason.LENGTH, 2)
+    # 3. A request waiting behind the tokenizer can be cancelled; it never reaches the scheduler.
+    to_actor.send(m.CancelRequest("next", reply_to))
+    cancelled = await expect(replies, m.RequestFinished)
+    assert (cancelled.label, cancelled.finish_reason, cancelled.request_id) == ("next", FinishReason.CANCELLED, None)
+    with pytest.raises(TimeoutError):
+        await scheduler.recv(timeout_s=0.2)
+    # 4. Once the tokenizer returns, the slow prompt goes on to the scheduler.
+    gated.gate.set()
+    added = await expect(scheduler, m.AddRequest)
+    assert added.prompt_token_ids == codec.encode_prompt("slow one")
+    await actor.stop()
+
+
+async def test_a_cancel_or_failure_reaches_a_request_while_it_tokenizes(wiring, codec):
+    scheduler, replies, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
+    gated = _GatedCodec(codec)
+    actor = wiring.start(RequestQueue(inbox, wiring.context, wiring.outbox(scheduler), gated, max_model_len=64,
+                                      vocab_size=49152))
+    to_actor = wiring.outbox(inbox)
+    reply_to = replies.addresses[0]
+    completion = m.RequestKind.COMPLETION
+    # 1. Cancelled while on the tokenizer: answered as cancelled when the call returns, never run.
+    to_actor.send(m.Submit("slow-1", reply_to, completion, SamplingParams(), prompt="slow one"))
+    assert await asyncio.to_thread(gated.entered.wait, 5)
+    to_actor.send(m.CancelRequest("slow-1", reply_to))
+    to_actor.send(m.Submit("behind", reply_to, completion, SamplingParams(max_tokens=4), prompt="x"))
+    await asyncio.sleep(0.2)  # let the cancel and the queued request reach the actor
+    gated.gate.set()
+    answer = await expect(replies, m.RequestFinished)
+    assert (answer.label, answer.finish_reason, answer.error) == ("slow-1", FinishReason.CANCELLED, None)
+    assert (await expect(scheduler, m.AddRequest)).prompt_token_ids == codec.encode_prompt("x")
+    # 2. The engine fails while a prompt tokenizes and another waits: they are answered with the
+    #    reason, as is the one already running.
+    gated.gate.clear()
+    gated.entered.clear()
+    to_actor.send(m.Submit("slow-2", reply_to, completion, SamplingParams(), prompt="slow two"))
+    to_actor.send(m.Submit("waiting", reply_to, completion, SamplingParams(), prompt="y"))
+    assert await asyncio.to_thread(gated.entered.wait, 5)
+    to_actor.send(m.EngineFailed("worker 1 died"))
+    answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    assert sorted(answers) == ["behind", "waiting"]
+    assert all((a.code, a.error) == (m.ErrorCode.ENGINE_FAILED, "worker 1 died") for a in answers.values())
+    gated.gate.set()
+    slow = await expect(replies, m.RequestFinished)
+    assert (slow.label, slow.code) == ("slow-2", m.ErrorCode.ENGINE_FAILED)
+    with pytest.raises(TimeoutError):
+        await scheduler.recv(timeout_s=0.2)
     await actor.stop()

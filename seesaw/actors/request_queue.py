@@ -6,15 +6,20 @@ EngineFailed (Engine).
 Sends: AddRequest and StopRequest to the Scheduler; TextDelta and RequestFinished to the
 submitting front door.
 
-Tokenizing runs on a worker thread, so a long prompt never stalls the head's event loop (where
-the Scheduler runs). One request's bad input or failure is that request's error reply.
+Submitted requests are tokenized in the order they came, by an intake task of their own: a text
+prompt on a worker thread, so a long prompt stalls neither the head's event loop (where the
+Scheduler runs) nor this actor's inbox (other requests' tokens keep streaming while it tokenizes).
+A cancel or an engine failure reaches a request still waiting for its tokens too. One request's
+bad input or failure is that request's error reply.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq.asyncio
@@ -68,13 +73,27 @@ class RequestQueue(Actor):
         self.failure: str | None = None  # set once the engine failed: every later request is refused
         self._labels: dict[tuple[str, str], set[str]] = {}  # (reply_to, label) -> request ids pending
         self._replies: dict[str, Outbox] = {}
-        self._pending_per_address: dict[str, int] = {}  # reply_to -> requests pending here
+        self._pending_per_address: dict[str, int] = {}  # reply_to -> requests here (tokenizing or pending)
         self._next_ids = itertools.count()
+        self._intake: collections.deque[Submit] = collections.deque()  # waiting to be tokenized, in order
+        self._intake_ready = asyncio.Event()
+        self._tokenizing: Submit | None = None  # the one on the tokenizer now
+        self._cancelled_while_tokenizing = False
+
+    async def run(self) -> None:
+        """The inbox and the intake run side by side; either one's failure ends both (and is the
+        task's exception, as for any actor)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._run_intake(), name=f"{self.name}-intake")
+                await super().run()
+        except ExceptionGroup as failures:
+            raise failures.exceptions[0] from None
 
     def handle(self, message):
         match message:
             case Submit():
-                return self._on_submit(message)
+                self._on_submit(message)
             case CancelRequest():
                 self._on_cancel(message)
             case TokensGenerated():
@@ -84,32 +103,60 @@ class RequestQueue(Actor):
             case EngineFailed():
                 self._on_engine_failed(message)
 
-    async def _on_submit(self, submit: Submit) -> None:
+    def _on_submit(self, submit: Submit) -> None:
         if self.failure is not None:
             self._refuse(submit, self.failure, ErrorCode.ENGINE_FAILED)
             return
+        self._hold(submit.reply_to)
+        self._intake.append(submit)
+        self._intake_ready.set()
+
+    async def _run_intake(self) -> None:
+        while True:
+            await self._intake_ready.wait()
+            self._intake_ready.clear()
+            while self._intake:
+                submit = self._intake.popleft()
+                if submit.prompt_token_ids is not None:  # only checked: no tokenizer, no thread hop
+                    self._admit(submit, lambda: self._tokenize(submit))
+                    continue
+                self._tokenizing, self._cancelled_while_tokenizing = submit, False
+                try:
+                    outcome = await asyncio.to_thread(_outcome, self._tokenize, submit)
+                finally:
+                    self._tokenizing = None
+                if self._cancelled_while_tokenizing:
+                    self._release(submit, self._cancelled_reply(submit))
+                elif self.failure is not None:  # the engine failed while this one tokenized
+                    self._release(submit, self._refusal(submit, self.failure, ErrorCode.ENGINE_FAILED))
+                else:
+                    self._admit(submit, outcome.get)
+
+    def _tokenize(self, submit: Submit) -> tuple[list[int], int]:
+        """The prompt's token ids and the max_tokens it runs with, or the error that refuses it."""
+        submit.sampling.validate()
+        prompt_ids = self._prompt_ids(submit)
+        return prompt_ids, self._max_tokens(submit, len(prompt_ids))
+
+    def _admit(self, submit: Submit, tokenized: Callable[[], tuple[list[int], int]]) -> None:
+        """Name the request and hand it to the scheduler, or answer it with why it cannot run
+        (`tokenized` gives the prompt's ids and max_tokens, or raises that reason)."""
         try:
-            submit.sampling.validate()
-            if submit.prompt_token_ids is not None:  # only checked: no tokenizer, no thread hop
-                prompt_ids = self._prompt_ids(submit)
-            else:
-                prompt_ids = await asyncio.to_thread(self._prompt_ids, submit)
-            max_tokens = self._max_tokens(submit, len(prompt_ids))
+            prompt_ids, max_tokens = tokenized()
         except _Refused as refusal:
-            self._refuse(submit, refusal.message, refusal.code, refusal.prompt_tokens)
+            self._release(submit, self._refusal(submit, refusal.message, refusal.code, refusal.prompt_tokens))
             return
         except (ValueError, TypeError) as error:
-            self._refuse(submit, str(error), ErrorCode.INVALID_REQUEST)
+            self._release(submit, self._refusal(submit, str(error), ErrorCode.INVALID_REQUEST))
             return
         except Exception as error:  # one request's failure is its own error, never the actor's end
-            log.exception("request %r from %s failed while tokenizing", submit.label, submit.reply_to)
-            self._refuse(submit, f"tokenizing failed: {error!r}", ErrorCode.SERVER_ERROR)
+            log.error("request %r from %s failed while tokenizing", submit.label, submit.reply_to, exc_info=error)
+            self._release(submit, self._refusal(submit, f"tokenizing failed: {error!r}", ErrorCode.SERVER_ERROR))
             return
         request_id = f"req-{next(self._next_ids)}"
         self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids),
                                             IncrementalText(self.codec, submit.sampling.stop))
         self._labels.setdefault((submit.reply_to, submit.label), set()).add(request_id)
-        self._pending_per_address[submit.reply_to] = self._pending_per_address.get(submit.reply_to, 0) + 1
         sampling = submit.sampling
         self.scheduler.send(AddRequest(
             request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
@@ -156,11 +203,17 @@ class RequestQueue(Actor):
                        f"tokens fit)", num_prompt)
 
     def _on_cancel(self, message: CancelRequest) -> None:
-        for request_id in sorted(self._labels.get((message.reply_to, message.label), ())):
+        key = (message.reply_to, message.label)
+        for request_id in sorted(self._labels.get(key, ())):
             pending = self.pending[request_id]
             self.scheduler.send(StopRequest(request_id))
             self._flush(pending, is_final=True)
             self._finish(pending, FinishReason.CANCELLED)
+        for submit in [s for s in self._intake if (s.reply_to, s.label) == key]:
+            self._intake.remove(submit)
+            self._release(submit, self._cancelled_reply(submit))
+        if self._tokenizing is not None and (self._tokenizing.reply_to, self._tokenizing.label) == key:
+            self._cancelled_while_tokenizing = True  # answered once its tokenizer call returns
 
     def _on_tokens_generated(self, message: TokensGenerated) -> None:
         for update in message.updates:
@@ -196,22 +249,27 @@ class RequestQueue(Actor):
         pending = self.pending.get(message.request_id)
         if pending is not None:
             self._forget(pending)
-            self._refuse(pending.submit, message.error, message.code, pending.num_prompt_tokens, pending.request_id)
+            self._release(pending.submit, self._refusal(pending.submit, message.error, message.code,
+                                                        pending.num_prompt_tokens, pending.request_id))
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
-        """Answer every request in flight with the reason, and refuse every later one."""
+        """Answer every request in flight or waiting for its tokens with the reason, and refuse
+        every later one."""
         if self.failure is not None:
             return
         self.failure = message.reason
         for pending in list(self.pending.values()):
             self._forget(pending)
-            self._refuse(pending.submit, message.reason, ErrorCode.ENGINE_FAILED, pending.num_prompt_tokens,
-                         pending.request_id)
+            self._release(pending.submit, self._refusal(pending.submit, message.reason, ErrorCode.ENGINE_FAILED,
+                                                        pending.num_prompt_tokens, pending.request_id))
+        while self._intake:
+            submit = self._intake.popleft()
+            self._release(submit, self._refusal(submit, message.reason, ErrorCode.ENGINE_FAILED))
 
     def _finish(self, pending: _Pending, finish_reason: FinishReason) -> None:
         self._forget(pending)
         submit = pending.submit
-        self._reply_to(submit.reply_to, RequestFinished(
+        self._release(submit, RequestFinished(
             label=submit.label, request_id=pending.request_id, kind=submit.kind, text=pending.text.text,
             finish_reason=finish_reason, prompt_tokens=pending.num_prompt_tokens,
             completion_tokens=pending.num_output_tokens, token_ids=pending.text.token_ids,
@@ -219,24 +277,38 @@ class RequestQueue(Actor):
 
     def _forget(self, pending: _Pending) -> None:
         del self.pending[pending.request_id]
-        address, key = pending.submit.reply_to, (pending.submit.reply_to, pending.submit.label)
+        key = (pending.submit.reply_to, pending.submit.label)
         self._labels[key].discard(pending.request_id)
         if not self._labels[key]:
             del self._labels[key]
+
+    def _refuse(self, submit: Submit, error: str, code: ErrorCode) -> None:
+        """Answer a request this actor never held."""
+        self._hold(submit.reply_to)
+        self._release(submit, self._refusal(submit, error, code))
+
+    @staticmethod
+    def _refusal(submit: Submit, error: str, code: ErrorCode, prompt_tokens: int = 0,
+                 request_id: str | None = None) -> RequestFinished:
+        return RequestFinished(label=submit.label, request_id=request_id, kind=submit.kind, error=error, code=code,
+                               prompt_tokens=prompt_tokens)
+
+    @staticmethod
+    def _cancelled_reply(submit: Submit) -> RequestFinished:
+        """A request cancelled before the engine took it: nothing generated, no error."""
+        return RequestFinished(label=submit.label, request_id=None, kind=submit.kind,
+                               finish_reason=FinishReason.CANCELLED)
+
+    def _hold(self, address: str) -> None:
+        self._pending_per_address[address] = self._pending_per_address.get(address, 0) + 1
+
+    def _release(self, submit: Submit, result: RequestFinished) -> None:
+        """Send a request's one final answer; a front door with nothing left here loses its outbox."""
+        address = submit.reply_to
+        self._outbox(address).send(result)
         self._pending_per_address[address] -= 1
         if not self._pending_per_address[address]:
             del self._pending_per_address[address]
-
-    def _refuse(self, submit: Submit, error: str, code: ErrorCode, prompt_tokens: int = 0,
-                request_id: str | None = None) -> None:
-        self._reply_to(submit.reply_to, RequestFinished(
-            label=submit.label, request_id=request_id, kind=submit.kind, error=error, code=code,
-            prompt_tokens=prompt_tokens,
-        ))
-
-    def _reply_to(self, address: str, result: RequestFinished) -> None:
-        self._outbox(address).send(result)
-        if address not in self._pending_per_address:  # none of this front door's requests is left here
             outbox = self._replies.pop(address, None)
             if outbox is not None:
                 self.disconnect(outbox)
@@ -245,6 +317,25 @@ class RequestQueue(Actor):
         if address not in self._replies:
             self._replies[address] = self.connect(self.context, address)
         return self._replies[address]
+
+
+class _Outcome:
+    """What a call on a worker thread gave: its value, or the exception it raised (raised again by `get`)."""
+
+    def __init__(self, value=None, error: Exception | None = None):
+        self.value, self.error = value, error
+
+    def get(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _outcome(call, *args) -> _Outcome:
+    try:
+        return _Outcome(call(*args))
+    except Exception as error:  # handed back to the event loop, which answers the request with it
+        return _Outcome(error=error)
 
 
 class _Refused(ValueError):
