@@ -13,7 +13,8 @@ from typing import Annotated, NoReturn, Optional
 import orjson
 import typer
 
-from seesaw.client import MAX_FRAME_BYTES, Client, ServerError
+from seesaw.client import Client, ServerError
+from seesaw.protocol_terms import MAX_FRAME_BYTES
 from seesaw.transport.curve import default_address, no_socket_hint, write_keys
 
 ServerOption = Annotated[Optional[str], typer.Option("--server", help="the daemon's address (default: its ipc socket)")]

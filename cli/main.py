@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from seesaw.layout import Layout
+from seesaw.protocol_terms import MAX_FRAME_BYTES
 
 from .client_commands import register as register_client_commands
 from .plan_commands import register as register_plan_commands
@@ -168,7 +169,7 @@ def serve(
     max_restarts: MaxRestartsOption = 3,
     max_queued: Annotated[int, typer.Option(help="requests held at once; past this clients get 'busy' and retry")] = 4096,
     max_jobs: Annotated[int, typer.Option(help="batch jobs at once; past this clients get 'busy'")] = 16,
-    max_frame_bytes: Annotated[int, typer.Option(help="larger client frames are dropped at the socket")] = 8 << 20,
+    max_frame_bytes: Annotated[int, typer.Option(help="larger client frames are dropped at the socket")] = MAX_FRAME_BYTES,
     drain_timeout: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: seconds the requests in flight get to finish")] = 60.0,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")] = None,
     verbose: VerboseOption = False,

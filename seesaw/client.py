@@ -18,15 +18,12 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from seesaw import protocol_terms as terms
 from seesaw.config import is_loopback
 from seesaw.transport.curve import default_address, no_socket_hint, read_public, secure_client
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-ENDPOINTS = ("chat", "completions")
-FINAL_TYPES = frozenset({"result", "job_done", "job_status", "stats"})  # the last frame about a request
-MAX_FRAME_BYTES = 8 * 2**20  # the server's default --max-frame-bytes; a larger frame is dropped unread
 HIGH_WATER_MARK = 10_000
 MAX_BACKOFF_S = 5.0
 
@@ -69,7 +66,7 @@ class TokenStream:
             value = self._take(frame)
             if value is not None:
                 return value
-            if frame["type"] in FINAL_TYPES:
+            if frame["type"] in terms.FINAL_FRAME_TYPES:
                 self._on_end(self)
                 await self._frames.aclose()
                 raise StopAsyncIteration
@@ -246,12 +243,12 @@ class AsyncClient:
             while not is_finished:
                 reply = await self._next(queue, what)
                 kind = reply["type"]
-                if kind == "error" and reply.get("code") == "busy" and attempts < self.max_retries:
+                if kind == "error" and reply.get("code") == terms.BUSY and attempts < self.max_retries:
                     await asyncio.sleep(backoff_s(reply.get("retry_after_s"), attempts, self._random.random()))
                     attempts += 1
                     await self._send(frame, what)
                     continue
-                is_finished = kind in FINAL_TYPES or kind == "error"
+                is_finished = kind in terms.FINAL_FRAME_TYPES or kind == "error"
                 if kind == "error":
                     raise ServerError.from_frame(reply, f" (after {attempts} retries)" if attempts else "")
                 yield reply
@@ -331,8 +328,8 @@ class AsyncClient:
 
     async def _send(self, frame: dict, what: str) -> None:
         data = orjson.dumps(frame)
-        if len(data) > MAX_FRAME_BYTES:
-            raise ValueError(f"the {what} is {len(data) / 2**20:.1f} MiB, over the {MAX_FRAME_BYTES // 2**20} MiB "
+        if len(data) > terms.MAX_FRAME_BYTES:
+            raise ValueError(f"the {what} is {len(data) / 2**20:.1f} MiB, over the {terms.MAX_FRAME_BYTES // 2**20} MiB "
                              f"a server takes by default (--max-frame-bytes): split it into smaller ones")
         try:
             await asyncio.wait_for(self._socket.send(data), self.timeout_s)
@@ -469,13 +466,13 @@ async def _shut_down(loop: asyncio.AbstractEventLoop, client: AsyncClient) -> No
 
 
 def _submit(request_id: str, endpoint: str, body: dict, stream: bool) -> dict:
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    if endpoint not in terms.ENDPOINTS:
+        raise ValueError(f"endpoint must be one of {', '.join(terms.ENDPOINTS)}, got {endpoint!r}")
     return _frame("submit", id=request_id, endpoint=endpoint, body=body, stream=stream)
 
 
 def _frame(kind: str, **fields) -> dict:
-    return {"v": PROTOCOL_VERSION, "type": kind, **fields}
+    return {"v": terms.VERSION, "type": kind, **fields}
 
 
 def _server_public(server_key: str | bytes | None, address: str) -> bytes | None:

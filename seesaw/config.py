@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from seesaw.layout import Layout
+from seesaw.protocol_terms import MAX_FRAME_BYTES
 
 GIB = 1 << 30
 _DEVICES = ("cpu", "cuda")
@@ -179,7 +180,7 @@ class ServeConfig:
     max_queued: int = 4096  # requests held at once before "busy"
     max_jobs: int = 16  # batch jobs at once before "busy"
     max_job_pending: int = 256  # a job's requests in the engine at once
-    max_frame_bytes: int = 8 << 20
+    max_frame_bytes: int = MAX_FRAME_BYTES
     high_water_mark: int = 10_000  # replies queued in ZeroMQ per client
     receive_high_water_mark: int = 64  # frames queued in ZeroMQ per client (each up to max_frame_bytes)
     max_backlog_frames: int = 10_000  # replies held beyond that; past it the client counts as gone

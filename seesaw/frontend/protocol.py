@@ -7,16 +7,13 @@ from dataclasses import dataclass
 
 import orjson
 
+from seesaw.protocol_terms import BUSY, SHUTTING_DOWN, UNSUPPORTED_VERSION, VERSION
 from seesaw.frontend.batch_io import BatchItem, SamplingDefaults, parse_body, response_body
 from seesaw.messages import ErrorCode, RequestFinished, RequestKind
 
-VERSION = 1
 MAX_LABEL_CHARS = 256
 MAX_INLINE_LINES = 100_000
 ENDPOINTS = {"chat": RequestKind.CHAT, "completions": RequestKind.COMPLETION}
-BUSY = "busy"
-SHUTTING_DOWN = "shutting_down"
-UNSUPPORTED_VERSION = "unsupported_version"
 _STATUS = {BUSY: 429, SHUTTING_DOWN: 503, ErrorCode.ENGINE_FAILED: 500, ErrorCode.SERVER_ERROR: 500}
 
 
