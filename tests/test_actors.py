@@ -319,12 +319,17 @@ class _GatedCodec:
         return getattr(self.codec, name)
 
 
-async def test_a_prompt_being_tokenized_delays_no_other_requests_tokens(wiring, codec):
+def _gated_request_queue(wiring, codec):
+    """A started RequestQueue on a gated codec: (actor, codec, scheduler inbox, replies inbox, outbox to the actor)."""
     scheduler, replies, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
     gated = _GatedCodec(codec)
     actor = wiring.start(RequestQueue(inbox, wiring.context, wiring.outbox(scheduler), gated, max_model_len=64,
                                       vocab_size=49152))
-    to_actor = wiring.outbox(inbox)
+    return actor, gated, scheduler, replies, wiring.outbox(inbox)
+
+
+async def test_a_prompt_being_tokenized_delays_no_other_requests_tokens(wiring, codec):
+    actor, gated, scheduler, replies, to_actor = _gated_request_queue(wiring, codec)
     reply_to = replies.addresses[0]
     completion = m.RequestKind.COMPLETION
     to_actor.send(m.Submit("a", reply_to, completion, SamplingParams(max_tokens=2), prompt="Hello", stream=True))
@@ -355,11 +360,7 @@ async def test_a_prompt_being_tokenized_delays_no_other_requests_tokens(wiring, 
 
 
 async def test_a_cancel_or_failure_reaches_a_request_while_it_tokenizes(wiring, codec):
-    scheduler, replies, inbox = wiring.inbox(), wiring.inbox(), wiring.inbox()
-    gated = _GatedCodec(codec)
-    actor = wiring.start(RequestQueue(inbox, wiring.context, wiring.outbox(scheduler), gated, max_model_len=64,
-                                      vocab_size=49152))
-    to_actor = wiring.outbox(inbox)
+    actor, gated, scheduler, replies, to_actor = _gated_request_queue(wiring, codec)
     reply_to = replies.addresses[0]
     completion = m.RequestKind.COMPLETION
     # 1. Cancelled while on the tokenizer: answered as cancelled when the call returns, never run.
