@@ -286,7 +286,7 @@ def _sampling_defaults(max_tokens: int, temperature: float, top_p: float, seed: 
     from seesaw.frontend.batch_io import SamplingDefaults
     from seesaw.sampling import SamplingParams
 
-    SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p).validate()
+    SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)  # checked as it is made
     return SamplingDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 

@@ -17,7 +17,7 @@ from enum import StrEnum
 import orjson
 
 from seesaw.sampling import SamplingParams
-from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
+from seesaw.step import FinishReason, StepRow, TokenUpdate
 from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec, HostBufferSpec, WeightStoreSpec
 
 # ---------------------------------------------------------------- shared parts
@@ -130,14 +130,11 @@ class StatsReport:
 
 @dataclass(frozen=True)
 class AddRequest:
-    """RequestQueue -> Scheduler: a validated, tokenized request."""
+    """RequestQueue -> Scheduler: a tokenized request, its max_tokens fitted to the context."""
 
     request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
-    sampling: RowSampling
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    sampling: SamplingParams
 
 
 @dataclass(frozen=True)

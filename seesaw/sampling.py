@@ -1,15 +1,19 @@
-"""Per-request generation settings and their validation (pure)."""
+"""Per-request generation settings, checked when they are made (pure)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from seesaw.step import RowSampling
 
 MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request generates: limits, randomness and stop conditions."""
+    """How one request generates: limits, randomness and stop conditions. The one form of a request's
+    sampling from the front door to the scheduler: a value that exists is valid (ValueError naming
+    the first invalid field otherwise)."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -21,8 +25,10 @@ class SamplingParams:
     ignore_eos: bool = False
     fit_max_tokens: bool = False  # max_tokens is a default: lower it to what the context leaves, do not refuse
 
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
@@ -52,6 +58,10 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def for_row(self, output_index: int) -> RowSampling:
+        """What the last stage needs to sample this request's token number `output_index`."""
+        return RowSampling(self.temperature, self.top_p, self.top_k, self.seed, output_index)
 
 
 def _is_number(value) -> bool:

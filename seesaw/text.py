@@ -24,16 +24,15 @@ class TextCodec:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the rendered chat, ending with the assistant's turn opening."""
+        """Token ids of the rendered chat, ending with the assistant's turn opening; `messages` as
+        `normalize_messages` gave them (the front door that took them made them so)."""
         self._require()
         if self.tokenizer.chat_template is None:
             raise ValueError("this model has no chat template; use a completion prompt")
         from jinja2 import TemplateError
 
         try:
-            text = self.tokenizer.apply_chat_template(
-                normalize_messages(messages), tokenize=False, add_generation_prompt=True
-            )
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except (TemplateError, TypeError, KeyError) as error:
             raise ValueError(f"the model's chat template rejects these messages: {error}") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

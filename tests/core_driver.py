@@ -12,10 +12,10 @@ from helpers import check_block_deltas
 
 from seesaw.config import SchedulerConfig
 from seesaw.runtime.step_inputs import BlockTables
+from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase, ToHost
 from seesaw.scheduling.request import NewRequest
 from seesaw.scheduling.static import StaticScheduler
-from seesaw.step import RowSampling
 
 EOS = 2
 
@@ -26,7 +26,8 @@ def token(request_id, index):
 
 
 def add(core, request_id, prompt_len, max_tokens):
-    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, RowSampling(0.0), ignore_eos=True))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), sampling))
 
 
 class Driver:

@@ -20,7 +20,7 @@ from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase
 from seesaw.scheduling.engine_core import ModelLimits
-from seesaw.step import FinishReason, RowSampling, TokenUpdate
+from seesaw.step import FinishReason, TokenUpdate
 from seesaw.transport.channels import Inbox, Outbox
 
 _names = itertools.count()
@@ -74,8 +74,8 @@ async def expect(inbox: Inbox, kind: type, timeout_s: float = 5.0):
     return message
 
 
-def row_sampling():
-    return RowSampling(0.0)
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
 
 async def test_scheduler_runs_steps_and_reports_tokens(wiring):
@@ -87,7 +87,7 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     wiring.start(actor)
     to_actor = wiring.outbox(inbox)
     # 1. A request that arrives before the engine is ready waits for it.
-    to_actor.send(m.AddRequest("a", [5, 6, 7, 8, 9, 10], 2, row_sampling()))
+    to_actor.send(m.AddRequest("a", [5, 6, 7, 8, 9, 10], greedy(2)))
     to_actor.send(m.EngineReady(num_device_blocks=[8], worker_addresses=worker.addresses))
     step = await expect(worker, m.RunStep)
     assert [(r.request_id, r.token_ids, r.start) for r in step.rows] == [("a", [5, 6, 7, 8, 9, 10], 0)]
@@ -100,11 +100,11 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     to_actor.send(m.StepDone(ahead.step_id, 0, [43], 1.0))
     assert (await expect(queue, m.TokensGenerated)).updates == [TokenUpdate("a", [43], FinishReason.LENGTH)]
     # 4. A request larger than the pool is refused with a reason.
-    to_actor.send(m.AddRequest("huge", [1] * 60, 60, row_sampling()))
+    to_actor.send(m.AddRequest("huge", [1] * 60, greedy(60)))
     failed = await expect(queue, m.RequestFailed)
     assert failed.request_id == "huge" and failed.code == m.ErrorCode.INVALID_REQUEST
     # 5. Stats answer whoever asks: requests, tokens and the KV pool in use.
-    to_actor.send(m.AddRequest("b", [5, 6], 4, row_sampling()))
+    to_actor.send(m.AddRequest("b", [5, 6], greedy(4)))
     await expect(worker, m.RunStep)
     to_actor.send(m.QueryStats(7, front_door.addresses[0]))
     report = await expect(front_door, m.StatsReport)
@@ -180,7 +180,7 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20, stop=["three"]), prompt="Count:",
                            stream=True))
     added = await expect(scheduler, m.AddRequest)
-    assert added.prompt_token_ids == codec.encode_prompt("Count:") and added.max_tokens == 20
+    assert added.prompt_token_ids == codec.encode_prompt("Count:") and added.sampling.max_tokens == 20
     to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20), prompt="Again:"))
     again = await expect(scheduler, m.AddRequest)
     assert again.request_id != added.request_id
@@ -196,14 +196,14 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     assert (message.text, message.finish_reason, message.error) == (" one two ", FinishReason.STOP, None)
     assert streamed == message.text  # nothing of the stop string was streamed
     # 3. Invalid requests are answered at once and never reach the scheduler.
-    to_actor.send(m.Submit("bad", reply_to, completion, SamplingParams(top_k=-3), prompt="x"))
+    to_actor.send(m.Submit("bad", reply_to, completion, SamplingParams(), prompt_token_ids=[5, 10**6]))
     to_actor.send(m.Submit("long", reply_to, completion, SamplingParams(), prompt_token_ids=[5] * 64))
-    to_actor.send(m.Submit("junk", reply_to, m.RequestKind.CHAT, SamplingParams(), messages=[{"role": 3}, "x"]))
+    to_actor.send(m.Submit("empty", reply_to, completion, SamplingParams(), prompt_token_ids=[]))
     # Each reply may travel on its own socket, so they can arrive in either order.
     answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(3)]}
-    assert "top_k" in answers["bad"].error and answers["bad"].status_code == 400
+    assert "within the vocabulary" in answers["bad"].error and answers["bad"].status_code == 400
     assert "context is 64 tokens" in answers["long"].error and answers["long"].code == m.ErrorCode.CONTEXT_LENGTH_EXCEEDED
-    assert "messages[0]" in answers["junk"].error and answers["junk"].request_id is None
+    assert "prompt is empty" in answers["empty"].error and answers["empty"].request_id is None
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
     # 4. Cancelling by label stops the request and answers it as cancelled.

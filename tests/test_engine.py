@@ -3,7 +3,11 @@ moves requests through the host buffer without changing them, and bad requests f
 
 from __future__ import annotations
 
-from helpers import engine_config, generate, greedy, random_prompts
+import asyncio
+
+import pytest
+
+from helpers import engine_config, generate, greedy, random_prompts, resolve_model
 from seesaw.sampling import SamplingParams
 
 MAX_TOKENS = 10
@@ -51,16 +55,33 @@ def test_bad_requests_fail_alone_with_a_reason(tiny_models):
     config = engine_config(folder, model={"max_model_len": 64})
     results = generate(config, [
         {"sampling": greedy(5), "prompt_token_ids": [5] * 70},
-        {"sampling": SamplingParams(max_tokens=5, top_p=2.0), "prompt_token_ids": [5, 6]},
+        {"sampling": greedy(5), "prompt_token_ids": []},
         {"sampling": greedy(5), "prompt_token_ids": [5, 99999]},
         {"sampling": greedy(5), "prompt": "text needs a tokenizer"},
         {"sampling": greedy(5), "prompt_token_ids": [5, 6, 7]},
     ])
     assert "context is 64 tokens" in results[0].error and results[0].status_code == 400
-    assert "top_p" in results[1].error
+    assert "prompt is empty" in results[1].error
     assert "within the vocabulary" in results[2].error
     assert "no tokenizer" in results[3].error
     assert results[4].error is None and len(results[4].token_ids) == 5
+
+
+def test_the_local_client_refuses_malformed_chat_messages_and_goes_on(tiny_models):
+    from seesaw.engine import Engine
+    from seesaw.frontend.local import LocalClient
+
+    config = engine_config(str(tiny_models["llama-gqa-tied"]))
+
+    async def main():
+        async with Engine(config, resolve_model(config.model.model, config.cache_dir)) as engine, \
+                LocalClient(engine, "test") as client:
+            with pytest.raises(ValueError, match=r"messages\[1\]\.role must be one of"):
+                client.submit(greedy(2), messages=[{"role": "user", "content": "x"}, {"role": "robot"}])
+            return await client.generate(greedy(2), prompt_token_ids=[5, 6])
+
+    result = asyncio.run(asyncio.wait_for(main(), 120))
+    assert result.error is None and len(result.token_ids) == 2
 
 
 def test_seeded_sampling_is_reproducible_across_batches(tiny_models):

@@ -17,7 +17,7 @@ from seesaw.scheduling.engine_core import (
     Tokens,
 )
 from seesaw.scheduling.request import NewRequest
-from seesaw.step import RowSampling
+from seesaw.sampling import SamplingParams
 
 LIMITS = ModelLimits(block_size=4, max_model_len=256, eos_token_ids=(2,), num_host_blocks=64)
 
@@ -29,7 +29,7 @@ def _core(layouts, **config) -> tuple[EngineCore, list[float]]:
 
 
 def _request(request_id: str, prompt_len: int = 8, max_tokens: int = 4) -> NewRequest:
-    return NewRequest(request_id, [7] * prompt_len, max_tokens, RowSampling(0.0), ignore_eos=True)
+    return NewRequest(request_id, [7] * prompt_len, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
 
 
 def _kinds(effects) -> list[str]:

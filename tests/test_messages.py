@@ -21,7 +21,8 @@ EXAMPLES = [
     m.RequestFinished("b", None, m.RequestKind.CHAT, error="too long", code=m.ErrorCode.CONTEXT_LENGTH_EXCEEDED),
     m.TextDelta("a", "hel", [5, 6]), m.QueryStats(3, "inproc://x", True), m.StatsReport(3, {"totals": {"steps": 2}}),
     m.RestartWorkers([0, 1]), m.WeightsStored(),
-    m.AddRequest("r1", [1, 2, 3], 5, RowSampling(0.7, 0.9, 5, 11), [9], True),
+    m.AddRequest("r1", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, top_k=5, seed=11,
+                                                  stop_token_ids=[9], ignore_eos=True)),
     m.StopRequest("r1"),
     m.StepDone(4, 0, [7, 8], 1.5),
     m.Resharded(1, "t2", 0.01, 0.2, 1 << 20),
@@ -73,3 +74,13 @@ def test_malformed_messages_are_rejected(data):
     with pytest.raises(ValueError, match="malformed message"):
         m.decode(data)
 
+
+
+def test_sampling_is_checked_as_it_is_made_and_gives_each_row_its_part():
+    with pytest.raises(ValueError, match="top_k must be 0"):
+        SamplingParams(top_k=-3)
+    params = SamplingParams(max_tokens=4, temperature=0.5, top_p=0.9, top_k=7, seed=11, stop=["x"])
+    with pytest.raises(ValueError, match="top_p must be"):
+        dataclasses.replace(params, top_p=2.0)
+    assert params.for_row(3) == RowSampling(0.5, 0.9, 7, 11, output_index=3)
+    assert m.decode(m.encode(m.AddRequest("r", [1], params))).sampling == params

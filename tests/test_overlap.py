@@ -15,7 +15,7 @@ from seesaw.scheduling.request import NewRequest
 from seesaw.runtime.step_inputs import BlockTables
 from seesaw.scheduling.decisions import ToHost
 from seesaw.scheduling.static import StaticScheduler
-from seesaw.step import RowSampling
+from seesaw.sampling import SamplingParams
 
 EOS = 2
 
@@ -88,8 +88,8 @@ def make(overlap: bool, num_blocks=48, block_size=4, budget=24, max_seqs=8, max_
 
 
 def add(core, request_id, prompt_len, max_tokens, seed=None):
-    sampling = RowSampling(0.0, seed=seed)
-    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, sampling))
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
+    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), sampling))
 
 
 def run(overlap: bool, requests, **sizes) -> Workers:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seesaw.scheduling.request import NewRequest
-from seesaw.step import RowSampling
+from seesaw.sampling import SamplingParams
 from seesaw.config import SchedulerConfig
 from seesaw.kv.block_pool import BlockPool
 from seesaw.kv.host_slots import HostSlots
@@ -27,7 +27,8 @@ def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, max_model_len=200, 
 
 
 def add(core, request_id, prompt_len, max_tokens, **fields):
-    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), max_tokens, RowSampling(0.0), **fields))
+    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)),
+                        SamplingParams(max_tokens=max_tokens, temperature=0.0, **fields)))
 
 
 class Model:
@@ -149,8 +150,8 @@ def test_requests_may_share_one_prompt_list_which_the_core_leaves_as_it_was():
     shared = list(range(10, 30))
     apart, together = Model(make(num_blocks=14), token), Model(make(num_blocks=14), token)
     for index in range(4):
-        apart.core.add(NewRequest(f"r{index}", list(shared), 12, RowSampling(0.0)))
-        together.core.add(NewRequest(f"r{index}", shared, 12, RowSampling(0.0)))
+        apart.core.add(NewRequest(f"r{index}", list(shared), SamplingParams(max_tokens=12, temperature=0.0)))
+        together.core.add(NewRequest(f"r{index}", shared, SamplingParams(max_tokens=12, temperature=0.0)))
     apart.run()
     together.run()
     assert together.core.counters["evictions"] > 0

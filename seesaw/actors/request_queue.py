@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -33,7 +34,6 @@ from seesaw.messages import (
     ErrorCode,
     RequestFailed,
     RequestFinished,
-    RowSampling,
     StopRequest,
     Submit,
     TextDelta,
@@ -134,7 +134,6 @@ class RequestQueue(Actor):
 
     def _tokenize(self, submit: Submit) -> tuple[list[int], int]:
         """The prompt's token ids and the max_tokens it runs with, or the error that refuses it."""
-        submit.sampling.validate()
         prompt_ids = self._prompt_ids(submit)
         return prompt_ids, self._max_tokens(submit, len(prompt_ids))
 
@@ -157,12 +156,8 @@ class RequestQueue(Actor):
         self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids),
                                             IncrementalText(self.codec, submit.sampling.stop))
         self._labels.setdefault((submit.reply_to, submit.label), set()).add(request_id)
-        sampling = submit.sampling
-        self.scheduler.send(AddRequest(
-            request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=max_tokens,
-            sampling=RowSampling(sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed),
-            stop_token_ids=list(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
-        ))
+        sampling = dataclasses.replace(submit.sampling, max_tokens=max_tokens, fit_max_tokens=False)
+        self.scheduler.send(AddRequest(request_id, prompt_ids, sampling))
 
     def _prompt_ids(self, submit: Submit) -> list[int]:
         """The prompt's token ids (a text prompt's are made on a worker thread)."""

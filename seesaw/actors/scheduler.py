@@ -116,9 +116,7 @@ class Scheduler(Actor):
     def handle(self, message):
         match message:
             case AddRequest():
-                self._apply(self.core.add(NewRequest(
-                    message.request_id, message.prompt_token_ids, message.max_tokens, message.sampling,
-                    message.stop_token_ids, message.ignore_eos)))
+                self._apply(self.core.add(NewRequest(message.request_id, message.prompt_token_ids, message.sampling)))
             case StopRequest():
                 self._apply(self.core.stop(message.request_id))
             case StepDone():

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from seesaw.text import normalize_messages
 from seesaw.messages import RequestKind
 from seesaw.sampling import SamplingParams
+from seesaw.text import normalize_messages
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETION_URL = "/v1/completions"
@@ -135,8 +135,7 @@ def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: Sampling
         raise ValueError(f"n must be 1, got {body.get('n')!r}")
     prompt, token_ids, messages = None, None, None
     if kind == "chat":
-        messages = body.get("messages")
-        normalize_messages(messages)  # the schema is checked here, before anything tokenizes them
+        messages = normalize_messages(body.get("messages"))  # checked and flattened once, here
     else:
         prompt, token_ids = _prompt(body.get("prompt"))
     model = body.get("model")
@@ -170,7 +169,7 @@ def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str | None) -> 
     if isinstance(stop, str):
         stop = [stop]
     seed = body.get("seed")
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
         fit_max_tokens=max_tokens is None,
         temperature=_default(body.get("temperature"), defaults.temperature),
@@ -181,8 +180,6 @@ def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str | None) -> 
         stop_token_ids=_default(body.get("stop_token_ids"), []),
         ignore_eos=_default(body.get("ignore_eos"), False),
     )
-    params.validate()
-    return params
 
 
 def _default(value, default):

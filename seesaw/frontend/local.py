@@ -9,6 +9,7 @@ from seesaw.engine import Engine, EngineError
 from seesaw.engine_client import EngineClient
 from seesaw.messages import RequestFinished, RequestKind
 from seesaw.sampling import SamplingParams
+from seesaw.text import normalize_messages
 
 
 class LocalClient:
@@ -34,11 +35,14 @@ class LocalClient:
 
     def submit(self, sampling: SamplingParams, *, prompt: str | None = None, messages: list[dict] | None = None,
                prompt_token_ids: list[int] | None = None) -> asyncio.Future:
-        """Queue one request; the future resolves to its RequestFinished."""
+        """Queue one request; the future resolves to its RequestFinished. Malformed chat messages
+        raise ValueError here, naming the message."""
+        kind = RequestKind.CHAT if messages is not None else RequestKind.COMPLETION
+        if messages is not None:
+            messages = normalize_messages(messages)
         label = str(next(self._next_labels))
         future = asyncio.get_running_loop().create_future()
         self._futures[label] = future
-        kind = RequestKind.CHAT if messages is not None else RequestKind.COMPLETION
         self._client.submit(label, kind, sampling, prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids)
         return future
 

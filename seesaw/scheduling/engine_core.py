@@ -328,7 +328,7 @@ class EngineCore:
         if not up:
             self._early.append(request)
             return []
-        size = (len(request.prompt_token_ids), request.max_tokens)
+        size = (len(request.prompt_token_ids), request.sampling.max_tokens)
         fits = [r for r in up if self.replicas[r].core.capacity_error(*size) is None]
         if not fits:
             problem = min((self.replicas[r].core.capacity_error(*size) for r in up), key=len)

@@ -5,20 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase
-from seesaw.step import RowSampling
 
 
 @dataclass(frozen=True, slots=True)
 class NewRequest:
-    """A request as the cores take it: tokenized and checked by the front door."""
+    """A request as the cores take it: tokenized, its max_tokens fitted to the context."""
 
     request_id: str
     prompt_token_ids: list[int]  # read only: requests may share one list
-    max_tokens: int
-    sampling: RowSampling
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
+    sampling: SamplingParams
 
 
 class RequestStatus(Enum):
@@ -37,9 +34,8 @@ class RequestState:
 
     request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
-    sampling: RowSampling
-    stop_token_ids: frozenset[int]
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int]  # the request's own and, unless it ignores them, the model's end tokens
     arrival: int  # the order requests came in
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
@@ -52,6 +48,10 @@ class RequestState:
     is_stopped: bool = False  # finished by the user while busy; released once idle
     kv_phase: Phase = Phase.MIXED  # the phase whose layout its device blocks are laid out in
     arrival_s: float = 0.0  # when it came in, by the core's clock
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -18,7 +18,7 @@ from seesaw.kv.block_pool import BlockPool, blocks_for
 from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.request import NewRequest, RequestState, RequestStatus
-from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
+from seesaw.step import FinishReason, StepRow, TokenUpdate
 
 _MOVING = (RequestStatus.EVICTING, RequestStatus.RESTORING)
 _HOLDS_BLOCKS = (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING, RequestStatus.PAUSED)
@@ -128,10 +128,9 @@ class StaticScheduler:
         state = RequestState(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,  # read only: requests may share one list
-            max_tokens=request.max_tokens,
             sampling=request.sampling,
-            stop_token_ids=frozenset(request.stop_token_ids)
-            | (frozenset() if request.ignore_eos else self.eos_token_ids),
+            stop_token_ids=frozenset(request.sampling.stop_token_ids)
+            | (frozenset() if request.sampling.ignore_eos else self.eos_token_ids),
             arrival=self._next_arrival,
         )
         self._next_arrival += 1
@@ -434,9 +433,7 @@ class StaticScheduler:
         state.last_step_id = self._next_step_id
         sampling = None
         if start + num_new == num_tokens + state.num_awaited:  # reaches the end
-            wanted = state.sampling
-            sampling = RowSampling(wanted.temperature, wanted.top_p, wanted.top_k, wanted.seed,
-                                   len(state.output_token_ids) + state.num_awaited)
+            sampling = state.sampling.for_row(len(state.output_token_ids) + state.num_awaited)
             state.num_awaited += 1
         first_new_block, state.num_blocks_sent = state.num_blocks_sent, len(state.block_ids)
         return StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,

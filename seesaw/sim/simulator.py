@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from seesaw.config import SchedulerConfig
 from seesaw.layout import Layout
+from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.engine_core import (
     Effect,
@@ -33,9 +34,7 @@ from seesaw.scheduling.metrics import Transition
 from seesaw.scheduling.request import NewRequest
 from seesaw.sim.cost import GIB, CostModel
 from seesaw.sim.workload import Workload
-from seesaw.step import RowSampling, StepShape
-
-_GREEDY = RowSampling(temperature=0.0)
+from seesaw.step import StepShape
 
 
 @dataclass(frozen=True)
@@ -198,13 +197,16 @@ class Simulation:
         engine = self.engine
         self._apply(engine.ready([self.device_blocks] * len(self.workers)))
         prompts: dict[int, list[int]] = {}  # one list of token ids per prompt length: the cores only read them
+        samplings: dict[int, SamplingParams] = {}  # one per output length
         max_model_len = self.spec.max_model_len
         for index, (prompt, output) in enumerate(self.workload.lengths):
             if max_model_len is not None and prompt + output > max_model_len:
                 self._fail(f"r{index}")  # the engine's front door refuses it
                 continue
             token_ids = prompts.get(prompt) or prompts.setdefault(prompt, [0] * prompt)
-            self._apply(engine.add(NewRequest(f"r{index}", token_ids, output, _GREEDY, ignore_eos=True)))
+            sampling = samplings.get(output) or samplings.setdefault(
+                output, SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True))
+            self._apply(engine.add(NewRequest(f"r{index}", token_ids, sampling)))
         while self._events:
             self.now, _, kind, replica, payload = heapq.heappop(self._events)
             if kind == "step":
