@@ -169,8 +169,7 @@ def _floor_s(num_bytes: int, runtime, path: str, iters: int) -> float:
 
 
 def _transitions(runtime, layouts, args, rank: int) -> None:
-    names = [str(layout) for layout in layouts]
-    pairs = list(zip(names, names[1:] + names[:1])) if len(names) > 1 else [(names[0], names[0])]
+    pairs = list(zip(layouts, layouts[1:] + layouts[:1])) if len(layouts) > 1 else [(layouts[0], layouts[0])]
     for old, new in pairs:
         def switch():
             runtime.load(old)
@@ -189,7 +188,7 @@ def _swaps(runtime, layouts, num_blocks: int, args, rank: int) -> None:
     import torch
 
     blocks = list(range(min(num_blocks, runtime.num_blocks)))
-    for layout in dict.fromkeys(str(layout) for layout in layouts):
+    for layout in dict.fromkeys(layouts):
         pages = runtime.states[layout].kv_pages
         generator = torch.Generator(device=runtime.device).manual_seed(rank)
         original = torch.randn(pages[blocks].shape, generator=generator, device=runtime.device).to(pages.dtype)

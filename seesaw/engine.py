@@ -304,7 +304,7 @@ class Engine:
             dummy_seed=config.model.seed,
             dtype=config.model.resolved_dtype,
             device=config.model.device,
-            layouts=[str(layout) for layout in config.parallel.layouts],
+            layouts=list(config.parallel.layouts),
             rank=rank,
             block_size=config.cache.block_size,
             kv_cache_bytes=config.cache.kv_cache_bytes(config.model.device),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 
 from seesaw.engine import Engine, EngineError
@@ -17,13 +18,15 @@ from seesaw.transport.channels import Inbox, Outbox
 class EngineClient:
     """A front door's channel to one engine: `open()` (or `async with`) before use, `close()` after.
 
-    Every request is named by a label the front door picks (any string; reusing one is allowed,
-    the replies carry it back). Replies are `RequestFinished`, `TextDelta` (streamed requests) and
-    `StatsReport`; `receive` raises EngineError once the engine has failed."""
+    `submit` names each request with an id unique in the engine (this client's name and a count):
+    the one id the request has inside the engine, which its replies carry and `cancel` takes.
+    Replies are `RequestFinished`, `TextDelta` (streamed requests) and `StatsReport`; `receive`
+    raises EngineError once the engine has failed."""
 
     def __init__(self, engine: Engine, name: str):
         self.engine = engine
         self.name = f"{name}-{secrets.token_hex(4)}"
+        self._next_ids = itertools.count()
         self._replies: Inbox | None = None
         self._queue: Outbox | None = None
         self._scheduler: Outbox | None = None
@@ -64,16 +67,18 @@ class EngineClient:
 
     # ------------------------------------------------------------ to the engine
 
-    def submit(self, label: str, kind: RequestKind, sampling: SamplingParams, *, prompt: str | None = None,
+    def submit(self, kind: RequestKind, sampling: SamplingParams, *, prompt: str | None = None,
                messages: list[dict] | None = None, prompt_token_ids: list[int] | None = None,
-               stream: bool = False) -> None:
-        """Queue one request; its RequestFinished (and, streamed, its TextDeltas) come back under `label`."""
-        self._queue.send(Submit(label, self._reply_to, kind, sampling, prompt, messages, prompt_token_ids, stream))
+               stream: bool = False) -> str:
+        """Queue one request; returns its id, which its RequestFinished (and, streamed, its TextDeltas) carry."""
+        request_id = f"{self.name}-{next(self._next_ids)}"
+        self._queue.send(Submit(request_id, self._reply_to, kind, sampling, prompt, messages, prompt_token_ids, stream))
+        return request_id
 
-    def cancel(self, label: str) -> None:
-        """Stop the requests submitted under `label`; each is answered with finish_reason cancelled."""
+    def cancel(self, request_id: str) -> None:
+        """Stop a request this client submitted; it is answered with finish_reason cancelled."""
         if self._queue is not None:
-            self._queue.send(CancelRequest(label, self._reply_to))
+            self._queue.send(CancelRequest(request_id))
 
     def ask_stats(self, query_id: int, with_timeline: bool = False) -> None:
         """Ask for the engine's live counts; a StatsReport with `query_id` comes back."""

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 import orjson
 
+from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.step import FinishReason, StepRow, TokenUpdate
 from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec, HostBufferSpec, WeightStoreSpec
@@ -44,10 +45,10 @@ class ErrorCode(StrEnum):
 
 @dataclass(frozen=True)
 class Submit:
-    """front door -> RequestQueue: a user's request, not yet tokenized. The engine gives it its own
-    request id; `label` is the front door's name for it, carried back on every reply."""
+    """front door -> RequestQueue: a user's request, not yet tokenized, under the id its front door's
+    EngineClient gave it: the one name every actor, worker and reply uses for it."""
 
-    label: str
+    request_id: str
     reply_to: str
     kind: RequestKind
     sampling: SamplingParams
@@ -59,11 +60,10 @@ class Submit:
 
 @dataclass(frozen=True)
 class CancelRequest:
-    """front door -> RequestQueue: stop the requests this front door submitted under `label`
-    (each is answered with finish_reason "cancelled"); its KV is freed at once."""
+    """front door -> RequestQueue: stop a request (it is answered with finish_reason "cancelled");
+    its KV is freed at once."""
 
-    label: str
-    reply_to: str
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,7 @@ class RequestFailed:
 class RequestFinished:
     """RequestQueue -> front door: a request's final result or its error (`error` and `code` set)."""
 
-    label: str
-    request_id: str | None  # None: refused before the engine took it
+    request_id: str
     kind: RequestKind
     text: str = ""
     finish_reason: FinishReason | None = None
@@ -112,7 +111,7 @@ class RequestFinished:
 class TextDelta:
     """RequestQueue -> front door: new text of a streaming request (stop strings already held back)."""
 
-    label: str
+    request_id: str
     text: str
     token_ids: list[int]
 
@@ -168,7 +167,7 @@ class Resharded:
     """ShardWorker -> Scheduler: this worker now holds its shard of `layout`; what loading it cost."""
 
     rank: int
-    layout: str
+    layout: Layout
     drain_s: float  # from the command's arrival until this worker's last step of the old layout was done
     load_s: float
     num_bytes: int
@@ -247,7 +246,7 @@ class SaveKV:
 
     request_id: str
     replica: int
-    layout: str
+    layout: Layout
     block_ids: list[int]
     host_block_ids: list[int]
 
@@ -258,7 +257,7 @@ class LoadKV:
 
     request_id: str
     replica: int
-    layout: str
+    layout: Layout
     host_block_ids: list[int]
     block_ids: list[int]
 
@@ -299,7 +298,7 @@ class LoadShard:
     dummy_seed: int
     dtype: str
     device: str  # "cpu" or "cuda" (the worker takes its own device on the host)
-    layouts: list[str]
+    layouts: list[Layout]
     rank: int
     block_size: int
     kv_cache_bytes: int | None  # None: size the pool from free device memory
@@ -340,7 +339,7 @@ class RunStep:
 class Reshard:
     """Scheduler -> ShardWorker: once the steps before this are done, switch to `layout`."""
 
-    layout: str
+    layout: Layout
 
 
 @dataclass(frozen=True)
@@ -349,7 +348,7 @@ class SwapOut:
 
     transfer_id: int
     request_id: str
-    layout: str
+    layout: Layout
     block_ids: list[int]
     host_block_ids: list[int]
 
@@ -360,7 +359,7 @@ class Prefetch:
 
     transfer_id: int
     request_id: str
-    layout: str
+    layout: Layout
     host_block_ids: list[int]
     block_ids: list[int]
 

@@ -128,7 +128,7 @@ async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     to_actor = wiring.outbox(inbox)
     to_actor.send(m.EngineReady([100], [w.addresses[0] for w in workers]))
     # 1. A save goes to every worker of the replica; the scheduler hears once both have copied.
-    to_actor.send(m.SaveKV("a", 0, "t2", [7, 8, 9], [0, 1, 2]))
+    to_actor.send(m.SaveKV("a", 0, Layout(tp=2), [7, 8, 9], [0, 1, 2]))
     copies = [await expect(w, m.SwapOut) for w in workers]
     assert copies[0] == copies[1] and (copies[0].request_id, copies[0].block_ids) == ("a", [7, 8, 9])
     saving = copies[0].transfer_id
@@ -138,19 +138,19 @@ async def test_kv_tier_counts_every_worker_before_reporting(wiring):
     to_actor.send(m.SwappedOut(saving, "a", 0, 300, 0.5))
     assert await expect(scheduler, m.KVSaved) == m.KVSaved("a", 600, 1.0)
     # 2. A load prefetches on every worker and is reported once all are done.
-    to_actor.send(m.LoadKV("a", 0, "t2", [0, 1, 2], [3, 4, 5, 6]))
+    to_actor.send(m.LoadKV("a", 0, Layout(tp=2), [0, 1, 2], [3, 4, 5, 6]))
     prefetches = [await expect(w, m.Prefetch) for w in workers]
     assert (prefetches[0].host_block_ids, prefetches[0].block_ids) == ([0, 1, 2], [3, 4, 5, 6])
     for rank in (0, 1):
         to_actor.send(m.Prefetched(prefetches[0].transfer_id, "a", rank, 200, 0.25))
     assert await expect(scheduler, m.KVLoaded) == m.KVLoaded("a", 400, 0.5)
     # 3. When a replica is lost, answers to its transfers no longer count, even for the same request.
-    to_actor.send(m.SaveKV("a", 0, "t2", [1], [5]))
+    to_actor.send(m.SaveKV("a", 0, Layout(tp=2), [1], [5]))
     stale = (await expect(workers[0], m.SwapOut)).transfer_id
     await expect(workers[1], m.SwapOut)
     to_actor.send(m.ReplicaLost(0, "worker 1 died"))
     to_actor.send(m.ReplicaReady(0, 100, [w.addresses[0] for w in workers]))
-    to_actor.send(m.SaveKV("a", 0, "t2", [2], [6]))
+    to_actor.send(m.SaveKV("a", 0, Layout(tp=2), [2], [6]))
     fresh = (await expect(workers[0], m.SwapOut)).transfer_id
     await expect(workers[1], m.SwapOut)
     for rank in (0, 1):
@@ -175,24 +175,26 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     to_actor = wiring.outbox(inbox)
     reply_to = replies.addresses[0]
     completion = m.RequestKind.COMPLETION
-    # 1. A prompt is tokenized and handed to the scheduler under the engine's own request id; a
-    #    second request reusing the label is a request of its own.
+    # 1. A prompt is tokenized and handed to the scheduler under the id its front door gave it; a
+    #    second request under an id in use is dropped (logged), the first going on.
     to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20, stop=["three"]), prompt="Count:",
                            stream=True))
     added = await expect(scheduler, m.AddRequest)
     assert added.prompt_token_ids == codec.encode_prompt("Count:") and added.sampling.max_tokens == 20
-    to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20), prompt="Again:"))
+    assert added.request_id == "r"
+    to_actor.send(m.Submit("r", reply_to, completion, SamplingParams(max_tokens=20), prompt="Twice:"))
+    to_actor.send(m.Submit("r2", reply_to, completion, SamplingParams(max_tokens=20), prompt="Again:"))
     again = await expect(scheduler, m.AddRequest)
-    assert again.request_id != added.request_id
+    assert (again.request_id, again.prompt_token_ids) == ("r2", codec.encode_prompt("Again:"))
     # 2. Tokens come back and stream as text; the stop string ends the request and tells the scheduler.
     for token in codec.encode_prompt(" one two three four"):
         to_actor.send(m.TokensGenerated([TokenUpdate(added.request_id, [token])]))
     assert await expect(scheduler, m.StopRequest) == m.StopRequest(added.request_id)
     streamed = ""
     while not isinstance(message := await replies.recv(timeout_s=5), m.RequestFinished):
-        assert isinstance(message, m.TextDelta) and message.label == "r"
+        assert isinstance(message, m.TextDelta) and message.request_id == "r"
         streamed += message.text
-    assert (message.label, message.request_id) == ("r", added.request_id)
+    assert message.request_id == "r"
     assert (message.text, message.finish_reason, message.error) == (" one two ", FinishReason.STOP, None)
     assert streamed == message.text  # nothing of the stop string was streamed
     # 3. Invalid requests are answered at once and never reach the scheduler.
@@ -200,23 +202,24 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     to_actor.send(m.Submit("long", reply_to, completion, SamplingParams(), prompt_token_ids=[5] * 64))
     to_actor.send(m.Submit("empty", reply_to, completion, SamplingParams(), prompt_token_ids=[]))
     # Each reply may travel on its own socket, so they can arrive in either order.
-    answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(3)]}
+    answers = {r.request_id: r for r in [await expect(replies, m.RequestFinished) for _ in range(3)]}
     assert "within the vocabulary" in answers["bad"].error and answers["bad"].status_code == 400
     assert "context is 64 tokens" in answers["long"].error and answers["long"].code == m.ErrorCode.CONTEXT_LENGTH_EXCEEDED
-    assert "prompt is empty" in answers["empty"].error and answers["empty"].request_id is None
+    assert "prompt is empty" in answers["empty"].error
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
-    # 4. Cancelling by label stops the request and answers it as cancelled.
-    to_actor.send(m.CancelRequest("r", reply_to))
-    assert await expect(scheduler, m.StopRequest) == m.StopRequest(again.request_id)
+    # 4. A cancel stops the request and answers it as cancelled.
+    to_actor.send(m.CancelRequest("r2"))
+    assert await expect(scheduler, m.StopRequest) == m.StopRequest("r2")
     cancelled = await expect(replies, m.RequestFinished)
-    assert (cancelled.label, cancelled.finish_reason) == ("r", FinishReason.CANCELLED)
+    assert (cancelled.request_id, cancelled.finish_reason) == ("r2", FinishReason.CANCELLED)
     # 5. An engine failure answers what is pending and refuses what comes later.
     to_actor.send(m.Submit("c", reply_to, completion, SamplingParams(max_tokens=4), prompt="x"))
     await expect(scheduler, m.AddRequest)
     to_actor.send(m.EngineFailed("worker 0 died"))
     to_actor.send(m.Submit("d", reply_to, completion, SamplingParams(), prompt="x"))
-    answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    answers = {r.request_id: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    assert sorted(answers) == ["c", "d"]
     assert all((a.code, a.error) == (m.ErrorCode.ENGINE_FAILED, "worker 0 died") for a in answers.values())
     await actor.stop()
 
@@ -225,7 +228,7 @@ async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     workers, scheduler, kv, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox(), wiring.inbox()
 
     def load_command(rank, collective):
-        return m.LoadShard({}, None, None, 0, "float32", "cpu", ["t2"], rank, 16, 1, 0.9, 1, None, collective, "s", "k")
+        return m.LoadShard({}, None, None, 0, "float32", "cpu", [Layout(tp=2)], rank, 16, 1, 0.9, 1, None, collective, "s", "k")
 
     engine = wiring.inbox()
     actor = Supervisor(inbox, wiring.context, TransportConfig(heartbeat_timeout_s=1.0, max_restarts=0),
@@ -296,7 +299,7 @@ async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
     raw.close(linger=0)
     to_actor = wiring.outbox(inbox)
     to_actor.send(m.EngineReady([10], worker.addresses))
-    to_actor.send(m.SaveKV("a", 0, "t1", [1, 2, 3], [0, 1, 2]))
+    to_actor.send(m.SaveKV("a", 0, Layout(), [1, 2, 3], [0, 1, 2]))
     assert (await expect(worker, m.SwapOut)).block_ids == [1, 2, 3]
     await actor.stop()
 
@@ -341,15 +344,15 @@ async def test_a_prompt_being_tokenized_delays_no_other_requests_tokens(wiring, 
     # 2. ... but the running request's tokens stream and finish it meanwhile.
     token = codec.encode_prompt(" world")[0]
     to_actor.send(m.TokensGenerated([TokenUpdate(running.request_id, [token])]))
-    assert (await expect(replies, m.TextDelta)).label == "a"
+    assert (await expect(replies, m.TextDelta)).request_id == "a"
     to_actor.send(m.TokensGenerated([TokenUpdate(running.request_id, [token], FinishReason.LENGTH)]))
     while isinstance(finished := await replies.recv(timeout_s=5), m.TextDelta):
         pass
-    assert (finished.label, finished.finish_reason, finished.completion_tokens) == ("a", FinishReason.LENGTH, 2)
+    assert (finished.request_id, finished.finish_reason, finished.completion_tokens) == ("a", FinishReason.LENGTH, 2)
     # 3. A request waiting behind the tokenizer can be cancelled; it never reaches the scheduler.
-    to_actor.send(m.CancelRequest("next", reply_to))
+    to_actor.send(m.CancelRequest("next"))
     cancelled = await expect(replies, m.RequestFinished)
-    assert (cancelled.label, cancelled.finish_reason, cancelled.request_id) == ("next", FinishReason.CANCELLED, None)
+    assert (cancelled.request_id, cancelled.finish_reason, cancelled.completion_tokens) == ("next", FinishReason.CANCELLED, 0)
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
     # 4. Once the tokenizer returns, the slow prompt goes on to the scheduler.
@@ -366,12 +369,12 @@ async def test_a_cancel_or_failure_reaches_a_request_while_it_tokenizes(wiring, 
     # 1. Cancelled while on the tokenizer: answered as cancelled when the call returns, never run.
     to_actor.send(m.Submit("slow-1", reply_to, completion, SamplingParams(), prompt="slow one"))
     assert await asyncio.to_thread(gated.entered.wait, 5)
-    to_actor.send(m.CancelRequest("slow-1", reply_to))
+    to_actor.send(m.CancelRequest("slow-1"))
     to_actor.send(m.Submit("behind", reply_to, completion, SamplingParams(max_tokens=4), prompt="x"))
     await asyncio.sleep(0.2)  # let the cancel and the queued request reach the actor
     gated.gate.set()
     answer = await expect(replies, m.RequestFinished)
-    assert (answer.label, answer.finish_reason, answer.error) == ("slow-1", FinishReason.CANCELLED, None)
+    assert (answer.request_id, answer.finish_reason, answer.error) == ("slow-1", FinishReason.CANCELLED, None)
     assert (await expect(scheduler, m.AddRequest)).prompt_token_ids == codec.encode_prompt("x")
     # 2. The engine fails while a prompt tokenizes and another waits: they are answered with the
     #    reason, as is the one already running.
@@ -381,12 +384,12 @@ async def test_a_cancel_or_failure_reaches_a_request_while_it_tokenizes(wiring, 
     to_actor.send(m.Submit("waiting", reply_to, completion, SamplingParams(), prompt="y"))
     assert await asyncio.to_thread(gated.entered.wait, 5)
     to_actor.send(m.EngineFailed("worker 1 died"))
-    answers = {r.label: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
+    answers = {r.request_id: r for r in [await expect(replies, m.RequestFinished) for _ in range(2)]}
     assert sorted(answers) == ["behind", "waiting"]
     assert all((a.code, a.error) == (m.ErrorCode.ENGINE_FAILED, "worker 1 died") for a in answers.values())
     gated.gate.set()
     slow = await expect(replies, m.RequestFinished)
-    assert (slow.label, slow.code) == ("slow-2", m.ErrorCode.ENGINE_FAILED)
+    assert (slow.request_id, slow.code) == ("slow-2", m.ErrorCode.ENGINE_FAILED)
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
     await actor.stop()

@@ -69,12 +69,12 @@ def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, que
         nccl_standin.install()
     from seesaw.actors.worker_setup import build_runtime
 
-    runtime = build_runtime(LoadShard(rank=rank, layouts=layouts, **command_fields))
+    runtime = build_runtime(LoadShard(rank=rank, layouts=[Layout.parse(text) for text in layouts], **command_fields))
     try:
         if warm_up:
             runtime.warm_up_groups()
         for layout in layouts[1:]:
-            runtime.reshard(layout)
+            runtime.reshard(Layout.parse(layout))
         logits = runtime.current.forward(runtime.inputs(rows))
         if runtime.is_sampling:
             queue.put(logits.numpy().copy())  # by value: the process may exit before it is read

@@ -8,30 +8,31 @@ import typing
 import pytest
 
 from seesaw import messages as m
+from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
 
 EXAMPLES = [
     m.Submit("a", "inproc://x", m.RequestKind.CHAT, SamplingParams(max_tokens=3, stop=["a"]),
              messages=[{"role": "user", "content": "hi"}], stream=True),
-    m.CancelRequest("a", "inproc://x"),
+    m.CancelRequest("a"),
     m.TokensGenerated([TokenUpdate("r1", [1, 2], None), TokenUpdate("r2", [3], FinishReason.STOP)]),
     m.RequestFailed("r1", "boom", m.ErrorCode.SERVER_ERROR),
-    m.RequestFinished("a", "r1", m.RequestKind.COMPLETION, "text", FinishReason.LENGTH, 3, 4, [1, 2, 3, 4]),
-    m.RequestFinished("b", None, m.RequestKind.CHAT, error="too long", code=m.ErrorCode.CONTEXT_LENGTH_EXCEEDED),
+    m.RequestFinished("r1", m.RequestKind.COMPLETION, "text", FinishReason.LENGTH, 3, 4, [1, 2, 3, 4]),
+    m.RequestFinished("b", m.RequestKind.CHAT, error="too long", code=m.ErrorCode.CONTEXT_LENGTH_EXCEEDED),
     m.TextDelta("a", "hel", [5, 6]), m.QueryStats(3, "inproc://x", True), m.StatsReport(3, {"totals": {"steps": 2}}),
     m.RestartWorkers([0, 1]), m.WeightsStored(),
     m.AddRequest("r1", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, top_k=5, seed=11,
                                                   stop_token_ids=[9], ignore_eos=True)),
     m.StopRequest("r1"),
     m.StepDone(4, 0, [7, 8], 1.5),
-    m.Resharded(1, "t2", 0.01, 0.2, 1 << 20),
+    m.Resharded(1, Layout(tp=2), 0.01, 0.2, 1 << 20),
     m.EngineReady([100, 90], ["ipc://a", "tcp://b:1"]), m.EngineFailed("gone"),
     m.ReplicaLost(1, "worker 2 died"), m.ReplicaReady(1, 80, ["ipc://c", "ipc://d"]),
-    m.KVSaved("r1", 4096, 0.5), m.KVLoaded("r1"), m.SaveKV("r1", 1, "p2", [1, 2], [7, 8]), m.LoadKV("r1", 0, "t2", [7, 8], [3, 4, 5]),
+    m.KVSaved("r1", 4096, 0.5), m.KVLoaded("r1"), m.SaveKV("r1", 1, Layout(pp=2), [1, 2], [7, 8]), m.LoadKV("r1", 0, Layout(tp=2), [7, 8], [3, 4, 5]),
     m.SwappedOut(7, "r1", 1, 4096, 0.001), m.Prefetched(8, "r1", 1, 4096, 0.002),
     m.LoadShard({"model_type": "llama"}, "/w", m.WeightStoreSpec("seesaw-weights-x", "float32", 1024), 0,
-                "float32", "cpu", ["p2", "t2"], 1, 16, 1 << 20, 0.9, 2,
+                "float32", "cpu", [Layout(pp=2), Layout(tp=2)], 1, 16, 1 << 20, 0.9, 2,
                 m.HostBufferSpec("seesaw-kv-x", 8, [2, 2, 1, 16, 8], "float32"),
                 m.CollectiveSpec(m.Backend.NCCL, 2, [m.GroupSpec("ranks:2,3", [2, 3], [1, 2, 3])], first_rank=2),
                 "tcp://h:1", "tcp://h:2"),
@@ -40,8 +41,8 @@ EXAMPLES = [
     m.RankAssigned(3),
     m.RunStep(3, [StepRow("r1", [1, 2], 0, [5]), StepRow("r2", [], 4, [7], 1, RowSampling(0.0), awaits_token=True)],
               ["r0"]),
-    m.Reshard("t2"),
-    m.SwapOut(7, "r1", "p2", [1], [2]), m.Prefetch(8, "r1", "t2", [2], [1]), m.HeadAlive(), m.Shutdown(),
+    m.Reshard(Layout(tp=2)),
+    m.SwapOut(7, "r1", Layout(pp=2), [1], [2]), m.Prefetch(8, "r1", Layout(tp=2), [2], [1]), m.HeadAlive(), m.Shutdown(),
     m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerHello(None, 124, "far", "tcp://h:9"), m.WorkerReady(0, [10, 10], 1.2, "cpu", 77),
     m.WorkerFailed(0, "oom", "loading", 4242), m.WorkerFailed(1, "killed", None, None), m.Heartbeat(1), m.WorkersBusy([0, 1], "re-sharding to t2"),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from seesaw.layout import Layout
 from seesaw.worker import local_rank
 
 
@@ -24,12 +25,13 @@ async def test_a_stopping_worker_drops_a_copy_its_executors_no_longer_take(caplo
     for executor in (worker._compute, worker._copies, worker._tokens):  # as stop() leaves them
         executor.shutdown()
     with caplog.at_level(logging.DEBUG, logger="seesaw.actors.shard_worker"):
-        worker.handle(Prefetch(transfer_id=1, request_id="r1", layout="t1", host_block_ids=[0], block_ids=[0]))
+        worker.handle(Prefetch(transfer_id=1, request_id="r1", layout=Layout(), host_block_ids=[0], block_ids=[0]))
     assert "rank 3 is stopping: not prefetching request r1" in caplog.text
     assert not worker.has_failed and not delivered
 
 
 GPU_1 = 1
+AGAIN = Layout(dp=2)  # a second name for the one layout's shard (one this worker's run does not use)
 
 
 def _runtime_on_gpu_1(monkeypatch):
@@ -60,7 +62,7 @@ def _runtime_on_gpu_1(monkeypatch):
     runtime.device = torch.device("cuda", GPU_1)
     runtime.copies = DeviceCopies(runtime.device)
     runtime.uploader = Uploader(runtime.device, runtime.bounds.upload_values(is_ragged=False))
-    runtime.states["t1-again"] = copy.copy(runtime.states["t1"])
+    runtime.states[AGAIN] = copy.copy(runtime.states[Layout()])
     pages = runtime.current.kv_pages
     runtime.host_buffer = SimpleNamespace(blocks=torch.zeros(4, *pages.shape[1:]))  # [host blocks, ...]
     return cuda, runtime
@@ -83,10 +85,10 @@ async def _run_on_gpu_1(monkeypatch):
     commands = [
         RunStep(1, [StepRow("a", [5, 6, 7], 0, [0], sampling=greedy), StepRow("b", [8, 9], 0, [1], sampling=greedy)]),
         RunStep(2, [StepRow("a", [11], 3, [], 1, sampling=greedy), StepRow("b", [12], 2, [], 1, sampling=greedy)]),
-        SwapOut(transfer_id=1, request_id="a", layout="t1", block_ids=[0], host_block_ids=[2]),
-        Reshard("t1-again"),
+        SwapOut(transfer_id=1, request_id="a", layout=Layout(), block_ids=[0], host_block_ids=[2]),
+        Reshard(AGAIN),
         RunStep(3, [StepRow("b", [13], 3, [], 1, sampling=greedy)], released=["a"]),
-        Prefetch(transfer_id=2, request_id="a", layout="t1-again", host_block_ids=[2], block_ids=[3]),
+        Prefetch(transfer_id=2, request_id="a", layout=AGAIN, host_block_ids=[2], block_ids=[3]),
     ]
     received = []
     try:

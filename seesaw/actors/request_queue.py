@@ -1,5 +1,5 @@
-"""RequestQueue actor: validates and tokenizes what front doors submit, names each request, and
-turns tokens back into text, streamed pieces and results.
+"""RequestQueue actor: checks and tokenizes what front doors submit, fits each request's
+max_tokens to the context, and turns tokens back into text, streamed pieces and results.
 
 Inbox: Submit and CancelRequest (front doors); TokensGenerated and RequestFailed (Scheduler);
 EngineFailed (Engine).
@@ -10,7 +10,8 @@ Submitted requests are tokenized in the order they came, by an intake task of th
 prompt on a worker thread, so a long prompt stalls neither the head's event loop (where the
 Scheduler runs) nor this actor's inbox (other requests' tokens keep streaming while it tokenizes).
 A cancel or an engine failure reaches a request still waiting for its tokens too. One request's
-bad input or failure is that request's error reply.
+bad input or failure is that request's error reply. A request keeps the id its front door's
+EngineClient gave it (unique in the engine) from the front door to the workers and back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,10 +71,9 @@ class RequestQueue(Actor):
         self.vocab_size = vocab_size
         self.pending: dict[str, _Pending] = {}  # by request id
         self.failure: str | None = None  # set once the engine failed: every later request is refused
-        self._labels: dict[tuple[str, str], set[str]] = {}  # (reply_to, label) -> request ids pending
+        self._held: set[str] = set()  # ids of the requests here, from their Submit to their final answer
         self._replies: dict[str, Outbox] = {}
         self._pending_per_address: dict[str, int] = {}  # reply_to -> requests here (tokenizing or pending)
-        self._next_ids = itertools.count()
         self._intake: collections.deque[Submit] = collections.deque()  # waiting to be tokenized, in order
         self._intake_ready = asyncio.Event()
         self._tokenizing: Submit | None = None  # the one on the tokenizer now
@@ -104,10 +103,14 @@ class RequestQueue(Actor):
                 self._on_engine_failed(message)
 
     def _on_submit(self, submit: Submit) -> None:
+        if submit.request_id in self._held:  # a front door's mistake: the request holding the id goes on
+            log.error("request id %r from %s is already in use; the second request is dropped", submit.request_id,
+                      submit.reply_to)
+            return
         if self.failure is not None:
             self._refuse(submit, self.failure, ErrorCode.ENGINE_FAILED)
             return
-        self._hold(submit.reply_to)
+        self._hold(submit)
         self._intake.append(submit)
         self._intake_ready.set()
 
@@ -149,13 +152,12 @@ class RequestQueue(Actor):
             self._release(submit, self._refusal(submit, str(error), ErrorCode.INVALID_REQUEST))
             return
         except Exception as error:  # one request's failure is its own error, never the actor's end
-            log.error("request %r from %s failed while tokenizing", submit.label, submit.reply_to, exc_info=error)
+            log.error("request %s from %s failed while tokenizing", submit.request_id, submit.reply_to, exc_info=error)
             self._release(submit, self._refusal(submit, f"tokenizing failed: {error!r}", ErrorCode.SERVER_ERROR))
             return
-        request_id = f"req-{next(self._next_ids)}"
+        request_id = submit.request_id
         self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids),
                                             IncrementalText(self.codec, submit.sampling.stop))
-        self._labels.setdefault((submit.reply_to, submit.label), set()).add(request_id)
         sampling = dataclasses.replace(submit.sampling, max_tokens=max_tokens, fit_max_tokens=False)
         self.scheduler.send(AddRequest(request_id, prompt_ids, sampling))
 
@@ -198,16 +200,17 @@ class RequestQueue(Actor):
                        f"tokens fit)", num_prompt)
 
     def _on_cancel(self, message: CancelRequest) -> None:
-        key = (message.reply_to, message.label)
-        for request_id in sorted(self._labels.get(key, ())):
-            pending = self.pending[request_id]
+        request_id = message.request_id
+        pending = self.pending.get(request_id)
+        if pending is not None:
             self.scheduler.send(StopRequest(request_id))
             self._flush(pending, is_final=True)
             self._finish(pending, FinishReason.CANCELLED)
-        for submit in [s for s in self._intake if (s.reply_to, s.label) == key]:
+            return
+        for submit in [s for s in self._intake if s.request_id == request_id]:
             self._intake.remove(submit)
             self._release(submit, self._cancelled_reply(submit))
-        if self._tokenizing is not None and (self._tokenizing.reply_to, self._tokenizing.label) == key:
+        if self._tokenizing is not None and self._tokenizing.request_id == request_id:
             self._cancelled_while_tokenizing = True  # answered once its tokenizer call returns
 
     def _on_tokens_generated(self, message: TokensGenerated) -> None:
@@ -238,14 +241,14 @@ class RequestQueue(Actor):
             piece = text[pending.num_streamed_chars:end]
             token_ids = pending.text.token_ids[pending.num_streamed_tokens:]
             pending.num_streamed_chars, pending.num_streamed_tokens = end, len(pending.text.token_ids)
-            self._outbox(pending.submit.reply_to).send(TextDelta(pending.submit.label, piece, token_ids))
+            self._outbox(pending.submit.reply_to).send(TextDelta(pending.request_id, piece, token_ids))
 
     def _on_request_failed(self, message: RequestFailed) -> None:
         pending = self.pending.get(message.request_id)
         if pending is not None:
             self._forget(pending)
             self._release(pending.submit, self._refusal(pending.submit, message.error, message.code,
-                                                        pending.num_prompt_tokens, pending.request_id))
+                                                        pending.num_prompt_tokens))
 
     def _on_engine_failed(self, message: EngineFailed) -> None:
         """Answer every request in flight or waiting for its tokens with the reason, and refuse
@@ -256,7 +259,7 @@ class RequestQueue(Actor):
         for pending in list(self.pending.values()):
             self._forget(pending)
             self._release(pending.submit, self._refusal(pending.submit, message.reason, ErrorCode.ENGINE_FAILED,
-                                                        pending.num_prompt_tokens, pending.request_id))
+                                                        pending.num_prompt_tokens))
         while self._intake:
             submit = self._intake.popleft()
             self._release(submit, self._refusal(submit, message.reason, ErrorCode.ENGINE_FAILED))
@@ -265,42 +268,39 @@ class RequestQueue(Actor):
         self._forget(pending)
         submit = pending.submit
         self._release(submit, RequestFinished(
-            label=submit.label, request_id=pending.request_id, kind=submit.kind, text=pending.text.text,
+            request_id=pending.request_id, kind=submit.kind, text=pending.text.text,
             finish_reason=finish_reason, prompt_tokens=pending.num_prompt_tokens,
             completion_tokens=pending.num_output_tokens, token_ids=pending.text.token_ids,
         ))
 
     def _forget(self, pending: _Pending) -> None:
         del self.pending[pending.request_id]
-        key = (pending.submit.reply_to, pending.submit.label)
-        self._labels[key].discard(pending.request_id)
-        if not self._labels[key]:
-            del self._labels[key]
 
     def _refuse(self, submit: Submit, error: str, code: ErrorCode) -> None:
         """Answer a request this actor never held."""
-        self._hold(submit.reply_to)
+        self._hold(submit)
         self._release(submit, self._refusal(submit, error, code))
 
     @staticmethod
-    def _refusal(submit: Submit, error: str, code: ErrorCode, prompt_tokens: int = 0,
-                 request_id: str | None = None) -> RequestFinished:
-        return RequestFinished(label=submit.label, request_id=request_id, kind=submit.kind, error=error, code=code,
+    def _refusal(submit: Submit, error: str, code: ErrorCode, prompt_tokens: int = 0) -> RequestFinished:
+        return RequestFinished(request_id=submit.request_id, kind=submit.kind, error=error, code=code,
                                prompt_tokens=prompt_tokens)
 
     @staticmethod
     def _cancelled_reply(submit: Submit) -> RequestFinished:
         """A request cancelled before the engine took it: nothing generated, no error."""
-        return RequestFinished(label=submit.label, request_id=None, kind=submit.kind,
-                               finish_reason=FinishReason.CANCELLED)
+        return RequestFinished(request_id=submit.request_id, kind=submit.kind, finish_reason=FinishReason.CANCELLED)
 
-    def _hold(self, address: str) -> None:
+    def _hold(self, submit: Submit) -> None:
+        address = submit.reply_to
         self._pending_per_address[address] = self._pending_per_address.get(address, 0) + 1
+        self._held.add(submit.request_id)
 
     def _release(self, submit: Submit, result: RequestFinished) -> None:
         """Send a request's one final answer; a front door with nothing left here loses its outbox."""
         address = submit.reply_to
         self._outbox(address).send(result)
+        self._held.discard(submit.request_id)
         self._pending_per_address[address] -= 1
         if not self._pending_per_address[address]:
             del self._pending_per_address[address]

@@ -201,13 +201,13 @@ class Scheduler(Actor):
     def _start_reshard(self, replica: int, layout: Layout, index: int) -> None:
         log.info("replica %d: re-sharding to %s (transition %d)", replica, layout, index)
         for worker in self.workers[replica]:
-            worker.send(Reshard(str(layout)))
+            worker.send(Reshard(layout))
         self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), f"re-sharding to {layout}"))
         self._arm(ReshardTimer(replica, index), f"replica {replica} did not finish re-sharding to {layout} "
                                                 f"within {self.step_timeout_s:.0f} s")
 
     def _send_move(self, replica: int, move) -> None:
-        layout = str(self.core.layouts[move.phase])
+        layout = self.core.layouts[move.phase]
         if isinstance(move, ToHost):
             self.kv_tier.send(SaveKV(move.request_id, replica, layout, move.block_ids, move.host_block_ids))
             what = "to the host buffer"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from seesaw.layout import Layout
 from seesaw.messages import LoadShard
 from seesaw.model.spec import ModelSpec
 from seesaw.model.weights import RandomSource, SafetensorsSource, WeightSource, neutral_shapes
@@ -21,7 +20,7 @@ def runtime_config(command: LoadShard, device_index: int = 0) -> RuntimeConfig:
     return RuntimeConfig(
         spec=ModelSpec.from_hf_config(command.hf_config),
         rank=command.rank,
-        layouts=tuple(Layout.parse(layout) for layout in command.layouts),
+        layouts=tuple(command.layouts),
         dtype=command.dtype,
         device=command.device,
         block_size=command.block_size,

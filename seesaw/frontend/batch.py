@@ -75,8 +75,8 @@ class BatchRunner:
         """Read nothing more and cancel the requests in flight (each is answered as cancelled)."""
         self._is_stopping = True
         if self._client is not None:
-            for label in self.pending:
-                self._client.cancel(label)
+            for request_id in self.pending:
+                self._client.cancel(request_id)
 
     async def run(self, input_path: Path) -> BatchSummary:
         """Run every line; raises EngineError if the engine fails (results written so far stay)."""
@@ -136,10 +136,9 @@ class BatchRunner:
         if item is None:
             self._write_error(custom_id, line_number, problem)
             return
-        label = f"line-{line_number}"
-        self.pending[label] = item
-        self._client.submit(label, item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
-                            prompt_token_ids=item.prompt_token_ids)
+        request_id = self._client.submit(item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
+                                         prompt_token_ids=item.prompt_token_ids)
+        self.pending[request_id] = item
 
     async def _collect(self) -> bool:
         """Write at least one finished result; False when an interrupted run's grace period is over.
@@ -165,9 +164,9 @@ class BatchRunner:
         return True
 
     def _finish(self, message: RequestFinished) -> None:
-        item = self.pending.pop(message.label, None)
+        item = self.pending.pop(message.request_id, None)
         if item is None:
-            log.warning("result for unknown request %s", message.label)
+            log.warning("result for unknown request %s", message.request_id)
             return
         if message.error is not None:
             if message.code == ErrorCode.ENGINE_FAILED:

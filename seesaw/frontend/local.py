@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 from seesaw.engine import Engine, EngineError
 from seesaw.engine_client import EngineClient
@@ -18,8 +17,7 @@ class LocalClient:
     def __init__(self, engine: Engine, name: str = "local"):
         self.engine = engine
         self._client = EngineClient(engine, name)
-        self._futures: dict[str, asyncio.Future] = {}  # by label
-        self._next_labels = itertools.count()
+        self._futures: dict[str, asyncio.Future] = {}  # by request id
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> LocalClient:
@@ -40,10 +38,10 @@ class LocalClient:
         kind = RequestKind.CHAT if messages is not None else RequestKind.COMPLETION
         if messages is not None:
             messages = normalize_messages(messages)
-        label = str(next(self._next_labels))
         future = asyncio.get_running_loop().create_future()
-        self._futures[label] = future
-        self._client.submit(label, kind, sampling, prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids)
+        request_id = self._client.submit(kind, sampling, prompt=prompt, messages=messages,
+                                         prompt_token_ids=prompt_token_ids)
+        self._futures[request_id] = future
         return future
 
     async def generate(self, sampling: SamplingParams, **prompt) -> RequestFinished:
@@ -60,7 +58,7 @@ class LocalClient:
 
     def _resolve(self, message) -> None:
         if isinstance(message, RequestFinished):
-            future = self._futures.pop(message.label, None)
+            future = self._futures.pop(message.request_id, None)
             if future is not None and not future.done():
                 future.set_result(message)
 

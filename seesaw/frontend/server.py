@@ -70,12 +70,11 @@ class Server:
         self.failed = asyncio.Event()
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "busy": 0}
         self.latest_stats: dict | None = None  # the last stats built, for the Prometheus endpoint
-        self._calls: dict[str, _Call] = {}  # by the engine-side label this server gave it
-        self._labels: dict[tuple[bytes, str], set[str]] = {}  # (identity, client id) -> engine-side labels
+        self._calls: dict[str, _Call] = {}  # by the engine's request id
+        self._request_ids: dict[tuple[bytes, str], set[str]] = {}  # (identity, the client's id) -> request ids
         self._jobs: dict[str, Job] = {}
         self._backlogs: dict[bytes, deque[bytes]] = {}
         self._stats_waiters: dict[int, list[tuple[bytes, str]]] = {}
-        self._next_labels = itertools.count()
         self._next_jobs = itertools.count(1)
         self._query_ids = itertools.count()
         self._last_rate = (time.monotonic(), 0, 0.0)  # (when, generated tokens, tokens/s) for the rate
@@ -127,10 +126,10 @@ class Server:
     async def abandon(self, reason: str, code: str = SHUTTING_DOWN) -> int:
         """Fail every request and job in flight with `reason`; how many there were."""
         leftovers = list(self._calls.items())
-        for label, call in leftovers:
-            self._engine_client.cancel(label)
+        for request_id, call in leftovers:
+            self._engine_client.cancel(request_id)
             self.send(call.identity, error_frame(call.label, code, reason))
-            self._forget(label)
+            self._forget(request_id)
         jobs = list(self._jobs.values())
         for job in jobs:
             job.cancel()
@@ -210,13 +209,12 @@ class Server:
         if refusal is not None:
             self.send(identity, refusal)
             return
-        label = str(next(self._next_labels))
         item = call.item
-        self._calls[label] = _Call(identity, call.label, item.model or self.model_name, time.monotonic())
-        self._labels.setdefault((identity, call.label), set()).add(label)
+        request_id = self._engine_client.submit(item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
+                                                prompt_token_ids=item.prompt_token_ids, stream=call.stream)
+        self._calls[request_id] = _Call(identity, call.label, item.model or self.model_name, time.monotonic())
+        self._request_ids.setdefault((identity, call.label), set()).add(request_id)
         self._idle.clear()
-        self._engine_client.submit(label, item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
-                                   prompt_token_ids=item.prompt_token_ids, stream=call.stream)
 
     def _on_batch(self, identity: bytes, call: BatchCall) -> None:
         refusal = self._refusal(call.label, jobs=True)
@@ -265,10 +263,10 @@ class Server:
     def _on_cancel(self, identity: bytes, call: CancelCall) -> None:
         jobs = [job for job in self._jobs.values() if job.identity == identity
                 and (job.job_id == call.job_id or (call.job_id is None and job.label == call.label))]
-        labels = sorted(self._labels.get((identity, call.label), ())) if call.job_id is None else []
-        for label in labels:
-            self._engine_client.cancel(label)
-        num_requests = len(labels)
+        request_ids = sorted(self._request_ids.get((identity, call.label), ())) if call.job_id is None else []
+        for request_id in request_ids:
+            self._engine_client.cancel(request_id)
+        num_requests = len(request_ids)
         for job in jobs:
             num_requests += len(job.runner.pending)
             job.cancel()
@@ -285,7 +283,7 @@ class Server:
                 case RequestFinished():
                     self._on_finished(message)
                 case TextDelta():
-                    call = self._calls.get(message.label)
+                    call = self._calls.get(message.request_id)
                     if call is not None and not call.is_gone:
                         self.send(call.identity, frame("token", id=call.label, text=message.text,
                                                         token_ids=message.token_ids))
@@ -293,10 +291,10 @@ class Server:
                     self._on_stats(message)
 
     def _on_finished(self, result: RequestFinished) -> None:
-        call = self._calls.get(result.label)
+        call = self._calls.get(result.request_id)
         if call is None:
             return
-        self._forget(result.label)
+        self._forget(result.request_id)
         if result.error is not None:
             self.counts["failed"] += 1
         elif result.finish_reason == FinishReason.CANCELLED:
@@ -306,12 +304,12 @@ class Server:
         if not call.is_gone:
             self.send(call.identity, result_frame(call.label, result, call.model))
 
-    def _forget(self, label: str) -> None:
-        call = self._calls.pop(label)
+    def _forget(self, request_id: str) -> None:
+        call = self._calls.pop(request_id)
         key = (call.identity, call.label)
-        self._labels[key].discard(label)
-        if not self._labels[key]:
-            del self._labels[key]
+        self._request_ids[key].discard(request_id)
+        if not self._request_ids[key]:
+            del self._request_ids[key]
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -443,14 +441,15 @@ class Server:
         replies that cannot reach it find nothing left to cancel)."""
         self._backlogs.pop(identity, None)
         self._stalled_since.pop(identity, None)
-        labels = [label for label, call in self._calls.items() if call.identity == identity and not call.is_gone]
+        request_ids = [request_id for request_id, call in self._calls.items()
+                       if call.identity == identity and not call.is_gone]
         jobs = [job for job in self._jobs.values() if job.identity == identity and job.state == "running"]
-        if labels or jobs:
+        if request_ids or jobs:
             log.warning("a client stopped listening (%s); cancelling its %d requests and %d jobs",
-                        why, len(labels), len(jobs))
-        for label in labels:
-            self._calls[label].is_gone = True
-            self._engine_client.cancel(label)
+                        why, len(request_ids), len(jobs))
+        for request_id in request_ids:
+            self._calls[request_id].is_gone = True
+            self._engine_client.cancel(request_id)
         for job in jobs:
             job.cancel()
 

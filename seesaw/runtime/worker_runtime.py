@@ -111,12 +111,12 @@ class WorkerRuntime:
                                inv_freq=inverse_frequencies(spec.rope, spec.head_dim).to(self.device))
         self.sampled: SampledTokens | None = None  # the last step's tokens, for rows that await them
         kernels = _gpu_kernels(spec, self.block_size) if self.device.type == "cuda" else LayerKernels()
-        self.states: dict[str, LayoutState] = {}
+        self.states: dict[Layout, LayoutState] = {}
         for shard in shards:
             model = ShardModel(spec, shard, self.weight_arena.allocator(self.dtype), kernels)
             pages = self.kv_arena.pages(shard, self.block_size, spec.head_dim)
-            self.states[str(shard.layout)] = LayoutState(shard, model, pages, communicators, context)
-        self.current = self.states[str(shards[0].layout)]
+            self.states[shard.layout] = LayoutState(shard, model, pages, communicators, context)
+        self.current = self.states[shards[0].layout]
         self.sampler = Sampler(self.device, seed=config.seed, race=_gpu_race() if self.device.type == "cuda" else None)
         with self.copies.computing():
             self.copies.load_weights(self.current.model, weights)
@@ -232,13 +232,13 @@ class WorkerRuntime:
             return build_step_inputs(rows, list(released), self.block_tables, self.sampled, self.attention,
                                      self.uploader)
 
-    def reshard(self, layout: str) -> tuple[float, int]:
+    def reshard(self, layout: Layout) -> tuple[float, int]:
         """Switch to `layout`; returns (seconds, bytes copied), nothing if it is already current."""
         if self.states[layout] is self.current:
             return 0.0, 0
         return self.load(layout)
 
-    def load(self, layout: str) -> tuple[float, int]:
+    def load(self, layout: Layout) -> tuple[float, int]:
         """Lay `layout`'s shard over the weight arena and fill it from the weight source, layer by
         layer, whatever the arena held; returns (seconds, bytes copied)."""
         started = time.perf_counter()
@@ -250,14 +250,14 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------ KV copies
 
-    def swap_out(self, layout: str, block_ids: list[int], host_block_ids: list[int]) -> int:
+    def swap_out(self, layout: Layout, block_ids: list[int], host_block_ids: list[int]) -> int:
         """Copy this worker's share of device blocks (laid out in `layout`) into host blocks; returns bytes."""
         state = self.states[layout]
         share = _host_share(self.host_buffer, state)  # [host blocks, layers, 2, kv_heads, block_size, head_dim]
         pairs = list(zip(block_ids, host_block_ids))
         return self.copies.kv_copy([(share[h], state.kv_pages[b]) for b, h in pairs])
 
-    def prefetch(self, layout: str, host_block_ids: list[int], block_ids: list[int]) -> int:
+    def prefetch(self, layout: Layout, host_block_ids: list[int], block_ids: list[int]) -> int:
         """Copy this worker's share of host blocks into device blocks laid out in `layout`; returns bytes."""
         state = self.states[layout]
         share = _host_share(self.host_buffer, state)
