@@ -521,10 +521,8 @@ def _converter(hint) -> typing.Callable[[typing.Any], typing.Any] | None:
             build_item = _builder(item)
             return lambda entries: [build_item(entry) for entry in entries]
         return None
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # `X | None`: X's converter (None is left as it is)
         for option in typing.get_args(hint):
-            if dataclasses.is_dataclass(option):
-                return _builder(option)
-            if isinstance(option, type) and issubclass(option, enum.Enum):
-                return option
+            if option is not types.NoneType and (converter := _converter(option)) is not None:
+                return converter
     return None
