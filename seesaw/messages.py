@@ -17,6 +17,7 @@ from enum import StrEnum
 import orjson
 
 from seesaw.sampling import SamplingParams
+from seesaw.stats import EngineStats
 from seesaw.step import FinishReason, RowSampling, StepRow, TokenUpdate
 from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec, HostBufferSpec, WeightStoreSpec
 
@@ -119,10 +120,10 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class StatsReport:
-    """Scheduler -> whoever sent QueryStats: the engine's counters and phase metrics so far."""
+    """Scheduler -> whoever sent QueryStats: the engine's stats so far."""
 
     query_id: int
-    stats: dict
+    stats: EngineStats
 
 
 # ---------------------------------------------------------------- to the Scheduler

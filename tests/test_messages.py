@@ -6,6 +6,7 @@ import dataclasses
 import typing
 
 import pytest
+from stats_example import ENGINE_STATS
 
 from seesaw import messages as m
 from seesaw.sampling import SamplingParams
@@ -19,7 +20,7 @@ EXAMPLES = [
     m.RequestFailed("r1", "boom", m.ErrorCode.SERVER_ERROR),
     m.RequestFinished("a", "r1", m.RequestKind.COMPLETION, "text", FinishReason.LENGTH, 3, 4, [1, 2, 3, 4]),
     m.RequestFinished("b", None, m.RequestKind.CHAT, error="too long", code=m.ErrorCode.CONTEXT_LENGTH_EXCEEDED),
-    m.TextDelta("a", "hel", [5, 6]), m.QueryStats(3, "inproc://x", True), m.StatsReport(3, {"totals": {"steps": 2}}),
+    m.TextDelta("a", "hel", [5, 6]), m.QueryStats(3, "inproc://x", True), m.StatsReport(3, ENGINE_STATS),
     m.RestartWorkers([0, 1]), m.WeightsStored(),
     m.AddRequest("r1", [1, 2, 3], 5, RowSampling(0.7, 0.9, 5, 11), [9], True),
     m.StopRequest("r1"),
