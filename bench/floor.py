@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from seesaw.stats import Totals
+
 
 @dataclass(frozen=True)
 class DeviceRates:
@@ -65,7 +67,7 @@ class Floors:
 
 
 def floors(spec, dtype_bytes: int, rates: DeviceRates, num_prompts: int, input_len: int, output_len: int,
-           max_num_seqs: int, totals: dict) -> Floors:
+           max_num_seqs: int, totals: Totals) -> Floors:
     """The run's floor (all requests decoding together, in as few batches as max_num_seqs allows),
     and the floor of the decode-only steps the engine counted in `totals`. A decode step's floor is
     the larger of its bytes at the copy rate and its FLOPs at the matmul rate (on a CPU, FLOPs)."""
@@ -87,7 +89,7 @@ def floors(spec, dtype_bytes: int, rates: DeviceRates, num_prompts: int, input_l
     return Floors(
         prefill_flops / rates.matmul_flops_per_s,
         decode_s(batches * (output_len - 1), num_prompts * (output_len - 1), context_tokens),
-        decode_s(totals.get("decode_steps", 0), totals.get("decode_rows", 0), totals.get("decode_context_tokens", 0)),
+        decode_s(totals.decode_steps, totals.decode_rows, totals.decode_context_tokens),
     )
 
 

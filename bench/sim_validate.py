@@ -78,7 +78,7 @@ def main(argv=None) -> None:
               f"{real_transitions}/{len(predicted.transitions):>9}", flush=True)
         rows.append({"run": run, "measured_s": measured and measured["elapsed_s"], "predicted_s": predicted.elapsed_s,
                      "error": error, "measured_steps": measured and measured["steps"],
-                     "measured_phase_s": measured and measured["stats"].get("phase_seconds"),
+                     "measured_phase_s": measured and measured["stats"].run.phase_seconds,
                      "predicted": predicted.summary()})
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(rows, indent=2))

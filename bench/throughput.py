@@ -103,16 +103,17 @@ def run_seesaw(args: argparse.Namespace) -> dict:
             return elapsed, sum(r.completion_tokens for r in results), engine.start_s, await engine.query_stats(with_timeline=True)
 
     elapsed, output_tokens, start_s, metrics = asyncio.run(main())
-    totals = metrics["totals"]
-    extra = {"engine_start_s": round(start_s, 2), "steps": totals.get("steps", 0),
-             "worker_compute_s": round(totals.get("compute_s", 0.0), 2), "rows_ahead": totals.get("rows_ahead", 0),
-             "decode_steps": totals.get("decode_steps", 0), "decode_s": totals.get("decode_s", 0.0)}
+    totals = metrics.totals
+    extra = {"engine_start_s": round(start_s, 2), "steps": totals.counters.get("steps", 0),
+             "worker_compute_s": round(totals.compute_s, 2), "rows_ahead": totals.counters.get("rows_ahead", 0),
+             "decode_steps": totals.decode_steps, "decode_s": totals.decode_s}
     note = f", {extra['steps']} steps, {extra['worker_compute_s']} s in the sampling worker's steps"
     details: list[str] = []
     if is_seesaw:
         from seesaw.frontend.report import phase_lines
+        from seesaw.stats import to_json
 
-        extra["metrics"] = {key: value for key, value in metrics.items() if key != "timeline"}
+        extra["metrics"] = {key: value for key, value in to_json(metrics).items() if key != "timeline"}
         details = phase_lines(metrics)
     result = _report(args, "seesaw", elapsed, output_tokens, extra=extra, note=note, details=details)
     rates = measure_rates(args.device, config.model.resolved_dtype)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import zmq.asyncio
@@ -53,6 +54,7 @@ from seesaw.model.resolve import ResolvedModel
 from seesaw.model.weights import RandomSource, SafetensorsSource, neutral_shapes
 from seesaw.scheduling.decisions import Phase
 from seesaw.scheduling.engine_core import ModelLimits
+from seesaw.stats import EngineStats, HostBufferUse
 from seesaw.transport.addresses import advertise_ip, reachable
 from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
@@ -405,18 +407,19 @@ class Engine:
         if error is not None and not self._closing:  # handled here: the dead task may be the engine's own inbox
             self._on_engine_failed(EngineFailed(f"{task.get_name()} failed: {error!r}"))
 
-    async def query_stats(self, with_timeline: bool = False, timeout_s: float = 10.0) -> dict:
-        """The Scheduler's counters, request counts, KV pool use and phase metrics (see Scheduler.stats)."""
+    async def query_stats(self, with_timeline: bool = False, timeout_s: float = 10.0) -> EngineStats:
+        """The Scheduler's totals, request counts, KV pool use and phase metrics (see EngineCore.stats),
+        with the host buffer plan."""
         query_id = next(self._next_query_ids)
         future = asyncio.get_running_loop().create_future()
         self._stats[query_id] = future
         self._send("scheduler", QueryStats(query_id, self._inboxes["engine"].bound_address, with_timeline))
         try:
             stats = await asyncio.wait_for(future, timeout_s)
-            if self.host_buffer_plan is not None:
-                stats["host_buffer"] = {"gib": self.host_buffer_plan.gib, "reason": self.host_buffer_plan.reason,
-                                        "pin_s": self.pin_s}
-            return stats
+            if self.host_buffer_plan is None:
+                return stats
+            plan = self.host_buffer_plan
+            return replace(stats, host_buffer=HostBufferUse(gib=plan.gib, reason=plan.reason, pin_s=self.pin_s))
         except TimeoutError:
             raise EngineError(f"the scheduler did not answer a stats query within {timeout_s:.0f} s") from None
         finally:

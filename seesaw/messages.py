@@ -18,6 +18,7 @@ import orjson
 
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
+from seesaw.stats import EngineStats
 from seesaw.step import FinishReason, StepRow, TokenUpdate
 from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec, HostBufferSpec, WeightStoreSpec
 
@@ -118,10 +119,10 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class StatsReport:
-    """Scheduler -> whoever sent QueryStats: the engine's counters and phase metrics so far."""
+    """Scheduler -> whoever sent QueryStats: the engine's stats so far."""
 
     query_id: int
-    stats: dict
+    stats: EngineStats
 
 
 # ---------------------------------------------------------------- to the Scheduler
@@ -517,10 +518,8 @@ def _converter(hint) -> typing.Callable[[typing.Any], typing.Any] | None:
             build_item = _builder(item)
             return lambda entries: [build_item(entry) for entry in entries]
         return None
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # `X | None`: X's converter (None is left as it is)
         for option in typing.get_args(hint):
-            if dataclasses.is_dataclass(option):
-                return _builder(option)
-            if isinstance(option, type) and issubclass(option, enum.Enum):
-                return option
+            if option is not types.NoneType and (converter := _converter(option)) is not None:
+                return converter
     return None

@@ -81,9 +81,10 @@ def engine_config(source: str, **overrides) -> EngineConfig:
 
 
 def generate(config: EngineConfig, requests: list[dict], sequential: bool = False, timeout_s: float = 300,
-             stats: dict | None = None, metrics: dict | None = None):
+             stats: dict | None = None, metrics: list | None = None):
     """Run requests (keyword arguments of LocalClient.submit plus `sampling`) through a fresh engine;
-    `stats` and `metrics`, when given, receive the engine's counters and its run metrics."""
+    `stats` and `metrics`, when given, receive the scheduling cores' counters by name and the
+    engine's stats at the end (an EngineStats)."""
     from seesaw.engine import Engine
     from seesaw.frontend.local import LocalClient
 
@@ -97,8 +98,8 @@ def generate(config: EngineConfig, requests: list[dict], sequential: bool = Fals
                 results = await asyncio.gather(*(client.submit(**request) for request in requests))
             if stats is not None or metrics is not None:
                 report = await engine.query_stats(with_timeline=True)
-                (stats if stats is not None else {}).update(report["totals"])
-                (metrics if metrics is not None else {}).update(report)
+                (stats if stats is not None else {}).update(report.totals.counters)
+                (metrics if metrics is not None else []).append(report)
             return results
 
     return asyncio.run(asyncio.wait_for(main(), timeout_s))

@@ -20,6 +20,7 @@ from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.scheduling.decisions import Phase
 from seesaw.scheduling.engine_core import ModelLimits
+from seesaw.stats import RequestCounts
 from seesaw.step import FinishReason, TokenUpdate
 from seesaw.transport.channels import Inbox, Outbox
 
@@ -108,14 +109,14 @@ async def test_scheduler_runs_steps_and_reports_tokens(wiring):
     await expect(worker, m.RunStep)
     to_actor.send(m.QueryStats(7, front_door.addresses[0]))
     report = await expect(front_door, m.StatsReport)
-    assert report.query_id == 7 and report.stats["requests"] == {"running": 1, "waiting": 0}
-    assert report.stats["totals"]["generated_tokens"] == 2 and report.stats["totals"]["requests_added"] == 3
-    assert report.stats["kv"]["device_blocks"] == 8 and report.stats["kv"]["device_blocks_used"] == 1
+    assert report.query_id == 7 and report.stats.requests == RequestCounts(running=1, waiting=0)
+    assert report.stats.totals.generated_tokens == 2 and report.stats.totals.requests_added == 3
+    assert report.stats.kv.device_blocks == 8 and report.stats.kv.device_blocks_used == 1
     # 6. An engine failure (which the RequestQueue answers) drops every request: nothing more runs.
     to_actor.send(m.EngineFailed("worker 0 died"))
     to_actor.send(m.QueryStats(8, front_door.addresses[0]))
     report = await expect(front_door, m.StatsReport)
-    assert report.stats["kv"]["device_blocks_used"] == 0 and report.stats["failure"] == "worker 0 died"
+    assert report.stats.kv.device_blocks_used == 0 and report.stats.failure == "worker 0 died"
     with pytest.raises(TimeoutError):
         await engine.recv(timeout_s=0.2)  # nothing stalled
     await actor.stop()

@@ -61,8 +61,8 @@ def test_a_step_done_reports_tokens_and_plans_the_next_step():
     effects = core.step_done(0, first.plan.step_id, [5], compute_ms=3.0)
     assert _kinds(effects) == ["Tokens", "StartStep"]
     assert effects[0] == Tokens(effects[0].updates) and effects[0].updates[0].token_ids == [5]
-    assert core.stats()["totals"]["generated_tokens"] == 1 and core.compute_ms == 3.0
-    assert core.stats()["phase_seconds"] == {"mixed": 1.0}
+    assert core.stats().totals.generated_tokens == 1 and core.compute_ms == 3.0
+    assert core.stats().run.phase_seconds == {"mixed": 1.0}
 
 
 def test_a_switch_starts_a_reshard_that_ends_when_every_worker_of_the_replica_reports():
@@ -98,4 +98,4 @@ def test_a_failed_engine_drops_every_request_and_takes_no_more():
     core.add(_request("a"))
     core.fail("worker 0 died")
     assert core.num_requests() == (0, 0) and core.add(_request("b")) == []
-    assert core.stats()["failure"] == "worker 0 died"
+    assert core.stats().failure == "worker 0 died"

@@ -154,13 +154,13 @@ def test_cuda_two_steps_in_flight_give_the_tokens_of_one(tiny_models):
 @needs_cuda
 def test_cuda_kv_pool_sized_by_a_profiling_step(tiny_models):
     folder = str(tiny_models["llama-gqa-tied"])
-    metrics: dict = {}
+    metrics: list = []
     config = engine_config(folder, model={"device": "cuda"}, cache={"kv_cache_gb": None, "memory_fraction": 0.5})
     results = generate(config, [{"sampling": greedy(4), "prompt_token_ids": [5, 6, 7]}], metrics=metrics)
     assert results[0].error is None
     free, total = torch.cuda.mem_get_info()
     # Half the card, less what was in use: tens of thousands of this tiny model's blocks.
-    assert metrics["kv"]["device_blocks"] > 10_000
+    assert metrics[0].kv.device_blocks > 10_000
 
 
 @needs_cuda

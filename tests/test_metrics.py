@@ -44,7 +44,7 @@ def test_decode_only_steps_are_timed_from_the_step_before_them():
     books.on_step_done(1.0, 0, 0)
     books.on_step_done(1.25, 0, 1)
     assert books.decode == {"decode_steps": 1, "decode_s": 0.25, "decode_rows": 2, "decode_context_tokens": 50}
-    assert books.summary(2.0)["phase_seconds"] == pytest.approx({"mixed": 1.25})
+    assert books.summary(2.0).phase_seconds == pytest.approx({"mixed": 1.25})
 
 
 def test_a_restarted_replica_forgets_its_steps_in_flight():

@@ -37,18 +37,19 @@ DEFAULT_BLOCK_BYTES = 30 * 2 * 3 * 16 * 64 * 4  # layers x (k, v) x KV heads x b
 @pytest.mark.parametrize("prefill,decode", [("p2", "t2"), ("t2", "p2")])
 def test_default_model_switching_layouts_gives_t1_outputs(default_t1, default_prompts, prefill, decode):
     config = _seesaw(default_config(), prefill, decode, host_blocks=8, block_bytes=DEFAULT_BLOCK_BYTES)
-    metrics: dict = {}
+    metrics: list = []
     results = generate(config, greedy_requests(default_prompts, 24), metrics=metrics)
     assert len(results) == len(default_prompts) and all(r.error is None for r in results)
     assert all(len(r.token_ids) == 24 for r in results)  # each request finished once, whole
     matches = sum(r.token_ids == expected for r, expected in zip(results, default_t1))
     assert matches >= 0.95 * len(default_prompts)  # the layouts tests' tolerance
-    transitions = metrics["transitions"]
+    (stats,) = metrics
+    transitions = stats.run.transitions
     assert len(transitions) >= 5
-    assert {t["direction"] for t in transitions} == {f"{prefill}->{decode}", f"{decode}->{prefill}"}
-    assert all(t["num_workers_done"] == 2 and t["num_bytes"] > 0 for t in transitions)
-    totals = metrics["totals"]
-    assert totals["written_bytes"] > 0 and totals["read_bytes"] == totals["written_bytes"]
+    assert {t.direction for t in transitions} == {f"{prefill}->{decode}", f"{decode}->{prefill}"}
+    assert all(t.num_workers_done == 2 and t.num_bytes > 0 for t in transitions)
+    totals = stats.totals
+    assert totals.written_bytes > 0 and totals.read_bytes == totals.written_bytes
 
 
 # ---------------------------------------------------------------- a tiny model, four workers
@@ -77,15 +78,16 @@ def test_tiny_model_switching_layouts_gives_t1_outputs(tiny_mha, tiny_prompts, t
     # 7 blocks per replica hold the longest request (102 tokens) and little else.
     config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48}), prefill, decode,
                      host_blocks=7, block_bytes=TINY_BLOCK_BYTES)
-    metrics: dict = {}
+    metrics: list = []
     results = generate(config, greedy_requests(tiny_prompts, 12), metrics=metrics)
     assert [r.token_ids for r in results] == tiny_t1
+    (stats,) = metrics
     replicas = Layout.parse(prefill).dp
     for replica in range(replicas):
-        assert sum(t["replica"] == replica for t in metrics["transitions"]) >= 5
+        assert sum(t.replica == replica for t in stats.run.transitions) >= 5
     if prefill == decode:  # one layout: phases switch, the KV still goes through the host, no weights move
-        assert all(t["num_bytes"] == 0 for t in metrics["transitions"])
-        assert metrics["totals"]["written_bytes"] > 0
+        assert all(t.num_bytes == 0 for t in stats.run.transitions)
+        assert stats.totals.written_bytes > 0
 
 
 def test_tiny_model_moves_paused_requests_to_the_host_for_prompts_and_keeps_t1_outputs(tiny_mha, tiny_prompts,
@@ -96,10 +98,10 @@ def test_tiny_model_moves_paused_requests_to_the_host_for_prompts_and_keeps_t1_o
     config = _seesaw(engine_config(tiny_mha, scheduler={"max_num_batched_tokens": 48},
                                    cache={"kv_cache_gb": 14 * page / GIB}),
                      "t2p2", "t4", host_blocks=12, block_bytes=TINY_BLOCK_BYTES)
-    metrics: dict = {}
+    metrics: list = []
     results = generate(config, greedy_requests(tiny_prompts, 12), metrics=metrics)
     assert [r.token_ids for r in results] == tiny_t1
-    assert metrics["totals"]["paused_to_host"] > 0
+    assert metrics[0].totals.counters["paused_to_host"] > 0
 
 
 def test_a_worker_killed_during_a_transition_fails_the_run_naming_it(tiny_mha, tiny_prompts):
@@ -152,7 +154,7 @@ def test_a_worker_killed_during_a_transition_is_restarted_and_outputs_stay_as_at
             return results, await engine.query_stats(with_timeline=True), killed
 
     results, metrics, killed = asyncio.run(asyncio.wait_for(run(), 240))
-    assert killed and metrics["replica_restarts"] == 1
+    assert killed and metrics.run.replica_restarts == 1
     assert [r.token_ids for r in results] == tiny_t1
 
 

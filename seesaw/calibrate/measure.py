@@ -234,8 +234,8 @@ def run_engine(model: str, run: str, num_prompts: int, input_len: int, output_le
                 raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
             stats = await engine.query_stats()
             return {"elapsed_s": elapsed, "stats": stats,  # steps and phase switches of this run, not the warm-up's
-                    "steps": stats["totals"].get("steps", 0) - before["totals"].get("steps", 0),
-                    "transitions": stats.get("num_transitions", 0) - before.get("num_transitions", 0)}
+                    "steps": stats.totals.counters.get("steps", 0) - before.totals.counters.get("steps", 0),
+                    "transitions": stats.run.num_transitions - before.run.num_transitions}
 
     return asyncio.run(main())
 

@@ -194,8 +194,8 @@ class BatchRunner:
 
     def _on_stats(self, message: StatsReport) -> None:
         self._is_asking = False
-        totals, requests = message.stats["totals"], message.stats["requests"]
-        self._live = (int(totals["generated_tokens"]), requests["running"], requests["waiting"])
+        stats = message.stats
+        self._live = (stats.totals.generated_tokens, stats.requests.running, stats.requests.waiting)
         self._report(force=True)
 
     def _report(self, force: bool = False) -> None:

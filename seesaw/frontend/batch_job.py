@@ -22,6 +22,7 @@ from seesaw.frontend.batch_io import SamplingDefaults
 from seesaw.frontend.output import KeySet, ResultSink
 from seesaw.frontend.progress import BatchSummary, Progress
 from seesaw.frontend.report import draw_timeline, phase_lines, write_metrics
+from seesaw.stats import EngineStats, to_json
 
 
 @dataclass
@@ -119,17 +120,18 @@ def _layouts(engine: Engine) -> str:
     return f"{parallel.layout} -> {parallel.decode_layout}" if parallel.is_seesaw else str(parallel.layout)
 
 
-def _report(metrics: dict | None, is_seesaw: bool, job: BatchJob, stream: TextIO) -> None:
+def _report(metrics: EngineStats | None, is_seesaw: bool, job: BatchJob, stream: TextIO) -> None:
     if metrics is None:
         return
     if is_seesaw:
         for line in phase_lines(metrics):
             _echo(stream, line)
+    form = to_json(metrics)
     for path, write, what in ((job.metrics_json, write_metrics, "metrics"), (job.timeline, draw_timeline, "timeline")):
         if path is None:
             continue
         try:
-            write(path, metrics)
+            write(path, form)
             _echo(stream, f"{what}: {path}")
         except OSError as error:
             _echo(stream, f"error: cannot write the {what} to {path}: {error}")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
+
+from seesaw.frontend.daemon_stats import DaemonStats
 
 
-def serve_metrics(port: int, latest: Callable[[], dict | None]) -> Callable[[], None]:
+def serve_metrics(port: int, latest: Callable[[], DaemonStats | None]) -> Callable[[], None]:
     """Serve the stats `latest()` returns (the server's last stats reply) at
     http://127.0.0.1:PORT/metrics; returns the function that stops serving."""
     from prometheus_client import CollectorRegistry, start_http_server
@@ -18,20 +21,21 @@ def serve_metrics(port: int, latest: Callable[[], dict | None]) -> Callable[[], 
                 return
             requests = CounterMetricFamily("seesaw_requests", "Requests answered, by outcome", labels=["outcome"])
             for outcome in ("done", "failed", "cancelled", "rejected", "busy"):
-                requests.add_metric([outcome], stats["requests"][outcome])
+                requests.add_metric([outcome], getattr(stats.requests, outcome))
             yield requests
             for state in ("running", "waiting", "queued"):
-                yield GaugeMetricFamily(f"seesaw_requests_{state}", f"Requests {state} now", stats["requests"][state])
+                yield GaugeMetricFamily(f"seesaw_requests_{state}", f"Requests {state} now",
+                                        getattr(stats.requests, state))
             tokens = CounterMetricFamily("seesaw_tokens", "Tokens processed, by kind", labels=["kind"])
-            for kind in ("prompt", "generated"):
-                tokens.add_metric([kind], stats["tokens"][kind])
+            tokens.add_metric(["prompt"], stats.tokens.prompt)
+            tokens.add_metric(["generated"], stats.tokens.generated)
             yield tokens
-            yield GaugeMetricFamily("seesaw_generated_tokens_per_second", "Generation rate", stats["tokens_per_s"])
-            yield CounterMetricFamily("seesaw_transitions", "Phase transitions", stats["transitions"])
-            for name, value in stats["kv"].items():
+            yield GaugeMetricFamily("seesaw_generated_tokens_per_second", "Generation rate", stats.tokens_per_s)
+            yield CounterMetricFamily("seesaw_transitions", "Phase transitions", stats.transitions)
+            for name, value in asdict(stats.kv).items():
                 yield GaugeMetricFamily(f"seesaw_kv_{name}", f"KV {name.replace('_', ' ')}", value)
-            yield GaugeMetricFamily("seesaw_jobs_running", "Batch jobs running", stats["jobs"]["running"])
-            yield GaugeMetricFamily("seesaw_uptime_seconds", "Seconds since the server started", stats["uptime_s"])
+            yield GaugeMetricFamily("seesaw_jobs_running", "Batch jobs running", stats.jobs.running)
+            yield GaugeMetricFamily("seesaw_uptime_seconds", "Seconds since the server started", stats.uptime_s)
 
     registry = CollectorRegistry()
     registry.register(StatsCollector())

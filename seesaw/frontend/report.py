@@ -8,6 +8,8 @@ from pathlib import Path
 
 import orjson
 
+from seesaw.stats import EngineStats
+
 GB = 1e9
 
 
@@ -18,46 +20,46 @@ def check_timeline_support() -> None:
                          "(or pip install matplotlib)")
 
 
-def phase_lines(metrics: dict) -> list[str]:
+def phase_lines(stats: EngineStats) -> list[str]:
     """The seesaw part of the closing summary: phases, transitions, KV traffic, batch sizes."""
-    totals = metrics["totals"]
-    seconds, steps = metrics["phase_seconds"], metrics["steps"]
+    run, totals = stats.run, stats.totals
+    seconds, steps = run.phase_seconds, run.steps
     phases = ", ".join(f"{name} {seconds.get(name, 0.0):.1f} s ({steps.get(name, 0)} steps)"
                        for name in ("prefill", "decode") if name in seconds)
     if seconds.get("transition"):
         phases += f", waiting for weights {seconds['transition']:.1f} s"
     lines = [f"phases:   {phases} (the time their steps ran)"]
-    transitions = metrics["transitions"]
+    transitions = run.transitions or []
     if transitions:
         directions: dict[str, int] = {}
         for transition in transitions:
-            directions[transition["direction"]] = directions.get(transition["direction"], 0) + 1
+            directions[transition.direction] = directions.get(transition.direction, 0) + 1
         counted = ", ".join(f"{direction} x{count}" for direction, count in directions.items())
-        loads = [t for t in transitions if t["num_bytes"]]
+        loads = [t for t in transitions if t.num_bytes]
         line = f"transitions: {len(transitions)} ({counted})"
         if loads:
-            line += (f"; per re-shard: drain {_mean(loads, 'drain_s'):.3f} s, weight load "
-                     f"{_mean(loads, 'load_s'):.3f} s, {_mean(loads, 'num_bytes') / 1e6:.0f} MB")
+            line += (f"; per re-shard: drain {_mean([t.drain_s for t in loads]):.3f} s, weight load "
+                     f"{_mean([t.load_s for t in loads]):.3f} s, {_mean([t.num_bytes for t in loads]) / 1e6:.0f} MB")
         lines.append(line)
     lines.append(
-        f"KV:       written {totals['written_bytes'] / GB:.2f} GB at {_rate(totals, 'written')}, "
-        f"read {totals['read_bytes'] / GB:.2f} GB at {_rate(totals, 'read')}"
+        f"KV:       written {totals.written_bytes / GB:.2f} GB at {_rate(totals.written_bytes, totals.written_s)}, "
+        f"read {totals.read_bytes / GB:.2f} GB at {_rate(totals.read_bytes, totals.read_s)}"
     )
-    lines.append(f"decode batch: mean {metrics['mean_decode_batch']:.1f}, peak {metrics['peak_decode_batch']}; "
-                 f"host buffer peak {metrics['peak_host_fill']:.0%} full")
+    lines.append(f"decode batch: mean {run.mean_decode_batch:.1f}, peak {run.peak_decode_batch}; "
+                 f"host buffer peak {run.peak_host_fill:.0%} full")
     return lines
 
 
-def _mean(items: list[dict], key: str) -> float:
-    return sum(item[key] for item in items) / len(items)
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
-def _rate(totals: dict, direction: str) -> str:
-    seconds = totals[f"{direction}_s"]
-    return f"{totals[f'{direction}_bytes'] / seconds / GB:.2f} GB/s" if seconds else "- GB/s"
+def _rate(num_bytes: int, seconds: float) -> str:
+    return f"{num_bytes / seconds / GB:.2f} GB/s" if seconds else "- GB/s"
 
 
 def write_metrics(path: Path, metrics: dict) -> None:
+    """The metrics in their JSON form (`seesaw.stats.to_json`) as a file."""
     path.write_bytes(orjson.dumps(metrics, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
 
 

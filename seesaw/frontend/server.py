@@ -23,6 +23,7 @@ from seesaw.config import ServeConfig
 from seesaw.engine import Engine
 from seesaw.engine_client import EngineClient
 from seesaw.frontend.batch_io import SamplingDefaults
+from seesaw.frontend.daemon_stats import DaemonRequests, DaemonStats, JobCounts, TokenCounts
 from seesaw.frontend.jobs import Job
 from seesaw.frontend.protocol import (
     BUSY,
@@ -39,6 +40,7 @@ from seesaw.frontend.protocol import (
     result_frame,
 )
 from seesaw.messages import ErrorCode, RequestFinished, StatsReport, TextDelta
+from seesaw.stats import EngineStats, to_json
 from seesaw.step import FinishReason
 from seesaw.transport.curve import secure_server
 
@@ -69,7 +71,7 @@ class Server:
         self.failure: str | None = None  # set (with `failed`) if the server itself cannot go on
         self.failed = asyncio.Event()
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "busy": 0}
-        self.latest_stats: dict | None = None  # the last stats built, for the Prometheus endpoint
+        self.latest_stats: DaemonStats | None = None  # the last stats built, for the Prometheus endpoint
         self._calls: dict[str, _Call] = {}  # by the engine's request id
         self._request_ids: dict[tuple[bytes, str], set[str]] = {}  # (identity, the client's id) -> request ids
         self._jobs: dict[str, Job] = {}
@@ -336,33 +338,34 @@ class Server:
         waiters = self._stats_waiters.pop(report.query_id, [])
         stats = self.stats(report.stats)
         self.latest_stats = stats
-        for identity, label in waiters:
-            self.send(identity, frame("stats", id=label, stats=stats))
+        if waiters:
+            form = to_json(stats)
+            for identity, label in waiters:
+                self.send(identity, frame("stats", id=label, stats=form))
 
-    def stats(self, engine: dict) -> dict:
+    def stats(self, engine: EngineStats) -> DaemonStats:
         """The stats reply: this server's counts joined with the engine's."""
-        now, totals = time.monotonic(), engine["totals"]
-        generated = int(totals["generated_tokens"])
+        now, generated = time.monotonic(), engine.totals.generated_tokens
         when, before, rate = self._last_rate
         if now - when >= 0.5:
             rate = (generated - before) / (now - when)
             self._last_rate = (now, generated, rate)
-        requests, counts = engine["requests"], dict(self.counts)
+        counts = dict(self.counts)
         for job in self._jobs.values():  # and those of jobs still running, as they go
             for name, count in job.counts().items():
                 counts[name] += count
-        return {
-            "requests": {**counts, "running": requests["running"], "waiting": requests["waiting"],
-                         "queued": len(self._calls)},
-            "tokens": {"prompt": int(totals["prompt_tokens"]), "generated": generated},
-            "tokens_per_s": rate,
-            "uptime_s": now - self.started_s,
-            "phases": engine["phases"],
-            "transitions": engine["num_transitions"],
-            "kv": engine["kv"],
-            "jobs": {"running": len(self._jobs)},
-            "engine_failure": engine["failure"],
-        }
+        return DaemonStats(
+            requests=DaemonRequests(**counts, running=engine.requests.running, waiting=engine.requests.waiting,
+                                    queued=len(self._calls)),
+            tokens=TokenCounts(prompt=engine.totals.prompt_tokens, generated=generated),
+            tokens_per_s=rate,
+            uptime_s=now - self.started_s,
+            phases=engine.phases,
+            transitions=engine.run.num_transitions,
+            kv=engine.kv,
+            jobs=JobCounts(running=len(self._jobs)),
+            engine_failure=engine.failure,
+        )
 
     # ------------------------------------------------------------ to clients
 

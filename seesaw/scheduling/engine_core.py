@@ -23,6 +23,7 @@ from seesaw.scheduling.metrics import RunMetrics
 from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.request import NewRequest, RequestState
 from seesaw.scheduling.static import StaticScheduler
+from seesaw.stats import EngineStats, KVUse, RequestCounts, Totals
 from seesaw.step import StepShape, TokenUpdate, step_shape
 
 
@@ -278,30 +279,28 @@ class EngineCore:
         total = len(self._early) + held + sum(len(core.requests) for core in up)
         return total - waiting, waiting
 
-    def stats(self, with_timeline: bool = False) -> dict:
-        """Counters, live request counts, KV pool use and the phase metrics so far."""
+    def stats(self, with_timeline: bool = False) -> EngineStats:
+        """Totals, live request counts, KV pool use and the phase metrics so far."""
         running, waiting = self.num_requests()
         up = [r.core for index, r in enumerate(self.replicas) if index not in self._held]
-        counters: dict[str, float] = {"compute_s": self.compute_ms / 1000, **self.totals, **self.metrics.decode}
+        counters: dict[str, int] = {}
         for replica in self.replicas:
             for name, count in replica.core.counters.items():
                 counters[name] = counters.get(name, 0) + count
-        stats = {
-            **self.metrics.summary(self.clock(), with_transitions=with_timeline),
-            "totals": counters,
-            "requests": {"running": running, "waiting": waiting},
-            "kv": {
-                "device_blocks": sum(core.pool.num_blocks for core in up),
-                "device_blocks_used": sum(core.pool.num_used for core in up),
-                "host_blocks": self.limits.num_host_blocks,
-                "host_blocks_used": sum(core.host.num_used for core in up),
-            },
-            "phases": [phase.value for phase in self.metrics.phase],
-            "failure": self.failure,
-        }
-        if with_timeline:
-            stats["timeline"] = self.metrics.timeline_dict()
-        return stats
+        return EngineStats(
+            run=self.metrics.summary(self.clock(), with_transitions=with_timeline),
+            totals=Totals(compute_s=self.compute_ms / 1000, **self.totals, **self.metrics.decode, counters=counters),
+            requests=RequestCounts(running=running, waiting=waiting),
+            kv=KVUse(
+                device_blocks=sum(core.pool.num_blocks for core in up),
+                device_blocks_used=sum(core.pool.num_used for core in up),
+                host_blocks=self.limits.num_host_blocks,
+                host_blocks_used=sum(core.host.num_used for core in up),
+            ),
+            phases=[phase.value for phase in self.metrics.phase],
+            failure=self.failure,
+            timeline=self.metrics.timeline_now() if with_timeline else None,
+        )
 
     # ------------------------------------------------------------ placing and pumping
 

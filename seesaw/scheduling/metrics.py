@@ -4,32 +4,18 @@ and their costs, decode batch sizes and host buffer fill, kept small enough for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from seesaw.scheduling.decisions import Phase
+from seesaw.stats import RunSummary, Timeline, Transition
 
 MAX_SAMPLES = 20_000
 TRANSITION = "transition"  # the phase_seconds key of the time between a replica's phases
 
 
 @dataclass
-class Transition:
-    """One replica's switch between layouts; costs are the slowest worker's, bytes all workers'."""
-
-    replica: int
-    phase: str  # the phase it switched to
-    direction: str  # "p2->t2"
-    at_s: float  # when it was decided, since the run started
-    drain_s: float = 0.0  # waiting for the old layout's last steps
-    load_s: float = 0.0  # copying the new shard in
-    num_bytes: int = 0
-    num_workers_done: int = 0
-    reloaded_at_s: float | None = None  # when the replica's last worker was in the new layout
-
-
-@dataclass
-class Timeline:
+class TimelineSampler:
     """Samples taken at steps: time, replica, phase, decode rows, host buffer fill (thinned to
     every n-th sample as the run grows)."""
 
@@ -102,7 +88,7 @@ class RunMetrics:
         self.peak_host_fill = 0.0
         self.transitions: list[Transition] = []
         self.restarts = 0
-        self.timeline = Timeline()
+        self.timeline = TimelineSampler()
         self.spans: list[list] = []  # [replica, phase, start_s, end_s]: the phases as the steps ran them
 
     @property
@@ -159,17 +145,15 @@ class RunMetrics:
         books.phase, books.phase_name = phase, phase.value
         books.epoch += 1
         books.reloaded_s = None
-        transition = Transition(replica, phase.value, direction, now_s - self.started_s)
-        if not reloads:
-            transition.reloaded_at_s = transition.at_s
-        self.transitions.append(transition)
+        at_s = now_s - self.started_s
+        self.transitions.append(Transition(replica, phase.value, direction, at_s,
+                                           reloaded_at_s=None if reloads else at_s))
         return len(self.transitions) - 1
 
     def on_reloaded(self, now_s: float, index: int) -> None:
         """Every worker of the transition's replica is in the new layout (a simulator may say so
         ahead of time, with the time the reload will end)."""
-        transition = self.transitions[index]
-        transition.reloaded_at_s = now_s - self.started_s
+        transition = self.transitions[index] = replace(self.transitions[index], reloaded_at_s=now_s - self.started_s)
         books = self._replicas[transition.replica]
         if index == self._latest_transition(transition.replica):
             books.reloaded_s = now_s
@@ -186,10 +170,10 @@ class RunMetrics:
 
     def on_resharded(self, index: int, drain_s: float, load_s: float, num_bytes: int) -> None:
         transition = self.transitions[index]
-        transition.drain_s = max(transition.drain_s, drain_s)
-        transition.load_s = max(transition.load_s, load_s)
-        transition.num_bytes += num_bytes
-        transition.num_workers_done += 1
+        self.transitions[index] = replace(transition, drain_s=max(transition.drain_s, drain_s),
+                                          load_s=max(transition.load_s, load_s),
+                                          num_bytes=transition.num_bytes + num_bytes,
+                                          num_workers_done=transition.num_workers_done + 1)
 
     def _add_seconds(self, name: str, seconds: float) -> None:
         self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + seconds
@@ -203,25 +187,26 @@ class RunMetrics:
         self._replicas[replica].span = span
         self.spans.append(span)
 
-    def timeline_dict(self) -> dict[str, list]:
+    def timeline_now(self) -> Timeline:
+        """The timeline's samples and spans so far (copies: the books go on)."""
         timeline = self.timeline
-        return {"at_s": timeline.at_s, "replica": timeline.replica, "phase": timeline.phase,
-                "decode_rows": timeline.decode_rows, "host_fill": timeline.host_fill,
-                "spans": [list(span) for span in self.spans]}
+        return Timeline(at_s=list(timeline.at_s), replica=list(timeline.replica), phase=list(timeline.phase),
+                        decode_rows=list(timeline.decode_rows), host_fill=list(timeline.host_fill),
+                        spans=[list(span) for span in self.spans])
 
-    def summary(self, now_s: float, with_transitions: bool = True) -> dict:
+    def summary(self, now_s: float, with_transitions: bool = True) -> RunSummary:
         """Totals so far: per-phase seconds are summed over replicas. Each transition is listed
         only `with_transitions` (a long-running server's list only grows); the count always is."""
-        return {
-            "elapsed_s": now_s - self.started_s,
-            "first_phase": self.first_phase.value,
-            "num_replicas": len(self._replicas),
-            "phase_seconds": dict(self.phase_seconds),
-            "steps": dict(self.steps),
-            "mean_decode_batch": self.decode_rows / self.decode_steps if self.decode_steps else 0.0,
-            "peak_decode_batch": self.peak_decode_rows,
-            "peak_host_fill": self.peak_host_fill,
-            "replica_restarts": self.restarts,
-            "num_transitions": len(self.transitions),
-            **({"transitions": [asdict(t) for t in self.transitions]} if with_transitions else {}),
-        }
+        return RunSummary(
+            elapsed_s=now_s - self.started_s,
+            first_phase=self.first_phase.value,
+            num_replicas=len(self._replicas),
+            phase_seconds=dict(self.phase_seconds),
+            steps=dict(self.steps),
+            mean_decode_batch=self.decode_rows / self.decode_steps if self.decode_steps else 0.0,
+            peak_decode_batch=self.peak_decode_rows,
+            peak_host_fill=self.peak_host_fill,
+            replica_restarts=self.restarts,
+            num_transitions=len(self.transitions),
+            transitions=list(self.transitions) if with_transitions else None,
+        )

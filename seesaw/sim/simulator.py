@@ -30,10 +30,10 @@ from seesaw.scheduling.engine_core import (
     StartStep,
     Tokens,
 )
-from seesaw.scheduling.metrics import Transition
 from seesaw.scheduling.request import NewRequest
 from seesaw.sim.cost import GIB, CostModel
 from seesaw.sim.workload import Workload
+from seesaw.stats import Timeline, Transition, to_json
 from seesaw.step import StepShape
 
 
@@ -88,7 +88,7 @@ class SimResult:
     peak_decode_batch: int
     device_blocks: int
     host_blocks: int
-    timeline: dict[str, list]  # as `RunMetrics.timeline_dict` gives it
+    timeline: Timeline
     counters: dict[str, int]
     num_replicas: int = 1
     first_phase: str = "mixed"
@@ -107,7 +107,7 @@ class SimResult:
         return {
             "elapsed_s": self.elapsed_s, "first_phase": self.first_phase, "num_replicas": self.num_replicas,
             "phase_seconds": self.phase_s, "transitions": [asdict(t) for t in self.transitions],
-            "timeline": self.timeline,
+            "timeline": to_json(self.timeline),
         }
 
     def summary(self) -> dict:
@@ -307,7 +307,7 @@ class Simulation:
             host_peak_fraction=max(core.host.peak_fraction for core in self.engine.cores),
             mean_decode_batch=metrics.decode_rows / metrics.decode_steps if metrics.decode_steps else 0.0,
             peak_decode_batch=metrics.peak_decode_rows, device_blocks=self.device_blocks, host_blocks=self.host_blocks,
-            timeline=metrics.timeline_dict(), counters=counters, num_replicas=len(self.workers),
+            timeline=metrics.timeline_now(), counters=counters, num_replicas=len(self.workers),
             first_phase=metrics.first_phase.value, num_kv_copies=self.num_kv_copies,
         )
 
