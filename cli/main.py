@@ -192,7 +192,7 @@ def worker(
     """Join a head on another host as one worker; exits when the head shuts down."""
     import os
 
-    from seesaw.worker import main as worker_main
+    from seesaw.worker import WorkerOptions, main as worker_main
 
     head = head or os.environ.get("SEESAW_HEAD")
     if not head:
@@ -200,11 +200,10 @@ def worker(
     if rank is None:
         launched = next((os.environ[name] for name in ("SLURM_PROCID", "RANK") if os.environ.get(name, "").isdigit()), None)
         rank = int(launched) if launched is not None else None
-    flags = [] if rank is None else ["--rank", str(rank)]
-    flags += [] if local_rank is None else ["--local-rank", str(local_rank)]
-    flags += [] if advertise_address is None else ["--advertise-address", advertise_address]
-    raise typer.Exit(worker_main(["--head", head, *flags, "--join-timeout-s", str(join_timeout),
-                                  "--log-level", "INFO" if verbose else "WARNING"]))
+    raise typer.Exit(worker_main(WorkerOptions(
+        head=head, rank=rank, local_rank=local_rank, advertise_address=advertise_address, join_timeout_s=join_timeout,
+        log_level="INFO" if verbose else "WARNING",
+    )))
 
 
 def _engine(config, resolved, codec, job_kv_blocks: int | None = None):
