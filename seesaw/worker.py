@@ -56,13 +56,10 @@ class WorkerOptions:
             values = orjson.loads(text)
         except orjson.JSONDecodeError as error:
             raise ValueError(f"worker options are not JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"worker options must be a JSON object, got {text!r}")
-        unknown = set(values) - {field.name for field in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown worker options: {', '.join(sorted(unknown))}")
-        if "head" not in values:
-            raise ValueError("worker options lack the head's address ('head')")
+        names = {field.name for field in fields(cls)}
+        if not isinstance(values, dict) or "head" not in values or not values.keys() <= names:
+            raise ValueError(f"worker options must be a JSON object with 'head' and no keys but {sorted(names)}, "
+                             f"got {text!r}")
         return cls(**values)
 
 
@@ -194,4 +191,8 @@ def _die_with_parent() -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m seesaw.worker OPTIONS (WorkerOptions as JSON, as the head writes them)")
-    sys.exit(main(WorkerOptions.decode(sys.argv[1])))
+    try:
+        options = WorkerOptions.decode(sys.argv[1])
+    except ValueError as error:
+        sys.exit(f"seesaw.worker: {error}")
+    sys.exit(main(options))
