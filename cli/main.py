@@ -11,38 +11,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from seesaw.layout import Layout
 from seesaw.protocol_terms import MAX_FRAME_BYTES
 
 from .client_commands import register as register_client_commands
+from .engine_options import ONE_HOST, EngineOptions, engine_config, engine_flags, layouts
 from .plan_commands import register as register_plan_commands
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Seesaw: throughput-first LLM inference.")
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="'default' (SmolLM2-135M-Instruct), a .gguf file, a Hugging Face folder, or dummy:<preset>")]
-DeviceOption = Annotated[str, typer.Option(help="cpu or cuda")]
-DtypeOption = Annotated[Optional[str], typer.Option(help="float32 (CPU default), bfloat16 (CUDA default) or float16")]
-LayoutOption = Annotated[Optional[str], typer.Option(help="static mode: the one parallel layout (t1, t2, p2, d2, t2p2, ...); or auto: the planner simulates every layout and prefill->decode pair of this node for the job and runs the best (the default when more than one GPU is visible, or with --workers on a CPU; otherwise t1)")]
-WorkersOption = Annotated[Optional[int], typer.Option(help="--layout auto: how many workers it may use (default: every visible GPU; on a CPU, 1)")]
-PrefillLayoutOption = Annotated[Optional[str], typer.Option(help="seesaw mode: prefill in this layout (with --decode-layout)")]
-DecodeLayoutOption = Annotated[Optional[str], typer.Option(help="seesaw mode: decode in this layout (with --prefill-layout)")]
-HostLowWaterOption = Annotated[float, typer.Option(help="seesaw mode: back to prefill once the host buffer is this empty (0-1)")]
-PrefillMinFillOption = Annotated[float, typer.Option(help="seesaw mode: and once the waiting prompts would fill this share of the host buffer (0-1), or --prefill-max-wait passed, or decode has nothing left")]
-PrefillMaxWaitOption = Annotated[float, typer.Option(help="seesaw mode: seconds the oldest waiting prompt may wait for a prefill phase while decode goes on")]
 MaxTokensOption = Annotated[int, typer.Option(help="max_tokens for requests that do not set it")]
 TemperatureOption = Annotated[float, typer.Option(help="temperature for requests that do not set it (0 = greedy)")]
 TopPOption = Annotated[float, typer.Option(help="top_p for requests that do not set it")]
-MaxModelLenOption = Annotated[Optional[int], typer.Option(help="cap on prompt + output tokens (default: the model's context)")]
-TokenBudgetOption = Annotated[Optional[int], typer.Option(help="token budget of one step, chunked prefill (default: 512 on CPU, 8192 on CUDA)")]
-MaxNumSeqsOption = Annotated[int, typer.Option(help="most requests running at once")]
-BlockSizeOption = Annotated[int, typer.Option(help="tokens per KV block")]
-KVCacheOption = Annotated[Optional[float], typer.Option(help="device KV pool per worker in GiB (CPU default 2)")]
-MemoryFractionOption = Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")]
-HostBufferOption = Annotated[str, typer.Option(help="host KV buffer in GiB, or auto: what /dev/shm and memory leave beside the weight store (capped at a batch job's whole KV; static mode: a worker's KV pool where known, at most 4 GiB per worker, as evicted requests wait there)")]
-ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")]
-MaxRestartsOption = Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the engine gives up")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="log engine events")]
-OverlapOption = Annotated[bool, typer.Option("--overlap/--no-overlap", help="single-stage layouts: plan each step while the one before runs")]
 
 
 @app.callback()
@@ -51,42 +31,19 @@ def main() -> None:
 
 
 @app.command()
+@engine_flags(helps={"seed": "seed for dummy weights; lines without a seed sample with one derived from it and their custom_id"})
 def batch(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT.jsonl", help="OpenAI batch lines or simple {\"prompt\"|\"messages\"} lines")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="where results go (default: INPUT.results.jsonl)")] = None,
-    model: ModelOption = "default",
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    layout: LayoutOption = None,
-    workers: WorkersOption = None,
-    prefill_layout: PrefillLayoutOption = None,
-    decode_layout: DecodeLayoutOption = None,
-    host_low_water: HostLowWaterOption = 0.2,
-    prefill_min_fill: PrefillMinFillOption = 0.1,
-    prefill_max_wait: PrefillMaxWaitOption = 30.0,
+    options: EngineOptions = EngineOptions(),
     max_tokens: MaxTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
-    max_model_len: MaxModelLenOption = None,
-    max_num_batched_tokens: TokenBudgetOption = None,
-    max_num_seqs: MaxNumSeqsOption = 256,
-    block_size: BlockSizeOption = 16,
-    kv_cache_gb: KVCacheOption = None,
-    memory_fraction: MemoryFractionOption = 0.9,
-    host_buffer_gb: HostBufferOption = "auto",
-    overlap: OverlapOption = True,
-    threads: ThreadsOption = None,
-    seed: Annotated[int, typer.Option(help="seed for dummy weights; lines without a seed sample with one derived from it and their custom_id")] = 0,
     max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
     resume: Annotated[bool, typer.Option("--resume", help="finish an earlier run: skip every custom_id already in the output")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output instead of refusing")] = False,
     errors: Annotated[Optional[Path], typer.Option(help="write failed lines here instead of into the output")] = None,
     grace_s: Annotated[float, typer.Option(help="on SIGINT/SIGTERM: seconds the requests in flight get to finish")] = 30.0,
-    max_restarts: MaxRestartsOption = 3,
-    head_address: Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT where workers on other hosts join (seesaw-cli worker)")] = None,
-    local_workers: Annotated[Optional[int], typer.Option(help="workers this host starts (default: the whole layout); the rest join remotely")] = None,
-    advertise_address: Annotated[Optional[str], typer.Option(help="this host's address as workers on other hosts reach it (default: the routed one)")] = None,
-    join_timeout: Annotated[float, typer.Option(help="seconds for every worker to join and form its groups before the run stops, saying why")] = 60.0,
     metrics_json: Annotated[Optional[Path], typer.Option(help="write the run's metrics (phases, transitions, KV traffic) here as JSON")] = None,
     timeline: Annotated[Optional[Path], typer.Option(help="draw the run's timeline into this PNG (needs matplotlib)")] = None,
     verbose: VerboseOption = False,
@@ -98,17 +55,9 @@ def batch(
     output = output or input_path.with_name(input_path.name.removesuffix(".jsonl") + ".results.jsonl")
     started = time.perf_counter()
     try:
-        layouts = _layouts(layout, prefill_layout, decode_layout, device, workers)
-        config = _engine_config(
-            model=model, device=device, dtype=dtype, layouts=layouts or (Layout(), None), max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
-            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=_host_buffer_gb(host_buffer_gb),
-            host_low_water=host_low_water, prefill_min_fill=prefill_min_fill, prefill_max_wait=prefill_max_wait,
-            overlap=overlap, threads=threads, seed=seed, head_address=head_address,
-            local_workers=local_workers, max_restarts=max_restarts, advertise_address=advertise_address,
-            join_timeout=join_timeout,
-        )
-        defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
+        chosen = layouts(options)
+        config = engine_config(options, chosen)
+        defaults = _sampling_defaults(max_tokens, temperature, top_p, options.seed)
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         if grace_s < 0:
@@ -124,8 +73,8 @@ def batch(
         from .layout_choice import planned, warn_if_pair_loses
 
         profile = read_job(input_path, defaults, codec, config.model.context_length(resolved.spec.max_position))
-        if layouts is None:
-            config = planned(config, resolved.spec, workers, _say, profile=profile, name=input_path.name)
+        if chosen is None:
+            config = planned(config, resolved.spec, options.workers, _say, profile=profile, name=input_path.name)
         elif config.parallel.is_seesaw:
             warn_if_pair_loses(config, resolved.spec, profile, input_path.name, _say)
         engine = _engine(config, resolved, codec, job_kv_blocks=profile.kv_blocks(config.cache.block_size))
@@ -140,33 +89,14 @@ def batch(
 
 
 @app.command()
+@engine_flags(ONE_HOST)
 def serve(
     bind: Annotated[Optional[str], typer.Option(help="where clients connect: ipc://PATH or tcp://HOST:PORT (default: an ipc socket in the user's runtime folder)")] = None,
     curve_secret_key: Annotated[Optional[Path], typer.Option(help="CURVE secret key (from `seesaw-cli keys`); required for a tcp address other hosts can reach")] = None,
-    model: ModelOption = "default",
-    device: DeviceOption = "cpu",
-    dtype: DtypeOption = None,
-    layout: LayoutOption = None,
-    workers: WorkersOption = None,
-    prefill_layout: PrefillLayoutOption = None,
-    decode_layout: DecodeLayoutOption = None,
-    host_low_water: HostLowWaterOption = 0.2,
-    prefill_min_fill: PrefillMinFillOption = 0.1,
-    prefill_max_wait: PrefillMaxWaitOption = 30.0,
+    options: EngineOptions = EngineOptions(),
     max_tokens: MaxTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
-    max_model_len: MaxModelLenOption = None,
-    max_num_batched_tokens: TokenBudgetOption = None,
-    max_num_seqs: MaxNumSeqsOption = 256,
-    block_size: BlockSizeOption = 16,
-    kv_cache_gb: KVCacheOption = None,
-    memory_fraction: MemoryFractionOption = 0.9,
-    host_buffer_gb: HostBufferOption = "auto",
-    overlap: OverlapOption = True,
-    threads: ThreadsOption = None,
-    seed: Annotated[int, typer.Option(help="seed for dummy weights")] = 0,
-    max_restarts: MaxRestartsOption = 3,
     max_queued: Annotated[int, typer.Option(help="requests held at once; past this clients get 'busy' and retry")] = 4096,
     max_jobs: Annotated[int, typer.Option(help="batch jobs at once; past this clients get 'busy'")] = 16,
     max_frame_bytes: Annotated[int, typer.Option(help="larger client frames are dropped at the socket")] = MAX_FRAME_BYTES,
@@ -190,21 +120,14 @@ def serve(
             from seesaw.transport.curve import read_secret
 
             read_secret(curve_secret_key)  # a bad key file is an error now, not after the model loads
-        layouts = _layouts(layout, prefill_layout, decode_layout, device, workers)
-        config = _engine_config(
-            model=model, device=device, dtype=dtype, layouts=layouts or (Layout(), None), max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, block_size=block_size,
-            kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction, host_buffer_gb=_host_buffer_gb(host_buffer_gb),
-            host_low_water=host_low_water, prefill_min_fill=prefill_min_fill, prefill_max_wait=prefill_max_wait,
-            overlap=overlap, threads=threads, seed=seed, head_address=None, local_workers=None,
-            max_restarts=max_restarts,
-        )
-        defaults = _sampling_defaults(max_tokens, temperature, top_p, seed)
+        chosen = layouts(options)
+        config = engine_config(options, chosen)
+        defaults = _sampling_defaults(max_tokens, temperature, top_p, options.seed)
         resolved, codec = _model(config)
-        if layouts is None:  # a daemon's job is not known yet: plan for a chat-like mix
+        if chosen is None:  # a daemon's job is not known yet: plan for a chat-like mix
             from .layout_choice import planned
 
-            config = planned(config, resolved.spec, workers, _say)
+            config = planned(config, resolved.spec, options.workers, _say)
         engine = _engine(config, resolved, codec)
     except (ValueError, OSError) as error:
         _fail(str(error))
@@ -235,39 +158,6 @@ def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, g
             typer.echo(f"resuming: {count} results already in {path}", err=True)
     return BatchJob(input_path, output, sink, finished, defaults, max_pending, grace_s, metrics_json, timeline,
                     argv=sys.argv[1:])
-
-
-def _layouts(layout: str | None, prefill_layout: str | None, decode_layout: str | None, device: str,
-             workers: int | None):
-    """(layout, decode layout or None): static mode from --layout, seesaw mode from the pair, or
-    None when the planner is to choose (--layout auto, or nothing named on a node of several devices)."""
-    from .layout_choice import wants_auto
-
-    if (prefill_layout is None) != (decode_layout is None):
-        raise ValueError("--prefill-layout and --decode-layout go together (seesaw mode); "
-                         "for one layout throughout use --layout")
-    if workers is not None and workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
-    pair = prefill_layout is not None
-    if pair and layout is not None:
-        raise ValueError("--layout is static mode (or auto); with --prefill-layout and --decode-layout leave it out")
-    if wants_auto(layout, pair, device, workers):
-        return None
-    if workers is not None:
-        raise ValueError("--workers is for --layout auto; a named layout says its own number of workers")
-    if pair:
-        return Layout.parse(prefill_layout), Layout.parse(decode_layout)
-    return Layout.parse(layout or "t1"), None
-
-
-def _host_buffer_gb(text: str) -> float | None:
-    """--host-buffer-gb: a size in GiB, or None for auto."""
-    if text.strip().lower() == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--host-buffer-gb must be a size in GiB or auto, got {text!r}") from None
 
 
 def _model(config):
@@ -302,7 +192,7 @@ def worker(
     """Join a head on another host as one worker; exits when the head shuts down."""
     import os
 
-    from seesaw.worker import main as worker_main
+    from seesaw.worker import WorkerOptions, main as worker_main
 
     head = head or os.environ.get("SEESAW_HEAD")
     if not head:
@@ -310,39 +200,10 @@ def worker(
     if rank is None:
         launched = next((os.environ[name] for name in ("SLURM_PROCID", "RANK") if os.environ.get(name, "").isdigit()), None)
         rank = int(launched) if launched is not None else None
-    flags = [] if rank is None else ["--rank", str(rank)]
-    flags += [] if local_rank is None else ["--local-rank", str(local_rank)]
-    flags += [] if advertise_address is None else ["--advertise-address", advertise_address]
-    raise typer.Exit(worker_main(["--head", head, *flags, "--join-timeout-s", str(join_timeout),
-                                  "--log-level", "INFO" if verbose else "WARNING"]))
-
-
-def _engine_config(*, model, device, dtype, layouts, max_model_len, max_num_batched_tokens, max_num_seqs,
-                   block_size, kv_cache_gb, memory_fraction, host_buffer_gb, host_low_water, prefill_min_fill,
-                   prefill_max_wait, overlap, threads, seed, head_address, local_workers, max_restarts,
-                   advertise_address=None, join_timeout=60.0):
-    from seesaw.config import (
-        CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, TransportConfig,
-        default_cache_dir, default_token_budget,
-    )
-
-    layout, decode_layout = layouts
-    cache_dir = default_cache_dir()
-    return EngineConfig(
-        model=ModelConfig(model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed),
-        cache=CacheConfig(block_size=block_size, kv_cache_gb=kv_cache_gb, memory_fraction=memory_fraction,
-                          host_buffer_gb=host_buffer_gb),
-        parallel=ParallelConfig(layout=layout, decode_layout=decode_layout, threads_per_worker=threads,
-                                num_local_workers=local_workers),
-        transport=TransportConfig(head_address=head_address, max_restarts=max_restarts,
-                                  advertise_address=advertise_address, join_timeout_s=join_timeout),
-        scheduler=SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens or default_token_budget(device), max_num_seqs=max_num_seqs,
-            host_low_water=host_low_water, prefill_min_fill=prefill_min_fill, prefill_max_wait_s=prefill_max_wait,
-            overlap=overlap,
-        ),
-        cache_dir=cache_dir,
-    )
+    raise typer.Exit(worker_main(WorkerOptions(
+        head=head, rank=rank, local_rank=local_rank, advertise_address=advertise_address, join_timeout_s=join_timeout,
+        log_level="INFO" if verbose else "WARNING",
+    )))
 
 
 def _engine(config, resolved, codec, job_kv_blocks: int | None = None):

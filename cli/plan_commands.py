@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .engine_options import EngineOptions, engine_flags
+
 ProfilesOption = Annotated[Optional[list[Path]], typer.Option(
     "--profiles", help="extra profile files (JSON with gpus, links or models); calibrated ones are read too")]
 
@@ -150,13 +152,15 @@ def _print_ranking(ranked, top: int) -> None:
             typer.echo(f"cannot run {candidate.name}: {candidate.error}")
 
 
+@engine_flags(("model", "device"), defaults={"model": "dummy:tiny"}, helps={
+    "model": "the model whose engine steps time the per-step overhead",
+    "device": "cpu (workers share the cores) or cuda (device 0, against its catalogue entry's datasheet)"})
 def calibrate(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="profile file to write (default: ~/.cache/seesaw/profiles/NAME.json)")] = None,
     name: Annotated[Optional[str], typer.Option(help="name of the device and link profiles written (default: local-cpu; on CUDA the catalogue entry's, which it then stands in for)")] = None,
-    device: Annotated[str, typer.Option(help="cpu (workers share the cores) or cuda (device 0, against its catalogue entry's datasheet)")] = "cpu",
     like: Annotated[Optional[str], typer.Option(help="cuda: the catalogue entry whose datasheet peaks the device has (default: found from its name)")] = None,
     workers: Annotated[Optional[str], typer.Option(help="cpu: worker counts to profile, comma-separated (each worker gets cores / count threads)")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="the model whose engine steps time the per-step overhead")] = "dummy:tiny",
+    options: EngineOptions = EngineOptions(),
 ) -> None:
     """Measure this machine (matmul and copy rates, all-reduce and send/recv over gloo, the engine's
     step overhead), fit the result to real engine runs, and write a profile `plan` and the simulator
@@ -164,6 +168,7 @@ def calibrate(
     from seesaw.config import default_cache_dir
     from seesaw.frontend.output import check_folder
 
+    model, device = options.model, options.device
     if device not in ("cpu", "cuda"):
         _fail(f"--device must be cpu or cuda, got {device!r}")
     try:

@@ -60,6 +60,7 @@ from seesaw.transport.channels import Inbox, Outbox
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 from seesaw.transport.shared_memory import SHM_DIR, hold_lock, read_node_memory, reclaim_orphans
 from seesaw.transport.weight_store import WeightStore, store_bytes
+from seesaw.worker import WorkerOptions
 
 log = logging.getLogger(__name__)
 
@@ -331,18 +332,14 @@ class Engine:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         level = logging.getLevelName(logging.getLogger("seesaw").getEffectiveLevel())
         transport = self.config.transport
-        advertise = [] if transport.advertise_address is None else ["--advertise-address", transport.advertise_address]
-        command = [
-            sys.executable, "-m", "seesaw.worker", "--rank", str(rank),
-            "--head", self._for_workers("supervisor"), *advertise,
-            "--join-timeout-s", str(transport.join_timeout_s),
-            "--inbox", f"ipc://{self._run_dir}/worker-{rank}-{len(self._retired)}",
-            "--local-rank", str(rank),  # the head's own workers are ranks 0 .. n-1 of this host
-            "--heartbeat-s", str(self.config.transport.heartbeat_interval_s),
-            "--parent-pid", str(os.getpid()),
-            "--log-level", level,
-        ]
-        return subprocess.Popen(command, env=env)
+        options = WorkerOptions(
+            head=self._for_workers("supervisor"), rank=rank,
+            inbox=f"ipc://{self._run_dir}/worker-{rank}-{len(self._retired)}",
+            local_rank=rank,  # the head's own workers are ranks 0 .. n-1 of this host
+            heartbeat_s=transport.heartbeat_interval_s, join_timeout_s=transport.join_timeout_s,
+            advertise_address=transport.advertise_address, parent_pid=os.getpid(), log_level=level,
+        )
+        return subprocess.Popen([sys.executable, "-m", "seesaw.worker", options.encode()], env=env)
 
     def _restart_workers(self, ranks: list[int]) -> None:
         """End these ranks' processes and start new ones once the old are gone (so a new worker finds

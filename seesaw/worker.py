@@ -1,12 +1,12 @@
 """The worker process: one ShardWorker actor, its sockets, heartbeats, and a watch on the head.
 
-The head starts local workers as `python -m seesaw.worker --head ADDR --rank R --inbox ADDR`;
-workers on other hosts join with `seesaw-cli worker --head tcp://HOST:PORT` and get a rank.
+The head starts local workers as `python -m seesaw.worker OPTIONS`, its `WorkerOptions` as one
+JSON argument; workers on other hosts join with `seesaw-cli worker --head tcp://HOST:PORT` and get
+a rank.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
@@ -16,7 +16,9 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
 
+import orjson
 import zmq.asyncio
 
 from seesaw.actors.shard_worker import ShardWorker
@@ -28,30 +30,42 @@ log = logging.getLogger("seesaw.worker")
 _PR_SET_PDEATHSIG = 1
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="seesaw.worker")
-    parser.add_argument("--head", required=True, help="the head's supervisor address")
-    parser.add_argument("--rank", type=int, default=None, help="the rank to take (default: the head assigns one)")
-    parser.add_argument("--inbox", default=None, help="address to bind for commands (default: a free TCP port)")
-    parser.add_argument("--local-rank", type=int, default=None,
-                        help="which of this host's GPUs to use (default: LOCAL_RANK or SLURM_LOCALID, else the "
-                             "first GPU no other Seesaw worker on this host holds)")
-    parser.add_argument("--heartbeat-s", type=float, default=1.0)
-    parser.add_argument("--head-timeout-s", type=float, default=60.0, help="exit after this long without the head")
-    parser.add_argument("--join-timeout-s", type=float, default=60.0,
-                        help="give up joining when the head has not answered within this long")
-    parser.add_argument("--advertise-address", default=None,
-                        help="this host's address as the head and the other workers reach it (default: the "
-                             "interface toward the head, or GLOO_SOCKET_IFNAME's)")
-    parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--log-level", default="WARNING")
-    return parser.parse_args(argv)
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What a worker process is told at start: by `seesaw-cli worker`, or by the head as one JSON
+    argument of `python -m seesaw.worker`."""
+
+    head: str  # the head's supervisor address
+    rank: int | None = None  # None: the head assigns one
+    inbox: str | None = None  # address to bind for commands; None: a free TCP port
+    local_rank: int | None = None  # which of this host's GPUs; None: LOCAL_RANK or SLURM_LOCALID, else the first free
+    heartbeat_s: float = 1.0
+    head_timeout_s: float = 60.0  # exit after this long without the head
+    join_timeout_s: float = 60.0  # give up joining when the head has not answered within this long
+    advertise_address: str | None = None  # this host's address as the head and the other workers reach it
+    parent_pid: int | None = None  # the head that spawned this worker, which it dies with
+    log_level: str = "WARNING"
+
+    def encode(self) -> str:
+        return orjson.dumps(asdict(self)).decode()
+
+    @classmethod
+    def decode(cls, text: str) -> WorkerOptions:
+        """The options `encode` wrote; a ValueError naming what is wrong otherwise."""
+        try:
+            values = orjson.loads(text)
+        except orjson.JSONDecodeError as error:
+            raise ValueError(f"worker options are not JSON: {error}") from None
+        names = {field.name for field in fields(cls)}
+        if not isinstance(values, dict) or "head" not in values or not values.keys() <= names:
+            raise ValueError(f"worker options must be a JSON object with 'head' and no keys but {sorted(names)}, "
+                             f"got {text!r}")
+        return cls(**values)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
-    if args.parent_pid is not None:
+def main(options: WorkerOptions) -> int:
+    logging.basicConfig(level=options.log_level, format="%(asctime)s worker %(levelname)s %(message)s")
+    if options.parent_pid is not None:
         # A signal to the whole process group (Ctrl-C, a cluster scheduler's SIGTERM) is the head's
         # to handle: it finishes what is in flight, then shuts its workers down.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -61,28 +75,28 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         uvloop.install()
-    code = asyncio.run(serve(args))
+    code = asyncio.run(serve(options))
     logging.shutdown()
     # A step stuck in a collective whose peer died must not keep the process alive.
     os._exit(code)
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(options: WorkerOptions) -> int:
     context = zmq.asyncio.Context()
-    supervisor = Outbox(context, args.head)
-    ip = _local_ip(args.head, args.advertise_address)
+    supervisor = Outbox(context, options.head)
+    ip = _local_ip(options.head, options.advertise_address)
     pin_interfaces(ip, os.environ)  # before torch.distributed starts: gloo and NCCL use this interface too
     # An address given by hand may belong to a NAT or a container's host: listen everywhere, announce it.
-    inbox = Inbox(context, args.inbox or f"tcp://{'0.0.0.0' if args.advertise_address else ip}:*")
+    inbox = Inbox(context, options.inbox or f"tcp://{'0.0.0.0' if options.advertise_address else ip}:*")
     announced = reachable(inbox.bound_address, ip)
-    worker = ShardWorker(inbox, args.rank, supervisor, context, local_rank(args.local_rank, os.environ), ip)
+    worker = ShardWorker(inbox, options.rank, supervisor, context, local_rank(options.local_rank, os.environ), ip)
     loop = asyncio.get_running_loop()
-    if args.parent_pid is None:  # a worker started by hand stops on a signal
+    if options.parent_pid is None:  # a worker started by hand stops on a signal
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stopped.set)
-    supervisor.send(WorkerHello(args.rank, os.getpid(), socket.gethostname(), announced))
+    supervisor.send(WorkerHello(options.rank, os.getpid(), socket.gethostname(), announced))
     task = worker.start()
-    heartbeat = loop.create_task(_heartbeat(worker, supervisor, args, announced))
+    heartbeat = loop.create_task(_heartbeat(worker, supervisor, options, announced))
     stopped = loop.create_task(worker.stopped.wait())
     await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
     exit_code = 1 if worker.has_failed else 0
@@ -135,34 +149,34 @@ def _local_ip(head: str, override: str | None) -> str:
     return advertise_ip(host_of(head), override, os.environ)
 
 
-async def _heartbeat(worker: ShardWorker, supervisor: Outbox, args: argparse.Namespace, inbox: str) -> None:
+async def _heartbeat(worker: ShardWorker, supervisor: Outbox, options: WorkerOptions, inbox: str) -> None:
     started = time.monotonic()
     while True:
-        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+        if options.parent_pid is not None and os.getppid() != options.parent_pid:
             log.error("the head process is gone; exiting")
             worker.stopped.set()
             return
-        if worker.heard_head is None and time.monotonic() - started > args.join_timeout_s:
-            reason = _no_answer(args, inbox)
+        if worker.heard_head is None and time.monotonic() - started > options.join_timeout_s:
+            reason = _no_answer(options, inbox)
             log.error("%s", reason)
             supervisor.send(WorkerFailed(worker.rank, reason, "joining", os.getpid()))
             worker.has_failed = True
             worker.stopped.set()
             return
-        if worker.heard_head is not None and time.monotonic() - worker.heard_head > args.head_timeout_s:
-            log.error("nothing from the head for %.0f s; exiting", args.head_timeout_s)
+        if worker.heard_head is not None and time.monotonic() - worker.heard_head > options.head_timeout_s:
+            log.error("nothing from the head for %.0f s; exiting", options.head_timeout_s)
             worker.has_failed = True
             worker.stopped.set()
             return
         if worker.rank is not None:  # a worker that joined without a rank waits for the head's answer
             supervisor.send(Heartbeat(worker.rank))
-        await asyncio.sleep(args.heartbeat_s)
+        await asyncio.sleep(options.heartbeat_s)
 
 
-def _no_answer(args: argparse.Namespace, inbox: str) -> str:
+def _no_answer(options: WorkerOptions, inbox: str) -> str:
     """Why a worker that never heard its head gives up, and what to try."""
-    return (f"the worker on {socket.gethostname()} heard nothing from the head within {args.join_timeout_s:.0f} s. "
-            f"Either it cannot reach the head at {args.head} (check --head or SEESAW_HEAD, and that the head runs "
+    return (f"the worker on {socket.gethostname()} heard nothing from the head within {options.join_timeout_s:.0f} s. "
+            f"Either it cannot reach the head at {options.head} (check --head or SEESAW_HEAD, and that the head runs "
             f"with that --head-address), or the head cannot reach this worker at {inbox} (give this worker "
             f"--advertise-address with an address of this host the head's host can reach)")
 
@@ -175,4 +189,10 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m seesaw.worker OPTIONS (WorkerOptions as JSON, as the head writes them)")
+    try:
+        options = WorkerOptions.decode(sys.argv[1])
+    except ValueError as error:
+        sys.exit(f"seesaw.worker: {error}")
+    sys.exit(main(options))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_MODELS, default_config, generate, greedy_requests, make_tiny_model
+from helpers import TINY_MODELS, default_config, generate, greedy_requests, make_tiny_model, spawned_worker_options
 from seesaw.config import default_cache_dir
 from seesaw.text import TextCodec
 from seesaw.model.resolve import resolve_model
@@ -64,12 +64,14 @@ def _leftovers() -> set[str]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                args = (proc / "cmdline").read_bytes().split(b"\0")
+                cmdline = (proc / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"seesaw.worker" in args:
-                head = args[args.index(b"--parent-pid") + 1] if b"--parent-pid" in args else b""
-                found.add((f"pid:{proc.name}", int(head) if head.isdigit() else None))
+            if b"seesaw.worker" in cmdline.split(b"\0"):
+                options = spawned_worker_options(cmdline)
+                # One the options do not name a head for (another version's) counts as its parent's.
+                head = options.parent_pid if options is not None else _parent(int(proc.name))
+                found.add((f"pid:{proc.name}", head))
     return {name for name, head in found if head is None or not _is_anothers(head)}
 
 
@@ -84,11 +86,18 @@ def _is_anothers(pid: int) -> bool:
     while pid > 1:
         if pid == os.getpid():
             return False
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        pid = _parent(pid)
+        if pid is None:
             return False  # gone: whatever it left is for this run to answer for
     return True
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of a live process; None once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from seesaw.layout import Layout
 from seesaw.model.resolve import resolve_model
 from seesaw.sampling import SamplingParams
 from seesaw.config import SchedulerConfig
+from seesaw.worker import WorkerOptions
 
 TINY_VOCAB = 320
 
@@ -162,3 +163,13 @@ def ragged_attention_batch(shapes, block_size: int, head_dim: int, device: str, 
     kernels = AttentionKernels(block_size, head_dim, torch.float32, ragged_kernel=kernel)
     tables = BlockTables(torch.device(device), mirrored=True)
     return build_step_inputs(rows, [], tables, None, kernels, Uploader(torch.device(device))).attention
+
+
+def spawned_worker_options(cmdline: bytes) -> WorkerOptions | None:
+    """The options a worker process the head spawned was started with, read from its
+    /proc/PID/cmdline; None for any other process."""
+    args = cmdline.split(b"\0")
+    try:
+        return WorkerOptions.decode(args[args.index(b"seesaw.worker") + 1].decode())
+    except (IndexError, ValueError):  # not a spawned worker (a UnicodeDecodeError is a ValueError too)
+        return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from helpers import random_prompts
+from helpers import random_prompts, spawned_worker_options
 
 CLI = [sys.executable, "-m", "seesaw_cli.main"]
 
@@ -83,9 +83,9 @@ def _worker_pids(parent: int) -> dict[int, int]:
             except OSError:
                 continue
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == parent and b"seesaw.worker" in cmdline:
-                args = cmdline.split(b"\0")
-                pids[int(args[args.index(b"--rank") + 1])] = int(proc.name)
+            options = spawned_worker_options(cmdline) if ppid == parent else None
+            if options is not None:
+                pids[options.rank] = int(proc.name)
     return pids
 
 

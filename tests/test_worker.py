@@ -1,15 +1,51 @@
-"""How a worker process finds its place on its host."""
+"""How a worker process finds its place on its host, and what it is told at start."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
+
 from seesaw.layout import Layout
-from seesaw.worker import local_rank
+from seesaw.worker import WorkerOptions, local_rank
 
 
 def test_a_worker_takes_the_gpu_its_launcher_names():
     assert local_rank(3, {"LOCAL_RANK": "1"}) == 3  # --local-rank wins
     assert local_rank(None, {"LOCAL_RANK": "1", "SLURM_LOCALID": "2"}) == 1
     assert local_rank(None, {"SLURM_LOCALID": "2"}) == 2
+
+
+@pytest.mark.parametrize("options", [
+    WorkerOptions(head="tcp://10.0.0.1:5555"),
+    WorkerOptions(head="ipc:///run/seesaw/supervisor", rank=3, inbox="ipc:///run/seesaw/worker-3-0", local_rank=3,
+                  heartbeat_s=0.5, head_timeout_s=20.0, join_timeout_s=5.0, advertise_address="10.0.0.2",
+                  parent_pid=1234, log_level="INFO"),
+])
+def test_worker_options_come_back_from_their_encoding_unchanged(options):
+    assert WorkerOptions.decode(options.encode()) == options
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("--head tcp://h:1", "not JSON"),
+    ("[1, 2]", "must be a JSON object with 'head'"),
+    ('{"rank": 1}', "must be a JSON object with 'head'"),
+    ('{"head": "tcp://h:1", "ranks": 1}', "no keys but .*'rank'.*got .*ranks"),
+])
+def test_bad_worker_options_are_refused_naming_what_is_wrong(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        WorkerOptions.decode(text)
+
+
+@pytest.mark.parametrize("argv,problem", [
+    ([], "usage: python -m seesaw.worker OPTIONS"),
+    (["--head", "tcp://h:1"], "usage: python -m seesaw.worker OPTIONS"),
+    (["{}"], "seesaw.worker: worker options must be a JSON object with 'head'"),
+])
+def test_the_worker_module_given_anything_but_its_options_says_what_it_takes(argv, problem):
+    done = subprocess.run([sys.executable, "-m", "seesaw.worker", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and problem in done.stderr and "Traceback" not in done.stderr
 
 
 async def test_a_stopping_worker_drops_a_copy_its_executors_no_longer_take(caplog):
