@@ -10,7 +10,7 @@ import itertools
 import secrets
 
 from seesaw.engine import Engine, EngineError
-from seesaw.messages import CancelRequest, Message, QueryStats, RequestKind, Submit
+from seesaw.messages import CancelRequest, QueryStats, RequestKind, Submit, ToFrontDoor
 from seesaw.sampling import SamplingParams
 from seesaw.transport.channels import Inbox, Outbox
 
@@ -35,6 +35,7 @@ class EngineClient:
     def open(self) -> EngineClient:
         context = self.engine.context
         self._replies = Inbox(context, self.engine.reply_address(self.name))
+        self._replies.accept(ToFrontDoor)
         self._queue = Outbox(context, self.engine.request_queue_address)
         self._scheduler = Outbox(context, self.engine.scheduler_address)
         return self
@@ -90,11 +91,11 @@ class EngineClient:
 
     # ------------------------------------------------------------ from the engine
 
-    def receive_nowait(self) -> Message | None:
+    def receive_nowait(self) -> ToFrontDoor | None:
         """A reply already here, or None (never waits)."""
         return self._replies.recv_nowait()
 
-    async def receive(self, timeout_s: float | None = None, watch_failure: bool = True) -> Message | None:
+    async def receive(self, timeout_s: float | None = None, watch_failure: bool = True) -> ToFrontDoor | None:
         """The next reply; None after `timeout_s` seconds without one (None: wait for one). Raises
         EngineError once the engine has failed and no reply is here to take (`watch_failure`
         False: only replies, such as the failure's own answers to what was in flight)."""

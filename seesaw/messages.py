@@ -461,12 +461,8 @@ ToSupervisor = (WorkerHello | GroupsPrepared | WorkerReady | WorkerFailed | Hear
                 | Shutdown)
 ToEngine = EngineReady | EngineFailed | RestartWorkers | StatsReport
 
-Message = typing.Any
-_TYPES: dict[str, type] = {
-    cls.__name__: cls
-    for union in (ToRequestQueue, ToFrontDoor, ToScheduler, ToKVTier, ToShardWorker, ToSupervisor, ToEngine)
-    for cls in typing.get_args(union)
-}
+Message = ToRequestQueue | ToFrontDoor | ToScheduler | ToKVTier | ToShardWorker | ToSupervisor | ToEngine
+_TYPES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(Message)}
 
 
 def encode(message: Message) -> bytes:
@@ -474,17 +470,27 @@ def encode(message: Message) -> bytes:
     return orjson.dumps([type(message).__name__, message])
 
 
-def decode(data: bytes) -> Message:
-    """The message `encode` wrote; ValueError on an unknown type or malformed fields."""
-    try:
-        name, fields = orjson.loads(data)
-        return _build(_TYPES[name], fields)
-    except (orjson.JSONDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"malformed message {data[:80]!r}: {error!r}") from None
+class Decoder:
+    """Makes messages of the types of `accepts` (an inbox's union, or one type) from what `encode`
+    wrote; ValueError on any other type, malformed bytes or malformed fields."""
 
+    def __init__(self, accepts=Message):
+        self.builders = {cls.__name__: _builder(cls) for cls in typing.get_args(accepts) or (accepts,)}
 
-def _build(cls: type, fields: dict):
-    return _builder(cls)(fields)
+    def __call__(self, data: bytes) -> Message:
+        try:
+            name, fields = orjson.loads(data)
+        except (orjson.JSONDecodeError, ValueError, TypeError) as error:
+            raise ValueError(f"malformed message {data[:80]!r}: {error!r}") from None
+        build = self.builders.get(name) if isinstance(name, str) else None
+        if build is None:
+            known = "an unknown type" if name not in _TYPES else "not a message this inbox takes"
+            raise ValueError(f"message {str(name)[:40]!r} is {known}")
+        try:
+            return build(fields)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed {name} {data[:80]!r}: {error!r}") from None
+
 
 
 @functools.cache
@@ -523,3 +529,6 @@ def _converter(hint) -> typing.Callable[[typing.Any], typing.Any] | None:
             if option is not types.NoneType and (converter := _converter(option)) is not None:
                 return converter
     return None
+
+
+decode = Decoder()  # any message

@@ -71,9 +71,9 @@ def test_every_message_says_who_sends_it_to_whom():
         assert dataclasses.is_dataclass(cls) and "->" in (cls.__doc__ or ""), cls.__name__
 
 
-@pytest.mark.parametrize("data", [b"nope", b'["NoSuchMessage", {}]', b'["StopRequest"]'])
+@pytest.mark.parametrize("data", [b"nope", b'["StopRequest"]', b'["StopRequest", {"id": 1}]', b'["StopRequest", 3]'])
 def test_malformed_messages_are_rejected(data):
-    with pytest.raises(ValueError, match="malformed message"):
+    with pytest.raises(ValueError, match="malformed"):
         m.decode(data)
 
 
@@ -86,3 +86,13 @@ def test_sampling_is_checked_as_it_is_made_and_gives_each_row_its_part():
         dataclasses.replace(params, top_p=2.0)
     assert params.for_row(3) == RowSampling(0.5, 0.9, 7, 11, output_index=3)
     assert m.decode(m.encode(m.AddRequest("r", [1], params))).sampling == params
+
+
+def test_an_inbox_decodes_only_the_messages_it_takes():
+    to_scheduler = m.Decoder(m.ToScheduler)
+    assert to_scheduler(m.encode(m.StopRequest("r1"))) == m.StopRequest("r1")
+    with pytest.raises(ValueError, match="'RunStep' is not a message this inbox takes"):
+        to_scheduler(m.encode(m.RunStep(1, [])))
+    with pytest.raises(ValueError, match="'Nope' is an unknown type"):
+        to_scheduler(b'["Nope", {}]')
+    assert m.Decoder(m.Shutdown)(m.encode(m.Shutdown())) == m.Shutdown()

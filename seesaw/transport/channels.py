@@ -9,14 +9,17 @@ from __future__ import annotations
 import zmq
 import zmq.asyncio
 
-from seesaw.messages import Message, decode, encode
+from seesaw.messages import Decoder, Message, encode
 
 
 class Inbox:
-    """The receiving end of an actor: bound at one or more addresses, decoded messages out."""
+    """The receiving end of an actor: bound at one or more addresses, decoded messages out (only
+    those of the types it `accept`s: by default any message; a frame of another type, or one that
+    is not a message, raises ValueError from `recv`)."""
 
     def __init__(self, context: zmq.asyncio.Context, *addresses: str):
         self.addresses = addresses
+        self._decode = Decoder()
         self._socket = context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, 0)
@@ -25,13 +28,17 @@ class Inbox:
             self._socket.bind(address)
             self.bound_address = self.bound_address or self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def accept(self, accepts) -> None:
+        """Decode only messages of `accepts` (a union of message types, or one type) from now on."""
+        self._decode = Decoder(accepts)
+
     async def recv(self, timeout_s: float | None = None) -> Message:
         """The next message; TimeoutError after `timeout_s` seconds (None waits for one)."""
         if timeout_s is None:
-            return decode(await self._socket.recv())
+            return self._decode(await self._socket.recv())
         if not await self._socket.poll(timeout=int(timeout_s * 1000)):
             raise TimeoutError(f"no message on {self.addresses[0]} within {timeout_s:.1f} s")
-        return decode(await self._socket.recv())
+        return self._decode(await self._socket.recv())
 
     def recv_nowait(self) -> Message | None:
         """The next message if one is already here, else None (never waits)."""
@@ -41,7 +48,7 @@ class Inbox:
             return None
         if error is not None:
             raise error
-        return decode(received.result())
+        return self._decode(received.result())
 
     def close(self) -> None:
         self._socket.close(linger=0)
