@@ -7,13 +7,13 @@ from dataclasses import dataclass
 
 import orjson
 
-from seesaw.protocol_terms import BUSY, SHUTTING_DOWN, UNSUPPORTED_VERSION, VERSION
+from seesaw.protocol_terms import BUSY, CHAT, COMPLETIONS, SHUTTING_DOWN, UNSUPPORTED_VERSION, VERSION
 from seesaw.frontend.batch_io import BatchItem, SamplingDefaults, parse_body, response_body
 from seesaw.messages import ErrorCode, RequestFinished, RequestKind
 
 MAX_LABEL_CHARS = 256
 MAX_INLINE_LINES = 100_000
-ENDPOINTS = {"chat": RequestKind.CHAT, "completions": RequestKind.COMPLETION}
+KINDS = {CHAT: RequestKind.CHAT, COMPLETIONS: RequestKind.COMPLETION}  # what each endpoint asks of the engine
 _STATUS = {BUSY: 429, SHUTTING_DOWN: 503, ErrorCode.ENGINE_FAILED: 500, ErrorCode.SERVER_ERROR: 500}
 
 
@@ -127,8 +127,8 @@ def _optional_string(record: dict, name: str) -> str | None:
 
 def _submit(record: dict, label: str, defaults: SamplingDefaults) -> SubmitCall:
     endpoint = record.get("endpoint")
-    if endpoint not in ENDPOINTS:
-        raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    if endpoint not in KINDS:
+        raise ValueError(f"endpoint must be one of {', '.join(KINDS)}, got {endpoint!r}")
     body = record.get("body")
     if not isinstance(body, dict):
         raise ValueError("body must be a JSON object")
@@ -136,7 +136,7 @@ def _submit(record: dict, label: str, defaults: SamplingDefaults) -> SubmitCall:
     body_stream = body.get("stream", False)
     if not isinstance(stream, bool) or not isinstance(body_stream, bool):
         raise ValueError("stream must be true or false")
-    kind = ENDPOINTS[endpoint]
+    kind = KINDS[endpoint]
     needed = "messages" if kind == RequestKind.CHAT else "prompt"
     if needed not in body:
         raise ValueError(f"body of a {endpoint} request needs {needed}")
