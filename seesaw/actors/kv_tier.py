@@ -6,7 +6,7 @@ Sends: SwapOut and Prefetch to every worker of the request's replica; KVSaved an
 Scheduler once every one of them has moved its share, with the bytes they moved and their time.
 
 The scheduling cores decide which host blocks hold what; this actor fans each move out to the
-workers and counts their answers.
+workers and counts their answers. It reaches the workers as the Scheduler does (`ReplicaWorkers`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.actors.replica_workers import ReplicaWorkers
 from seesaw.kv.transfers import PendingTransfers
 from seesaw.layout import Layout
 from seesaw.messages import (
@@ -39,22 +40,22 @@ class KVTier(Actor):
 
     def __init__(self, inbox: Inbox, context: zmq.asyncio.Context, layout: Layout, scheduler: Outbox):
         super().__init__(inbox)
-        self.context = context
-        self.layout = layout
         self.scheduler = scheduler
-        self.workers: list[list[tuple[int, Outbox]]] = []  # (rank, outbox) of each replica
+        self.workers = ReplicaWorkers(self, context, layout)
         self.saving = PendingTransfers()
         self.loading = PendingTransfers()
 
     def handle(self, message):
         match message:
             case SaveKV():
-                transfer_id = self.saving.begin(message.request_id, message.replica, self._ranks(message.replica))
-                self._fan_out(message.replica, SwapOut(transfer_id, message.request_id, message.layout,
+                transfer_id = self.saving.begin(message.request_id, message.replica,
+                                                self.workers.ranks(message.replica))
+                self.workers.send(message.replica, SwapOut(transfer_id, message.request_id, message.layout,
                                                        message.block_ids, message.host_block_ids))
             case LoadKV():
-                transfer_id = self.loading.begin(message.request_id, message.replica, self._ranks(message.replica))
-                self._fan_out(message.replica, Prefetch(transfer_id, message.request_id, message.layout,
+                transfer_id = self.loading.begin(message.request_id, message.replica,
+                                                 self.workers.ranks(message.replica))
+                self.workers.send(message.replica, Prefetch(transfer_id, message.request_id, message.layout,
                                                         message.host_block_ids, message.block_ids))
             case SwappedOut():
                 done = self.saving.acknowledge(message.transfer_id, message.rank, message.num_bytes, message.seconds)
@@ -65,30 +66,11 @@ class KVTier(Actor):
                 if done is not None:
                     self.scheduler.send(KVLoaded(done.request_id, done.num_bytes, done.seconds))
             case EngineReady():
-                self._on_engine_ready(message)
+                self.workers.connect_all(message.worker_addresses)
             case ReplicaLost():
                 self.saving.drop_replica(message.replica)
                 self.loading.drop_replica(message.replica)
+                self.workers.drop(message.replica)
             case ReplicaReady():
-                self._connect(message.replica, message.worker_addresses)
-
-    def _on_engine_ready(self, message: EngineReady) -> None:
-        self.workers = [[] for _ in range(self.layout.dp)]
-        for replica in range(self.layout.dp):
-            ranks = self.layout.replica_ranks(replica)
-            self._connect(replica, [message.worker_addresses[rank] for rank in ranks])
-
-    def _connect(self, replica: int, addresses: list[str]) -> None:
-        """Outboxes to a replica's workers (again, after a restart)."""
-        for _, outbox in self.workers[replica]:
-            self.disconnect(outbox)
-        ranks = self.layout.replica_ranks(replica)
-        self.workers[replica] = [(rank, self.connect(self.context, address)) for rank, address in zip(ranks, addresses)]
-
-    def _ranks(self, replica: int) -> list[int]:
-        return [rank for rank, _ in self.workers[replica]]
-
-    def _fan_out(self, replica: int, command) -> None:
-        for _, worker in self.workers[replica]:
-            worker.send(command)
+                self.workers.connect(message.replica, message.worker_addresses)
 

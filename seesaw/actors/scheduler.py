@@ -22,6 +22,7 @@ from typing import NamedTuple
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.actors.replica_workers import ReplicaWorkers
 from seesaw.config import SchedulerConfig
 from seesaw.layout import Layout
 from seesaw.messages import (
@@ -109,7 +110,7 @@ class Scheduler(Actor):
         self.supervisor = supervisor
         self.engine = engine
         self.step_timeout_s = step_timeout_s
-        self.workers: list[list[Outbox]] = []  # each replica's workers
+        self.workers = ReplicaWorkers(self, context, self.layout)
         self._timers: dict[Timer, asyncio.TimerHandle] = {}  # steps, re-shards and KV moves in flight
         self._replies: dict[str, Outbox] = {}  # where stats go, by address
 
@@ -136,15 +137,12 @@ class Scheduler(Actor):
             case QueryStats():
                 self._on_query_stats(message)
             case EngineReady():
-                addresses = message.worker_addresses
-                self.workers = [[self.connect(self.context, addresses[rank]) for rank in self.layout.replica_ranks(r)]
-                                for r in range(self.layout.dp)]
+                self.workers.connect_all(message.worker_addresses)
                 self._apply(self.core.ready(message.num_device_blocks))
             case ReplicaLost():
                 self._on_replica_lost(message)
             case ReplicaReady():
-                self.workers[message.replica] = [self.connect(self.context, address)
-                                                 for address in message.worker_addresses]
+                self.workers.connect(message.replica, message.worker_addresses)
                 self._apply(self.core.replica_ready(message.replica, message.num_device_blocks))
             case EngineFailed():
                 self._on_engine_failed(message)
@@ -158,9 +156,7 @@ class Scheduler(Actor):
         for key in [key for key in self._timers if (key.request_id in request_ids if isinstance(key, MoveTimer)
                                                     else key.replica == replica)]:
             self._timers.pop(key).cancel()
-        for outbox in self.workers[replica]:
-            self.disconnect(outbox)
-        self.workers[replica] = []
+        self.workers.drop(replica)
         log.warning("replica %d lost (%s); %d requests wait for it to restart", replica, message.reason,
                     self.core.num_held(replica))
 
@@ -177,9 +173,7 @@ class Scheduler(Actor):
         for effect in effects:
             match effect:
                 case StartStep(replica, _, plan):
-                    step = RunStep(plan.step_id, plan.rows, plan.released)
-                    for worker in self.workers[replica]:
-                        worker.send(step)
+                    self.workers.send(replica, RunStep(plan.step_id, plan.rows, plan.released))
                     self._arm(StepTimer(replica, plan.step_id), f"step {plan.step_id} of replica {replica} "
                               f"({len(plan.rows)} requests) did not finish within {self.step_timeout_s:.0f} s")
                 case StartMove(replica, move):
@@ -200,8 +194,7 @@ class Scheduler(Actor):
 
     def _start_reshard(self, replica: int, layout: Layout, index: int) -> None:
         log.info("replica %d: re-sharding to %s (transition %d)", replica, layout, index)
-        for worker in self.workers[replica]:
-            worker.send(Reshard(layout))
+        self.workers.send(replica, Reshard(layout))
         self.supervisor.send(WorkersBusy(list(self.layout.replica_ranks(replica)), f"re-sharding to {layout}"))
         self._arm(ReshardTimer(replica, index), f"replica {replica} did not finish re-sharding to {layout} "
                                                 f"within {self.step_timeout_s:.0f} s")
