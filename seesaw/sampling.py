@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from seesaw.step import RowSampling
+from seesaw.step import FinishReason, RowSampling
 
 MAX_STOP_STRINGS = 16
 
@@ -62,6 +62,44 @@ class SamplingParams:
     def for_row(self, output_index: int) -> RowSampling:
         """What the last stage needs to sample this request's token number `output_index`."""
         return RowSampling(self.temperature, self.top_p, self.top_k, self.seed, output_index)
+
+    def stop_conditions(self, eos_token_ids: frozenset[int] = frozenset(),
+                        max_context: int | None = None) -> StopConditions:
+        """What ends this request, given the model's end tokens and the context it holds."""
+        token_ids = frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else eos_token_ids)
+        return StopConditions(token_ids, self.max_tokens, max_context, tuple(self.stop))
+
+
+@dataclass(frozen=True, slots=True)
+class StopConditions:
+    """Every condition that ends one request's generation, decided here: a stop token (its own, or
+    the model's end tokens unless it ignores them), its length (max_tokens or the model's context)
+    and a stop string. The scheduler applies the token conditions as tokens are sampled, the
+    RequestQueue the stop strings as they become text."""
+
+    token_ids: frozenset[int]
+    max_tokens: int
+    max_context: int | None  # prompt and output tokens the model holds; None: no limit
+    strings: tuple[str, ...] = ()
+
+    def after_token(self, token: int, num_output: int, num_tokens: int) -> FinishReason | None:
+        """Why the request ends with `token` (its output now `num_output` tokens, prompt and output
+        `num_tokens`), or None while it goes on."""
+        if token in self.token_ids:
+            return FinishReason.STOP
+        if num_output >= self.max_tokens or (self.max_context is not None and num_tokens >= self.max_context):
+            return FinishReason.LENGTH
+        return None
+
+    def first_string(self, text: str, start: int = 0) -> int | None:
+        """Where the first stop string found in `text` from `start` on begins, or None."""
+        found = [index for index in (text.find(string, start) for string in self.strings) if index >= 0]
+        return min(found) if found else None
+
+    @property
+    def held_chars(self) -> int:
+        """How much of a streamed text's end to hold back while it may still be a stop string's start."""
+        return max((len(string) for string in self.strings), default=1) - 1
 
 
 def _is_number(value) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from seesaw.sampling import StopConditions
+
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -73,9 +75,10 @@ def normalize_messages(messages) -> list[dict]:
 
 
 class IncrementalText:
-    """Text of a growing token list, emitted only once complete characters are known, with stop strings."""
+    """Text of a growing token list, emitted only once complete characters are known, cut at the
+    first of the request's stop strings."""
 
-    def __init__(self, codec: TextCodec, stop: list[str]):
+    def __init__(self, codec: TextCodec, stop: StopConditions):
         self.codec = codec
         self.stop = stop
         self.token_ids: list[int] = []
@@ -83,7 +86,6 @@ class IncrementalText:
         self.is_stopped = False
         self._prefix_offset = 0  # tokens before this only give context for the next piece
         self._read_offset = 0  # tokens before this are already in `text`
-        self._longest_stop = max((len(s) for s in stop), default=0)
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the text they completed (empty while a character is partial)."""
@@ -99,10 +101,9 @@ class IncrementalText:
     def _append(self, piece: str) -> str:
         before = len(self.text)
         self.text += piece
-        if self.stop:
-            search_from = max(0, before - self._longest_stop + 1)
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
+        if self.stop.strings:
+            cut = self.stop.first_string(self.text, max(0, before - self.stop.held_chars))
+            if cut is not None:
+                self.text = self.text[:cut]
                 self.is_stopped = True
         return self.text[before:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from seesaw.sampling import SamplingParams
 from seesaw.text import IncrementalText, TextCodec, normalize_messages
 
 
@@ -15,7 +16,7 @@ def codec(default_model):
 def test_incremental_text_equals_the_full_decode(codec):
     text = "Héllo wörld! 東京 🎉 — naïve café, ünïcödé ✓"
     ids = codec.encode_prompt(text)
-    stream = IncrementalText(codec, [])
+    stream = IncrementalText(codec, SamplingParams().stop_conditions())
     pieces = [stream.add([token]) for token in ids]
     assert "".join(pieces) == stream.text == codec.decode(ids) == text
     assert all("\ufffd" not in piece for piece in pieces)
@@ -23,7 +24,7 @@ def test_incremental_text_equals_the_full_decode(codec):
 
 def test_stop_string_spanning_tokens_truncates_before_it(codec):
     ids = codec.encode_prompt("one two three four five")
-    stream = IncrementalText(codec, ["ee fo"])
+    stream = IncrementalText(codec, SamplingParams(stop=["ee fo"]).stop_conditions())
     for token in ids:
         stream.add([token])
         if stream.is_stopped:

@@ -157,7 +157,7 @@ class RequestQueue(Actor):
             return
         request_id = submit.request_id
         self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids),
-                                            IncrementalText(self.codec, submit.sampling.stop))
+                                            IncrementalText(self.codec, submit.sampling.stop_conditions()))
         sampling = dataclasses.replace(submit.sampling, max_tokens=max_tokens, fit_max_tokens=False)
         self.scheduler.send(AddRequest(request_id, prompt_ids, sampling))
 
@@ -235,7 +235,7 @@ class RequestQueue(Actor):
         if not pending.submit.stream:
             return
         text = pending.text.text
-        held = 0 if is_final else max((len(s) for s in pending.submit.sampling.stop), default=1) - 1
+        held = 0 if is_final else pending.text.stop.held_chars
         end = max(pending.num_streamed_chars, len(text) - held)
         if end > pending.num_streamed_chars:
             piece = text[pending.num_streamed_chars:end]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from seesaw.sampling import SamplingParams
+from seesaw.sampling import SamplingParams, StopConditions
 from seesaw.scheduling.decisions import Phase
 
 
@@ -35,7 +35,7 @@ class RequestState:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    stop_token_ids: frozenset[int]  # the request's own and, unless it ignores them, the model's end tokens
+    stop: StopConditions
     arrival: int  # the order requests came in
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache

@@ -18,7 +18,7 @@ from seesaw.kv.block_pool import BlockPool, blocks_for
 from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.request import NewRequest, RequestState, RequestStatus
-from seesaw.step import FinishReason, StepRow, TokenUpdate
+from seesaw.step import StepRow, TokenUpdate
 
 _MOVING = (RequestStatus.EVICTING, RequestStatus.RESTORING)
 _HOLDS_BLOCKS = (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING, RequestStatus.PAUSED)
@@ -129,8 +129,7 @@ class StaticScheduler:
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,  # read only: requests may share one list
             sampling=request.sampling,
-            stop_token_ids=frozenset(request.sampling.stop_token_ids)
-            | (frozenset() if request.sampling.ignore_eos else self.eos_token_ids),
+            stop=request.sampling.stop_conditions(self.eos_token_ids, self.max_model_len),
             arrival=self._next_arrival,
         )
         self._next_arrival += 1
@@ -475,11 +474,7 @@ class StaticScheduler:
 
     def _append(self, state: RequestState, token: int) -> TokenUpdate:
         state.output_token_ids.append(token)
-        reason = None
-        if token in state.stop_token_ids:
-            reason = FinishReason.STOP
-        elif len(state.output_token_ids) >= state.max_tokens or state.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
+        reason = state.stop.after_token(token, len(state.output_token_ids), state.num_tokens)
         if reason is not None:
             if state.num_in_flight:
                 state.is_stopped = True  # a row planned before this token was known is still in flight
