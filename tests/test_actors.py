@@ -15,6 +15,7 @@ from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import SchedulerConfig, TransportConfig
+from seesaw.kv.host_index import HostBlockConflict
 from seesaw.text import TextCodec
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
@@ -286,6 +287,22 @@ async def test_supervisor_fails_the_engine_when_workers_miss_the_start_timeout(w
     failed = await expect(engine, m.EngineFailed)
     assert "not ready within 0 s (0 of 2 joined" in failed.reason
     await actor.stop()
+
+
+async def test_the_kv_tier_fails_on_a_load_of_blocks_that_do_not_hold_the_request(wiring):
+    workers, scheduler, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox()
+    actor = KVTier(inbox, wiring.context, Layout(tp=2), wiring.outbox(scheduler))
+    task = wiring.start(actor).task
+    to_actor = wiring.outbox(inbox)
+    to_actor.send(m.EngineReady([100], [w.addresses[0] for w in workers]))
+    to_actor.send(m.SaveKV("a", 0, Layout(tp=2), [7, 8], [0, 1]))
+    saving = (await expect(workers[0], m.SwapOut)).transfer_id
+    for rank in (0, 1):
+        to_actor.send(m.SwappedOut(saving, "a", rank, 10, 0.0))
+    await expect(scheduler, m.KVSaved)
+    to_actor.send(m.LoadKV("b", 0, Layout(tp=2), [0], [3]))  # block 0 holds a's KV, not b's
+    with pytest.raises(HostBlockConflict, match="host block 0, which holds request a's KV"):
+        await asyncio.wait_for(task, 5)
 
 
 async def test_a_malformed_frame_is_dropped_and_the_actor_goes_on(wiring):
