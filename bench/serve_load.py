@@ -15,15 +15,18 @@ import argparse
 import asyncio
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 CLI = str(Path(sys.executable).parent / "seesaw-cli")
+START_TIMEOUT_S = 600  # loading the model and starting the workers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,13 +86,36 @@ def run_daemon(args, requests: list[dict], folder: Path) -> dict:
     address = f"ipc://{folder}/serve.sock"
     server = subprocess.Popen([CLI, "serve", "--bind", address, *engine_flags(args)], stderr=subprocess.PIPE, text=True)
     try:
-        line = server.stderr.readline()
-        if "serving" not in line:
-            sys.exit(f"seesaw-cli serve did not start: {line}{server.stderr.read()}")
+        _wait_until_serving(server, START_TIMEOUT_S)
         return asyncio.run(_load(address, requests, args.num_clients))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
+
+
+def _wait_until_serving(server: subprocess.Popen, timeout_s: float) -> None:
+    """Wait for the daemon's "serving" line (it says other things first, such as its host buffer);
+    a thread reads its stderr to the end, so the pipe never fills while the load runs."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def drain() -> None:
+        for line in server.stderr:
+            lines.put(line)
+        lines.put(None)  # the daemon closed its stderr: it ended
+
+    threading.Thread(target=drain, daemon=True).start()
+    said: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            sys.exit(f"seesaw-cli serve did not say it was serving within {timeout_s:.0f} s:\n{''.join(said)}")
+        if line is None:
+            sys.exit(f"seesaw-cli serve ended before serving:\n{''.join(said)}")
+        said.append(line)
+        if "serving" in line:
+            return
 
 
 async def _load(address: str, requests: list[dict], num_clients: int) -> dict:
