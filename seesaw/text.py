@@ -98,6 +98,16 @@ class IncrementalText:
         self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
         return self._append(piece)
 
+    def finish(self) -> str:
+        """No more tokens come: add the text of the last ones, less a character they left
+        unfinished (stop strings still apply); returns what it added."""
+        if self.is_stopped or self._read_offset == len(self.token_ids):
+            return ""
+        context = self.codec.decode(self.token_ids[self._prefix_offset : self._read_offset])
+        full = self.codec.decode(self.token_ids[self._prefix_offset :]).rstrip("\ufffd")
+        self._prefix_offset = self._read_offset = len(self.token_ids)
+        return self._append(full[len(context) :]) if len(full) > len(context) else ""
+
     def _append(self, piece: str) -> str:
         before = len(self.text)
         self.text += piece
@@ -107,3 +117,26 @@ class IncrementalText:
                 self.text = self.text[:cut]
                 self.is_stopped = True
         return self.text[before:]
+
+
+class WholeText:
+    """The text of a request nobody reads before it finishes (not streamed, no stop strings): its
+    tokens are kept and decoded once, at the end, instead of piece by piece as they arrive."""
+
+    is_stopped = False
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.token_ids: list[int] = []
+
+    def add(self, token_ids: list[int]) -> str:
+        self.token_ids.extend(token_ids)
+        return ""
+
+    def finish(self) -> str:
+        return ""
+
+    @property
+    def text(self) -> str:
+        """The whole text, less a character the last tokens left unfinished."""
+        return self.codec.decode(self.token_ids).rstrip("\ufffd")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seesaw.sampling import SamplingParams
-from seesaw.text import IncrementalText, TextCodec, normalize_messages
+from seesaw.text import IncrementalText, TextCodec, WholeText, normalize_messages
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,28 @@ def test_incremental_text_equals_the_full_decode(codec):
     assert "".join(pieces) == stream.text == codec.decode(ids) == text
     assert all("\ufffd" not in piece for piece in pieces)
 
+
+
+def test_a_text_decoded_once_at_the_end_equals_the_one_built_token_by_token(codec):
+    """Whatever token it stops at (mid-character too), a request decoded once at its end gets the
+    text a streamed one gets piece by piece."""
+    ids = codec.encode_prompt("Héllo wörld! 東京 🎉 — naïve café, ünïcödé ✓ " * 3)
+    for end in range(1, len(ids) + 1):
+        stream, whole = IncrementalText(codec, SamplingParams().stop_conditions()), WholeText(codec)
+        pieces = [stream.add([token]) for token in ids[:end]] + [stream.finish()]
+        whole.add(ids[:end])
+        assert "".join(pieces) == stream.text == whole.text, end
+        assert not whole.text.endswith("\ufffd")
+
+
+def test_a_stop_string_in_the_last_tokens_text_is_found_when_the_request_ends(codec):
+    ids = codec.encode_prompt("x ab 🎉")[:-1]  # ends inside the emoji: " ab" then a held-back " " and part of it
+    stream = IncrementalText(codec, SamplingParams(stop=["ab "]).stop_conditions())
+    for token in ids:
+        stream.add([token])
+    assert not stream.is_stopped and stream.text == "x ab"
+    stream.finish()
+    assert stream.is_stopped and stream.text == "x "
 
 def test_stop_string_spanning_tokens_truncates_before_it(codec):
     ids = codec.encode_prompt("one two three four five")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
-from seesaw.text import IncrementalText, TextCodec
+from seesaw.text import IncrementalText, TextCodec, WholeText
 from seesaw.messages import (
     AddRequest,
     CancelRequest,
@@ -51,7 +51,7 @@ class _Pending:
     request_id: str
     submit: Submit
     num_prompt_tokens: int
-    text: IncrementalText
+    text: IncrementalText | WholeText
     num_output_tokens: int = 0
     num_streamed_chars: int = 0
     num_streamed_tokens: int = 0
@@ -156,10 +156,16 @@ class RequestQueue(Actor):
             self._release(submit, self._refusal(submit, f"tokenizing failed: {error!r}", ErrorCode.SERVER_ERROR))
             return
         request_id = submit.request_id
-        self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids),
-                                            IncrementalText(self.codec, submit.sampling.stop_conditions()))
+        self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids), self._text(submit))
         sampling = dataclasses.replace(submit.sampling, max_tokens=max_tokens, fit_max_tokens=False)
         self.scheduler.send(AddRequest(request_id, prompt_ids, sampling))
+
+    def _text(self, submit: Submit) -> IncrementalText | WholeText:
+        """Text as tokens arrive where someone reads it as it grows (streaming, or stop strings to
+        find); otherwise one decode at the end, which costs far less per token."""
+        if submit.stream or submit.sampling.stop:
+            return IncrementalText(self.codec, submit.sampling.stop_conditions())
+        return WholeText(self.codec)
 
     def _prompt_ids(self, submit: Submit) -> list[int]:
         """The prompt's token ids (a text prompt's are made on a worker thread)."""
@@ -204,6 +210,7 @@ class RequestQueue(Actor):
         pending = self.pending.get(request_id)
         if pending is not None:
             self.scheduler.send(StopRequest(request_id))
+            pending.text.finish()
             self._flush(pending, is_final=True)
             self._finish(pending, FinishReason.CANCELLED)
             return
@@ -220,8 +227,11 @@ class RequestQueue(Actor):
                 continue  # finished already (stop string, cancel); the scheduler has been told
             pending.num_output_tokens += len(update.token_ids)
             pending.text.add(update.token_ids)
+            if update.finish_reason is not None:
+                pending.text.finish()  # the last tokens' text, where a stop string may still be
             if pending.text.is_stopped:
-                self.scheduler.send(StopRequest(update.request_id))
+                if update.finish_reason is None:
+                    self.scheduler.send(StopRequest(update.request_id))
                 self._flush(pending, is_final=True)
                 self._finish(pending, FinishReason.STOP)
             elif update.finish_reason is not None:
