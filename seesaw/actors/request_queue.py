@@ -157,7 +157,9 @@ class RequestQueue(Actor):
             return
         request_id = submit.request_id
         self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids), self._text(submit))
-        sampling = dataclasses.replace(submit.sampling, max_tokens=max_tokens, fit_max_tokens=False)
+        sampling = submit.sampling
+        if sampling.fit_max_tokens or sampling.max_tokens != max_tokens:  # the scheduler takes it as it runs
+            sampling = dataclasses.replace(sampling, max_tokens=max_tokens, fit_max_tokens=False)
         self.scheduler.send(AddRequest(request_id, prompt_ids, sampling))
 
     def _text(self, submit: Submit) -> IncrementalText | WholeText:
