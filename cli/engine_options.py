@@ -37,6 +37,7 @@ class EngineOptions:
     memory_fraction: Annotated[float, typer.Option(help="CUDA: share of GPU memory to use")] = 0.9
     host_buffer_gb: Annotated[str, typer.Option(help="host KV buffer in GiB, or auto: what /dev/shm and memory leave beside the weight store (capped at a batch job's whole KV; static mode: a worker's KV pool where known, at most 4 GiB per worker, as evicted requests wait there)")] = "auto"
     overlap: Annotated[bool, typer.Option("--overlap/--no-overlap", help="single-stage layouts: plan each step while the one before runs")] = True
+    prefix_caching: Annotated[bool, typer.Option("--prefix-caching/--no-prefix-caching", help="keep full KV blocks and share them between requests with the same prompt prefix")] = True
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per worker (default: cores / workers)")] = None
     seed: Annotated[int, typer.Option(help="seed for dummy weights")] = 0
     max_restarts: Annotated[int, typer.Option(help="replicas restarted after a worker is lost before the engine gives up")] = 3
@@ -136,7 +137,7 @@ def engine_config(options: EngineOptions, chosen: tuple[Layout, Layout | None] |
             max_num_batched_tokens=options.max_num_batched_tokens or default_token_budget(options.device),
             max_num_seqs=options.max_num_seqs, host_low_water=options.host_low_water,
             prefill_min_fill=options.prefill_min_fill, prefill_max_wait_s=options.prefill_max_wait,
-            overlap=options.overlap,
+            overlap=options.overlap, prefix_caching=options.prefix_caching,
         ),
         cache_dir=cache_dir,
     )

@@ -33,6 +33,7 @@ def plan(
     host_memory_gb: Annotated[Optional[float], typer.Option(help="the node's host memory in GiB (default: the GPU profile's per-GPU figure times the count)")] = None,
     num_requests: Annotated[int, typer.Option(help="requests drawn from a built-in workload")] = 1000,
     seed: Annotated[int, typer.Option(help="seed for the built-in workloads")] = 0,
+    shared_prefix: Annotated[int, typer.Option(help="tokens of a system prompt put in front of every prompt of the workload (its KV is computed once and shared)")] = 0,
     max_num_batched_tokens: Annotated[Optional[int], typer.Option(help="token budget of one step (default: the GPU profile's)")] = None,
     max_num_seqs: Annotated[int, typer.Option(help="most requests running at once")] = 256,
     host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: auto, as the engine sizes it: what /dev/shm and memory leave, at most the workload's KV)")] = None,
@@ -56,7 +57,7 @@ def plan(
         if all_reduce_gbs is not None:
             node = with_all_reduce(node, parse_all_reduce(all_reduce_gbs))
         spec = catalog.model(model)
-        requests, refused = _workload(workload, num_requests, seed, spec.max_position, model)
+        requests, refused = _workload(workload, num_requests, seed, spec.max_position, model, shared_prefix)
         if timeline is not None:
             from seesaw.frontend.report import check_timeline_support
 
@@ -212,15 +213,17 @@ def _catalog(profiles: list[Path] | None):
     return Catalog([*calibrated, *(profiles or [])])
 
 
-def _workload(name: str, num_requests: int, seed: int, max_model_len: int, model: str):
+def _workload(name: str, num_requests: int, seed: int, max_model_len: int, model: str, shared_prefix: int = 0):
     """The workload to plan for, and how many of its requests the model's context cannot take (left
     out and said so, as are a file's bad lines)."""
     from seesaw.sim import workload
 
     if num_requests < 1:
         raise ValueError(f"--num-requests must be positive, got {num_requests}")
-    requests, refused = workload.within_context(
-        workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len, model)), max_model_len)
+    if shared_prefix < 0:
+        raise ValueError(f"--shared-prefix must not be negative, got {shared_prefix}")
+    named = workload.named(name, num_requests, seed, tokenize=_batch_lengths(max_model_len, model))
+    requests, refused = workload.within_context(workload.with_shared_prefix(named, shared_prefix), max_model_len)
     if requests.left_out:
         shown = 5
         typer.echo(f"left out: {len(requests.left_out)} bad lines of {name}", err=True)

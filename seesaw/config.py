@@ -220,6 +220,7 @@ class SchedulerConfig:
     prefill_max_wait_s: float = 30.0
     prefetch: bool = True  # seesaw: load host requests for decode while the last prefill steps run
     overlap: bool = True  # single-stage layouts: plan the next step while one runs (two in flight)
+    prefix_caching: bool = True  # full blocks of KV are kept and shared by requests with the same prefix
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:

@@ -75,6 +75,16 @@ class Totals:
     decode_context_tokens: int
     counters: dict[str, int] = field(default_factory=dict, metadata=FLAT)
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV requests found in the prefix cache instead of computing it."""
+        return self.counters.get("cached_tokens", 0)
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """The share of prompt tokens served from the prefix cache (None before any prompt)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+
 
 @dataclass(frozen=True)
 class RequestCounts:

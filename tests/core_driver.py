@@ -1,6 +1,7 @@
 """Fake workers and a fake KV tier for driving a scheduling core in tests: steps land in order,
 copies in order, the two interleaved at random; every plan is checked against the core's rules
-(block deltas, the row and token caps, a block owned once)."""
+(block deltas, the row and token caps, each block's holders counted exactly, no block written
+while another request holds it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 from collections import deque
 
 import torch
-from helpers import check_block_deltas
+from helpers import check_block_deltas, check_block_holders, prompt_of
 
 from seesaw.config import SchedulerConfig
 from seesaw.runtime.step_inputs import BlockTables
@@ -27,7 +28,7 @@ def token(request_id, index):
 
 def add(core, request_id, prompt_len, max_tokens):
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), sampling))
+    core.add(NewRequest(request_id, prompt_of(request_id, prompt_len), sampling))
 
 
 class Driver:
@@ -81,8 +82,7 @@ class Driver:
             if phase is Phase.DECODE:
                 assert row.num_new_tokens == 1
         check_block_deltas(self.tables, self.core, plan)
-        owned = [b for s in self.core.requests.values() for b in s.block_ids]
-        assert len(owned) == len(set(owned)), "a block is owned twice"
+        check_block_holders(self.core, plan, [row for step in self.steps for row in step.rows])
 
     def check_move(self, move):
         state = self.core.requests[move.request_id]

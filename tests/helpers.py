@@ -4,6 +4,7 @@ and Hugging Face transformers as the reference."""
 from __future__ import annotations
 
 import asyncio
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -173,3 +174,33 @@ def spawned_worker_options(cmdline: bytes) -> WorkerOptions | None:
         return WorkerOptions.decode(args[args.index(b"seesaw.worker") + 1].decode())
     except (IndexError, ValueError):  # not a spawned worker (a UnicodeDecodeError is a ValueError too)
         return None
+
+
+def check_block_holders(core, plan, rows_in_flight=()):
+    """Every device block's count of holders equals the block tables holding it (so no block
+    that went back to the pool is still in a table), and every block a row of the plan, or of a
+    step still in flight, writes into is held by that row's request alone."""
+    held: dict[int, int] = {}
+    for state in core.requests.values():
+        for block in state.block_ids:
+            held[block] = held.get(block, 0) + 1
+    pool = core.pool
+    for block, count in held.items():
+        assert pool.holders(block) == count, f"block {block}: {pool.holders(block)} holders counted, {count} tables"
+    assert pool.num_used == len(held), f"{pool.num_used} blocks held, {len(held)} in tables"
+    size = core.block_size
+    for row in [*plan.rows, *rows_in_flight]:
+        if row.request_id not in core.requests:
+            continue
+        table = core.requests[row.request_id].block_ids
+        end = row.start + row.num_new_tokens
+        for index in range(row.start // size, -(-end // size)):
+            assert held[table[index]] == 1, f"{row.request_id} writes block {table[index]}, which others hold"
+
+
+def prompt_of(request_id: str, num_tokens: int, shared: int = 0) -> list[int]:
+    """A made-up prompt for a scheduling core: its first `shared` tokens are every such prompt's,
+    the rest its request's own (different requests' prompts share no prefix past `shared`)."""
+    own = 1000 + zlib.crc32(request_id.encode()) % 30_000
+    tokens = list(range(10, 10 + min(shared, num_tokens)))
+    return tokens + [own + index for index in range(num_tokens - len(tokens))]

@@ -233,6 +233,10 @@ def test_progress_counts_tokens_as_they_are_generated_and_estimates_the_time_lef
     assert snapshot.eta_s == pytest.approx(70.0)  # 400 lines expected, 350 to go at 5 per second
     text = snapshot.describe()
     assert all(part in text for part in ("50 done", "1 failed", "10 running", "40 waiting", "100 tok/s", "ETA 00:01:10"))
+    assert "cache" not in text  # no prompt yet: no hit rate
+    cached = Snapshot(fraction_read=0.25, num_lines=100, num_done=50, num_failed=1, num_running=10,
+                      num_waiting=40, generated_tokens=1000, elapsed_s=10.0, cache_hit_rate=0.875)
+    assert "100 tok/s | cache 88% | ETA" in cached.describe()
 
 
 def test_a_million_line_batch_keeps_resident_memory_flat(tmp_path):

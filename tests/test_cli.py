@@ -77,6 +77,7 @@ def test_summary_reports_counts_and_throughput(batch_run):
     done, _ = batch_run
     assert "requests: 3 ok, 5 failed" in done.stderr
     assert "total tokens/s" in done.stderr and "engine ready in" in done.stderr
+    assert "prefix cache: " in done.stderr and "of prompt tokens served from cache" in done.stderr
 
 
 def test_missing_input_is_a_one_line_error(tmp_path):

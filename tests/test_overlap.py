@@ -7,7 +7,7 @@ import random
 from collections import deque
 
 import torch
-from helpers import check_block_deltas
+from helpers import check_block_deltas, prompt_of
 
 from seesaw.config import SchedulerConfig
 from seesaw.kv.host_slots import HostSlots
@@ -89,7 +89,7 @@ def make(overlap: bool, num_blocks=48, block_size=4, budget=24, max_seqs=8, max_
 
 def add(core, request_id, prompt_len, max_tokens, seed=None):
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=seed)
-    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)), sampling))
+    core.add(NewRequest(request_id, prompt_of(request_id, prompt_len), sampling))
 
 
 def run(overlap: bool, requests, **sizes) -> Workers:

@@ -15,7 +15,7 @@ from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import ToHost
 from seesaw.scheduling.static import StaticScheduler
 from seesaw.runtime.step_inputs import BlockTables
-from helpers import check_block_deltas
+from helpers import check_block_deltas, check_block_holders, prompt_of
 
 EOS = 2
 
@@ -27,7 +27,7 @@ def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, max_model_len=200, 
 
 
 def add(core, request_id, prompt_len, max_tokens, **fields):
-    core.add(NewRequest(request_id, list(range(10, 10 + prompt_len)),
+    core.add(NewRequest(request_id, prompt_of(request_id, prompt_len),
                         SamplingParams(max_tokens=max_tokens, temperature=0.0, **fields)))
 
 
@@ -66,8 +66,8 @@ class Model:
         assert sum(len(row.token_ids) for row in plan.rows) <= self.core.config.max_num_batched_tokens
         assert len({row.request_id for row in plan.rows}) == len(plan.rows)
         check_block_deltas(self.tables, self.core, plan)
-        owned = [b for state in self.core.requests.values() for b in state.block_ids]
-        assert len(owned) == len(set(owned)), "a block is owned twice"
+        check_block_holders(self.core, plan)
+        owned = {b for state in self.core.requests.values() for b in state.block_ids}
         assert len(owned) + self.core.pool.num_free == self.core.pool.num_blocks
 
     def run(self, max_steps=10_000):

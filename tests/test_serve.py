@@ -386,6 +386,8 @@ async def test_the_stats_are_served_as_prometheus_text(engine, tmp_path):
     assert 'seesaw_requests_total{outcome="done"} 1.0' in text
     assert f"seesaw_tokens_total{{kind=\"generated\"}} {float(stats['tokens']['generated'])}" in text
     assert "seesaw_kv_device_blocks " in text
+    assert f"seesaw_tokens_total{{kind=\"cached\"}} {float(stats['tokens']['cached'])}" in text
+    assert "seesaw_prefix_cache_hit_rate " in text
 
 
 async def test_submit_writes_a_files_results_in_the_batch_format(address, tmp_path):

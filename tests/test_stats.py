@@ -40,7 +40,7 @@ def test_parts_not_asked_for_are_left_out_of_the_json_form():
 
 DAEMON_STATS = DaemonStats(
     requests=DaemonRequests(done=7, failed=1, cancelled=2, rejected=0, busy=3, running=3, waiting=5, queued=4),
-    tokens=TokenCounts(prompt=120, generated=64), tokens_per_s=12.5, uptime_s=60.0, phases=["decode"],
+    tokens=TokenCounts(prompt=120, generated=64, cached=32), tokens_per_s=12.5, uptime_s=60.0, phases=["decode"],
     transitions=1, kv=ENGINE_STATS.kv, jobs=JobCounts(running=1), engine_failure=None)
 
 
@@ -48,7 +48,7 @@ def test_the_daemons_stats_reply_keeps_its_keys_and_values():
     assert to_json(DAEMON_STATS) == {
         "requests": {"done": 7, "failed": 1, "cancelled": 2, "rejected": 0, "busy": 3, "running": 3, "waiting": 5,
                      "queued": 4},
-        "tokens": {"prompt": 120, "generated": 64},
+        "tokens": {"prompt": 120, "generated": 64, "cached": 32},
         "tokens_per_s": 12.5,
         "uptime_s": 60.0,
         "phases": ["decode"],

@@ -211,7 +211,8 @@ def run_engine(model: str, run: str, num_prompts: int, input_len: int, output_le
         cache=CacheConfig(host_buffer_gb=host_buffer_gb, kv_cache_gb=kv_cache_gb),
         parallel=ParallelConfig(layout=layouts.layout, decode_layout=layouts.decode_layout,
                                 threads_per_worker=threads),
-        scheduler=SchedulerConfig(max_num_batched_tokens=token_budget),
+        # Every prompt is computed: the warm-up's prompts are the measured run's.
+        scheduler=SchedulerConfig(max_num_batched_tokens=token_budget, prefix_caching=False),
         cache_dir=default_cache_dir(),
     )
     resolved = resolve_model(model, config.cache_dir)

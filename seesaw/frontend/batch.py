@@ -56,7 +56,8 @@ class BatchRunner:
         self._is_stopping = False  # interrupted: read nothing more
         self._deadline: float | None = None  # interrupted: give up on what is in flight after this
         self._client: EngineClient | None = None  # while a run is on
-        self._live = (0, 0, 0)  # (tokens generated, requests running, requests waiting), from the last stats
+        # (tokens generated, requests running, requests waiting, prefix cache hit rate), from the last stats
+        self._live: tuple[int, int, int, float | None] = (0, 0, 0, None)
         self._query_ids = itertools.count()
         self._is_asking = False  # a stats query is out
 
@@ -195,16 +196,18 @@ class BatchRunner:
     def _on_stats(self, message: StatsReport) -> None:
         self._is_asking = False
         stats = message.stats
-        self._live = (stats.totals.generated_tokens, stats.requests.running, stats.requests.waiting)
+        self._live = (stats.totals.generated_tokens, stats.requests.running, stats.requests.waiting,
+                      stats.totals.cache_hit_rate)
         self._report(force=True)
 
     def _report(self, force: bool = False) -> None:
         if self.progress is None or not (force or self.progress.is_due()):
             return
-        generated, running, waiting = self._live
+        generated, running, waiting, cache_hit_rate = self._live
         self.progress.update(Snapshot(
             fraction_read=self._fraction, num_lines=self._num_lines,
             num_done=self.summary.num_done + self.summary.num_skipped, num_failed=self.summary.num_failed,
             num_running=running,
             num_waiting=waiting, generated_tokens=generated, elapsed_s=time.perf_counter() - self.summary.started,
+            cache_hit_rate=cache_hit_rate,
         ), force=force)

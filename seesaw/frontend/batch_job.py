@@ -21,7 +21,7 @@ from seesaw.frontend.batch import BatchRunner
 from seesaw.frontend.batch_io import SamplingDefaults
 from seesaw.frontend.output import KeySet, ResultSink
 from seesaw.frontend.progress import BatchSummary, Progress
-from seesaw.frontend.report import draw_timeline, phase_lines, write_metrics
+from seesaw.frontend.report import cache_line, draw_timeline, phase_lines, write_metrics
 from seesaw.stats import EngineStats, to_json
 
 
@@ -123,6 +123,9 @@ def _layouts(engine: Engine) -> str:
 def _report(metrics: EngineStats | None, is_seesaw: bool, job: BatchJob, stream: TextIO) -> None:
     if metrics is None:
         return
+    line = cache_line(metrics)
+    if line is not None:
+        _echo(stream, line)
     if is_seesaw:
         for line in phase_lines(metrics):
             _echo(stream, line)

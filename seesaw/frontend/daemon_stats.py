@@ -28,6 +28,7 @@ class TokenCounts:
 
     prompt: int
     generated: int
+    cached: int = 0  # prompt tokens whose KV was found in the prefix cache
 
 
 @dataclass(frozen=True)

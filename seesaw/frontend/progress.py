@@ -71,6 +71,7 @@ class Snapshot:
     num_waiting: int  # in the engine, waiting to start or in the host buffer
     generated_tokens: int  # every token generated so far, finished requests or not
     elapsed_s: float
+    cache_hit_rate: float | None = None  # of the prompt tokens so far, the share the prefix cache served
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,8 +88,9 @@ class Snapshot:
     def describe(self) -> str:
         eta = self.eta_s
         eta_text = "-" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+        cache = "" if self.cache_hit_rate is None else f" | cache {self.cache_hit_rate:.0%}"
         return (f"{self.num_done} done ({self.num_failed} failed), {self.num_running} running, "
-                f"{self.num_waiting} waiting | {self.tokens_per_s:,.0f} tok/s | ETA {eta_text}")
+                f"{self.num_waiting} waiting | {self.tokens_per_s:,.0f} tok/s{cache} | ETA {eta_text}")
 
 
 class Progress:

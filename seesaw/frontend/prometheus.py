@@ -29,7 +29,12 @@ def serve_metrics(port: int, latest: Callable[[], DaemonStats | None]) -> Callab
             tokens = CounterMetricFamily("seesaw_tokens", "Tokens processed, by kind", labels=["kind"])
             tokens.add_metric(["prompt"], stats.tokens.prompt)
             tokens.add_metric(["generated"], stats.tokens.generated)
+            tokens.add_metric(["cached"], stats.tokens.cached)
             yield tokens
+            if stats.tokens.prompt:
+                yield GaugeMetricFamily("seesaw_prefix_cache_hit_rate",
+                                        "Share of prompt tokens served from the prefix cache",
+                                        stats.tokens.cached / stats.tokens.prompt)
             yield GaugeMetricFamily("seesaw_generated_tokens_per_second", "Generation rate", stats.tokens_per_s)
             yield CounterMetricFamily("seesaw_transitions", "Phase transitions", stats.transitions)
             for name, value in asdict(stats.kv).items():

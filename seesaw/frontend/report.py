@@ -20,6 +20,15 @@ def check_timeline_support() -> None:
                          "(or pip install matplotlib)")
 
 
+def cache_line(stats: EngineStats) -> str | None:
+    """The prefix cache's part of the closing summary, once prompts came in."""
+    totals = stats.totals
+    if totals.cache_hit_rate is None:
+        return None
+    return (f"prefix cache: {totals.cache_hit_rate:.0%} of prompt tokens served from cache "
+            f"({totals.cached_tokens} of {totals.prompt_tokens})")
+
+
 def phase_lines(stats: EngineStats) -> list[str]:
     """The seesaw part of the closing summary: phases, transitions, KV traffic, batch sizes."""
     run, totals = stats.run, stats.totals

@@ -357,7 +357,8 @@ class Server:
         return DaemonStats(
             requests=DaemonRequests(**counts, running=engine.requests.running, waiting=engine.requests.waiting,
                                     queued=len(self._calls)),
-            tokens=TokenCounts(prompt=engine.totals.prompt_tokens, generated=generated),
+            tokens=TokenCounts(prompt=engine.totals.prompt_tokens, generated=generated,
+                               cached=engine.totals.cached_tokens),
             tokens_per_s=rate,
             uptime_s=now - self.started_s,
             phases=engine.phases,

@@ -171,10 +171,12 @@ class PhaseScheduler(StaticScheduler):
             return False
         return self.host.can_store(self.waiting[0].num_tokens) and self._is_prefill_due()
 
-    def _can_start_prefill(self, state: RequestState) -> bool:
-        """Whether the prompt can be admitted now. No watermark: during prefill nothing on the
-        device grows (paused requests wait, prompts hold all their blocks from the start)."""
-        needed = blocks_for(state.num_tokens, self.block_size)
+    def _can_start_prefill(self, state: RequestState, cached: list[int] | None = None) -> bool:
+        """Whether the prompt can be admitted now, starting with the `cached` blocks of its prefix.
+        No watermark: during prefill nothing on the device grows (paused requests wait, prompts
+        hold all their blocks from the start)."""
+        cached = cached or []
+        needed = blocks_for(state.num_tokens, self.block_size) - len(cached) + self._idle_among(cached)
         return self.host.can_store(state.num_tokens) and self.pool.can_allocate(needed)
 
     def _switch(self, phase: Phase, plan: StepPlan) -> None:
@@ -183,6 +185,7 @@ class PhaseScheduler(StaticScheduler):
         plan.switch_to = phase
         self.counters["transitions"] += 1
         self.phase = phase
+        self.pool.forget_names()  # the blocks' bytes are laid out for the other layout from now on
         self._pipeline_depth = self.micro_batches[phase]
         if phase is Phase.PREFILL:
             # Decoding requests pause; a prompt whose last chunk is still in flight stays running
@@ -231,12 +234,16 @@ class PhaseScheduler(StaticScheduler):
             return
         while self.waiting and budget > 0 and len(plan.rows) < max_rows and self.has_room_for_active:
             state = self.waiting[0]
-            if not self._can_start_prefill(state):
+            cached, is_being_written = self._cached_prefix(state)
+            if is_being_written:
+                return  # it starts once the step computing its next blocks lands, and shares them
+            if not self._can_start_prefill(state, cached):
                 self._move_paused_out(state, plan)
                 return
             self.waiting.popleft()
             self.host.store(state.request_id, state.num_tokens)
-            state.block_ids = self.pool.allocate(blocks_for(state.num_tokens, self.block_size))
+            self._take_cached(state, cached)
+            state.block_ids += self.pool.allocate(blocks_for(state.num_tokens, self.block_size) - len(cached))
             state.status = RequestStatus.RUNNING
             state.kv_phase = Phase.PREFILL
             bisect.insort(self.running, state, key=lambda s: s.arrival)
@@ -298,6 +305,10 @@ class PhaseScheduler(StaticScheduler):
         if self.phase is Phase.DECODE:
             return -(-max(1, len(self.running)) // self._pipeline_depth)
         return super()._max_rows()
+
+    def _caches_prefixes(self) -> bool:
+        """Only prompts prefilled in the prefill layout share blocks: every switch forgets the names."""
+        return self.config.prefix_caching and self.phase is Phase.PREFILL
 
     def _may_follow(self, state: RequestState) -> bool:
         """Only decoding requests run ahead of their token: a prompt just prefilled leaves for the host."""

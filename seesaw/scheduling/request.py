@@ -48,6 +48,8 @@ class RequestState:
     is_stopped: bool = False  # finished by the user while busy; released once idle
     kv_phase: Phase = Phase.MIXED  # the phase whose layout its device blocks are laid out in
     arrival_s: float = 0.0  # when it came in, by the core's clock
+    block_keys: list[int] = field(default_factory=list)  # prefix cache keys of its first full blocks
+    num_named: int = 0  # of block_ids, how many leading ones were named or found in the prefix cache
 
     @property
     def max_tokens(self) -> int:

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from seesaw.config import SchedulerConfig
-from seesaw.kv.block_pool import BlockPool, blocks_for
+from seesaw.kv.block_pool import ROOT_KEY, BlockPool, BlockTokens, blocks_for, chain_key
 from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.request import NewRequest, RequestState, RequestStatus
@@ -55,12 +55,16 @@ class StaticScheduler:
         self._in_flight: dict[int, list[StepRow]] = {}
         self._moves: list[ToHost | ToDevice] = []  # decided outside schedule(), sent with the next plan
         self._released: list[str] = []  # block tables the workers may drop, sent with the next step
+        self._naming: list[int] = []  # blocks the plan being made fills and names
+        self._writing: dict[int, list[int]] = {}  # by step in flight: the named blocks it fills
         self._next_step_id = first_step_id  # a replica restarted keeps counting: late answers stay unmatched
         self._next_arrival = 0
         self._evicting_blocks = 0
         self._num_restoring = 0  # requests whose KV is on its way back from the host buffer
         # rows_ahead: rows planned before the token they start with was sampled (two steps in flight)
-        self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0, "rows_ahead": 0}
+        # cached_tokens: prompt tokens whose KV a request found in the prefix cache when it first started
+        self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0, "rows_ahead": 0,
+                         "cached_tokens": 0}
 
     # ------------------------------------------------------------ queries
 
@@ -178,6 +182,7 @@ class StaticScheduler:
         rows = self._in_flight.pop(step_id, None)
         if rows is None:
             return []  # a step of requests already failed
+        self.pool.cache(self._writing.pop(step_id, ()))
         tokens = iter(sampled)
         updates: list[TokenUpdate] = []
         for row in rows:
@@ -235,6 +240,7 @@ class StaticScheduler:
                 continue  # finished for the user already
             state.block_ids = []
             state.num_blocks_sent = 0  # the replica's next workers start with no tables
+            state.num_named = 0
             state.num_computed_tokens = 0
             state.num_in_flight = 0
             state.num_awaited = 0
@@ -243,6 +249,7 @@ class StaticScheduler:
             states.append(state)
         self.requests.clear()
         self._in_flight.clear()
+        self._writing.clear()
         self._moves.clear()
         self._released.clear()
         self._num_restoring = 0
@@ -299,6 +306,8 @@ class StaticScheduler:
             self._next_step_id += 1
             self._in_flight[plan.step_id] = plan.rows
             plan.released, self._released = self._released, []
+            if self._naming:
+                self._writing[plan.step_id], self._naming = self._naming, []
         return plan
 
     def _release(self, state: RequestState) -> None:
@@ -391,6 +400,7 @@ class StaticScheduler:
                 return
             self.swapped.popleft()
             state.block_ids = self.pool.allocate(needed)
+            state.num_named = state.num_computed_tokens // self.block_size  # copies, never shared
             state.status = RequestStatus.RESTORING
             self._num_restoring += 1
             state.kv_phase = phase
@@ -405,14 +415,20 @@ class StaticScheduler:
     def _schedule_waiting(self, plan: StepPlan, budget: int, max_rows: int) -> None:
         while self.waiting and budget > 0 and self.has_room_for_active and len(plan.rows) < max_rows:
             state = self.waiting[0]
-            num_new = min(state.num_pending_tokens, budget)
-            needed = blocks_for(num_new, self.block_size)
+            cached, is_being_written = self._cached_prefix(state)
+            if is_being_written:
+                return  # it starts once the step computing its next blocks lands, and shares them
+            num_cached = len(cached) * self.block_size
+            num_new = min(state.num_tokens - num_cached, budget)
+            needed = blocks_for(num_cached + num_new, self.block_size) - len(cached)
+            needed += self._idle_among(cached)
             if self.pool.num_free - needed < self.watermark_blocks and self.running:
                 return
             if not self.pool.can_allocate(needed):
                 return
             self.waiting.popleft()
-            state.block_ids = self.pool.allocate(needed)
+            self._take_cached(state, cached)
+            state.block_ids += self.pool.allocate(blocks_for(num_cached + num_new, self.block_size) - len(cached))
             state.status = RequestStatus.RUNNING
             state.kv_phase = self.phase
             bisect.insort(self.running, state, key=lambda s: s.arrival)
@@ -434,9 +450,69 @@ class StaticScheduler:
         if start + num_new == num_tokens + state.num_awaited:  # reaches the end
             sampling = state.sampling.for_row(len(state.output_token_ids) + state.num_awaited)
             state.num_awaited += 1
+        if self._names_blocks(state):
+            self._name_blocks(state, min(start + num_new, num_tokens) // self.block_size)
         first_new_block, state.num_blocks_sent = state.num_blocks_sent, len(state.block_ids)
         return StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,
                        sampling, awaits_token)
+
+    # ------------------------------------------------------------ the prefix cache
+
+    def _caches_prefixes(self) -> bool:
+        """Whether requests share the blocks of their common prefixes now (static mode: with prefix
+        caching on)."""
+        return self.config.prefix_caching
+
+    def _names_blocks(self, state: RequestState) -> bool:
+        """Whether the blocks the request fills are named for others to share: those laid out in
+        the current layout, while prefixes are cached."""
+        return state.kv_phase is self.phase and self._caches_prefixes()
+
+    def _cached_prefix(self, state: RequestState) -> tuple[list[int], bool]:
+        """For a request that holds no KV: the cached blocks holding its first tokens (never its
+        last one, whose logits it needs), and whether the block after them is being written now."""
+        if state.num_computed_tokens or not self._caches_prefixes():
+            return [], False
+        return self.pool.match(self._chain(state, 0, (state.num_tokens - 1) // self.block_size))
+
+    def _chain(self, state: RequestState, first: int, end: int) -> Iterator[tuple[int, BlockTokens]]:
+        """The keys and tokens of the request's full blocks `first` to `end` - 1, made as they are
+        read (a lookup stops at its first miss)."""
+        keys, size = state.block_keys, self.block_size
+        for index in range(len(keys), first):  # keys before `first` that were never needed
+            keys.append(chain_key(keys[-1] if keys else ROOT_KEY, tuple(state.token_ids(index * size, (index + 1) * size))))
+        for index in range(first, end):
+            tokens = tuple(state.token_ids(index * size, (index + 1) * size))
+            if index == len(keys):
+                keys.append(chain_key(keys[-1] if keys else ROOT_KEY, tokens))
+            yield keys[index], tokens
+
+    def _idle_among(self, block_ids: list[int]) -> int:
+        """Of these cached blocks, those nobody holds: holding them takes them from the free ones."""
+        is_idle = self.pool.is_idle
+        return sum(1 for block in block_ids if is_idle(block))
+
+    def _take_cached(self, state: RequestState, cached: list[int]) -> None:
+        """The request starts with the cached blocks of its prefix: their KV needs no computing."""
+        self.pool.hold(cached)
+        state.block_ids = list(cached)
+        state.num_named = len(cached)
+        state.num_computed_tokens = len(cached) * self.block_size
+        if state.last_step_id is None:  # its first start, not a recompute
+            self.counters["cached_tokens"] += state.num_computed_tokens
+
+    def _name_blocks(self, state: RequestState, num_full: int) -> None:
+        """Name the request's blocks that the row being planned fills, up to its first `num_full`
+        blocks; each may be shared once the step lands."""
+        if num_full <= state.num_named:
+            return
+        first = state.num_named
+        for index, (key, tokens) in enumerate(self._chain(state, first, num_full), first):
+            parent = state.block_keys[index - 1] if index else ROOT_KEY
+            block = state.block_ids[index]
+            if self.pool.name(block, key, parent, tokens):
+                self._naming.append(block)
+        state.num_named = num_full
 
     def _pick_victim(self) -> RequestState | None:
         """The latest arrival with no row in flight (rows of the plan being made count as in flight)."""
@@ -457,6 +533,7 @@ class StaticScheduler:
         self.counters["recomputes"] += 1
         self.pool.free(state.block_ids)
         state.block_ids = []
+        state.num_named = 0
         self._release(state)
         state.num_computed_tokens = 0
         state.status = RequestStatus.WAITING

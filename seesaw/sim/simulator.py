@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import heapq
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from seesaw.config import SchedulerConfig
 from seesaw.layout import Layout
@@ -176,7 +176,9 @@ class Simulation:
                              f"host buffer ({spec.host_buffer_gb:g} GiB) holds no block for a replica")
         self.now = 0.0
         limits = ModelLimits(spec.block_size, spec.max_model_len or 1 << 30, (), self.host_blocks)
-        self.engine = EngineCore(spec.scheduler, self.layouts, limits, clock=lambda: self.now)
+        # Prompts with no shared prefix find nothing in the prefix cache: they may share one list.
+        scheduler = replace(spec.scheduler, prefix_caching=spec.scheduler.prefix_caching and workload.shared_prefix > 0)
+        self.engine = EngineCore(scheduler, self.layouts, limits, clock=lambda: self.now)
         self.workers = [_Workers(layout.tp * layout.pp) for _ in range(layout.dp)]
         self._events: list[tuple[float, int, str, int, object]] = []
         self._seq = 0
@@ -193,6 +195,15 @@ class Simulation:
         with _collector_paused():
             return self._run()
 
+    def _prompt(self, index: int, num_tokens: int, by_length: dict[int, list[int]]) -> list[int]:
+        """Request `index`'s prompt: the workload's shared prefix, then tokens of its own (the
+        first one is its alone); with no shared prefix, every prompt of a length is one list."""
+        shared = self.workload.shared_prefix
+        if not shared:
+            return by_length.get(num_tokens) or by_length.setdefault(num_tokens, [0] * num_tokens)
+        own = num_tokens - shared
+        return [0] * shared + ([index + 1] + [0] * (own - 1) if own > 0 else [])
+
     def _run(self) -> SimResult:
         engine = self.engine
         self._apply(engine.ready([self.device_blocks] * len(self.workers)))
@@ -203,7 +214,7 @@ class Simulation:
             if max_model_len is not None and prompt + output > max_model_len:
                 self._fail(f"r{index}")  # the engine's front door refuses it
                 continue
-            token_ids = prompts.get(prompt) or prompts.setdefault(prompt, [0] * prompt)
+            token_ids = self._prompt(index, prompt, prompts)
             sampling = samplings.get(output) or samplings.setdefault(
                 output, SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True))
             self._apply(engine.add(NewRequest(f"r{index}", token_ids, sampling)))

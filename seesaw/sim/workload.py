@@ -14,7 +14,7 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Lengths of a line that gives no lengths (a batch line): (entry, "FILE, line N") -> (prompt, output).
@@ -28,6 +28,7 @@ class Workload:
     name: str
     lengths: tuple[tuple[int, int], ...]  # (prompt tokens, output tokens) per request
     left_out: tuple[str, ...] = ()  # why each line of a file that gives no request was left out
+    shared_prefix: int = 0  # tokens every prompt starts with (a system prompt), counted in its length
 
     @property
     def num_requests(self) -> int:
@@ -43,15 +44,26 @@ class Workload:
 
     def describe(self) -> str:
         n = max(1, self.num_requests)
+        shared = f", {self.shared_prefix} of them shared by every prompt" if self.shared_prefix else ""
         return (f"{self.name}: {self.num_requests} requests, mean input {self.num_prompt_tokens / n:.0f} "
-                f"tokens, mean output {self.num_output_tokens / n:.0f} tokens")
+                f"tokens{shared}, mean output {self.num_output_tokens / n:.0f} tokens")
 
 
 def within_context(workload: Workload, max_model_len: int) -> tuple[Workload, int]:
     """The requests whose prompt and output fit the model's context, and how many do not (the
     engine refuses those: a prompt with no room left, or a max_tokens that does not fit)."""
     kept = tuple((prompt, output) for prompt, output in workload.lengths if prompt + output <= max_model_len)
-    return Workload(workload.name, kept, workload.left_out), workload.num_requests - len(kept)
+    return replace(workload, lengths=kept), workload.num_requests - len(kept)
+
+
+def with_shared_prefix(workload: Workload, num_tokens: int) -> Workload:
+    """The workload with a system prompt of `num_tokens` tokens in front of every prompt."""
+    if num_tokens < 0:
+        raise ValueError(f"a shared prefix cannot have {num_tokens} tokens")
+    if not num_tokens:
+        return workload
+    lengths = tuple((prompt + num_tokens, output) for prompt, output in workload.lengths)
+    return replace(workload, lengths=lengths, shared_prefix=workload.shared_prefix + num_tokens)
 
 
 def fixed(num_requests: int, input_len: int, output_len: int) -> Workload:
