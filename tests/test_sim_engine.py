@@ -3,6 +3,8 @@ same result for the same inputs, and seesaw pairs that finish every request."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from seesaw.config import SchedulerConfig
@@ -125,3 +127,22 @@ def test_phase_seconds_are_the_time_steps_ran_and_the_waits_for_weights():
     assert sum(result.phase_s.values()) <= result.elapsed_s + 1e-9  # idle time (waiting on copies) counts nowhere
     assert sum(result.phase_s.values()) > 0.9 * result.elapsed_s
     assert 0 < result.phase_s["transition"] <= result.reload_s * 2  # never more than the replica's workers reloaded
+
+
+@pytest.mark.parametrize("run", ["t2", "p2-t2"])
+def test_a_shared_system_prompt_is_computed_once_in_the_simulation_as_in_the_engine(run):
+    from seesaw.sim.workload import with_shared_prefix
+
+    catalog = Catalog()
+    cost = CostModel(catalog.model("llama3-8b"), catalog.node("2xL4"))
+    spec = RunSpec.parse(run, host_buffer_gb=8.0, scheduler=SchedulerConfig(max_num_batched_tokens=4096))
+    alone = fixed(64, 32, 16)
+    shared = simulate(cost, spec, with_shared_prefix(alone, 1024))
+    uncached = simulate(cost, replace(spec, scheduler=replace(spec.scheduler, prefix_caching=False)),
+                        with_shared_prefix(alone, 1024))
+    assert shared.num_failed == uncached.num_failed == 0
+    assert shared.counters["cached_tokens"] >= 1024 * 60  # all but the first few found it cached
+    assert uncached.counters["cached_tokens"] == 0
+    assert shared.elapsed_s < uncached.elapsed_s
+    # Without a shared prefix nothing is cached (and prompts share one list, as before).
+    assert simulate(cost, spec, alone).counters["cached_tokens"] == 0
