@@ -261,6 +261,8 @@ class LoadKV:
     layout: Layout
     host_block_ids: list[int]
     block_ids: list[int]
+    # For its first host blocks, shared prefix blocks: the requests whose saves wrote them.
+    shared_holders: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,12 @@ class Driver:
         self.switches: list[Phase] = []
         self.tables = BlockTables(torch.device("cpu"), mirrored=False)
         self.peak_rows = 0
+        # A stand-in for the KV itself: per device block slot, the token whose KV it holds and the
+        # layout (phase) that wrote it; per host block slot, the token (the host buffer's layout is
+        # every layout's). Rows check every position they attend to, so a block shared, saved or
+        # loaded wrongly shows.
+        self.device_kv: dict[int, list] = {}
+        self.host_kv: dict[int, list] = {}
 
     def pump(self):
         core = self.core
@@ -91,17 +97,44 @@ class Driver:
 
     def land_step(self):
         plan = self.steps.popleft()
+        self.run_rows(plan)
         sampled = [token(row.request_id, row.sampling.output_index) for row in plan.rows if row.sampling]
         for update in self.core.complete(plan.step_id, sampled):
             self.outputs.setdefault(update.request_id, []).extend(update.token_ids)
             if update.finish_reason:
                 self.finished.append(update.request_id)
 
+    def run_rows(self, plan):
+        """Each row reads the KV of every position before its own (which must be its request's
+        tokens, in its layout) and writes its new positions'."""
+        size = self.core.block_size
+        empty = [None] * size
+        for row in plan.rows:
+            state = self.core.requests.get(row.request_id)
+            if state is None:
+                continue  # its replica was lost: the step never ran
+            end = row.start + row.num_new_tokens
+            tokens, table, layout = state.token_ids(0, end), state.block_ids, state.kv_phase
+            if state.is_stopped:  # finished while the row was in flight: the token it awaits is dropped
+                tokens += [None] * (end - len(tokens))
+            for position in range(row.start):
+                held = self.device_kv.get(table[position // size], empty)[position % size]
+                assert held == (tokens[position], layout), (
+                    f"{row.request_id} reads position {position} from block {table[position // size]}, which "
+                    f"holds {held}, not {(tokens[position], layout)}")
+            for position in range(row.start, end):
+                self.device_kv.setdefault(table[position // size], list(empty))[position % size] = (tokens[position], layout)
+
     def land_move(self):
         move = self.moves.popleft()
+        empty = [None] * self.core.block_size
         if isinstance(move, ToHost):
+            for block, host_block in zip(move.block_ids, move.host_block_ids):
+                self.host_kv[host_block] = [held and held[0] for held in self.device_kv.get(block, empty)]
             self.core.on_saved(move.request_id)
         else:
+            for host_block, block in zip(move.host_block_ids, move.block_ids):
+                self.device_kv[block] = [(held, move.phase) for held in self.host_kv.get(host_block, empty)]
             self.core.on_loaded(move.request_id)
 
     def run(self, max_events=100_000):

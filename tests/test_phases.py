@@ -123,7 +123,8 @@ def test_a_prompt_the_paused_requests_leave_no_room_for_moves_the_latest_of_them
     assert not second.rows and [(type(m), m.request_id, m.phase) for m in second.moves] == [
         (ToHost, "r2", Phase.DECODE)]
     assert core.requests["r2"].status is RequestStatus.EVICTING and [s.request_id for s in core.paused] == ["r0", "r1"]
-    core.on_saved("r2")
+    driver.moves.extend(second.moves)
+    driver.land_move()
     third = core.schedule()
     assert [row.request_id for row in third.rows] == ["late1"]
     assert core.counters["evictions"] == core.counters["paused_to_host"] == 1
@@ -310,8 +311,9 @@ def test_paused_requests_leave_for_a_full_pipeline_of_prompts_and_small_steps_wa
     making_room = core.schedule()
     assert not making_room.rows and [m.request_id for m in making_room.moves] == ["r3", "r2"]
     assert core.schedule().is_empty  # a step now could hold nothing; it waits for the copies to land
-    core.on_saved("r3")
-    core.on_saved("r2")
+    driver.moves.extend(making_room.moves)
+    driver.land_move()  # r3's copy, then r2's
+    driver.land_move()
     second, third = core.schedule(), core.schedule()
     assert [row.request_id for row in second.rows] == ["late1"] and [row.request_id for row in third.rows] == ["late2"]
     driver.steps.extend([first, second, third])

@@ -60,7 +60,7 @@ class KVTier(Actor):
                 self.workers.send(message.replica, SwapOut(transfer_id, message.request_id, message.layout,
                                                            message.block_ids, message.host_block_ids))
             case LoadKV():
-                self.host.begin_load(message.request_id, message.host_block_ids)
+                self.host.begin_load(message.request_id, message.host_block_ids, message.shared_holders)
                 transfer_id = self.loading.begin(message.request_id, message.replica, message.host_block_ids,
                                                  self.workers.ranks(message.replica))
                 self.workers.send(message.replica, Prefetch(transfer_id, message.request_id, message.layout,

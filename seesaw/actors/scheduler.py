@@ -205,7 +205,8 @@ class Scheduler(Actor):
             self.kv_tier.send(SaveKV(move.request_id, replica, layout, move.block_ids, move.host_block_ids))
             what = "to the host buffer"
         else:
-            self.kv_tier.send(LoadKV(move.request_id, replica, layout, move.host_block_ids, move.block_ids))
+            self.kv_tier.send(LoadKV(move.request_id, replica, layout, move.host_block_ids, move.block_ids,
+                                     list(move.shared_holders)))
             what = "from the host buffer"
         self._arm(MoveTimer(move.request_id), f"copying request {move.request_id}'s KV {what} (replica {replica}) "
                                               f"did not finish within {self.step_timeout_s:.0f} s")

@@ -40,16 +40,20 @@ class HostBlockIndex:
                 if is_done:
                     self._holders[block] = request_id
 
-    def begin_load(self, request_id: str, host_block_ids: list[int]) -> None:
-        """A load of `request_id`'s KV from these blocks starts; each must hold that KV, whole."""
-        for block in host_block_ids:
+    def begin_load(self, request_id: str, host_block_ids: list[int], shared_holders: list[str] = ()) -> None:
+        """A load of `request_id`'s KV from these blocks starts; each must hold that KV, whole: the
+        first ones, a prefix it shares, as the saves of `shared_holders` (one per block) wrote them."""
+        for index, block in enumerate(host_block_ids):
             if block in self._writers:
                 raise HostBlockConflict(f"loading request {request_id}'s KV from host block {block}, which "
                                         f"request {self._writers[block]}'s save is still writing")
             holder = self._holders.get(block)
-            if holder != request_id:
+            expected = shared_holders[index] if index < len(shared_holders) else request_id
+            if holder != expected:
                 held = "nothing" if holder is None else f"request {holder}'s KV"
-                raise HostBlockConflict(f"loading request {request_id}'s KV from host block {block}, which holds {held}")
+                shared = "" if expected == request_id else f" (a prefix it shares, saved by request {expected})"
+                raise HostBlockConflict(f"loading request {request_id}'s KV from host block {block}{shared}, "
+                                        f"which holds {held}")
         for block in host_block_ids:
             self._readers.setdefault(block, set()).add(request_id)
 

@@ -1,10 +1,14 @@
-"""Host slots: which host-buffer blocks hold which request's KV (pure)."""
+"""Host slots: which host-buffer blocks hold which request's KV (pure).
+
+A slot's first blocks may be shared: full blocks of a prefix that another request's save wrote
+and named (the device pool's keys name them here too), so each shared prefix is saved to the host
+buffer once and counted once for every slot holding it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from seesaw.kv.block_pool import BlockPool, blocks_for
+from seesaw.kv.block_pool import ROOT_KEY, BlockPool, BlockTokens, blocks_for
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,11 @@ class HostSlot:
     request_id: str
     host_block_ids: list[int]
     num_tokens: int
+    shared_holders: tuple[str, ...] = ()  # for its first blocks, shared: the requests whose saves wrote them
+
+    @property
+    def num_shared(self) -> int:
+        return len(self.shared_holders)
 
 
 class HostSlots:
@@ -25,6 +34,7 @@ class HostSlots:
         self.first_block = first_block
         self._pool = BlockPool(num_blocks, "host KV buffer")
         self._slots: dict[str, HostSlot] = {}
+        self._writers: dict[int, str] = {}  # named block -> the request whose save wrote it
         self.peak_used = 0  # the most blocks held at once so far
 
     @property
@@ -48,17 +58,43 @@ class HostSlots:
         """The fullest the buffer has been so far."""
         return self.peak_used / self._pool.num_blocks if self._pool.num_blocks else 0.0
 
-    def can_store(self, num_tokens: int) -> bool:
-        return self._pool.can_allocate(blocks_for(num_tokens, self.block_size))
+    def match(self, chain) -> list[int]:
+        """The saved blocks holding the longest start of `chain` (keys and tokens of full blocks,
+        in order, as the device pool takes them): a slot may share them."""
+        blocks, _ = self._pool.match(chain)
+        return blocks
 
-    def store(self, request_id: str, num_tokens: int) -> HostSlot:
+    def can_store(self, num_tokens: int, shared: list[int] = ()) -> bool:
+        """Whether a slot of `num_tokens` tokens whose first blocks are the `shared` ones fits."""
+        needed = blocks_for(num_tokens, self.block_size) - len(shared)
+        needed += sum(1 for block in shared if self._pool.is_idle(block))
+        return self._pool.can_allocate(needed)
+
+    def store(self, request_id: str, num_tokens: int, shared: list[int] = ()) -> HostSlot:
+        """Reserve a slot; its first blocks are the `shared` ones (from `match`), the rest new."""
         if request_id in self._slots:
             raise ValueError(f"request {request_id} already has a host slot")
-        blocks = self._pool.allocate(blocks_for(num_tokens, self.block_size))
+        self._pool.hold(list(shared))
+        blocks = list(shared) + self._pool.allocate(blocks_for(num_tokens, self.block_size) - len(shared))
         self.peak_used = max(self.peak_used, self._pool.num_used)
-        slot = HostSlot(request_id, [self.first_block + block for block in blocks], num_tokens)
+        slot = HostSlot(request_id, [self.first_block + block for block in blocks], num_tokens,
+                        tuple(self._writers[block] for block in shared))
         self._slots[request_id] = slot
         return slot
+
+    def name_saved(self, request_id: str, chain: list[tuple[int, BlockTokens]]) -> None:
+        """The request's save landed: its slot's blocks past the shared ones, as far as `chain`
+        (their keys and tokens, from the slot's first block on) goes, may be shared from now on."""
+        slot = self._slots.get(request_id)
+        if slot is None:
+            return
+        pool, first = self._pool, self.first_block
+        for index in range(slot.num_shared, min(len(chain), len(slot.host_block_ids))):
+            block = slot.host_block_ids[index] - first
+            key, tokens = chain[index]
+            if pool.name(block, key, chain[index - 1][0] if index else ROOT_KEY, tokens):
+                pool.cache([block])
+                self._writers[block] = request_id
 
     def get(self, request_id: str) -> HostSlot | None:
         return self._slots.get(request_id)

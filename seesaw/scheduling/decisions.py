@@ -34,6 +34,8 @@ class ToDevice:
     phase: Phase
     host_block_ids: list[int]
     block_ids: list[int]
+    # For its first host blocks, shared with other requests: the requests whose saves wrote them.
+    shared_holders: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

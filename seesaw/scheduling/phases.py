@@ -105,7 +105,7 @@ class PhaseScheduler(StaticScheduler):
         if not self.waiting:
             return False
         state = self.waiting[0]
-        if not self.host.can_store(state.num_tokens):
+        if not self._host_can_store(state, state.num_tokens):
             return False
         # Blocks of prompts being prefilled or copied out free up by themselves, and so do those of
         # paused requests the host buffer can take beside the prompt.
@@ -169,7 +169,7 @@ class PhaseScheduler(StaticScheduler):
         loading is what drains it)."""
         if not self.waiting or self.host.used_fraction > self.config.host_low_water:
             return False
-        return self.host.can_store(self.waiting[0].num_tokens) and self._is_prefill_due()
+        return self._host_can_store(self.waiting[0], self.waiting[0].num_tokens) and self._is_prefill_due()
 
     def _can_start_prefill(self, state: RequestState, cached: list[int] | None = None) -> bool:
         """Whether the prompt can be admitted now, starting with the `cached` blocks of its prefix.
@@ -177,7 +177,7 @@ class PhaseScheduler(StaticScheduler):
         hold all their blocks from the start)."""
         cached = cached or []
         needed = blocks_for(state.num_tokens, self.block_size) - len(cached) + self._idle_among(cached)
-        return self.host.can_store(state.num_tokens) and self.pool.can_allocate(needed)
+        return self._host_can_store(state, state.num_tokens) and self.pool.can_allocate(needed)
 
     def _switch(self, phase: Phase, plan: StepPlan) -> None:
         """Change phase now; steps already planned run first on every worker (each starts its
@@ -208,7 +208,7 @@ class PhaseScheduler(StaticScheduler):
         requests wait for decode on the device."""
         if not self.config.prefetch or not self.swapped:
             return
-        if self.waiting and self.host.can_store(self.waiting[0].num_tokens):
+        if self.waiting and self._host_can_store(self.waiting[0], self.waiting[0].num_tokens):
             return  # prompts can still start: their blocks come first
         room = self.config.max_num_seqs - len(self.paused) - self._num_restoring
         self._schedule_restores(plan, limit=room)
@@ -241,7 +241,7 @@ class PhaseScheduler(StaticScheduler):
                 self._move_paused_out(state, plan)
                 return
             self.waiting.popleft()
-            self.host.store(state.request_id, state.num_tokens)
+            self._host_store(state, state.num_tokens)
             self._take_cached(state, cached)
             state.block_ids += self.pool.allocate(blocks_for(state.num_tokens, self.block_size) - len(cached))
             state.status = RequestStatus.RUNNING
@@ -274,7 +274,7 @@ class PhaseScheduler(StaticScheduler):
         blocks on their way out would hold the prompts of a full pipeline (a step's budget for each
         of its stages). They come back in the next decode phase like the prompts prefilled now, so
         the prefill pipeline is not left to one prompt at a time."""
-        if not self.host.can_store(prompt.num_tokens):
+        if not self._host_can_store(prompt, prompt.num_tokens):
             return  # the host buffer is full: the replica is about to decode
         needed = max(blocks_for(prompt.num_tokens, self.block_size), self._prefill_room_wanted(self._pipeline_depth))
         for state in list(self._paused_the_host_can_take(needed)):
@@ -289,7 +289,7 @@ class PhaseScheduler(StaticScheduler):
                 self.loaded_early.discard(state.request_id)
                 self._drop_device_copy(state)
                 continue
-            self.host.store(state.request_id, state.num_computed_tokens)
+            self._host_store(state, state.num_computed_tokens)
             plan.moves.append(self._to_host(state))
 
     def _drop_device_copy(self, state: RequestState) -> None:

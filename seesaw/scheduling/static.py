@@ -63,8 +63,9 @@ class StaticScheduler:
         self._num_restoring = 0  # requests whose KV is on its way back from the host buffer
         # rows_ahead: rows planned before the token they start with was sampled (two steps in flight)
         # cached_tokens: prompt tokens whose KV a request found in the prefix cache when it first started
+        # host_shared_blocks: blocks of host slots that shared a prefix another request saved
         self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0, "rows_ahead": 0,
-                         "cached_tokens": 0}
+                         "cached_tokens": 0, "host_shared_blocks": 0}
 
     # ------------------------------------------------------------ queries
 
@@ -208,6 +209,9 @@ class StaticScheduler:
         if state is None or state.status is not RequestStatus.EVICTING:
             self.host.release(request_id)
             return
+        if self.config.prefix_caching:  # its saved blocks may be shared from now on
+            slot = self.host.get(request_id)
+            self.host.name_saved(request_id, list(self._chain(state, 0, slot.num_tokens // self.block_size)))
         self._evicting_blocks -= len(state.block_ids)
         self.pool.free(state.block_ids)
         state.block_ids = []
@@ -405,7 +409,8 @@ class StaticScheduler:
             self._num_restoring += 1
             state.kv_phase = phase
             slot = self.host.get(state.request_id)
-            plan.moves.append(ToDevice(state.request_id, phase, slot.host_block_ids, list(state.block_ids)))
+            plan.moves.append(ToDevice(state.request_id, phase, slot.host_block_ids, list(state.block_ids),
+                                       slot.shared_holders))
             self.counters["restores"] += 1
             if self.phase is not phase:
                 self.counters["prefetches"] += 1
@@ -487,6 +492,22 @@ class StaticScheduler:
                 keys.append(chain_key(keys[-1] if keys else ROOT_KEY, tokens))
             yield keys[index], tokens
 
+    def _host_shared(self, state: RequestState, num_tokens: int) -> list[int]:
+        """Host blocks that other requests' saves filled with this request's first tokens, of its
+        first `num_tokens`: its slot shares them (never its last block, which it writes itself)."""
+        if not self.config.prefix_caching or num_tokens <= self.block_size:
+            return []
+        return self.host.match(self._chain(state, 0, (num_tokens - 1) // self.block_size))
+
+    def _host_can_store(self, state: RequestState, num_tokens: int) -> bool:
+        return self.host.can_store(num_tokens, self._host_shared(state, num_tokens))
+
+    def _host_store(self, state: RequestState, num_tokens: int) -> None:
+        """Reserve the request's host slot for its first `num_tokens` tokens' KV, sharing what it can."""
+        shared = self._host_shared(state, num_tokens)
+        self.host.store(state.request_id, num_tokens, shared)
+        self.counters["host_shared_blocks"] += len(shared)
+
     def _idle_among(self, block_ids: list[int]) -> int:
         """Of these cached blocks, those nobody holds: holding them takes them from the free ones."""
         is_idle = self.pool.is_idle
@@ -526,8 +547,8 @@ class StaticScheduler:
         room, the request starts over later (its tokens so far are kept and recomputed)."""
         self._take_out(state)
         self.counters["evictions"] += 1
-        if self.host.can_store(state.num_computed_tokens):
-            self.host.store(state.request_id, state.num_computed_tokens)
+        if self._host_can_store(state, state.num_computed_tokens):
+            self._host_store(state, state.num_computed_tokens)
             plan.moves.append(self._to_host(state))
             return
         self.counters["recomputes"] += 1
@@ -540,12 +561,14 @@ class StaticScheduler:
         self.waiting.appendleft(state)
 
     def _to_host(self, state: RequestState) -> ToHost:
-        """Start copying a request's KV into its host slot; its blocks stay held until it lands."""
+        """Start copying a request's KV into its host slot (but the blocks it shares there, which
+        hold it already); its device blocks stay held until it lands."""
         slot = self.host.get(state.request_id)
         state.status = RequestStatus.EVICTING
         self._evicting_blocks += len(state.block_ids)
-        blocks = state.block_ids[: len(slot.host_block_ids)]
-        return ToHost(state.request_id, state.kv_phase, blocks, slot.host_block_ids)
+        shared = slot.num_shared
+        blocks = state.block_ids[shared : len(slot.host_block_ids)]
+        return ToHost(state.request_id, state.kv_phase, blocks, slot.host_block_ids[shared:])
 
     # ------------------------------------------------------------ results
 
