@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from seesaw.engine import Engine, EngineError
 from seesaw.engine_client import EngineClient
@@ -23,6 +23,7 @@ from seesaw.frontend.batch_io import (
     parse_line,
     result_line,
 )
+from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.output import KeySet, ResultSink, id_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
 from seesaw.messages import ErrorCode, RequestFinished, StatsReport
@@ -31,9 +32,18 @@ from seesaw.step import FinishReason
 log = logging.getLogger(__name__)
 
 
+class _Line(NamedTuple):
+    """A line in the engine: its item and its choices' requests."""
+
+    item: BatchItem
+    choices: Choices
+
+
 class BatchRunner:
-    """Keeps up to `max_pending` requests in the engine, reading more input as results come back.
-    `sink` takes each output line (`write(line, is_error)`); `name` names the runner's reply inbox."""
+    """Keeps up to `max_pending` requests in the engine, reading more input as results come back
+    (a line asking for n choices is n requests, submitted together; its output line waits for all
+    of them). `sink` takes each output line (`write(line, is_error)`); `name` names the runner's
+    reply inbox."""
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
                  sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None,
@@ -49,7 +59,8 @@ class BatchRunner:
         self.progress = progress
         self.name = name
         self.summary = BatchSummary()
-        self.pending: dict[str, BatchItem] = {}
+        self.pending: dict[str, _Line] = {}  # by request id: every choice of a line in the engine
+        self._num_open_lines = 0  # lines submitted and not yet answered
         self._seen = KeySet()  # keys of custom_ids submitted in this run
         self._num_lines = 0  # lines read that hold something (requests, bad lines, skipped ones)
         self._fraction = 0.0  # of the input file read so far
@@ -70,6 +81,11 @@ class BatchRunner:
     def num_lines(self) -> int:
         """Lines read so far that hold something."""
         return self._num_lines
+
+    @property
+    def num_pending_lines(self) -> int:
+        """Lines in the engine not yet answered."""
+        return self._num_open_lines
 
     def cancel(self) -> None:
         """Read nothing more and cancel the requests in flight (each is answered as cancelled)."""
@@ -108,7 +124,7 @@ class BatchRunner:
         finally:
             self._client = None
             client.close()
-        self.summary.num_abandoned = len(self.pending)
+        self.summary.num_abandoned = self._num_open_lines
         self.summary.finish()
         self._report(force=True)
         if self.progress is not None:
@@ -136,12 +152,16 @@ class BatchRunner:
         if item is None:
             self._write_error(custom_id, line_number, problem)
             return
-        request_id = self._client.submit(item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
-                                         prompt_token_ids=item.prompt_token_ids)
-        self.pending[request_id] = item
+        request_ids = [self._client.submit(item.kind, sampling, prompt=item.prompt, messages=item.messages,
+                                           prompt_token_ids=item.prompt_token_ids)
+                       for sampling in choice_samplings(item.sampling, item.n)]
+        line = _Line(item, Choices(request_ids))
+        for request_id in request_ids:
+            self.pending[request_id] = line
+        self._num_open_lines += 1
 
     async def _collect(self) -> bool:
-        """Write at least one finished result; False when an interrupted run's grace period is over.
+        """Take at least one result; False when an interrupted run's grace period is over.
         Raises EngineError when the engine fails."""
         while True:
             now = time.monotonic()
@@ -164,20 +184,27 @@ class BatchRunner:
         return True
 
     def _finish(self, message: RequestFinished) -> None:
-        item = self.pending.pop(message.request_id, None)
-        if item is None:
+        line = self.pending.pop(message.request_id, None)
+        if line is None:
             log.warning("result for unknown request %s", message.request_id)
             return
-        if message.error is not None:
-            if message.code == ErrorCode.ENGINE_FAILED:
-                raise EngineError(message.error)
-            self._write_error(item.custom_id, item.line_number, message.error, message.status_code,
-                              message.prompt_tokens)
+        if message.code == ErrorCode.ENGINE_FAILED:
+            raise EngineError(message.error)
+        if not line.choices.take(message):
+            return  # more choices to come, or the line was answered already (a choice failed)
+        self._num_open_lines -= 1
+        item, failure = line.item, line.choices.failure
+        if failure is not None:
+            for request_id in line.choices.unfinished_ids:
+                self._client.cancel(request_id)  # their answers come back and are let go
+            self._write_error(item.custom_id, item.line_number, failure.error, failure.status_code,
+                              failure.prompt_tokens)
             return
-        self.sink.write(result_line(item, message.text, message.finish_reason, message.prompt_tokens,
-                                    message.completion_tokens, item.model or self.model_name))
-        self.summary.record(ok=True, prompt_tokens=message.prompt_tokens, output_tokens=message.completion_tokens)
-        if message.finish_reason == FinishReason.CANCELLED:
+        results = line.choices.answer
+        self.sink.write(result_line(item, results, item.model or self.model_name))
+        self.summary.record(ok=True, prompt_tokens=results[0].prompt_tokens,
+                            output_tokens=sum(result.completion_tokens for result in results))
+        if any(result.finish_reason == FinishReason.CANCELLED for result in results):
             self.summary.num_cancelled += 1
 
     def _write_error(self, custom_id: str, line_number: int, message: str, status_code: int = 400,

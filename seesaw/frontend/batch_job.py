@@ -69,7 +69,7 @@ async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO 
         if not engine.is_ready:  # still starting: nothing in flight to wait for
             main.cancel()
         elif len(received) == 1:
-            print(f"\n{name}: reading no more input; {len(runner.pending)} requests in flight get up to "
+            print(f"\n{name}: reading no more input; {runner.num_pending_lines} requests in flight get up to "
                   f"{job.grace_s:.0f} s to finish (another signal stops at once)", file=stream, flush=True)
             runner.interrupt(job.grace_s)
         else:
