@@ -1,5 +1,5 @@
 """The OpenAI `n` field: each choice's seed, and n engine requests gathered into one answer (pure),
-then n choices through the batch front door on a real engine."""
+then n choices through the batch front door and the in-process client on a real engine."""
 
 from __future__ import annotations
 
@@ -162,3 +162,15 @@ async def test_chat_choices_through_the_batch_are_a_valid_openai_chat_completion
     parsed = openai_chat.ChatCompletion.model_validate((await run_batch(engine, [line]))["chat"]["response"]["body"])
     assert [choice.index for choice in parsed.choices] == [0, 1] and parsed.usage.completion_tokens == 6
 
+
+@on_module_loop
+async def test_the_local_client_gives_n_choices_the_batch_gives_for_the_same_seed(engine):
+    from seesaw.frontend.local import LocalClient
+
+    sampling = SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    async with LocalClient(engine, "choices") as client:
+        results = await asyncio.wait_for(client.generate_choices(sampling, 4, prompt=PROMPT), 120)
+        with pytest.raises(ValueError, match="n must be an integer from 1 to 128, got 0"):
+            client.submit_choices(sampling, 0, prompt=PROMPT)
+    batch = await run_batch(engine, [completion("four", n=4, temperature=1.0, seed=5, max_tokens=8)])
+    assert [result.text for result in results] == texts(batch["four"])
