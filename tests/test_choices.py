@@ -10,7 +10,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
-from helpers import engine_config
+from helpers import ListSink, engine_config
 from seesaw.frontend.choices import MAX_N, Choices, check_n, choice_samplings
 from seesaw.messages import ErrorCode, RequestFinished, RequestKind
 from seesaw.sampling import SamplingParams
@@ -81,18 +81,6 @@ async def engine():
                            model={"max_model_len": 128})
     async with Engine(config, resolve_model("default", config.cache_dir)) as engine:
         yield engine
-
-
-class ListSink:
-    """A batch's output lines, kept in the order written."""
-
-    is_backlogged = False
-
-    def __init__(self):
-        self.lines: list[dict] = []
-
-    def write(self, line: dict, is_error: bool = False) -> None:
-        self.lines.append(line)
 
 
 async def run_batch(engine, lines: list[dict]) -> dict[str, dict]:

@@ -1,13 +1,16 @@
 """The order a batch submits the lines it read ahead in: shared prompt prefixes together, within a
-bound, every line once (pure)."""
+bound, every line once (pure), and the same results as in the input's order (a real engine)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import random
 
 import orjson
 import pytest
 
+from helpers import ListSink, engine_config
 from seesaw.frontend.batch_io import SamplingDefaults, parse_line
 from seesaw.frontend.prefix_order import PrefixOrder, prompt_key
 
@@ -74,3 +77,45 @@ def test_prompts_sort_by_their_tokens_text_or_messages():
     chat = key({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "b"}]})
     assert key({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}) < chat
 
+
+# ---------------------------------------------------------------- on a real engine (the default model)
+
+
+def test_a_batch_ordered_by_prefix_gives_each_line_what_the_input_order_gives():
+    from seesaw.engine import Engine
+    from seesaw.frontend.batch import BatchRunner
+    from seesaw.model.resolve import resolve_model
+
+    prefixes = ["You are a careful assistant. Answer in one word. ", "Translate into French: ",
+                "Here is a list of animals: cat, dog, ", "The following numbers are prime: 2, 3, "]
+    lines = [{"custom_id": f"r{index}", "prompt": f"{prefixes[index % 4]}item {index}", "max_tokens": 4,
+              "temperature": 0 if index % 2 else 1.0, "ignore_eos": True} for index in range(24)]
+    data = b"\n".join(orjson.dumps(line) for line in lines) + b"\n"
+    config = engine_config("default", scheduler={"max_num_seqs": 4})
+
+    class Runner(BatchRunner):
+        """Notes the order lines go to the engine in."""
+
+        submitted: list[str]
+
+        def _submit(self, item) -> None:
+            self.submitted.append(item.custom_id)
+            super()._submit(item)
+
+    async def main() -> list[tuple[list[str], dict[str, str]]]:
+        runs = []
+        async with Engine(config, resolve_model(config.model.model, config.cache_dir)) as engine:
+            for window in (1, 16):
+                sink = ListSink()
+                runner = Runner(engine, SamplingDefaults(), "default", 4, sink, window=window)
+                runner.submitted = []
+                await runner.run_source(io.BytesIO(data), len(data))
+                texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in sink.lines}
+                assert len(texts) == len(sink.lines) == 24
+                runs.append((runner.submitted, texts))
+        return runs
+
+    (in_order, expected), (by_prefix, texts) = asyncio.run(asyncio.wait_for(main(), 300))
+    assert in_order == [line["custom_id"] for line in lines]
+    assert sorted(by_prefix) == sorted(in_order) and by_prefix != in_order
+    assert texts == expected and all(texts.values())

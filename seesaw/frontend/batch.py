@@ -25,6 +25,7 @@ from seesaw.frontend.batch_io import (
 )
 from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.output import KeySet, ResultSink, id_key
+from seesaw.frontend.prefix_order import PrefixOrder, prompt_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
 from seesaw.messages import ErrorCode, RequestFinished, StatsReport
 from seesaw.step import FinishReason
@@ -42,12 +43,13 @@ class _Line(NamedTuple):
 class BatchRunner:
     """Keeps up to `max_pending` requests in the engine, reading more input as results come back
     (a line asking for n choices is n requests, submitted together; its output line waits for all
-    of them). `sink` takes each output line (`write(line, is_error)`); `name` names the runner's
-    reply inbox."""
+    of them). Up to `window` runnable lines more are read ahead and submitted in the order
+    `PrefixOrder` picks, lines sharing a prompt prefix together (`window` 1: the input's order).
+    `sink` takes each output line (`write(line, is_error)`); `name` names the runner's reply inbox."""
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
                  sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None,
-                 name: str = "batch"):
+                 name: str = "batch", window: int = 1):
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
@@ -60,6 +62,7 @@ class BatchRunner:
         self.name = name
         self.summary = BatchSummary()
         self.pending: dict[str, _Line] = {}  # by request id: every choice of a line in the engine
+        self._order: PrefixOrder[BatchItem] = PrefixOrder(window)  # lines read, not yet submitted
         self._num_open_lines = 0  # lines submitted and not yet answered
         self._seen = KeySet()  # keys of custom_ids submitted in this run
         self._num_lines = 0  # lines read that hold something (requests, bad lines, skipped ones)
@@ -106,14 +109,8 @@ class BatchRunner:
         try:
             lines = enumerate(source, start=1)
             is_read = False
-            while (not is_read and not self._is_stopping) or self.pending:
-                while (not is_read and not self._is_stopping and len(self.pending) < self.max_pending
-                       and not self.sink.is_backlogged):
-                    entry = next(lines, None)
-                    if entry is None:
-                        is_read = True
-                        break
-                    self._submit(*entry)
+            while (not self._is_stopping and (not is_read or self._order)) or self.pending:
+                is_read = self._feed(lines, is_read)
                 self._fraction = source.tell() / size
                 if not self.pending and self.sink.is_backlogged:
                     await asyncio.sleep(0.05)  # the reader of the output lags: read on once it catches up
@@ -124,14 +121,34 @@ class BatchRunner:
         finally:
             self._client = None
             client.close()
-        self.summary.num_abandoned = self._num_open_lines
+        self.summary.num_abandoned = self._num_open_lines + len(self._order)  # read, then given up on
         self.summary.finish()
         self._report(force=True)
         if self.progress is not None:
             self.progress.finish()
         return self.summary
 
-    def _submit(self, line_number: int, raw: bytes) -> None:
+    def _feed(self, lines, is_read: bool) -> bool:
+        """Read ahead into the window and submit from it while the engine has room; whether the
+        input has been read to its end. A line is picked from a full window (or what is left at
+        the end), and the window fills up only to one line short while the engine is full."""
+        order = self._order
+        while not self._is_stopping and not self.sink.is_backlogged:
+            has_room = len(self.pending) < self.max_pending
+            if not is_read and not order.is_full and (has_room or len(order) < order.window - 1):
+                entry = next(lines, None)
+                if entry is None:
+                    is_read = True
+                else:
+                    self._read(*entry)
+            elif order and has_room:
+                self._submit(order.take())
+            else:
+                break
+        return is_read
+
+    def _read(self, line_number: int, raw: bytes) -> None:
+        """Take one input line: answered at once if it cannot run (or is skipped), else held in the window."""
         if not raw.strip():
             return  # blank lines carry no request
         self._num_lines += 1
@@ -152,6 +169,9 @@ class BatchRunner:
         if item is None:
             self._write_error(custom_id, line_number, problem)
             return
+        self._order.add(prompt_key(item), item)
+
+    def _submit(self, item: BatchItem) -> None:
         request_ids = [self._client.submit(item.kind, sampling, prompt=item.prompt, messages=item.messages,
                                            prompt_token_ids=item.prompt_token_ids)
                        for sampling in choice_samplings(item.sampling, item.n)]

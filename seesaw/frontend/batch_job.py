@@ -55,7 +55,9 @@ class JobResult:
 
 async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO = sys.stderr) -> JobResult:
     progress = Progress(stream, is_terminal=stream.isatty())
-    runner = BatchRunner(engine, job.defaults, engine.model.name, job.max_pending, job.sink, job.finished, progress)
+    # As many lines again as the engine holds are read ahead, so lines sharing a prompt prefix go in together.
+    runner = BatchRunner(engine, job.defaults, engine.model.name, job.max_pending, job.sink, job.finished, progress,
+                         window=job.max_pending)
     received: list[int] = []
     closing = False
     main = asyncio.current_task()
