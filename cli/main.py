@@ -39,7 +39,7 @@ def batch(
     max_tokens: MaxTokensOption = 256,
     temperature: TemperatureOption = 1.0,
     top_p: TopPOption = 1.0,
-    max_pending: Annotated[int, typer.Option(help="requests read ahead of the results")] = 4096,
+    max_pending: Annotated[int, typer.Option(help="requests in the engine ahead of the results; as many lines again are read ahead to order by shared prompt prefix")] = 4096,
     resume: Annotated[bool, typer.Option("--resume", help="finish an earlier run: skip every custom_id already in the output")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output instead of refusing")] = False,
     errors: Annotated[Optional[Path], typer.Option(help="write failed lines here instead of into the output")] = None,

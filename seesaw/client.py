@@ -49,12 +49,15 @@ def backoff_s(retry_after_s: Any, attempt: int, jitter: float) -> float:
 
 class TokenStream:
     """`async for text in client.stream(body)`: the `text` of each token frame; once the loop ends,
-    `.response` holds the result's response. `.id` names the request (for `cancel`). Used as
+    `.response` holds the result's response. `.id` names the request (for `cancel`). A body with
+    `n` > 1 streams its choices' pieces interleaved: `.index` is the choice of the piece just
+    yielded. Used as
     `async with client.stream(body) as stream:`, leaving the block early (a `break`, an error)
     cancels the request on the server, as `aclose()` does."""
 
     def __init__(self, request_id: str, frames: AsyncIterator[dict], on_end: Callable[[Any], None]):
         self.id, self.response, self.job_id, self.summary = request_id, None, None, None
+        self.index = 0  # the choice the latest piece belongs to
         self._frames, self._on_end = frames, on_end
 
     def __aiter__(self):
@@ -83,6 +86,7 @@ class TokenStream:
 
     def _take(self, frame: dict) -> str | None:
         if frame["type"] == "token":
+            self.index = frame.get("index", 0)
             return frame.get("text", "")
         self.response = frame.get("response")
         return None

@@ -107,6 +107,18 @@ def generate(config: EngineConfig, requests: list[dict], sequential: bool = Fals
     return asyncio.run(asyncio.wait_for(main(), timeout_s))
 
 
+class ListSink:
+    """A batch's output lines (a BatchRunner's sink), kept in the order written."""
+
+    is_backlogged = False
+
+    def __init__(self):
+        self.lines: list[dict] = []
+
+    def write(self, line: dict, is_error: bool = False) -> None:
+        self.lines.append(line)
+
+
 def greedy(max_tokens: int, **fields) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **fields)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from seesaw.frontend.batch_io import LineError, SamplingDefaults, error_line, parse_line, result_line
+from seesaw.frontend.batch_io import LineError, SamplingDefaults, error_line, parse_line, response_body, result_line
+from seesaw.messages import RequestFinished, RequestKind
 
 DEFAULTS = SamplingDefaults(max_tokens=32, temperature=0.5)
 
@@ -50,7 +51,12 @@ def test_simple_lines_take_defaults_and_number_their_ids():
     (line({"prompt": "x", "top_p": 0}), "top_p"),
     (line({"prompt": "x", "max_tokens": 0}), "max_tokens"),
     (line({"prompt": "x", "max_tokens": "many"}), "max_tokens"),
-    (line({"prompt": "x", "n": 2}), "n must be 1"),
+    (line({"prompt": "x", "n": 0}), "n must be an integer from 1 to 128, got 0"),
+    (line({"prompt": "x", "n": -1}), "n must be an integer from 1 to 128, got -1"),
+    (line({"prompt": "x", "n": 129}), "n must be an integer from 1 to 128, got 129"),
+    (line({"prompt": "x", "n": 2.5}), "n must be an integer from 1 to 128, got 2.5"),
+    (line({"prompt": "x", "n": "2"}), "n must be an integer from 1 to 128, got '2'"),
+    (line({"prompt": "x", "n": True}), "n must be an integer from 1 to 128, got True"),
     (line({"prompt": "x", "logprobs": 2}), "logprobs is not supported"),
     (line({"prompt": ""}), "prompt is empty"),
     (line({"prompt": "x", "stop": [1]}), "stop"),
@@ -65,15 +71,47 @@ def test_bad_lines_name_the_problem_and_the_line(raw, problem):
     assert str(caught.value).startswith("line 12:")
 
 
+def test_n_is_read_from_the_body_and_defaults_to_one():
+    assert parse_line(line({"prompt": "x", "n": 128}), 1, DEFAULTS).n == 128
+    assert parse_line(line({"prompt": "x", "n": None}), 1, DEFAULTS).n == 1
+    assert parse_line(line({"prompt": "x"}), 1, DEFAULTS).n == 1
+
+
+def finished(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+             kind: RequestKind = RequestKind.CHAT) -> RequestFinished:
+    return RequestFinished("r", kind, text, finish_reason, prompt_tokens, completion_tokens)
+
+
 def test_result_line_has_the_openai_batch_shape():
     item = parse_line(line({"custom_id": "z", "url": "/v1/chat/completions", "method": "POST",
                             "body": {"messages": [{"role": "user", "content": "hi"}]}}), 1, DEFAULTS)
-    out = result_line(item, "hello", "stop", 4, 2, "model-x")
+    out = result_line(item, [finished("hello", "stop", 4, 2)], "model-x")
     assert out["custom_id"] == "z" and out["error"] is None
     body = out["response"]["body"]
     assert out["response"]["status_code"] == 200
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+def test_a_body_of_n_choices_indexes_them_and_counts_the_prompt_once():
+    body = response_body(RequestKind.COMPLETION, [finished("a", "length", 7, 3), finished("b", "stop", 7, 1),
+                                                  finished("c", "length", 7, 3)], "m")
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "a", "length"), (1, "b", "stop"), (2, "c", "length")]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 7, "total_tokens": 14}
+
+
+@pytest.mark.parametrize("kind", [RequestKind.CHAT, RequestKind.COMPLETION])
+def test_bodies_of_one_and_of_n_choices_are_valid_openai_objects(kind):
+    openai_types = pytest.importorskip("openai.types")
+    from openai.types.chat import ChatCompletion
+
+    model = ChatCompletion if kind == RequestKind.CHAT else openai_types.Completion
+    for count in (1, 3):
+        body = response_body(kind, [finished(f"t{i}", "length", 5, 2, kind) for i in range(count)], "m")
+        parsed = model.model_validate(body)
+        assert [choice.index for choice in parsed.choices] == list(range(count))
+        assert parsed.usage.prompt_tokens == 5 and parsed.usage.completion_tokens == 2 * count
 
 
 def test_error_line_carries_status_and_line_number():

@@ -98,9 +98,48 @@ async def test_streamed_tokens_arrive_in_order_and_join_to_the_final_text(addres
     assert "".join(pieces) == stream.response["choices"][0]["text"] == whole["choices"][0]["text"]
 
 
+@pytest.mark.parametrize("value", [0, -1, 129, 2.5, "2", True])
+async def test_a_bad_n_is_an_error_naming_n_and_its_value(address, value):
+    async with AsyncClient(address, timeout_s=60) as client:
+        with pytest.raises(ServerError) as caught:
+            await client.complete(body(0, n=value))
+    assert caught.value.status == 400 and f"n must be an integer from 1 to 128, got {value!r}" in caught.value.message
+
+
+async def test_n_greedy_choices_are_equal_and_indexed_and_count_the_prompt_once(address):
+    async with AsyncClient(address, timeout_s=60) as client:
+        single, three = await client.complete(body(0)), await client.complete(body(0, n=3))
+    assert [(c["index"], c["text"]) for c in three["choices"]] == [(i, single["choices"][0]["text"]) for i in range(3)]
+    assert three["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+    assert three["usage"]["completion_tokens"] == 12
+
+
+async def test_streamed_choices_carry_their_index_and_join_to_each_choices_text(address):
+    async with AsyncClient(address, timeout_s=60) as client:
+        stream = client.stream(body(1, max_tokens=8, n=2, temperature=1.0, seed=3), "completions")
+        pieces = {0: [], 1: []}
+        async for piece in stream:
+            pieces[stream.index].append(piece)
+    choices = stream.response["choices"]
+    assert ["".join(pieces[0]), "".join(pieces[1])] == [choices[0]["text"], choices[1]["text"]]
+    assert choices[0]["text"] != choices[1]["text"]
+
+
+async def test_cancelling_a_request_of_n_choices_cancels_every_choice(address):
+    async with AsyncClient(address, timeout_s=60) as client:
+        stream = client.stream(body(3, max_tokens=600, n=2), "completions")
+        async for _ in stream:
+            assert await client.cancel(id=stream.id) == 1  # one request, however many choices
+            break
+        async for _ in stream:
+            pass
+        assert [c["finish_reason"] for c in stream.response["choices"]] == ["cancelled", "cancelled"]
+        assert stream.response["usage"]["completion_tokens"] < 1200
+
+
 INVALID_FIELDS = {"max_tokens": ["?", -5, [None], 0], "top_p": ["?", -5, 2, {"a": 1}], "stop": [[None], {"a": 1}, 5],
                   "top_k": ["?", -5, 2.5], "seed": ["?", 2.5, [None]], "temperature": [-1, "hot", 1e300],
-                  "prompt": [[], "", [1.5], [[1, 2], [3]]], "n": [2], "logprobs": [True]}
+                  "prompt": [[], "", [1.5], [[1, 2], [3]]], "n": [0, -1, 129, 2.5, "2", True], "logprobs": [True]}
 
 
 def malformed_frames(rng: random.Random) -> list[list[bytes]]:

@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from seesaw.engine import Engine, EngineError
 from seesaw.engine_client import EngineClient
@@ -23,7 +23,9 @@ from seesaw.frontend.batch_io import (
     parse_line,
     result_line,
 )
+from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.output import KeySet, ResultSink, id_key
+from seesaw.frontend.prefix_order import PrefixOrder, prompt_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
 from seesaw.messages import ErrorCode, RequestFinished, StatsReport
 from seesaw.step import FinishReason
@@ -31,13 +33,23 @@ from seesaw.step import FinishReason
 log = logging.getLogger(__name__)
 
 
+class _Line(NamedTuple):
+    """A line in the engine: its item and its choices' requests."""
+
+    item: BatchItem
+    choices: Choices
+
+
 class BatchRunner:
-    """Keeps up to `max_pending` requests in the engine, reading more input as results come back.
+    """Keeps up to `max_pending` requests in the engine, reading more input as results come back
+    (a line asking for n choices is n requests, submitted together; its output line waits for all
+    of them). Up to `window` runnable lines more are read ahead and submitted in the order
+    `PrefixOrder` picks, lines sharing a prompt prefix together (`window` 1: the input's order).
     `sink` takes each output line (`write(line, is_error)`); `name` names the runner's reply inbox."""
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
                  sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None,
-                 name: str = "batch"):
+                 name: str = "batch", window: int = 1):
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
@@ -49,7 +61,9 @@ class BatchRunner:
         self.progress = progress
         self.name = name
         self.summary = BatchSummary()
-        self.pending: dict[str, BatchItem] = {}
+        self.pending: dict[str, _Line] = {}  # by request id: every choice of a line in the engine
+        self._order: PrefixOrder[BatchItem] = PrefixOrder(window)  # lines read, not yet submitted
+        self._num_open_lines = 0  # lines submitted and not yet answered
         self._seen = KeySet()  # keys of custom_ids submitted in this run
         self._num_lines = 0  # lines read that hold something (requests, bad lines, skipped ones)
         self._fraction = 0.0  # of the input file read so far
@@ -72,6 +86,11 @@ class BatchRunner:
         """Lines read so far that hold something."""
         return self._num_lines
 
+    @property
+    def num_pending_lines(self) -> int:
+        """Lines in the engine not yet answered."""
+        return self._num_open_lines
+
     def cancel(self) -> None:
         """Read nothing more and cancel the requests in flight (each is answered as cancelled)."""
         self._is_stopping = True
@@ -91,14 +110,8 @@ class BatchRunner:
         try:
             lines = enumerate(source, start=1)
             is_read = False
-            while (not is_read and not self._is_stopping) or self.pending:
-                while (not is_read and not self._is_stopping and len(self.pending) < self.max_pending
-                       and not self.sink.is_backlogged):
-                    entry = next(lines, None)
-                    if entry is None:
-                        is_read = True
-                        break
-                    self._submit(*entry)
+            while (not self._is_stopping and (not is_read or self._order)) or self.pending:
+                is_read = self._feed(lines, is_read)
                 self._fraction = source.tell() / size
                 if not self.pending and self.sink.is_backlogged:
                     await asyncio.sleep(0.05)  # the reader of the output lags: read on once it catches up
@@ -109,14 +122,34 @@ class BatchRunner:
         finally:
             self._client = None
             client.close()
-        self.summary.num_abandoned = len(self.pending)
+        self.summary.num_abandoned = self._num_open_lines + len(self._order)  # read, then given up on
         self.summary.finish()
         self._report(force=True)
         if self.progress is not None:
             self.progress.finish()
         return self.summary
 
-    def _submit(self, line_number: int, raw: bytes) -> None:
+    def _feed(self, lines, is_read: bool) -> bool:
+        """Read ahead into the window and submit from it while the engine has room; whether the
+        input has been read to its end. A line is picked from a full window (or what is left at
+        the end), and the window fills up only to one line short while the engine is full."""
+        order = self._order
+        while not self._is_stopping and not self.sink.is_backlogged:
+            has_room = len(self.pending) < self.max_pending
+            if not is_read and not order.is_full and (has_room or len(order) < order.window - 1):
+                entry = next(lines, None)
+                if entry is None:
+                    is_read = True
+                else:
+                    self._read(*entry)
+            elif order and has_room:
+                self._submit(order.take())
+            else:
+                break
+        return is_read
+
+    def _read(self, line_number: int, raw: bytes) -> None:
+        """Take one input line: answered at once if it cannot run (or is skipped), else held in the window."""
         if not raw.strip():
             return  # blank lines carry no request
         self._num_lines += 1
@@ -137,12 +170,19 @@ class BatchRunner:
         if item is None:
             self._write_error(custom_id, line_number, problem)
             return
-        request_id = self._client.submit(item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
-                                         prompt_token_ids=item.prompt_token_ids)
-        self.pending[request_id] = item
+        self._order.add(prompt_key(item), item)
+
+    def _submit(self, item: BatchItem) -> None:
+        request_ids = [self._client.submit(item.kind, sampling, prompt=item.prompt, messages=item.messages,
+                                           prompt_token_ids=item.prompt_token_ids)
+                       for sampling in choice_samplings(item.sampling, item.n)]
+        line = _Line(item, Choices(request_ids))
+        for request_id in request_ids:
+            self.pending[request_id] = line
+        self._num_open_lines += 1
 
     async def _collect(self) -> bool:
-        """Write at least one finished result; False when an interrupted run's grace period is over.
+        """Take at least one result; False when an interrupted run's grace period is over.
         Raises EngineError when the engine fails."""
         while True:
             now = time.monotonic()
@@ -165,20 +205,27 @@ class BatchRunner:
         return True
 
     def _finish(self, message: RequestFinished) -> None:
-        item = self.pending.pop(message.request_id, None)
-        if item is None:
+        line = self.pending.pop(message.request_id, None)
+        if line is None:
             log.warning("result for unknown request %s", message.request_id)
             return
-        if message.error is not None:
-            if message.code == ErrorCode.ENGINE_FAILED:
-                raise EngineError(message.error)
-            self._write_error(item.custom_id, item.line_number, message.error, message.status_code,
-                              message.prompt_tokens)
+        if message.code == ErrorCode.ENGINE_FAILED:
+            raise EngineError(message.error)
+        if not line.choices.take(message):
+            return  # more choices to come, or the line was answered already (a choice failed)
+        self._num_open_lines -= 1
+        item, failure = line.item, line.choices.failure
+        if failure is not None:
+            for request_id in line.choices.unfinished_ids:
+                self._client.cancel(request_id)  # their answers come back and are let go
+            self._write_error(item.custom_id, item.line_number, failure.error, failure.status_code,
+                              failure.prompt_tokens)
             return
-        self.sink.write(result_line(item, message.text, message.finish_reason, message.prompt_tokens,
-                                    message.completion_tokens, item.model or self.model_name))
-        self.summary.record(ok=True, prompt_tokens=message.prompt_tokens, output_tokens=message.completion_tokens)
-        if message.finish_reason == FinishReason.CANCELLED:
+        results = line.choices.answer
+        self.sink.write(result_line(item, results, item.model or self.model_name))
+        self.summary.record(ok=True, prompt_tokens=results[0].prompt_tokens,
+                            output_tokens=sum(result.completion_tokens for result in results))
+        if any(result.finish_reason == FinishReason.CANCELLED for result in results):
             self.summary.num_cancelled += 1
 
     def _write_error(self, custom_id: str, line_number: int, message: str, status_code: int = 400,

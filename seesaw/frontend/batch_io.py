@@ -7,14 +7,15 @@ Input: OpenAI batch lines (`custom_id`, `method`, `url`, `body`) for `/v1/chat/c
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
 
-from seesaw.messages import RequestKind
+from seesaw.frontend.choices import check_n, mixed_seed
+from seesaw.messages import RequestFinished, RequestKind
 from seesaw.sampling import SamplingParams
 from seesaw.text import normalize_messages
 
@@ -38,8 +39,7 @@ class SamplingDefaults:
 def derived_seed(run_seed: int, custom_id: str) -> int:
     """The sampling seed of a line that sets none: the same in every run (and every resumed run)
     with the same --seed, and independent of what else the line is batched with."""
-    digest = hashlib.blake2b(f"{run_seed}:{custom_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return mixed_seed(run_seed, custom_id)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class BatchItem:
     messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
     model: str | None = None
+    n: int = 1  # choices to generate, each its own engine request
 
 
 @dataclass
@@ -131,8 +132,7 @@ def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: Sampling
             raise ValueError(f"{name} is not supported")
     if body.get("stream"):
         raise ValueError("stream is not supported in a batch")
-    if body.get("n", 1) != 1:
-        raise ValueError(f"n must be 1, got {body.get('n')!r}")
+    n = check_n(body.get("n"))
     prompt, token_ids, messages = None, None, None
     if kind == "chat":
         messages = normalize_messages(body.get("messages"))  # checked and flattened once, here
@@ -148,6 +148,7 @@ def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: Sampling
         messages=messages,
         prompt_token_ids=token_ids,
         model=model if isinstance(model, str) else None,
+        n=n,
     )
 
 
@@ -193,10 +194,9 @@ def _top_k(value, default: int):
     return default if value is None else value
 
 
-def result_line(item: BatchItem, text: str, finish_reason: str, prompt_tokens: int,
-                completion_tokens: int, model: str) -> dict:
-    """The OpenAI batch output line of a finished request."""
-    body = response_body(item.kind, text, finish_reason, prompt_tokens, completion_tokens, model)
+def result_line(item: BatchItem, results: Sequence[RequestFinished], model: str) -> dict:
+    """The OpenAI batch output line of a finished request: `results` holds its choices in order."""
+    body = response_body(item.kind, results, model)
     return {
         "id": f"batch_req_{secrets.token_hex(12)}",
         "custom_id": item.custom_id,
@@ -205,21 +205,26 @@ def result_line(item: BatchItem, text: str, finish_reason: str, prompt_tokens: i
     }
 
 
-def response_body(kind: RequestKind, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                  model: str) -> dict:
-    """The OpenAI chat.completion or text_completion object of a finished request."""
+def response_body(kind: RequestKind, results: Sequence[RequestFinished], model: str) -> dict:
+    """The OpenAI chat.completion or text_completion object of a finished request whose choices,
+    in order, are `results` (one engine request each, all of the same prompt): the prompt's tokens
+    count once in `usage`, the choices' tokens add up."""
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        choices = [{"index": index, "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason} for index, result in enumerate(results)]
         obj, prefix = "chat.completion", "chatcmpl"
     else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+        choices = [{"index": index, "text": result.text, "finish_reason": result.finish_reason}
+                   for index, result in enumerate(results)]
         obj, prefix = "text_completion", "cmpl"
+    prompt_tokens = results[0].prompt_tokens
+    completion_tokens = sum(result.completion_tokens for result in results)
     return {
         "id": f"{prefix}-{secrets.token_hex(12)}",
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,

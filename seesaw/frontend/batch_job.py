@@ -55,7 +55,9 @@ class JobResult:
 
 async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO = sys.stderr) -> JobResult:
     progress = Progress(stream, is_terminal=stream.isatty())
-    runner = BatchRunner(engine, job.defaults, engine.model.name, job.max_pending, job.sink, job.finished, progress)
+    # As many lines again as the engine holds are read ahead, so lines sharing a prompt prefix go in together.
+    runner = BatchRunner(engine, job.defaults, engine.model.name, job.max_pending, job.sink, job.finished, progress,
+                         window=job.max_pending)
     received: list[int] = []
     closing = False
     main = asyncio.current_task()
@@ -69,7 +71,7 @@ async def run_job(engine: Engine, job: BatchJob, started: float, stream: TextIO 
         if not engine.is_ready:  # still starting: nothing in flight to wait for
             main.cancel()
         elif len(received) == 1:
-            print(f"\n{name}: reading no more input; {len(runner.pending)} requests in flight get up to "
+            print(f"\n{name}: reading no more input; {runner.num_pending_lines} requests in flight get up to "
                   f"{job.grace_s:.0f} s to finish (another signal stops at once)", file=stream, flush=True)
             runner.interrupt(job.grace_s)
         else:

@@ -83,7 +83,7 @@ class Job:
         counts = self.counts()
         return {"job_id": self.job_id, "state": self.state, "num_lines": self.runner.num_lines,
                 "num_done": counts["done"], "num_failed": counts["failed"], "num_cancelled": counts["cancelled"],
-                "num_pending": len(self.runner.pending)}
+                "num_pending": self.runner.num_pending_lines}
 
 
 class _JobSink:

@@ -23,6 +23,7 @@ from seesaw.config import ServeConfig
 from seesaw.engine import Engine
 from seesaw.engine_client import EngineClient
 from seesaw.frontend.batch_io import SamplingDefaults
+from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.daemon_stats import DaemonRequests, DaemonStats, JobCounts, TokenCounts
 from seesaw.frontend.jobs import Job
 from seesaw.frontend.protocol import (
@@ -49,12 +50,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Call:
-    """A request in the engine on a client's behalf."""
+    """A request in the engine on a client's behalf: one engine request per choice."""
 
     identity: bytes
     label: str  # the client's id
     model: str
     started_s: float
+    choices: Choices
     is_gone: bool = False  # its client left: the result is dropped
 
 
@@ -72,7 +74,7 @@ class Server:
         self.failed = asyncio.Event()
         self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "busy": 0}
         self.latest_stats: DaemonStats | None = None  # the last stats built, for the Prometheus endpoint
-        self._calls: dict[str, _Call] = {}  # by the engine's request id
+        self._calls: dict[str, _Call] = {}  # by the engine's request id (each choice's)
         self._request_ids: dict[tuple[bytes, str], set[str]] = {}  # (identity, the client's id) -> request ids
         self._jobs: dict[str, Job] = {}
         self._backlogs: dict[bytes, deque[bytes]] = {}
@@ -128,9 +130,12 @@ class Server:
     async def abandon(self, reason: str, code: str = SHUTTING_DOWN) -> int:
         """Fail every request and job in flight with `reason`; how many there were."""
         leftovers = list(self._calls.items())
+        failed: set[int] = set()  # the calls answered here (by id(): a call's choices share it)
         for request_id, call in leftovers:
             self._engine_client.cancel(request_id)
-            self.send(call.identity, error_frame(call.label, code, reason))
+            if not call.choices.is_decided and id(call) not in failed:
+                failed.add(id(call))
+                self.send(call.identity, error_frame(call.label, code, reason))
             self._forget(request_id)
         jobs = list(self._jobs.values())
         for job in jobs:
@@ -142,7 +147,7 @@ class Server:
                 job.task.cancel()
                 self.send(job.identity, error_frame(job.label, code, reason))
         await self._flush_once(timeout_s=1.0)  # the last frames go out before the socket closes
-        return len(leftovers) + len(jobs)
+        return len(failed) + len(jobs)
 
     async def close(self) -> None:
         """Stop serving; replies already queued get a moment to go out."""
@@ -212,10 +217,13 @@ class Server:
             self.send(identity, refusal)
             return
         item = call.item
-        request_id = self._engine_client.submit(item.kind, item.sampling, prompt=item.prompt, messages=item.messages,
-                                                prompt_token_ids=item.prompt_token_ids, stream=call.stream)
-        self._calls[request_id] = _Call(identity, call.label, item.model or self.model_name, time.monotonic())
-        self._request_ids.setdefault((identity, call.label), set()).add(request_id)
+        request_ids = [self._engine_client.submit(item.kind, sampling, prompt=item.prompt, messages=item.messages,
+                                                  prompt_token_ids=item.prompt_token_ids, stream=call.stream)
+                       for sampling in choice_samplings(item.sampling, item.n)]
+        entry = _Call(identity, call.label, item.model or self.model_name, time.monotonic(), Choices(request_ids))
+        for request_id in request_ids:
+            self._calls[request_id] = entry
+        self._request_ids.setdefault((identity, call.label), set()).update(request_ids)
         self._idle.clear()
 
     def _on_batch(self, identity: bytes, call: BatchCall) -> None:
@@ -268,9 +276,9 @@ class Server:
         request_ids = sorted(self._request_ids.get((identity, call.label), ())) if call.job_id is None else []
         for request_id in request_ids:
             self._engine_client.cancel(request_id)
-        num_requests = len(request_ids)
+        num_requests = len({id(self._calls[request_id]) for request_id in request_ids})  # a call's choices count once
         for job in jobs:
-            num_requests += len(job.runner.pending)
+            num_requests += job.runner.num_pending_lines
             job.cancel()
         fields = {"id": call.label} if call.job_id is None else {"id": call.label, "job_id": call.job_id}
         self.send(identity, frame("cancelled", num_requests=num_requests, **fields))
@@ -287,7 +295,8 @@ class Server:
                 case TextDelta():
                     call = self._calls.get(message.request_id)
                     if call is not None and not call.is_gone:
-                        self.send(call.identity, frame("token", id=call.label, text=message.text,
+                        index = call.choices.index(message.request_id)
+                        self.send(call.identity, frame("token", id=call.label, index=index, text=message.text,
                                                         token_ids=message.token_ids))
                 case StatsReport():
                     self._on_stats(message)
@@ -297,14 +306,19 @@ class Server:
         if call is None:
             return
         self._forget(result.request_id)
-        if result.error is not None:
+        if not call.choices.take(result):
+            return  # more choices to come, or the request was answered already (a choice failed)
+        answer = call.choices.answer
+        if call.choices.failure is not None:
             self.counts["failed"] += 1
-        elif result.finish_reason == FinishReason.CANCELLED:
+            for request_id in call.choices.unfinished_ids:
+                self._engine_client.cancel(request_id)  # their answers come back and are let go
+        elif any(choice.finish_reason == FinishReason.CANCELLED for choice in answer):
             self.counts["cancelled"] += 1
         else:
             self.counts["done"] += 1
         if not call.is_gone:
-            self.send(call.identity, result_frame(call.label, result, call.model))
+            self.send(call.identity, result_frame(call.label, answer, call.model))
 
     def _forget(self, request_id: str) -> None:
         call = self._calls.pop(request_id)
