@@ -107,12 +107,10 @@ def run_one(args: argparse.Namespace) -> dict:
     async def main():
         async with Engine(config, resolved) as engine, LocalClient(engine, "bench") as client:
             started = time.perf_counter()
-            futures = [client.submit(SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True, n=n),
-                                     prompt_token_ids=prompt) if n > 1 else
-                       client.submit(SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True),
-                                     prompt_token_ids=prompt)
+            futures = [client.submit_choices(SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True),
+                                             n, prompt_token_ids=prompt)
                        for prompt, output, n in requests]
-            results = await asyncio.gather(*futures)
+            results = [result for choices in await asyncio.gather(*futures) for result in choices]
             elapsed = time.perf_counter() - started
             return elapsed, results, await engine.query_stats()
 

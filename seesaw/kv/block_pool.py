@@ -23,6 +23,7 @@ class _Name:
     key: int
     parent: int
     tokens: BlockTokens
+    layout: object = None  # what lays its bytes out (a device pool's blocks differ by layout)
     is_cached: bool = False  # False: the step writing it is still running
 
 
@@ -51,7 +52,7 @@ class BlockPool:
         self._returned: deque[int] = deque()
         self._holders: dict[int, int] = {}  # held blocks: how many block tables hold each
         self._names: dict[int, _Name] = {}  # block id -> its name
-        self._by_key: dict[int, int] = {}  # key -> the block named by it
+        self._by_key: dict[tuple[object, int], int] = {}  # (layout, key) -> the block named by it
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
 
     # ------------------------------------------------------------ queries
@@ -81,13 +82,13 @@ class BlockPool:
         """Cached, and held by nobody: holding it takes one block from the free ones."""
         return block_id in self._idle
 
-    def match(self, chain: list[tuple[int, BlockTokens]]) -> tuple[list[int], bool]:
-        """The cached blocks holding the longest start of `chain` (each entry a block's key and its
-        tokens, in order), and whether the block after them is being written now."""
+    def match(self, chain, layout: object = None) -> tuple[list[int], bool]:
+        """The cached blocks laid out for `layout` holding the longest start of `chain` (each entry
+        a block's key and its tokens, in order), and whether the block after them is being written."""
         blocks: list[int] = []
         parent = ROOT_KEY
         for key, tokens in chain:
-            block = self._by_key.get(key)
+            block = self._by_key.get((layout, key))
             if block is None:
                 break
             name = self._names[block]
@@ -150,13 +151,14 @@ class BlockPool:
                     self._unname(block)
                 self._returned.append(block)
 
-    def name(self, block_id: int, key: int, parent: int, tokens: BlockTokens) -> bool:
-        """Name a held block that a step being planned fills with `tokens`; False when the key
-        already names another block (the two hold the same KV: this one stays unnamed)."""
-        if key in self._by_key or block_id in self._names:
+    def name(self, block_id: int, key: int, parent: int, tokens: BlockTokens, layout: object = None) -> bool:
+        """Name a held block that a step or copy being planned fills with `tokens`, laid out for
+        `layout`; False when the key already names another block of that layout (the two hold the
+        same KV: this one stays unnamed)."""
+        if (layout, key) in self._by_key or block_id in self._names:
             return False
-        self._names[block_id] = _Name(key, parent, tokens)
-        self._by_key[key] = block_id
+        self._names[block_id] = _Name(key, parent, tokens, layout)
+        self._by_key[(layout, key)] = block_id
         return True
 
     def cache(self, block_ids: list[int]) -> None:
@@ -166,17 +168,18 @@ class BlockPool:
             if name is not None:
                 name.is_cached = True
 
-    def forget_names(self) -> None:
-        """Forget every name (the blocks' bytes are about to mean something else): cached blocks
-        nobody holds are returned; held blocks stay with their holders."""
-        self._returned.extend(self._idle)
-        self._idle.clear()
-        self._names.clear()
-        self._by_key.clear()
+    def forget_names(self, layout: object = None) -> None:
+        """Forget the names of blocks laid out for `layout` (it is being left): those cached and
+        held by nobody are returned; held blocks stay with their holders."""
+        for block in [block for block, name in self._names.items() if name.layout == layout]:
+            self._unname(block)
+            if block in self._idle:
+                del self._idle[block]
+                self._returned.append(block)
 
     def _unname(self, block: int) -> None:
         name = self._names.pop(block)
-        del self._by_key[name.key]
+        del self._by_key[(name.layout, name.key)]
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

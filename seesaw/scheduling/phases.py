@@ -185,7 +185,9 @@ class PhaseScheduler(StaticScheduler):
         plan.switch_to = phase
         self.counters["transitions"] += 1
         self.phase = phase
-        self.pool.forget_names()  # the blocks' bytes are laid out for the other layout from now on
+        # Blocks named in the layout being left are no longer shared (the prefill layout's are
+        # named by prompts, the decode layout's by loads, prefetched ones too, which stay).
+        self.pool.forget_names(Phase.DECODE if phase is Phase.PREFILL else Phase.PREFILL)
         self._pipeline_depth = self.micro_batches[phase]
         if phase is Phase.PREFILL:
             # Decoding requests pause; a prompt whose last chunk is still in flight stays running
@@ -332,6 +334,7 @@ class PhaseScheduler(StaticScheduler):
         state = self.requests.get(request_id)
         if (self.phase is Phase.PREFILL and state is not None and state.status is RequestStatus.RESTORING
                 and not state.is_stopped):
+            self._cache_loaded(request_id)
             self.loaded_early.add(request_id)
             self._num_restoring -= 1
             self._resume(state)

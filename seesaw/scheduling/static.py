@@ -57,6 +57,7 @@ class StaticScheduler:
         self._released: list[str] = []  # block tables the workers may drop, sent with the next step
         self._naming: list[int] = []  # blocks the plan being made fills and names
         self._writing: dict[int, list[int]] = {}  # by step in flight: the named blocks it fills
+        self._loading: dict[str, list[int]] = {}  # by request on its way back: the named blocks its load fills
         self._next_step_id = first_step_id  # a replica restarted keeps counting: late answers stay unmatched
         self._next_arrival = 0
         self._evicting_blocks = 0
@@ -225,6 +226,7 @@ class StaticScheduler:
 
     def on_loaded(self, request_id: str) -> None:
         """Every worker copied the request's KV onto its device: it can run again."""
+        self._cache_loaded(request_id)
         self.host.release(request_id)
         state = self.requests.get(request_id)
         if state is None or state.status is not RequestStatus.RESTORING:
@@ -254,6 +256,7 @@ class StaticScheduler:
         self.requests.clear()
         self._in_flight.clear()
         self._writing.clear()
+        self._loading.clear()
         self._moves.clear()
         self._released.clear()
         self._num_restoring = 0
@@ -396,21 +399,26 @@ class StaticScheduler:
         phase = Phase.MIXED if self.phase is Phase.MIXED else Phase.DECODE
         while self.swapped and self.has_room_for_active and (limit is None or limit > 0):
             state = self.swapped[0]
-            needed = blocks_for(state.num_computed_tokens + 1, self.block_size)
+            cached, is_being_written = self._loaded_prefix(state, phase)
+            if is_being_written:
+                return  # it comes back once the load bringing its prefix lands, and shares it
+            needed = blocks_for(state.num_computed_tokens + 1, self.block_size) - len(cached)
             is_alone = not self.running and not any(
                 s.status is RequestStatus.RESTORING for s in self.requests.values()
             )
-            if self.pool.num_free - needed < (0 if is_alone else self.watermark_blocks):
+            if self.pool.num_free - needed - self._idle_among(cached) < (0 if is_alone else self.watermark_blocks):
                 return
             self.swapped.popleft()
-            state.block_ids = self.pool.allocate(needed)
-            state.num_named = state.num_computed_tokens // self.block_size  # copies, never shared
+            self.pool.hold(cached)
+            state.block_ids = cached + self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
             self._num_restoring += 1
             state.kv_phase = phase
+            self._name_loaded(state, len(cached), phase)
             slot = self.host.get(state.request_id)
-            plan.moves.append(ToDevice(state.request_id, phase, slot.host_block_ids, list(state.block_ids),
-                                       slot.shared_holders))
+            shared = len(cached)  # the blocks found on the device are not loaded again
+            plan.moves.append(ToDevice(state.request_id, phase, slot.host_block_ids[shared:], state.block_ids[shared:],
+                                       slot.shared_holders[shared:]))
             self.counters["restores"] += 1
             if self.phase is not phase:
                 self.counters["prefetches"] += 1
@@ -478,7 +486,34 @@ class StaticScheduler:
         last one, whose logits it needs), and whether the block after them is being written now."""
         if state.num_computed_tokens or not self._caches_prefixes():
             return [], False
-        return self.pool.match(self._chain(state, 0, (state.num_tokens - 1) // self.block_size))
+        return self.pool.match(self._chain(state, 0, (state.num_tokens - 1) // self.block_size), self.phase)
+
+    def _loaded_prefix(self, state: RequestState, layout: Phase) -> tuple[list[int], bool]:
+        """For a request coming back from the host buffer into blocks laid out for `layout`: the
+        cached blocks of that layout holding its first tokens (at most those before the block its
+        next token goes to), and whether the block after them is being loaded or written now."""
+        if not self.config.prefix_caching or state.num_computed_tokens <= self.block_size:
+            return [], False
+        return self.pool.match(self._chain(state, 0, state.num_computed_tokens // self.block_size), layout)
+
+    def _name_loaded(self, state: RequestState, first: int, layout: Phase) -> None:
+        """Name the full blocks a load being planned fills (from block `first` on); each may be
+        shared once the load lands. The blocks a request's rows fill later are named as usual."""
+        num_full = state.num_computed_tokens // self.block_size
+        state.num_named = num_full
+        if not self.config.prefix_caching or first >= num_full:
+            return
+        named = []
+        for index, (key, tokens) in enumerate(self._chain(state, first, num_full), first):
+            parent = state.block_keys[index - 1] if index else ROOT_KEY
+            if self.pool.name(state.block_ids[index], key, parent, tokens, layout):
+                named.append(state.block_ids[index])
+        if named:
+            self._loading[state.request_id] = named
+
+    def _cache_loaded(self, request_id: str) -> None:
+        """A load landed: the blocks it filled and named may be shared."""
+        self.pool.cache(self._loading.pop(request_id, ()))
 
     def _chain(self, state: RequestState, first: int, end: int) -> Iterator[tuple[int, BlockTokens]]:
         """The keys and tokens of the request's full blocks `first` to `end` - 1, made as they are
@@ -531,7 +566,7 @@ class StaticScheduler:
         for index, (key, tokens) in enumerate(self._chain(state, first, num_full), first):
             parent = state.block_keys[index - 1] if index else ROOT_KEY
             block = state.block_ids[index]
-            if self.pool.name(block, key, parent, tokens):
+            if self.pool.name(block, key, parent, tokens, state.kv_phase):
                 self._naming.append(block)
         state.num_named = num_full
 
