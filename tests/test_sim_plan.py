@@ -182,12 +182,21 @@ def test_plan_command_prints_the_ranking_and_the_flags(tmp_path):
     assert {row["run"] for row in ranking} == {"t2", "p2", "d2", "t2->p2", "p2->t2"}
 
 
+def test_plan_with_a_shared_system_prompt_says_so_and_ranks_what_was_simulated():
+    result = CliRunner().invoke(app, ["plan", "--model", "llama3-8b", "--gpus", "2xL4", "--workload", "fixed:32:16",
+                                      "--num-requests", "40", "--shared-prefix", "1024", "--jobs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "mean input 1056 tokens, 1024 of them shared by every prompt" in result.output
+    assert "chosen:" in result.output
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--gpus", "8xB200"], "unknown GPU 'B200'"),
     (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be at least 1, got 0"),
     (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1, got 0"),
     (["--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["--host-buffer-gb", "-1"], "--host-buffer-gb must be at least 0, got -1.0"),
+    (["--shared-prefix", "-5"], "--shared-prefix must not be negative, got -5"),
     (["--output-json", "{tmp}/missing/plan.json"], "--output-json {tmp}/missing/plan.json: the folder {tmp}/missing does not exist"),
 ])
 def test_plan_command_bad_input_is_one_line_and_exit_code_2(flags, message, tmp_path):

@@ -25,8 +25,12 @@ def cache_line(stats: EngineStats) -> str | None:
     totals = stats.totals
     if totals.cache_hit_rate is None:
         return None
-    return (f"prefix cache: {totals.cache_hit_rate:.0%} of prompt tokens served from cache "
+    line = (f"prefix cache: {totals.cache_hit_rate:.0%} of prompt tokens served from cache "
             f"({totals.cached_tokens} of {totals.prompt_tokens})")
+    saved, loaded = totals.counters.get("host_shared_blocks", 0), totals.counters.get("load_shared_blocks", 0)
+    if saved or loaded:
+        line += f"; host buffer: {saved} blocks shared instead of saved, {loaded} found on the device instead of loaded"
+    return line
 
 
 def phase_lines(stats: EngineStats) -> list[str]:

@@ -65,8 +65,9 @@ class StaticScheduler:
         # rows_ahead: rows planned before the token they start with was sampled (two steps in flight)
         # cached_tokens: prompt tokens whose KV a request found in the prefix cache when it first started
         # host_shared_blocks: blocks of host slots that shared a prefix another request saved
+        # load_shared_blocks: blocks requests coming back from the host buffer found on the device
         self.counters = {"steps": 0, "evictions": 0, "restores": 0, "recomputes": 0, "rows_ahead": 0,
-                         "cached_tokens": 0, "host_shared_blocks": 0}
+                         "cached_tokens": 0, "host_shared_blocks": 0, "load_shared_blocks": 0}
 
     # ------------------------------------------------------------ queries
 
@@ -410,6 +411,7 @@ class StaticScheduler:
                 return
             self.swapped.popleft()
             self.pool.hold(cached)
+            self.counters["load_shared_blocks"] += len(cached)
             state.block_ids = cached + self.pool.allocate(needed)
             state.status = RequestStatus.RESTORING
             self._num_restoring += 1
