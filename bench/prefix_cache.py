@@ -3,7 +3,7 @@
     python bench/prefix_cache.py --scenario shared      # 256 x (1,024 shared + 32 own) -> 32
     python bench/prefix_cache.py --scenario samples     # 32 prompts of 512, n = 8, 64 out, against 256 requests
     python bench/prefix_cache.py --scenario sharegpt    # ShareGPT-like lengths, nothing shared
-    python bench/prefix_cache.py --scenario seesaw      # a shared system prompt in seesaw mode (p2 -> t2)
+    python bench/prefix_cache.py --scenario seesaw      # 64 x (1,024 shared + 32 own) -> 32 in seesaw mode (p2 -> t2)
 
 Each run is a fresh engine in its own process, run one after another; the ratio of each run's
 total-token throughput (prompt tokens counted whole, cached or not) to the last run's is printed.
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layout", default="t1")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--num-requests", type=int, default=None, help="default: the scenario's")
-    parser.add_argument("--host-buffer-gb", type=float, default=1.0)
+    parser.add_argument("--host-buffer-gb", type=float, default=None, help="default: 0.5 in seesaw mode, else 1")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: 512 on CPU")
     parser.add_argument("--seed", type=int, default=0)
     # One run (what the scenario starts in a process of its own):
@@ -56,7 +56,7 @@ def workload(args: argparse.Namespace, run: str, vocab: int) -> list[tuple[list[
     """(prompt tokens, output tokens, n) per request of the scenario's run `run`."""
     rng = random.Random(args.seed)
     if args.scenario in ("shared", "seesaw"):
-        count = args.num_requests or 256
+        count = args.num_requests or (64 if args.scenario == "seesaw" else 256)
         system = _tokens(rng, 1024, vocab)
         return [(system + _tokens(rng, 32, vocab), 32, 1) for _ in range(count)]
     if args.scenario == "samples":
@@ -94,7 +94,7 @@ def run_one(args: argparse.Namespace) -> dict:
     is_seesaw = args.scenario == "seesaw"
     config = EngineConfig(
         model=ModelConfig(model=args.model),
-        cache=CacheConfig(host_buffer_gb=args.host_buffer_gb),
+        cache=CacheConfig(host_buffer_gb=_host_buffer_gb(args)),
         parallel=ParallelConfig(layout=Layout.parse("p2" if is_seesaw else args.layout),
                                 decode_layout=Layout.parse("t2") if is_seesaw else None),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens or default_token_budget("cpu"),
@@ -136,6 +136,12 @@ def run_one(args: argparse.Namespace) -> dict:
     }
 
 
+def _host_buffer_gb(args: argparse.Namespace) -> float:
+    if args.host_buffer_gb is not None:
+        return args.host_buffer_gb
+    return 0.5 if args.scenario == "seesaw" else 1.0
+
+
 # ------------------------------------------------------------ the sitting
 
 
@@ -157,7 +163,10 @@ def main(argv=None) -> None:
             hit = result["cached_tokens"] / max(1, result["engine_prompt_tokens"])
             extra = ""
             if args.scenario == "seesaw":
-                extra = f", {result['transitions']} transitions, host buffer peak {result['peak_host_fill']:.0%}"
+                phases = (result["transitions"] + 2) // 2  # prefill phases: it starts in one
+                held = result["requests"] / phases / _host_buffer_gb(args)
+                extra = (f", {result['transitions']} transitions, {phases} prefill phases, {held:.0f} requests "
+                         f"held per GiB of host buffer, host buffer peak {result['peak_host_fill']:.0%}")
             print(f"[{args.scenario} {run}] {result['elapsed_s']:.1f} s, {result['tokens_per_s']:.0f} total tokens/s, "
                   f"prefix cache hit {hit:.0%}{extra}", flush=True)
     runs = runs_of(args.scenario)

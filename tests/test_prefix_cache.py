@@ -196,8 +196,12 @@ def test_a_phase_switch_forgets_cached_blocks_so_a_prompt_after_it_computes_its_
     driver.land_step()
     add(core, "b", system + [2], max_tokens=4)
     driver.pump()
+    assert not any(row.request_id == "b" for plan in driver.steps for row in plan.rows)  # a's save is in flight
+    driver.land_move()
+    driver.pump()
     row = next(row for plan in driver.steps for row in plan.rows if row.request_id == "b")
     assert row.start == 12  # shared within the prefill phase
+    assert core.host.get("b").num_shared == 3  # and a's saved blocks in the host buffer
     driver.run()
     assert core.counters["transitions"] >= 1
     add(core, "c", system + [3], max_tokens=4)

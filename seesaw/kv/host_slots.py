@@ -35,6 +35,7 @@ class HostSlots:
         self._pool = BlockPool(num_blocks, "host KV buffer")
         self._slots: dict[str, HostSlot] = {}
         self._writers: dict[int, str] = {}  # named block -> the request whose save wrote it
+        self._saving: dict[str, list[int]] = {}  # by request: the blocks its save in flight names
         self.peak_used = 0  # the most blocks held at once so far
 
     @property
@@ -58,11 +59,11 @@ class HostSlots:
         """The fullest the buffer has been so far."""
         return self.peak_used / self._pool.num_blocks if self._pool.num_blocks else 0.0
 
-    def match(self, chain) -> list[int]:
+    def match(self, chain) -> tuple[list[int], bool]:
         """The saved blocks holding the longest start of `chain` (keys and tokens of full blocks,
-        in order, as the device pool takes them): a slot may share them."""
-        blocks, _ = self._pool.match(chain)
-        return blocks
+        in order, as the device pool takes them), which a slot may share, and whether a save in
+        flight is writing the block after them."""
+        return self._pool.match(chain)
 
     def can_store(self, num_tokens: int, shared: list[int] = ()) -> bool:
         """Whether a slot of `num_tokens` tokens whose first blocks are the `shared` ones fits."""
@@ -82,25 +83,32 @@ class HostSlots:
         self._slots[request_id] = slot
         return slot
 
-    def name_saved(self, request_id: str, chain: list[tuple[int, BlockTokens]]) -> None:
-        """The request's save landed: its slot's blocks past the shared ones, as far as `chain`
-        (their keys and tokens, from the slot's first block on) goes, may be shared from now on."""
-        slot = self._slots.get(request_id)
-        if slot is None:
-            return
+    def name_saving(self, request_id: str, chain: list[tuple[int, BlockTokens]]) -> None:
+        """Name the slot's blocks past the shared ones, as far as `chain` (their keys and tokens,
+        from the slot's first block on) goes; they may be shared once its save lands
+        (`cache_saved`)."""
+        slot = self._slots[request_id]
         pool, first = self._pool, self.first_block
+        named = []
         for index in range(slot.num_shared, min(len(chain), len(slot.host_block_ids))):
             block = slot.host_block_ids[index] - first
             key, tokens = chain[index]
             if pool.name(block, key, chain[index - 1][0] if index else ROOT_KEY, tokens):
-                pool.cache([block])
                 self._writers[block] = request_id
+                named.append(block)
+        if named:
+            self._saving[request_id] = named
+
+    def cache_saved(self, request_id: str) -> None:
+        """The request's save landed: the blocks it named hold their KV and may be shared."""
+        self._pool.cache(self._saving.pop(request_id, ()))
 
     def get(self, request_id: str) -> HostSlot | None:
         return self._slots.get(request_id)
 
     def release(self, request_id: str) -> None:
         slot = self._slots.pop(request_id, None)
+        self._saving.pop(request_id, None)
         if slot is not None:
             self._pool.free([block - self.first_block for block in slot.host_block_ids])
 

@@ -237,8 +237,8 @@ class PhaseScheduler(StaticScheduler):
         while self.waiting and budget > 0 and len(plan.rows) < max_rows and self.has_room_for_active:
             state = self.waiting[0]
             cached, is_being_written = self._cached_prefix(state)
-            if is_being_written:
-                return  # it starts once the step computing its next blocks lands, and shares them
+            if is_being_written or self._host_shared(state, state.num_tokens)[1]:
+                return  # it starts once the step or save writing its next blocks lands, and shares them
             if not self._can_start_prefill(state, cached):
                 self._move_paused_out(state, plan)
                 return

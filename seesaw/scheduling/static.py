@@ -208,12 +208,10 @@ class StaticScheduler:
     def on_saved(self, request_id: str) -> None:
         """Every worker copied the request's KV to its host slot: its device blocks are free."""
         state = self.requests.get(request_id)
+        self.host.cache_saved(request_id)  # the blocks it named may be shared from now on
         if state is None or state.status is not RequestStatus.EVICTING:
             self.host.release(request_id)
             return
-        if self.config.prefix_caching:  # its saved blocks may be shared from now on
-            slot = self.host.get(request_id)
-            self.host.name_saved(request_id, list(self._chain(state, 0, slot.num_tokens // self.block_size)))
         self._evicting_blocks -= len(state.block_ids)
         self.pool.free(state.block_ids)
         state.block_ids = []
@@ -529,21 +527,24 @@ class StaticScheduler:
                 keys.append(chain_key(keys[-1] if keys else ROOT_KEY, tokens))
             yield keys[index], tokens
 
-    def _host_shared(self, state: RequestState, num_tokens: int) -> list[int]:
+    def _host_shared(self, state: RequestState, num_tokens: int) -> tuple[list[int], bool]:
         """Host blocks that other requests' saves filled with this request's first tokens, of its
-        first `num_tokens`: its slot shares them (never its last block, which it writes itself)."""
+        first `num_tokens` (its slot shares them; never its last block, which it writes itself),
+        and whether a save in flight is writing the block after them."""
         if not self.config.prefix_caching or num_tokens <= self.block_size:
-            return []
+            return [], False
         return self.host.match(self._chain(state, 0, (num_tokens - 1) // self.block_size))
 
     def _host_can_store(self, state: RequestState, num_tokens: int) -> bool:
-        return self.host.can_store(num_tokens, self._host_shared(state, num_tokens))
+        return self.host.can_store(num_tokens, self._host_shared(state, num_tokens)[0])
 
     def _host_store(self, state: RequestState, num_tokens: int) -> None:
         """Reserve the request's host slot for its first `num_tokens` tokens' KV, sharing what it can."""
-        shared = self._host_shared(state, num_tokens)
+        shared, _ = self._host_shared(state, num_tokens)
         self.host.store(state.request_id, num_tokens, shared)
         self.counters["host_shared_blocks"] += len(shared)
+        if self.config.prefix_caching:  # a prompt's slot is named now: others wait for its save, not copy it
+            self.host.name_saving(state.request_id, list(self._chain(state, 0, num_tokens // self.block_size)))
 
     def _idle_among(self, block_ids: list[int]) -> int:
         """Of these cached blocks, those nobody holds: holding them takes them from the free ones."""
