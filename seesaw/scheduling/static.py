@@ -503,11 +503,7 @@ class StaticScheduler:
         state.num_named = num_full
         if not self.config.prefix_caching or first >= num_full:
             return
-        named = []
-        for index, (key, tokens) in enumerate(self._chain(state, first, num_full), first):
-            parent = state.block_keys[index - 1] if index else ROOT_KEY
-            if self.pool.name(state.block_ids[index], key, parent, tokens, layout):
-                named.append(state.block_ids[index])
+        named = self._name_range(state, first, num_full, layout)
         if named:
             self._loading[state.request_id] = named
 
@@ -565,13 +561,18 @@ class StaticScheduler:
         blocks; each may be shared once the step lands."""
         if num_full <= state.num_named:
             return
-        first = state.num_named
-        for index, (key, tokens) in enumerate(self._chain(state, first, num_full), first):
-            parent = state.block_keys[index - 1] if index else ROOT_KEY
-            block = state.block_ids[index]
-            if self.pool.name(block, key, parent, tokens, state.kv_phase):
-                self._naming.append(block)
+        self._naming += self._name_range(state, state.num_named, num_full, state.kv_phase)
         state.num_named = num_full
+
+    def _name_range(self, state: RequestState, first: int, end: int, layout: Phase) -> list[int]:
+        """Name the request's blocks `first` to `end` - 1, laid out for `layout`, by their keys;
+        return those named (a key that already names another block leaves its block unnamed)."""
+        named = []
+        for index, (key, tokens) in enumerate(self._chain(state, first, end), first):
+            parent = state.block_keys[index - 1] if index else ROOT_KEY
+            if self.pool.name(state.block_ids[index], key, parent, tokens, layout):
+                named.append(state.block_ids[index])
+        return named
 
     def _pick_victim(self) -> RequestState | None:
         """The latest arrival with no row in flight (rows of the plan being made count as in flight)."""
