@@ -82,6 +82,11 @@ class BlockPool:
         """Cached, and held by nobody: holding it takes one block from the free ones."""
         return block_id in self._idle
 
+    def num_idle(self, block_ids: list[int]) -> int:
+        """Of these blocks, the cached ones nobody holds: holding them takes them from the free ones."""
+        idle = self._idle
+        return sum(1 for block in block_ids if block in idle)
+
     def match(self, chain, layout: object = None) -> tuple[list[int], bool]:
         """The cached blocks laid out for `layout` holding the longest start of `chain` (each entry
         a block's key and its tokens, in order), and whether the block after them is being written."""

@@ -67,8 +67,7 @@ class HostSlots:
 
     def can_store(self, num_tokens: int, shared: list[int] = ()) -> bool:
         """Whether a slot of `num_tokens` tokens whose first blocks are the `shared` ones fits."""
-        needed = blocks_for(num_tokens, self.block_size) - len(shared)
-        needed += sum(1 for block in shared if self._pool.is_idle(block))
+        needed = blocks_for(num_tokens, self.block_size) - len(shared) + self._pool.num_idle(shared)
         return self._pool.can_allocate(needed)
 
     def store(self, request_id: str, num_tokens: int, shared: list[int] = ()) -> HostSlot:

@@ -176,7 +176,7 @@ class PhaseScheduler(StaticScheduler):
         No watermark: during prefill nothing on the device grows (paused requests wait, prompts
         hold all their blocks from the start)."""
         cached = cached or []
-        needed = blocks_for(state.num_tokens, self.block_size) - len(cached) + self._idle_among(cached)
+        needed = blocks_for(state.num_tokens, self.block_size) - len(cached) + self.pool.num_idle(cached)
         return self._host_can_store(state, state.num_tokens) and self.pool.can_allocate(needed)
 
     def _switch(self, phase: Phase, plan: StepPlan) -> None:
@@ -309,7 +309,8 @@ class PhaseScheduler(StaticScheduler):
         return super()._max_rows()
 
     def _caches_prefixes(self) -> bool:
-        """Only prompts prefilled in the prefill layout share blocks: every switch forgets the names."""
+        """Only prompts prefilled in the prefill layout find and name computed blocks (loads into
+        the decode layout share theirs on their own)."""
         return self.config.prefix_caching and self.phase is Phase.PREFILL
 
     def _may_follow(self, state: RequestState) -> bool:

@@ -405,7 +405,7 @@ class StaticScheduler:
             is_alone = not self.running and not any(
                 s.status is RequestStatus.RESTORING for s in self.requests.values()
             )
-            if self.pool.num_free - needed - self._idle_among(cached) < (0 if is_alone else self.watermark_blocks):
+            if self.pool.num_free - needed - self.pool.num_idle(cached) < (0 if is_alone else self.watermark_blocks):
                 return
             self.swapped.popleft()
             self.pool.hold(cached)
@@ -434,7 +434,7 @@ class StaticScheduler:
             num_cached = len(cached) * self.block_size
             num_new = min(state.num_tokens - num_cached, budget)
             needed = blocks_for(num_cached + num_new, self.block_size) - len(cached)
-            needed += self._idle_among(cached)
+            needed += self.pool.num_idle(cached)
             if self.pool.num_free - needed < self.watermark_blocks and self.running:
                 return
             if not self.pool.can_allocate(needed):
@@ -541,11 +541,6 @@ class StaticScheduler:
         self.counters["host_shared_blocks"] += len(shared)
         if self.config.prefix_caching:  # a prompt's slot is named now: others wait for its save, not copy it
             self.host.name_saving(state.request_id, list(self._chain(state, 0, num_tokens // self.block_size)))
-
-    def _idle_among(self, block_ids: list[int]) -> int:
-        """Of these cached blocks, those nobody holds: holding them takes them from the free ones."""
-        is_idle = self.pool.is_idle
-        return sum(1 for block in block_ids if is_idle(block))
 
     def _take_cached(self, state: RequestState, cached: list[int]) -> None:
         """The request starts with the cached blocks of its prefix: their KV needs no computing."""
