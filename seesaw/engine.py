@@ -32,6 +32,7 @@ from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import Scheduler
 from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
+from seesaw.scheduling.grammars import Grammars
 from seesaw.text import TextCodec
 from seesaw.kv.block_pool import blocks_for
 from seesaw.kv.host_sizing import GIB, HostBufferPlan, NodeMemory, auto_host_buffer, check_host_buffer, few_pools_warning
@@ -286,6 +287,8 @@ class Engine:
         scheduler = Scheduler(
             inboxes["scheduler"], context, config.scheduler, layouts, limits, outbox("kv-tier"),
             outbox("request-queue"), outbox("supervisor"), outbox("engine"), config.transport.step_timeout_s,
+            grammars=None if self.codec.tokenizer is None else Grammars(self.codec.tokenizer, self.spec.vocab_size,
+                                                                        self.spec.eos_token_ids),
         )
         kv_tier = KVTier(inboxes["kv-tier"], context, parallel.layout, outbox("scheduler"))
         backend = Backend.NCCL if config.model.device == "cuda" else Backend.GLOO

@@ -70,10 +70,11 @@ class EngineClient:
 
     def submit(self, kind: RequestKind, sampling: SamplingParams, *, prompt: str | None = None,
                messages: list[dict] | None = None, prompt_token_ids: list[int] | None = None,
-               stream: bool = False) -> str:
+               stream: bool = False, tools: list[dict] | None = None, tool_choice: str = "none") -> str:
         """Queue one request; returns its id, which its RequestFinished (and, streamed, its TextDeltas) carry."""
         request_id = f"{self.name}-{next(self._next_ids)}"
-        self._queue.send(Submit(request_id, self._reply_to, kind, sampling, prompt, messages, prompt_token_ids, stream))
+        self._queue.send(Submit(request_id, self._reply_to, kind, sampling, prompt, messages, prompt_token_ids, stream,
+                                tools, tool_choice))
         return request_id
 
     def cancel(self, request_id: str) -> None:

@@ -19,7 +19,7 @@ import orjson
 from seesaw.layout import Layout
 from seesaw.sampling import SamplingParams
 from seesaw.stats import EngineStats
-from seesaw.step import FinishReason, StepRow, TokenUpdate
+from seesaw.step import FinishReason, PromptLogprobs, StepRow, TokenLogprobs, TokenUpdate
 from seesaw.transport.specs import Backend, CollectiveSpec, GroupSpec, HostBufferSpec, WeightStoreSpec
 
 # ---------------------------------------------------------------- shared parts
@@ -57,6 +57,8 @@ class Submit:
     messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
     stream: bool = False  # send TextDelta as tokens arrive
+    tools: list[dict] | None = None  # a chat's functions, laid out in its prompt
+    tool_choice: str = "none"  # how it uses them: none, auto, required or function
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class RequestFinished:
     token_ids: list[int] = field(default_factory=list)
     error: str | None = None
     code: ErrorCode | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, where the request asked
+    prompt_token_ids: list[int] | None = None  # with prompt_logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # one per prompt token; the first's is None
+    token_texts: dict[str, TokenText] = field(default_factory=dict)  # each token id the log-probabilities name
 
     @property
     def status_code(self) -> int:
@@ -106,6 +112,14 @@ class RequestFinished:
         if self.code is None:
             return 200
         return 500 if self.code in (ErrorCode.ENGINE_FAILED, ErrorCode.SERVER_ERROR) else 400
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """One token as text (invalid UTF-8 replaced) and its own bytes (a token may hold part of a character)."""
+
+    text: str
+    bytes: list[int]
 
 
 @dataclass(frozen=True)
@@ -155,12 +169,15 @@ class QueryStats:
 
 @dataclass(frozen=True)
 class StepDone:
-    """ShardWorker -> Scheduler: a step finished; `sampled` has one token per sampled row."""
+    """ShardWorker -> Scheduler: a step finished; `sampled` has one token per sampled row, and
+    `logprobs` (empty when no row asked) each sampled row's log-probabilities or None."""
 
     step_id: int
     rank: int
     sampled: list[int]
     compute_ms: float
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -520,10 +537,21 @@ def _converter(hint) -> typing.Callable[[typing.Any], typing.Any] | None:
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return hint
     origin = typing.get_origin(hint)
+    if origin is dict:
+        _, value = typing.get_args(hint)
+        if dataclasses.is_dataclass(value):
+            build_value = _builder(value)
+            return lambda entries: {key: build_value(entry) for key, entry in entries.items()}
+        return None
     if origin is list:
         (item,) = typing.get_args(hint)
+        optional = typing.get_origin(item) in (typing.Union, types.UnionType) and types.NoneType in typing.get_args(item)
+        if optional:  # `list[X | None]`
+            (item,) = [option for option in typing.get_args(item) if option is not types.NoneType]
         if dataclasses.is_dataclass(item):
             build_item = _builder(item)
+            if optional:
+                return lambda entries: [None if entry is None else build_item(entry) for entry in entries]
             return lambda entries: [build_item(entry) for entry in entries]
         return None
     if origin in (typing.Union, types.UnionType):  # `X | None`: X's converter (None is left as it is)

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from seesaw.step import FinishReason, RowSampling
+from seesaw.step import Adjustments, FinishReason, RowSampling
 
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a constrained request's output must match: a JSON schema (its JSON text), any JSON
+    object, a regular expression, one of a list of strings (their JSON list) or a grammar (Lark or
+    GBNF text); the scheduler's grammar engine compiles it and masks each row's tokens."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"a constraint's kind is one of {', '.join(CONSTRAINT_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"a constraint's spec must be a string, got {type(self.spec).__name__}")
 
 
 @dataclass(frozen=True)
@@ -24,6 +43,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     fit_max_tokens: bool = False  # max_tokens is a default: lower it to what the context leaves, do not refuse
+    logprobs: int | None = None  # each output token's log-probability, with this many top alternatives
+    prompt_logprobs: int | None = None  # each prompt token's log-probability (but the first's), likewise
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] = field(default_factory=dict)  # token id (as JSON keys are: text) -> bias
+    min_tokens: int = 0  # end tokens cannot be sampled before this many output tokens
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         self._check()
@@ -54,14 +81,73 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if not isinstance(self.fit_max_tokens, bool):
             raise ValueError(f"fit_max_tokens must be true or false, got {self.fit_max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_integer(value) or not 0 <= value <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name} must be an integer from 0 to {MAX_TOP_LOGPROBS} (top alternatives per "
+                                 f"token), got {value!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be a number in (0, 10] (1: none), got {self.repetition_penalty!r}")
+        self._check_logit_bias()
+        if not _is_integer(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
+                             f"got {self.min_tokens!r}")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError("constraint must be a Constraint")
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be an object mapping token ids to biases, got {bias!r}")
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+        for key, value in bias.items():
+            if not isinstance(key, str) or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}")
+            if not _is_number(value) or not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias[{key}] must be a number in [-100, 100], got {value!r}")
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """ValueError naming the first token id this request's settings name outside the model's vocabulary."""
+        for key in self.logit_bias:
+            if int(key) >= vocab_size:
+                raise ValueError(f"logit_bias names token {key}, outside the model's vocabulary (0 to {vocab_size - 1})")
+        for token in self.stop_token_ids:
+            if token >= vocab_size:
+                raise ValueError(f"stop_token_ids names token {token}, outside the model's vocabulary "
+                                 f"(0 to {vocab_size - 1})")
+
+    @property
+    def is_constrained(self) -> bool:
+        return self.constraint is not None
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def for_row(self, output_index: int) -> RowSampling:
-        """What the last stage needs to sample this request's token number `output_index`."""
-        return RowSampling(self.temperature, self.top_p, self.top_k, self.seed, output_index)
+    def for_row(self, output_index: int, end_ids: frozenset[int] = frozenset()) -> RowSampling:
+        """What the last stage needs to sample this request's token number `output_index`; `end_ids`:
+        the tokens that would end it, kept from being sampled before min_tokens (a constrained
+        request's grammar decides where it may end instead)."""
+        adjustments = None
+        if self.adjusts_logits:
+            bias = sorted((int(key), float(value)) for key, value in self.logit_bias.items())
+            adjustments = Adjustments(self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
+                                      [token for token, _ in bias], [value for _, value in bias])
+        banned = None
+        if output_index < self.min_tokens and end_ids and self.constraint is None:
+            banned = sorted(end_ids)
+        return RowSampling(self.temperature, self.top_p, self.top_k, self.seed, output_index, self.logprobs,
+                           adjustments, banned)
 
     def stop_conditions(self, eos_token_ids: frozenset[int] = frozenset(),
                         max_context: int | None = None) -> StopConditions:
@@ -104,3 +190,7 @@ class StopConditions:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -4,7 +4,7 @@ the step, the messages that carry it and the model that runs it (pure, no torch)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -17,6 +17,26 @@ class FinishReason(StrEnum):
 
 
 @dataclass(slots=True)
+class Adjustments:
+    """How one row's logits change before it samples: penalties on the tokens its request holds
+    already, and fixed biases. The sampling workers count each request's tokens on the device; a
+    row carries the request's tokens (`history_prompt`, `history_output`) only where they may not
+    hold that count: the first row that samples after its block table started over."""
+
+    presence: float = 0.0  # subtracted from each token its output holds
+    frequency: float = 0.0  # subtracted once per time its output holds a token
+    repetition: float = 1.0  # divides positive (multiplies negative) logits of tokens its prompt or output holds
+    bias_ids: list[int] = field(default_factory=list)
+    bias_values: list[float] = field(default_factory=list)
+    history_prompt: list[int] | None = None
+    history_output: list[int] | None = None
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.presence != 0.0 or self.frequency != 0.0 or self.repetition != 1.0
+
+
+@dataclass(slots=True)
 class RowSampling:
     """How the last stage samples one row's next token."""
 
@@ -25,6 +45,30 @@ class RowSampling:
     top_k: int = 0
     seed: int | None = None
     output_index: int = 0  # how many tokens the request has generated so far
+    logprobs: int | None = None  # report the sampled token's log-probability and this many top alternatives
+    adjustments: Adjustments | None = None
+    banned_ids: list[int] | None = None  # tokens it may not sample now (its end tokens, before min_tokens)
+    allowed: str | None = None  # a constrained row's allowed tokens: base64 of an int32 bitmask (bit t % 32 of word t // 32)
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """One position's log-probabilities under the model's own distribution (before temperature,
+    penalties and masks): the token's there, and the `top` most likely tokens' (ids and values)."""
+
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens `first_position`, `first_position + 1`, ... of one request,
+    each given the tokens before it (one prefill chunk's worth)."""
+
+    request_id: str
+    first_position: int
+    entries: list[TokenLogprobs]
 
 
 @dataclass(slots=True)
@@ -45,6 +89,8 @@ class StepRow:
     first_new_block: int = 0
     sampling: RowSampling | None = None  # None: a prefill chunk that does not reach the end
     awaits_token: bool = False
+    score_prompt: int | None = None  # report each next prompt token's log-probability and this many alternatives
+    next_prompt_token: int | None = None  # with score_prompt: the prompt token after this chunk, if any
 
     @property
     def num_new_tokens(self) -> int:
@@ -58,6 +104,8 @@ class TokenUpdate:
     request_id: str
     token_ids: list[int]
     finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token, where the request asked for them
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(slots=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from functools import cache
 from pathlib import Path
 
 from seesaw.sampling import StopConditions
@@ -20,21 +23,57 @@ class TextCodec:
         )
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder)) if has_tokenizer else None
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else 0
+        self._pieces: dict[int, tuple[str, bytes]] = {}
+        self._is_byte_level = self.tokenizer is not None and "ByteLevel" in _decoder_name(self.tokenizer)
+
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template itself lays out `tools` (and so how a call looks)."""
+        template = self.tokenizer.chat_template if self.tokenizer is not None else None
+        return isinstance(template, str) and "tools" in template
+
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as text (a part of a character shows as U+FFFD) and as its own bytes."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            raw = self._token_bytes(token_id)
+            piece = self._pieces[token_id] = (raw.decode("utf-8", errors="replace"), raw)
+        return piece
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        if self.tokenizer is None or not 0 <= token_id < self.vocab_size:
+            return b""
+        name = self.tokenizer.convert_ids_to_tokens(token_id)
+        if self._is_byte_level:
+            decoder = _byte_decoder()
+            if all(char in decoder for char in name):
+                return bytes(decoder[char] for char in name)
+            return name.encode()
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", name)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        return name.replace("\u2581", " ").encode()
 
     def encode_prompt(self, prompt: str) -> list[int]:
         self._require()
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the rendered chat, ending with the assistant's turn opening; `messages` as
-        `normalize_messages` gave them (the front door that took them made them so)."""
+        `normalize_messages` gave them (the front door that took them made them so). `tools` go
+        through the template where it lays them out, else into a system message of their own."""
         self._require()
         if self.tokenizer.chat_template is None:
             raise ValueError("this model has no chat template; use a completion prompt")
         from jinja2 import TemplateError
 
+        extra = {}
+        if tools and self.template_renders_tools:
+            extra["tools"] = tools
+        elif tools:
+            messages = [{"role": "system", "content": tools_message(tools)}, *messages]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         except (TemplateError, TypeError, KeyError) as error:
             raise ValueError(f"the model's chat template rejects these messages: {error}") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -48,6 +87,33 @@ class TextCodec:
     def _require(self) -> None:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; send prompt token ids")
+
+
+def tools_message(tools: list[dict]) -> str:
+    """The tools a request offers, as a system message for a template that does not lay them out."""
+    listing = "\n".join(json.dumps(tool["function"], ensure_ascii=False) for tool in tools)
+    return ("You can call these functions. To call one, answer with only a JSON object "
+            '{"name": <function name>, "arguments": <its arguments>}.\n' + listing)
+
+
+def _decoder_name(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(backend.decoder).__name__ + repr(backend.decoder) if backend is not None and backend.decoder else ""
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet back to bytes: printable Latin-1 bytes stand for themselves, the
+    others for the code points from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[chr(byte)] = byte
+        else:
+            mapping[chr(256 + extra)] = byte
+            extra += 1
+    return mapping
 
 
 def normalize_messages(messages) -> list[dict]:

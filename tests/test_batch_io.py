@@ -57,7 +57,7 @@ def test_simple_lines_take_defaults_and_number_their_ids():
     (line({"prompt": "x", "n": 2.5}), "n must be an integer from 1 to 128, got 2.5"),
     (line({"prompt": "x", "n": "2"}), "n must be an integer from 1 to 128, got '2'"),
     (line({"prompt": "x", "n": True}), "n must be an integer from 1 to 128, got True"),
-    (line({"prompt": "x", "logprobs": 2}), "logprobs is not supported"),
+    (line({"prompt": "x", "logprobs": 21}), "logprobs must be an integer from 0 to 20"),
     (line({"prompt": ""}), "prompt is empty"),
     (line({"prompt": "x", "stop": [1]}), "stop"),
     (line({"messages": "hello"}), "messages must be a non-empty list"),
@@ -82,6 +82,11 @@ def finished(text: str, finish_reason: str, prompt_tokens: int, completion_token
     return RequestFinished("r", kind, text, finish_reason, prompt_tokens, completion_tokens)
 
 
+def item_of(kind: RequestKind):
+    body = {"messages": [{"role": "user", "content": "hi"}]} if kind == RequestKind.CHAT else {"prompt": "hi"}
+    return parse_line(line(body), 1, DEFAULTS)
+
+
 def test_result_line_has_the_openai_batch_shape():
     item = parse_line(line({"custom_id": "z", "url": "/v1/chat/completions", "method": "POST",
                             "body": {"messages": [{"role": "user", "content": "hi"}]}}), 1, DEFAULTS)
@@ -89,12 +94,13 @@ def test_result_line_has_the_openai_batch_shape():
     assert out["custom_id"] == "z" and out["error"] is None
     body = out["response"]["body"]
     assert out["response"]["status_code"] == 200
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "logprobs": None,
+                                "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
 
 
 def test_a_body_of_n_choices_indexes_them_and_counts_the_prompt_once():
-    body = response_body(RequestKind.COMPLETION, [finished("a", "length", 7, 3), finished("b", "stop", 7, 1),
+    body = response_body(item_of(RequestKind.COMPLETION), [finished("a", "length", 7, 3), finished("b", "stop", 7, 1),
                                                   finished("c", "length", 7, 3)], "m")
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "a", "length"), (1, "b", "stop"), (2, "c", "length")]
@@ -108,7 +114,7 @@ def test_bodies_of_one_and_of_n_choices_are_valid_openai_objects(kind):
 
     model = ChatCompletion if kind == RequestKind.CHAT else openai_types.Completion
     for count in (1, 3):
-        body = response_body(kind, [finished(f"t{i}", "length", 5, 2, kind) for i in range(count)], "m")
+        body = response_body(item_of(kind), [finished(f"t{i}", "length", 5, 2, kind) for i in range(count)], "m")
         parsed = model.model_validate(body)
         assert [choice.index for choice in parsed.choices] == list(range(count))
         assert parsed.usage.prompt_tokens == 5 and parsed.usage.completion_tokens == 2 * count

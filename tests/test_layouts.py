@@ -75,7 +75,7 @@ def _shard_logits(layouts: list[str], rank: int, command_fields: dict, rows, que
             runtime.warm_up_groups()
         for layout in layouts[1:]:
             runtime.reshard(Layout.parse(layout))
-        logits = runtime.current.forward(runtime.inputs(rows))
+        logits = runtime.current.forward(runtime.inputs(rows)).logits
         if runtime.is_sampling:
             queue.put(logits.numpy().copy())  # by value: the process may exit before it is read
     finally:

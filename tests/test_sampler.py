@@ -74,8 +74,8 @@ def test_a_step_with_random_rows_makes_no_blocking_copy_to_the_device(monkeypatc
 
     sampler = Sampler(torch.device("cpu"))
     uploads = []
-    upload = sampler._upload
-    monkeypatch.setattr(sampler, "_upload", lambda columns: uploads.append(columns) or upload(columns))
+    upload = sampler.upload
+    monkeypatch.setattr(sampler, "upload", lambda columns: uploads.append(columns) or upload(columns))
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
     rows = [RowSampling(0.8, top_p=0.9, top_k=5)] * 4 + [RowSampling(0.0), RowSampling(1.0, seed=3)]
     with Ops() as ops:

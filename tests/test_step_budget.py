@@ -100,7 +100,7 @@ def _count_decode_step(spec: ModelSpec, monkeypatch) -> LaunchCounter:
     run = InterpretedFunction.run
     monkeypatch.setattr(InterpretedFunction, "run", lambda kernel, *a, **k: counter.launch(kernel, run, *a, **k))
     with counter, torch.inference_mode():
-        logits = state.forward(build_step_inputs(decodes, [], tables, None, kernels, uploader))
+        logits = state.forward(build_step_inputs(decodes, [], tables, None, kernels, uploader)).logits
         sampler.sample(logits, [greedy] * NUM_ROWS)
     monkeypatch.undo()
     return counter

@@ -21,7 +21,7 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq.asyncio
 
@@ -37,10 +37,11 @@ from seesaw.messages import (
     StopRequest,
     Submit,
     TextDelta,
+    TokenText,
     ToRequestQueue,
     TokensGenerated,
 )
-from seesaw.step import FinishReason
+from seesaw.step import FinishReason, TokenLogprobs
 from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class _Pending:
     num_output_tokens: int = 0
     num_streamed_chars: int = 0
     num_streamed_tokens: int = 0
+    prompt_ids: list[int] | None = None  # kept where its prompt's log-probabilities are reported
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # by position (a recompute rewrites)
 
 
 class RequestQueue(Actor):
@@ -137,6 +141,7 @@ class RequestQueue(Actor):
 
     def _tokenize(self, submit: Submit) -> tuple[list[int], int]:
         """The prompt's token ids and the max_tokens it runs with, or the error that refuses it."""
+        submit.sampling.check_vocabulary(self.vocab_size)
         prompt_ids = self._prompt_ids(submit)
         return prompt_ids, self._max_tokens(submit, len(prompt_ids))
 
@@ -156,10 +161,12 @@ class RequestQueue(Actor):
             self._release(submit, self._refusal(submit, f"tokenizing failed: {error!r}", ErrorCode.SERVER_ERROR))
             return
         request_id = submit.request_id
-        self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids), self._text(submit))
+        self.pending[request_id] = _Pending(request_id, submit, len(prompt_ids), self._text(submit),
+                                            prompt_ids=prompt_ids if submit.sampling.prompt_logprobs is not None else None)
         sampling = submit.sampling
         if sampling.fit_max_tokens or sampling.max_tokens != max_tokens:  # the scheduler takes it as it runs
-            sampling = dataclasses.replace(sampling, max_tokens=max_tokens, fit_max_tokens=False)
+            sampling = dataclasses.replace(sampling, max_tokens=max_tokens, fit_max_tokens=False,
+                                           min_tokens=min(sampling.min_tokens, max_tokens))
         self.scheduler.send(AddRequest(request_id, prompt_ids, sampling))
 
     def _text(self, submit: Submit) -> IncrementalText | WholeText:
@@ -180,7 +187,10 @@ class RequestQueue(Actor):
             ids = list(ids)
         else:
             if submit.kind == "chat":
-                ids = self.codec.encode_chat(submit.messages)
+                if submit.tools and submit.tool_choice == "auto" and not self.codec.template_renders_tools:
+                    raise ValueError("tool_choice auto needs a chat template that lays out tools and how a call "
+                                     "looks; this model's does not (use tool_choice required or a named function)")
+                ids = self.codec.encode_chat(submit.messages, submit.tools)
             elif isinstance(submit.prompt, str):
                 ids = self.codec.encode_prompt(submit.prompt)
             else:
@@ -229,6 +239,12 @@ class RequestQueue(Actor):
                 continue  # finished already (stop string, cancel); the scheduler has been told
             pending.num_output_tokens += len(update.token_ids)
             pending.text.add(update.token_ids)
+            if update.logprobs:
+                pending.logprobs.extend(update.logprobs)
+            if update.prompt_logprobs is not None:
+                first = update.prompt_logprobs.first_position
+                for offset, entry in enumerate(update.prompt_logprobs.entries):
+                    pending.prompt_logprobs[first + offset] = entry
             if update.finish_reason is not None:
                 pending.text.finish()  # the last tokens' text, where a stop string may still be
             if pending.text.is_stopped:
@@ -279,11 +295,32 @@ class RequestQueue(Actor):
     def _finish(self, pending: _Pending, finish_reason: FinishReason) -> None:
         self._forget(pending)
         submit = pending.submit
+        token_ids = pending.text.token_ids
+        logprobs = pending.logprobs[: len(token_ids)] if submit.sampling.logprobs is not None else None
+        prompt_logprobs = None
+        if pending.prompt_ids is not None:
+            prompt_logprobs = [pending.prompt_logprobs.get(position) for position in range(len(pending.prompt_ids))]
         self._release(submit, RequestFinished(
             request_id=pending.request_id, kind=submit.kind, text=pending.text.text,
             finish_reason=finish_reason, prompt_tokens=pending.num_prompt_tokens,
-            completion_tokens=pending.num_output_tokens, token_ids=pending.text.token_ids,
+            completion_tokens=pending.num_output_tokens, token_ids=token_ids, logprobs=logprobs,
+            prompt_token_ids=pending.prompt_ids, prompt_logprobs=prompt_logprobs,
+            token_texts=self._token_texts(token_ids, pending.prompt_ids, logprobs, prompt_logprobs),
         ))
+
+    def _token_texts(self, token_ids: list[int], prompt_ids: list[int] | None, logprobs, prompt_logprobs) -> dict:
+        """The text and bytes of every token the log-probabilities of a result name."""
+        if logprobs is None and prompt_logprobs is None:
+            return {}
+        named = set(token_ids) | set(prompt_ids or ())
+        for entry in [*(logprobs or ()), *(prompt_logprobs or ())]:
+            if entry is not None:
+                named.update(entry.top_ids)
+        texts = {}
+        for token_id in named:
+            text, raw = self.codec.token_piece(token_id)
+            texts[str(token_id)] = TokenText(text, list(raw))
+        return texts
 
     def _forget(self, pending: _Pending) -> None:
         del self.pending[pending.request_id]

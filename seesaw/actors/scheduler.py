@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from seesaw.actors.base import Actor
 from seesaw.actors.replica_workers import ReplicaWorkers
+from seesaw.scheduling.grammars import GrammarError, Grammars
 from seesaw.config import SchedulerConfig
 from seesaw.layout import Layout
 from seesaw.messages import (
@@ -100,6 +101,7 @@ class Scheduler(Actor):
         supervisor: Outbox,
         engine: Outbox,
         step_timeout_s: float,
+        grammars: Grammars | None = None,  # None: constrained requests are refused
     ):
         super().__init__(inbox)
         self.context = context
@@ -113,17 +115,28 @@ class Scheduler(Actor):
         self.workers = ReplicaWorkers(self, context, self.layout)
         self._timers: dict[Timer, asyncio.TimerHandle] = {}  # steps, re-shards and KV moves in flight
         self._replies: dict[str, Outbox] = {}  # where stats go, by address
+        self.grammars = grammars
+        self._compiling: dict[str, asyncio.Task] = {}  # constrained requests whose grammar compiles, by id
 
     def handle(self, message):
         match message:
             case AddRequest():
-                self._apply(self.core.add(NewRequest(message.request_id, message.prompt_token_ids, message.sampling)))
+                if message.sampling.is_constrained:
+                    self._compile(message)
+                else:
+                    self._add(message)
             case StopRequest():
+                task = self._compiling.pop(message.request_id, None)
+                if task is not None:
+                    task.cancel()
+                if self.grammars is not None:
+                    self.grammars.forget(message.request_id)
                 self._apply(self.core.stop(message.request_id))
             case StepDone():
                 replica = self.layout.coordinates(message.rank)[0]
                 self._disarm(StepTimer(replica, message.step_id))
-                self._apply(self.core.step_done(replica, message.step_id, message.sampled, message.compute_ms))
+                self._apply(self.core.step_done(replica, message.step_id, message.sampled, message.compute_ms,
+                                                message.logprobs, message.prompt_logprobs))
             case Resharded():
                 log.info("rank %d is in %s: waited %.3f s for its last steps, loaded %.1f MB in %.3f s",
                          message.rank, message.layout, message.drain_s, message.num_bytes / 1e6, message.load_s)
@@ -147,6 +160,38 @@ class Scheduler(Actor):
             case EngineFailed():
                 self._on_engine_failed(message)
 
+    def _add(self, message: AddRequest) -> None:
+        self._apply(self.core.add(NewRequest(message.request_id, message.prompt_token_ids, message.sampling)))
+
+    def _compile(self, message: AddRequest) -> None:
+        """A constrained request joins the core once its grammar is compiled (on a thread, within
+        the step timeout), or is refused with what is wrong with it."""
+        request_id = message.request_id
+        if self.grammars is None:
+            self.request_queue.send(RequestFailed(request_id, "this engine has no grammar engine for constrained "
+                                                              "outputs (it needs the model's tokenizer)",
+                                                  ErrorCode.INVALID_REQUEST))
+            return
+
+        async def compile_then_add() -> None:
+            try:
+                compiled = await asyncio.wait_for(asyncio.to_thread(self.grammars.compile, message.sampling.constraint),
+                                                  self.step_timeout_s)
+            except GrammarError as error:
+                self.request_queue.send(RequestFailed(request_id, str(error), ErrorCode.INVALID_REQUEST))
+                return
+            except TimeoutError:
+                self.request_queue.send(RequestFailed(request_id, f"its grammar did not compile within "
+                                                                  f"{self.step_timeout_s:.0f} s", ErrorCode.INVALID_REQUEST))
+                return
+            finally:
+                self._compiling.pop(request_id, None)
+            if self.core.failure is None:
+                self.grammars.start(request_id, compiled)
+                self._add(message)
+
+        self._compiling[request_id] = asyncio.get_running_loop().create_task(compile_then_add())
+
     def _on_replica_lost(self, message: ReplicaLost) -> None:
         """The replica's workers are being replaced: its requests wait in the core for its next workers."""
         replica = message.replica
@@ -163,6 +208,11 @@ class Scheduler(Actor):
     def _on_engine_failed(self, message: EngineFailed) -> None:
         """Drop every request and timer; the RequestQueue answers the requests (the Engine told it too)."""
         self.core.fail(message.reason)
+        for task in self._compiling.values():
+            task.cancel()
+        self._compiling.clear()
+        if self.grammars is not None:
+            self.grammars.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -170,9 +220,13 @@ class Scheduler(Actor):
     # ------------------------------------------------------------ effects into messages
 
     def _apply(self, effects: list[Effect]) -> None:
+        if self.grammars is not None:
+            self._advance_grammars(effects)
         for effect in effects:
             match effect:
                 case StartStep(replica, _, plan):
+                    if self.grammars is not None:
+                        self._mask(plan.rows)
                     self.workers.send(replica, RunStep(plan.step_id, plan.rows, plan.released))
                     self._arm(StepTimer(replica, plan.step_id), f"step {plan.step_id} of replica {replica} "
                               f"({len(plan.rows)} requests) did not finish within {self.step_timeout_s:.0f} s")
@@ -191,6 +245,32 @@ class Scheduler(Actor):
                     self.request_queue.send(RequestFailed(request_id, reason, code))
                 case Stuck(_, reason):
                     log.error("%s", reason)
+
+    def _advance_grammars(self, effects: list[Effect]) -> None:
+        """Every constrained request's matcher takes its new tokens before any row is masked; a
+        token its grammar refuses (which the mask rules out) stops the request with that error."""
+        for effect in effects:
+            if isinstance(effect, Refused):
+                self.grammars.forget(effect.request_id)
+            if not isinstance(effect, Tokens):
+                continue
+            for update in effect.updates:
+                if update.request_id not in self.grammars:
+                    continue
+                if not self.grammars.accept(update.request_id, update.token_ids):
+                    log.error("request %s sampled a token its grammar refuses", update.request_id)
+                    self.request_queue.send(RequestFailed(update.request_id, "a sampled token broke the output's "
+                                                                             "grammar", ErrorCode.SERVER_ERROR))
+                    self.grammars.forget(update.request_id)
+                    effects.extend(self.core.stop(update.request_id))
+                elif update.finish_reason is not None:
+                    self.grammars.forget(update.request_id)
+
+    def _mask(self, rows) -> None:
+        """Each sampling row of a constrained request carries the tokens its grammar allows next."""
+        for row in rows:
+            if row.sampling is not None and row.request_id in self.grammars:
+                row.sampling.allowed = self.grammars.mask(row.request_id)
 
     def _start_reshard(self, replica: int, layout: Layout, index: int) -> None:
         log.info("replica %d: re-sharding to %s (transition %d)", replica, layout, index)

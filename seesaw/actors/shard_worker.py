@@ -138,7 +138,8 @@ class ShardWorker(Actor):
 
             def wait() -> StepDone:
                 sampled = pending.wait()
-                return StepDone(step.step_id, self.rank, sampled, (time.perf_counter() - started) * 1000)
+                return StepDone(step.step_id, self.rank, sampled.tokens, (time.perf_counter() - started) * 1000,
+                                sampled.logprobs, sampled.prompt_logprobs)
 
             self._submit(self._tokens, wait, self.scheduler.send, f"reading step {step.step_id}'s tokens")
 

@@ -174,7 +174,8 @@ class BatchRunner:
 
     def _submit(self, item: BatchItem) -> None:
         request_ids = [self._client.submit(item.kind, sampling, prompt=item.prompt, messages=item.messages,
-                                           prompt_token_ids=item.prompt_token_ids)
+                                           prompt_token_ids=item.prompt_token_ids, tools=item.tools,
+                                           tool_choice=item.tool_choice.mode)
                        for sampling in choice_samplings(item.sampling, item.n)]
         line = _Line(item, Choices(request_ids))
         for request_id in request_ids:

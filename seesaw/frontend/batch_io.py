@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 import orjson
 
 from seesaw.frontend.choices import check_n, mixed_seed
+from seesaw.frontend.response_parts import chat_logprobs, completion_logprobs, tool_calls
+from seesaw.frontend.structured import ToolChoice, check_tools, response_constraint, tool_choice, tool_constraint
 from seesaw.messages import RequestFinished, RequestKind
-from seesaw.sampling import SamplingParams
+from seesaw.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from seesaw.text import normalize_messages
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETION_URL = "/v1/completions"
-_UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "logit_bias", "echo", "suffix", "best_of")
-_PENALTIES = ("presence_penalty", "frequency_penalty")
+_UNSUPPORTED = ("suffix", "best_of")
+_CHAT_ONLY = ("top_logprobs", "tools", "tool_choice")
+_COMPLETION_ONLY = ("echo",)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class BatchItem:
     prompt_token_ids: list[int] | None = None
     model: str | None = None
     n: int = 1  # choices to generate, each its own engine request
+    echo: bool = False  # a completion's text (and log-probabilities) begin with its prompt's
+    tools: list[dict] | None = None
+    tool_choice: ToolChoice = ToolChoice("none")
 
 
 @dataclass
@@ -127,9 +133,9 @@ def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: Sampling
     for name in _UNSUPPORTED:
         if body.get(name) not in (None, False):
             raise ValueError(f"{name} is not supported")
-    for name in _PENALTIES:
-        if body.get(name) not in (None, 0, 0.0):
-            raise ValueError(f"{name} is not supported")
+    for name in _CHAT_ONLY if kind != "chat" else _COMPLETION_ONLY:
+        if body.get(name) not in (None, False):
+            raise ValueError(f"{name} is a field of {CHAT_URL if kind != 'chat' else COMPLETION_URL} requests")
     if body.get("stream"):
         raise ValueError("stream is not supported in a batch")
     n = check_n(body.get("n"))
@@ -138,18 +144,56 @@ def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: Sampling
         messages = normalize_messages(body.get("messages"))  # checked and flattened once, here
     else:
         prompt, token_ids = _prompt(body.get("prompt"))
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise ValueError(f"echo must be true or false, got {echo!r}")
+    tools = check_tools(body.get("tools"))
+    choice = tool_choice(body.get("tool_choice"), tools)
+    constraint = response_constraint(body.get("response_format"))
+    if tools and choice.makes_calls:
+        if constraint is not None:
+            raise ValueError("response_format and a tool_choice that calls a function both constrain the output; "
+                             "give one")
+        constraint = tool_constraint(tools, choice)
     model = body.get("model")
+    logprobs = _logprobs(body, kind)
     return BatchItem(
         line_number=line_number,
         custom_id=custom_id,
         kind=kind,
-        sampling=_sampling(body, defaults, custom_id if derive_seed else None),
+        sampling=_sampling(body, defaults, custom_id if derive_seed else None, logprobs,
+                           logprobs if echo else None, constraint),
         prompt=prompt,
         messages=messages,
         prompt_token_ids=token_ids,
         model=model if isinstance(model, str) else None,
         n=n,
+        echo=echo,
+        tools=tools,
+        tool_choice=choice,
     )
+
+
+def _logprobs(body: dict, kind: RequestKind) -> int | None:
+    """How many top alternatives each output token reports (None: no log-probabilities): a chat's
+    `logprobs: true` with `top_logprobs`, a completion's `logprobs: k`."""
+    value = body.get("logprobs")
+    if kind == "chat":
+        top = body.get("top_logprobs")
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"logprobs must be true or false in a chat request, got {value!r}")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool)
+                                or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+        if top is not None and not value:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (top or 0) if value else None
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} in a completions request "
+                         f"(top alternatives per token), got {value!r}")
+    return value
 
 
 def _prompt(value) -> tuple[str | None, list[int] | None]:
@@ -164,7 +208,8 @@ def _prompt(value) -> tuple[str | None, list[int] | None]:
     raise ValueError("prompt must be a non-empty string or a list of token ids")
 
 
-def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str | None) -> SamplingParams:
+def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str | None, logprobs: int | None,
+              prompt_logprobs: int | None, constraint) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     stop = body.get("stop")
     if isinstance(stop, str):
@@ -180,6 +225,14 @@ def _sampling(body: dict, defaults: SamplingDefaults, custom_id: str | None) -> 
         stop=[] if stop is None else stop,
         stop_token_ids=_default(body.get("stop_token_ids"), []),
         ignore_eos=_default(body.get("ignore_eos"), False),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        presence_penalty=_default(body.get("presence_penalty"), 0.0),
+        frequency_penalty=_default(body.get("frequency_penalty"), 0.0),
+        repetition_penalty=_default(body.get("repetition_penalty"), 1.0),
+        logit_bias=_default(body.get("logit_bias"), {}),
+        min_tokens=_default(body.get("min_tokens"), 0),
+        constraint=constraint,
     )
 
 
@@ -196,7 +249,7 @@ def _top_k(value, default: int):
 
 def result_line(item: BatchItem, results: Sequence[RequestFinished], model: str) -> dict:
     """The OpenAI batch output line of a finished request: `results` holds its choices in order."""
-    body = response_body(item.kind, results, model)
+    body = response_body(item, results, model)
     return {
         "id": f"batch_req_{secrets.token_hex(12)}",
         "custom_id": item.custom_id,
@@ -205,16 +258,16 @@ def result_line(item: BatchItem, results: Sequence[RequestFinished], model: str)
     }
 
 
-def response_body(kind: RequestKind, results: Sequence[RequestFinished], model: str) -> dict:
+def response_body(item: BatchItem, results: Sequence[RequestFinished], model: str) -> dict:
     """The OpenAI chat.completion or text_completion object of a finished request whose choices,
     in order, are `results` (one engine request each, all of the same prompt): the prompt's tokens
     count once in `usage`, the choices' tokens add up."""
-    if kind == "chat":
-        choices = [{"index": index, "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason} for index, result in enumerate(results)]
+    if item.kind == "chat":
+        choices = [_chat_choice(item, index, result) for index, result in enumerate(results)]
         obj, prefix = "chat.completion", "chatcmpl"
     else:
-        choices = [{"index": index, "text": result.text, "finish_reason": result.finish_reason}
+        choices = [{"index": index, "text": (item.prompt or "") + result.text if item.echo else result.text,
+                    "logprobs": completion_logprobs(result, item.echo), "finish_reason": result.finish_reason}
                    for index, result in enumerate(results)]
         obj, prefix = "text_completion", "cmpl"
     prompt_tokens = results[0].prompt_tokens
@@ -231,6 +284,19 @@ def response_body(kind: RequestKind, results: Sequence[RequestFinished], model: 
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def _chat_choice(item: BatchItem, index: int, result: RequestFinished) -> dict:
+    """One chat choice: the assistant's text, or the tool calls it makes (finish_reason tool_calls
+    once a call is whole)."""
+    message = {"role": "assistant", "content": result.text}
+    finish_reason = result.finish_reason
+    calls = tool_calls(result.text, item.tool_choice) if item.tools else None
+    if calls:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        if finish_reason == "stop":
+            finish_reason = "tool_calls"
+    return {"index": index, "message": message, "logprobs": chat_logprobs(result), "finish_reason": finish_reason}
 
 
 DUPLICATE_CODE = "duplicate_custom_id"  # the error code of a line that repeats an earlier line's custom_id

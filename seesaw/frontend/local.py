@@ -43,18 +43,20 @@ class LocalClient:
         self._fail_all(EngineError("the client closed before the request finished"))
 
     def submit(self, sampling: SamplingParams, *, prompt: str | None = None, messages: list[dict] | None = None,
-               prompt_token_ids: list[int] | None = None) -> asyncio.Future:
+               prompt_token_ids: list[int] | None = None, tools: list[dict] | None = None,
+               tool_choice: str = "none") -> asyncio.Future:
         """Queue one request; the future resolves to its RequestFinished. Malformed chat messages
         raise ValueError here, naming the message."""
-        return self._submit(sampling, 1, False, prompt, messages, prompt_token_ids)
+        return self._submit(sampling, 1, False, prompt, messages, prompt_token_ids, tools, tool_choice)
 
     def submit_choices(self, sampling: SamplingParams, n: int, *, prompt: str | None = None,
-                       messages: list[dict] | None = None, prompt_token_ids: list[int] | None = None) -> asyncio.Future:
+                       messages: list[dict] | None = None, prompt_token_ids: list[int] | None = None,
+                       tools: list[dict] | None = None, tool_choice: str = "none") -> asyncio.Future:
         """Queue one request for `n` choices (the OpenAI `n`; see `seesaw.frontend.choices` for
         each choice's seed); the future resolves to their n RequestFinished in choice order, or, if
         a choice fails, to a list of that one (the others are cancelled). A bad `n` or malformed
         chat messages raise ValueError here, naming them."""
-        return self._submit(sampling, check_n(n), True, prompt, messages, prompt_token_ids)
+        return self._submit(sampling, check_n(n), True, prompt, messages, prompt_token_ids, tools, tool_choice)
 
     async def generate(self, sampling: SamplingParams, **prompt) -> RequestFinished:
         return await self.submit(sampling, **prompt)
@@ -63,13 +65,14 @@ class LocalClient:
         return await self.submit_choices(sampling, n, **prompt)
 
     def _submit(self, sampling: SamplingParams, n: int, is_list: bool, prompt: str | None,
-                messages: list[dict] | None, prompt_token_ids: list[int] | None) -> asyncio.Future:
+                messages: list[dict] | None, prompt_token_ids: list[int] | None,
+                tools: list[dict] | None = None, tool_choice: str = "none") -> asyncio.Future:
         kind = RequestKind.CHAT if messages is not None else RequestKind.COMPLETION
         if messages is not None:
             messages = normalize_messages(messages)
         future = asyncio.get_running_loop().create_future()
         request_ids = [self._client.submit(kind, choice, prompt=prompt, messages=messages,
-                                           prompt_token_ids=prompt_token_ids)
+                                           prompt_token_ids=prompt_token_ids, tools=tools, tool_choice=tool_choice)
                        for choice in choice_samplings(sampling, n)]
         waiting = _Waiting(Choices(request_ids), future, is_list)
         for request_id in request_ids:

@@ -175,10 +175,10 @@ def error_frame(label: str | None, code: str, message: str, retry_after_s: float
     return frame("error", id=label, status=status, code=str(code), message=message, **extra)
 
 
-def result_frame(label: str, answer: list[RequestFinished], model: str) -> bytes:
+def result_frame(label: str, answer: list[RequestFinished], model: str, item: BatchItem) -> bytes:
     """The `result` frame of a finished request (`answer`: its choices' results in order), or the
     `error` frame of one whose choice failed (`answer`: that one result)."""
     failure = next((result for result in answer if result.error is not None), None)
     if failure is not None:
         return error_frame(label, failure.code or ErrorCode.SERVER_ERROR, failure.error)
-    return frame("result", id=label, response=response_body(answer[0].kind, answer, model))
+    return frame("result", id=label, response=response_body(item, answer, model))

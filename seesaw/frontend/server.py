@@ -22,7 +22,7 @@ import zmq.asyncio
 from seesaw.config import ServeConfig
 from seesaw.engine import Engine
 from seesaw.engine_client import EngineClient
-from seesaw.frontend.batch_io import SamplingDefaults
+from seesaw.frontend.batch_io import BatchItem, SamplingDefaults
 from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.daemon_stats import DaemonRequests, DaemonStats, JobCounts, TokenCounts
 from seesaw.frontend.jobs import Job
@@ -57,6 +57,7 @@ class _Call:
     model: str
     started_s: float
     choices: Choices
+    item: BatchItem
     is_gone: bool = False  # its client left: the result is dropped
 
 
@@ -218,9 +219,10 @@ class Server:
             return
         item = call.item
         request_ids = [self._engine_client.submit(item.kind, sampling, prompt=item.prompt, messages=item.messages,
-                                                  prompt_token_ids=item.prompt_token_ids, stream=call.stream)
+                                                  prompt_token_ids=item.prompt_token_ids, stream=call.stream,
+                                                  tools=item.tools, tool_choice=item.tool_choice.mode)
                        for sampling in choice_samplings(item.sampling, item.n)]
-        entry = _Call(identity, call.label, item.model or self.model_name, time.monotonic(), Choices(request_ids))
+        entry = _Call(identity, call.label, item.model or self.model_name, time.monotonic(), Choices(request_ids), item)
         for request_id in request_ids:
             self._calls[request_id] = entry
         self._request_ids.setdefault((identity, call.label), set()).update(request_ids)
@@ -318,7 +320,7 @@ class Server:
         else:
             self.counts["done"] += 1
         if not call.is_gone:
-            self.send(call.identity, result_frame(call.label, answer, call.model))
+            self.send(call.identity, result_frame(call.label, answer, call.model, call.item))
 
     def _forget(self, request_id: str) -> None:
         call = self._calls.pop(request_id)

@@ -39,17 +39,17 @@ class Sampler:
         random_rows = [index for index, row in enumerate(rows) if row.temperature > 0.0]
         if random_rows:
             chosen_rows = [rows[i] for i in random_rows]
-            params = self._upload([random_rows, [row.temperature for row in chosen_rows],
+            params = self.upload([random_rows, [row.temperature for row in chosen_rows],
                                    [row.top_p for row in chosen_rows], [row.top_k for row in chosen_rows]])
             chosen = params[0].long()  # [random rows]
             picked = self._sample_random(logits.index_select(0, chosen), chosen_rows, params[1:])
             tokens = tokens.index_copy(0, chosen, picked)
         return tokens
 
-    def _upload(self, columns: list[list[float]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def upload(self, columns: list[list[float]] | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[len(columns), n] on the device, without waiting for it (in float32, exact for indices
-        and top-k below 2**24)."""
-        host = torch.tensor(columns, dtype=dtype)  # [columns, n]
+        and top-k below 2**24); a host tensor goes as it is."""
+        host = columns if isinstance(columns, torch.Tensor) else torch.tensor(columns, dtype=dtype)  # [columns, n]
         if self.device.type == "cpu":
             return host
         return host.pin_memory().to(self.device, non_blocking=True)
@@ -57,7 +57,7 @@ class Sampler:
     def _keys(self, rows: list[RowSampling]) -> torch.Tensor:
         """[rows] int64 on the device: each seeded row's key from its seed and output index, each
         other row's drawn from the worker's generator."""
-        seeded = self._upload([[_seed_key(row) if row.seed is not None else 0 for row in rows],
+        seeded = self.upload([[_seed_key(row) if row.seed is not None else 0 for row in rows],
                                [row.seed is not None for row in rows]], torch.int64)  # [2, rows]
         if all(row.seed is not None for row in rows):
             return seeded[0]

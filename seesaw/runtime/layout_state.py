@@ -4,6 +4,7 @@ of the KV arena, its communicators and its vocabulary slice; and one forward pas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -11,8 +12,20 @@ from seesaw.layout import Layout, Shard, padded_vocab_rows, split_evenly
 from seesaw.model.llama import ShardModel
 from seesaw.model.rope import rotation
 from seesaw.model.spec import ModelSpec
-from seesaw.runtime.step_inputs import StepInputs
+from seesaw.model.logits import token_logprobs
+from seesaw.runtime.step_inputs import PromptScoring, StepInputs
 from seesaw.transport.collective import Communicator
+
+
+SCORE_CHUNK = 256  # prompt places whose logits are made at once (their vocabulary-wide rows are large)
+
+
+class StageOutput(NamedTuple):
+    """The last stage's result: float32 logits [sampled rows, vocab], and for scored prompt places
+    (chosen [n], top values [n, top], top ids [n, top]) of the model's log-probabilities, or None."""
+
+    logits: torch.Tensor
+    prompt_scores: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,9 +65,9 @@ class LayoutState:
             self.tp.all_reduce(partial)
         return partial
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Run this stage; on the last stage, float32 logits [sampled rows, vocab] (every tensor-
-        parallel rank gets the gathered logits), elsewhere None."""
+    def forward(self, inputs: StepInputs) -> StageOutput | None:
+        """Run this stage; on the last stage, its output (every tensor-parallel rank gets the
+        gathered logits), elsewhere None."""
         context, shard = self.context, self.shard
         with torch.inference_mode():
             cos, sin = rotation(inputs.positions, context.inv_freq, context.dtype)
@@ -68,12 +81,27 @@ class LayoutState:
             if not shard.is_last_stage:
                 self.pp.send(hidden, shard.pp_rank + 1)
                 return None
+            scores = None if inputs.scoring is None else self._score(hidden, inputs.scoring)
             if not inputs.sampled_ids:
-                return None
-            logits = self.model.logits(hidden.index_select(0, inputs.sample_index))  # [sampled rows, vocab here]
-            if self.vocab_index is not None:
-                logits = gather_vocab(self.tp, logits, self.vocab_index)
-            return logits
+                return None if scores is None else StageOutput(hidden.new_empty(0, 0, dtype=torch.float32), scores)
+            return StageOutput(self._logits(hidden.index_select(0, inputs.sample_index)), scores)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [rows, vocab] of final hidden states, gathered across the tensor-parallel group."""
+        logits = self.model.logits(hidden)  # [rows, vocab here]
+        if self.vocab_index is not None:
+            logits = gather_vocab(self.tp, logits, self.vocab_index)
+        return logits
+
+    def _score(self, hidden: torch.Tensor, scoring: PromptScoring) -> tuple[torch.Tensor, ...]:
+        """The log-probabilities of the prompt tokens that follow the scored places, a chunk of
+        places at a time."""
+        parts = []
+        for first in range(0, scoring.places.shape[0], SCORE_CHUNK):
+            places = scoring.places[first : first + SCORE_CHUNK]
+            logits = self._logits(hidden.index_select(0, places))
+            parts.append(token_logprobs(logits, scoring.targets[first : first + SCORE_CHUNK], scoring.top))
+        return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def group_uses(states) -> list[tuple[str, Communicator]]:

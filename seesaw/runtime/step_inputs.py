@@ -46,6 +46,20 @@ class StepInputs:
     sample_index: torch.Tensor  # [sampled rows] int32: each sampling row's last token in the step
     attention: AttentionBatch
     sampled_ids: list[str]  # the requests of the sampling rows, in order
+    scoring: PromptScoring | None = None
+
+
+@dataclass
+class PromptScoring:
+    """The places in a step whose next prompt token's log-probability is reported (echo): the
+    logits at `places` ([n] int32) score `targets` ([n] int32); `spans` says whose they are:
+    (request id, position of its first target, how many, alternatives it asked for) in order, and
+    `top` the most alternatives any asked for."""
+
+    places: torch.Tensor
+    targets: torch.Tensor
+    spans: list[tuple[str, int, int, int]]
+    top: int
 
 
 class BlockTables:
@@ -178,10 +192,18 @@ def build_step_inputs(rows: list[StepRow], released: list[str], tables: BlockTab
     fills: list[tuple[int, int]] = []  # (place in the step, place in `before.tokens`)
     sample_index: list[int] = []
     sampled_ids: list[str] = []
+    score_places: list[int] = []
+    score_targets: list[int] = []
+    spans: list[tuple[str, int, int, int]] = []
     for row in rows:
         if row.awaits_token:
             fills.append((len(token_ids), _awaited(row, before)))
             token_ids.append(0)
+        if row.score_prompt is not None:
+            targets = row.token_ids[1:] + ([] if row.next_prompt_token is None else [row.next_prompt_token])
+            score_places.extend(range(len(token_ids), len(token_ids) + len(targets)))
+            score_targets.extend(targets)
+            spans.append((row.request_id, row.start + 1, len(targets), row.score_prompt))
         token_ids.extend(row.token_ids)
         positions.extend(range(row.start, row.start + row.num_new_tokens))
         if row.sampling is not None:
@@ -213,7 +235,11 @@ def build_step_inputs(rows: list[StepRow], released: list[str], tables: BlockTab
     else:
         attention = build_attention_batch(shapes, kernels.block_size, kernels.head_dim, flat.device,
                                           kernels.decode_kernel, kernels.dtype)
-    return StepInputs(token_ids_t, positions_t, sample_t, attention, sampled_ids)
+    scoring = None
+    if spans:  # rare (echo), and read by no captured graph: a copy of its own
+        places_t, targets_t = torch.tensor([score_places, score_targets], dtype=torch.int32).to(flat.device)
+        scoring = PromptScoring(places_t, targets_t, spans, max(span[3] for span in spans))
+    return StepInputs(token_ids_t, positions_t, sample_t, attention, sampled_ids, scoring)
 
 
 def _decode_bucket(shapes: list[RowShape], kernels: AttentionKernels) -> int | None:

@@ -17,6 +17,7 @@ import torch
 from seesaw.layout import Layout, shard_for
 from seesaw.model.cpu_kernels import load_paged_decode
 from seesaw.model.llama import LayerKernels, ShardModel
+from seesaw.model.logits import adjusted_logits, as_entries, token_logprobs
 from seesaw.model.rope import inverse_frequencies
 from seesaw.model.sampler import Sampler
 from seesaw.model.spec import ModelSpec
@@ -33,8 +34,9 @@ from seesaw.runtime.step_inputs import (
     Uploader,
     build_step_inputs,
 )
+from seesaw.runtime.token_counts import TokenCounts
 from seesaw.runtime.transfers import DeviceCopies
-from seesaw.step import RowSampling, StepRow
+from seesaw.step import PromptLogprobs, RowSampling, StepRow, TokenLogprobs
 from seesaw.transport.collective import Communicator, leave_groups
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
 from seesaw.transport.weight_store import WeightStore
@@ -118,6 +120,7 @@ class WorkerRuntime:
             self.states[shard.layout] = LayoutState(shard, model, pages, communicators, context)
         self.current = self.states[shards[0].layout]
         self.sampler = Sampler(self.device, seed=config.seed, race=_gpu_race() if self.device.type == "cuda" else None)
+        self.counts = TokenCounts(self.device, spec.vocab_size)
         with self.copies.computing():
             self.copies.load_weights(self.current.model, weights)
             if self.attention.ragged_kernel is not None:
@@ -213,18 +216,44 @@ class WorkerRuntime:
     def execute(self, rows: list[StepRow], released: list[str] = ()) -> PendingTokens | None:
         """One forward pass of this stage over the rows' new tokens. Every rank of the last stage
         samples (each holds the gathered logits, and at one stage the next step's rows may await
-        the tokens); the sampling rank returns them, on their way to the host, others None. On a GPU
-        all of it (the upload, kernels, collectives, the copy of the tokens) runs on the compute stream."""
+        the tokens); the sampling rank returns them, with the log-probabilities rows asked for, on
+        their way to the host, others None. On a GPU all of it (the upload, kernels, collectives,
+        the copy of the tokens) runs on the compute stream."""
         with self.copies.computing():
             inputs = self.inputs(rows, released)
-            logits = self.current.forward(inputs)
-            if logits is None:
+            self.counts.forget(released)
+            if self.current.shard.is_last_stage:
+                self.counts.take(rows)
+            output = self.current.forward(inputs)
+            if output is None or not inputs.sampled_ids:
                 self.sampled = None
-                return PendingTokens(torch.empty(0, dtype=torch.long), self.device) if self.is_sampling else None
+                if not self.is_sampling:
+                    return None
+                return PendingTokens(torch.empty(0, dtype=torch.long), self.device, prompt=_prompt_part(inputs, output))
+            samplings = [row.sampling for row in rows if row.sampling is not None]
             with torch.inference_mode():
-                tokens = self.sampler.sample(logits, [row.sampling for row in rows if row.sampling is not None])
+                tokens, logprobs = self._sample(output.logits, samplings, inputs.sampled_ids)
             self.sampled = SampledTokens({request_id: i for i, request_id in enumerate(inputs.sampled_ids)}, tokens)
-            return PendingTokens(tokens, self.device) if self.is_sampling else None
+            if not self.is_sampling:
+                return None
+            return PendingTokens(tokens, self.device, logprobs, _prompt_part(inputs, output))
+
+    def _sample(self, logits: torch.Tensor, rows: list[RowSampling], request_ids: list[str]):
+        """The sampled tokens [rows] of the rows' adjusted logits, and the log-probabilities (of the
+        model's own logits) of the rows that ask: (their places, chosen, top values, top ids, tops)."""
+        counted = [index for index, row in enumerate(rows) if row.adjustments and row.adjustments.counts_tokens]
+        counted_ids = [request_ids[index] for index in counted]
+        history = self.counts.history(counted_ids) if counted else None
+        tokens = self.sampler.sample(adjusted_logits(logits, rows, history, self.sampler.upload), rows)
+        if counted:
+            self.counts.add(counted_ids, tokens.index_select(0, torch.tensor(counted, device=tokens.device)))
+        asked = [index for index, row in enumerate(rows) if row.logprobs is not None]
+        if not asked:
+            return tokens, None
+        tops = [rows[index].logprobs for index in asked]
+        places = torch.tensor(asked, device=logits.device)
+        values = token_logprobs(logits.index_select(0, places), tokens.index_select(0, places), max(tops))
+        return tokens, (asked, *values, tops)
 
     def inputs(self, rows: list[StepRow], released: list[str] = ()) -> StepInputs:
         """The step's inputs on this worker's device (block tables updated by the rows' deltas)."""
@@ -308,23 +337,67 @@ class ProfileStep:
 
 
 class PendingTokens:
-    """A step's sampled tokens on their way to the host: on GPUs an asynchronous copy into pinned
-    memory on the current (compute) stream, so the worker can start its next step before they
-    land; `wait` returns them."""
+    """A step's sampled tokens, and the log-probabilities its rows asked for, on their way to the
+    host: on GPUs an asynchronous copy into pinned memory on the current (compute) stream, so the
+    worker can start its next step before they land; `wait` returns them."""
 
-    def __init__(self, tokens: torch.Tensor, device: torch.device):  # [sampled rows] on `device`
+    def __init__(self, tokens: torch.Tensor, device: torch.device, logprobs=None, prompt=None):
+        # tokens: [sampled rows] on `device`; logprobs: (places, chosen, top values, top ids, tops);
+        # prompt: (spans, chosen, top values, top ids) of scored prompt places
         self._event = None
-        self._host = tokens
+        self._logprobs = None if logprobs is None else (logprobs[0], logprobs[4])
+        self._prompt_spans = None if prompt is None else prompt[0]
+        values = [tokens]
+        if logprobs is not None:
+            values += list(logprobs[1:4])
+        if prompt is not None:
+            values += list(prompt[1:])
+        self._host = values
         if device.type == "cuda":
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._host = [torch.empty(value.shape, dtype=value.dtype, pin_memory=True) for value in values]
+            for host, value in zip(self._host, values):
+                host.copy_(value, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
-    def wait(self) -> list[int]:
+    def wait(self) -> SampledResult:
         if self._event is not None:
             self._event.synchronize()
-        return self._host.tolist()
+        lists = [value.tolist() for value in self._host]
+        tokens, rest = lists[0], lists[1:]
+        logprobs: list[TokenLogprobs | None] = []
+        if self._logprobs is not None:
+            places, tops = self._logprobs
+            logprobs = [None] * len(tokens)
+            for place, entry in zip(places, as_entries(*rest[:3], tops)):
+                logprobs[place] = entry
+            rest = rest[3:]
+        prompt = []
+        if self._prompt_spans is not None:
+            tops = [top for _, _, count, top in self._prompt_spans for _ in range(count)]
+            entries = as_entries(*rest[:3], tops)
+            first = 0
+            for request_id, position, count, _ in self._prompt_spans:
+                prompt.append(PromptLogprobs(request_id, position, entries[first : first + count]))
+                first += count
+        return SampledResult(tokens, logprobs, prompt)
+
+
+@dataclass(frozen=True)
+class SampledResult:
+    """What a step sends back: one token per sampling row, each row's log-probabilities where it
+    asked (else None; empty when no row asked), and the scored prompt chunks."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None]
+    prompt_logprobs: list[PromptLogprobs]
+
+
+def _prompt_part(inputs, output):
+    """The scored prompt places of a step for PendingTokens: (spans, chosen, top values, top ids), or None."""
+    if output is None or output.prompt_scores is None:
+        return None
+    return (inputs.scoring.spans, *output.prompt_scores)
 
 
 def _host_share(host_buffer: HostBuffer | None, state: LayoutState) -> torch.Tensor:

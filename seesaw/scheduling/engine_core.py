@@ -24,7 +24,7 @@ from seesaw.scheduling.phases import PhaseScheduler
 from seesaw.scheduling.request import NewRequest, RequestState
 from seesaw.scheduling.static import StaticScheduler
 from seesaw.stats import EngineStats, KVUse, RequestCounts, Totals
-from seesaw.step import StepShape, TokenUpdate, step_shape
+from seesaw.step import PromptLogprobs, StepShape, TokenLogprobs, TokenUpdate, step_shape
 
 
 @dataclass(frozen=True)
@@ -167,15 +167,16 @@ class EngineCore:
         self.replicas[replica].core.stop(request_id)
         return self._pump(replica)
 
-    def step_done(self, replica: int, step_id: int, sampled: list[int], compute_ms: float = 0.0) -> list[Effect]:
+    def step_done(self, replica: int, step_id: int, sampled: list[int], compute_ms: float = 0.0,
+                  logprobs: list[TokenLogprobs | None] = (), prompt_logprobs: list[PromptLogprobs] = ()) -> list[Effect]:
         if not self.is_up(replica):
             return []  # a late answer from a replica being restarted
         self.compute_ms += compute_ms
         self.metrics.on_step_done(self.clock(), replica, step_id)
-        updates = self.replicas[replica].core.complete(step_id, sampled)
+        updates = self.replicas[replica].core.complete(step_id, sampled, logprobs, prompt_logprobs)
         if not updates:
             return self._pump(replica)
-        self.totals["generated_tokens"] += len(updates)  # a step gives each of its requests one token
+        self.totals["generated_tokens"] += sum(len(update.token_ids) for update in updates)
         effects: list[Effect] = [Tokens(updates)]
         effects += self._pump(replica)
         return effects

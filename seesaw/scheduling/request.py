@@ -50,6 +50,7 @@ class RequestState:
     arrival_s: float = 0.0  # when it came in, by the core's clock
     block_keys: list[int] = field(default_factory=list)  # prefix cache keys of its first full blocks
     num_named: int = 0  # of block_ids, how many leading ones were named or found in the prefix cache
+    has_counts: bool = False  # the sampling workers count its tokens (for penalties) since its table started
 
     @property
     def max_tokens(self) -> int:

@@ -18,7 +18,7 @@ from seesaw.kv.block_pool import ROOT_KEY, BlockPool, BlockTokens, blocks_for, c
 from seesaw.kv.host_slots import HostSlots
 from seesaw.scheduling.decisions import Phase, StepPlan, ToDevice, ToHost
 from seesaw.scheduling.request import NewRequest, RequestState, RequestStatus
-from seesaw.step import StepRow, TokenUpdate
+from seesaw.step import PromptLogprobs, StepRow, TokenLogprobs, TokenUpdate
 
 _MOVING = (RequestStatus.EVICTING, RequestStatus.RESTORING)
 _HOLDS_BLOCKS = (RequestStatus.RUNNING, RequestStatus.RESTORING, RequestStatus.EVICTING, RequestStatus.PAUSED)
@@ -180,29 +180,40 @@ class StaticScheduler:
         pool cannot hold the requests left."""
         return plan.is_empty and not self.num_in_flight_steps and not self.has_kv_moves
 
-    def complete(self, step_id: int, sampled: list[int]) -> list[TokenUpdate]:
-        """Take a finished step's sampled tokens; return what each request gained."""
+    def complete(self, step_id: int, sampled: list[int], logprobs: list[TokenLogprobs | None] = (),
+                 prompt_logprobs: list[PromptLogprobs] = ()) -> list[TokenUpdate]:
+        """Take a finished step's sampled tokens (and the log-probabilities its rows asked for);
+        return what each request gained."""
         rows = self._in_flight.pop(step_id, None)
         if rows is None:
             return []  # a step of requests already failed
         self.pool.cache(self._writing.pop(step_id, ()))
         tokens = iter(sampled)
+        token_logprobs = iter(logprobs or [None] * len(sampled))
+        scored = {chunk.request_id: chunk for chunk in prompt_logprobs}
         updates: list[TokenUpdate] = []
         for row in rows:
             state = self.requests[row.request_id]
             state.num_in_flight -= 1
-            token = None
+            token = entry = None
             if row.sampling is not None:
-                token = next(tokens)
+                token, entry = next(tokens), next(token_logprobs)
                 state.num_awaited -= 1
             if state.is_stopped:
                 if not state.num_in_flight:
                     self._finish(state)
                 continue
+            update = None
             if token is not None:
-                updates.append(self._append(state, token))
+                update = self._append(state, token)
+                update.logprobs = None if entry is None else [entry]
                 if state.status is not RequestStatus.FINISHED and not state.is_stopped:
                     self._on_sampled(state)
+            if row.request_id in scored:
+                update = update or TokenUpdate(row.request_id, [])
+                update.prompt_logprobs = scored[row.request_id]
+            if update is not None:
+                updates.append(update)
         return updates
 
     def on_saved(self, request_id: str) -> None:
@@ -339,7 +350,9 @@ class StaticScheduler:
         may_grow = (len(state.output_token_ids) + state.num_awaited < state.max_tokens
                     and num_tokens + state.num_awaited < self.max_model_len)
         follows = state.last_step_id == self._next_step_id - 1
-        return 1 if may_grow and follows and self._may_follow(state) else 0
+        # A constrained request's next row waits for its token: its grammar's mask follows from it.
+        may_follow = self._may_follow(state) and not state.sampling.is_constrained
+        return 1 if may_grow and follows and may_follow else 0
 
     def _may_follow(self, state: RequestState) -> bool:
         """Whether the request may decode right behind its row in flight (static mode: always)."""
@@ -459,15 +472,26 @@ class StaticScheduler:
         state.num_computed_tokens = start + num_new
         state.num_in_flight += 1
         state.last_step_id = self._next_step_id
-        sampling = None
-        if start + num_new == num_tokens + state.num_awaited:  # reaches the end
-            sampling = state.sampling.for_row(len(state.output_token_ids) + state.num_awaited)
-            state.num_awaited += 1
         if self._names_blocks(state):
             self._name_blocks(state, min(start + num_new, num_tokens) // self.block_size)
         first_new_block, state.num_blocks_sent = state.num_blocks_sent, len(state.block_ids)
-        return StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,
-                       sampling, awaits_token)
+        if first_new_block == 0:
+            state.has_counts = False  # the workers start its table over, and its token counts
+        sampling = None
+        if start + num_new == num_tokens + state.num_awaited:  # reaches the end
+            sampling = state.sampling.for_row(len(state.output_token_ids) + state.num_awaited, state.stop.token_ids)
+            state.num_awaited += 1
+            if sampling.adjustments is not None and sampling.adjustments.counts_tokens and not state.has_counts:
+                sampling.adjustments.history_prompt = state.prompt_token_ids
+                sampling.adjustments.history_output = list(state.output_token_ids)
+                state.has_counts = True
+        row = StepRow(state.request_id, token_ids, start, state.block_ids[first_new_block:], first_new_block,
+                      sampling, awaits_token)
+        num_prompt = len(state.prompt_token_ids)
+        if state.sampling.prompt_logprobs is not None and not state.output_token_ids and start < num_prompt:
+            row.score_prompt = state.sampling.prompt_logprobs  # a first prefill's chunk (a recompute's again)
+            row.next_prompt_token = state.prompt_token_ids[start + num_new] if start + num_new < num_prompt else None
+        return row
 
     # ------------------------------------------------------------ the prefix cache
 
@@ -484,8 +508,8 @@ class StaticScheduler:
     def _cached_prefix(self, state: RequestState) -> tuple[list[int], bool]:
         """For a request that holds no KV: the cached blocks holding its first tokens (never its
         last one, whose logits it needs), and whether the block after them is being written now."""
-        if state.num_computed_tokens or not self._caches_prefixes():
-            return [], False
+        if state.num_computed_tokens or not self._caches_prefixes() or state.sampling.prompt_logprobs is not None:
+            return [], False  # a prompt whose log-probabilities are reported is computed whole
         return self.pool.match(self._chain(state, 0, (state.num_tokens - 1) // self.block_size), self.phase)
 
     def _loaded_prefix(self, state: RequestState, layout: Phase) -> tuple[list[int], bool]:
