@@ -135,13 +135,8 @@ async def _load(address: str, requests: list[dict], num_clients: int) -> dict:
         tokens += response["usage"]["completion_tokens"]
 
     clients = [AsyncClient(address, timeout_s=3600) for _ in range(num_clients)]
-    started = time.perf_counter()
-    try:
-        await asyncio.gather(*(one(clients[i % num_clients], body) for i, body in enumerate(requests)))
-    finally:
-        for client in clients:
-            await client.close()
-    return _rates(len(requests), tokens, time.perf_counter() - started, latencies)
+    elapsed = await _drive(clients, one, requests)
+    return _rates(len(requests), tokens, elapsed, latencies)
 
 
 def run_http(args, requests: list[dict], folder: Path, stream: bool) -> dict:
@@ -184,13 +179,20 @@ async def _load_http(url: str, requests: list[dict], num_clients: int, stream: b
     timeout = aiohttp.ClientTimeout(total=3600)
     sessions = [aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
                 for _ in range(num_clients)]
+    elapsed = await _drive(sessions, one, requests)
+    return _rates(len(requests), tokens, elapsed, latencies)
+
+
+async def _drive(clients: list, one, requests: list[dict]) -> float:
+    """Send every request at once, spread over the clients in turn; the seconds until the last
+    answer. The clients are closed after."""
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(one(sessions[i % num_clients], body) for i, body in enumerate(requests)))
+        await asyncio.gather(*(one(clients[i % len(clients)], body) for i, body in enumerate(requests)))
     finally:
-        for session in sessions:
-            await session.close()
-    return _rates(len(requests), tokens, time.perf_counter() - started, latencies)
+        for client in clients:
+            await client.close()
+    return time.perf_counter() - started
 
 
 def _rates(num_requests: int, tokens: int, elapsed: float, latencies: list[float]) -> dict:

@@ -161,7 +161,9 @@ def _http_config(address, keys, key_file, data_dir, max_body_bytes, max_upload_b
         if not keys:
             raise ValueError(f"--api-key-file {key_file} holds no key")
     host, port = parse_host_port(address)
-    return HttpConfig(host=host, port=port, data_dir=data_dir or default_data_dir(), api_keys=tuple(keys),
+    data_dir = data_dir or default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made is an error now, not after loading
+    return HttpConfig(host=host, port=port, data_dir=data_dir, api_keys=tuple(keys),
                       max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes, max_batches=max_batches,
                       max_streams=max_streams, read_timeout_s=read_timeout)
 

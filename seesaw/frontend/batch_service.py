@@ -6,9 +6,12 @@ answered once however often the server stopped."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from seesaw.config import HttpConfig
 from seesaw.engine import Engine, EngineError
@@ -43,6 +46,7 @@ class BatchService:
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, config: HttpConfig,
                  on_ended: Callable[[dict[str, int]], None]):
         self.engine, self.defaults, self.model_name, self.config = engine, defaults, model_name, config
+        self._lock = _claim(config.data_dir)
         self.files = FileStore(config.data_dir / "files")
         self.batches = BatchStore(config.data_dir / "batches")
         self.on_ended = on_ended  # takes a finished run's request counts by outcome
@@ -106,6 +110,12 @@ class BatchService:
             run.record = self.batches.move(run.record, "cancelling")
             run.runner.cancel()
         return self.view(batch_id)
+
+    def release(self) -> None:
+        """Let another server use the data folder (once every run has stopped)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     async def stop(self, timeout_s: float) -> None:
         """Stop every run where it is, leaving it to resume at the next start."""
@@ -196,3 +206,16 @@ def _check_metadata(metadata) -> None:
                        for key, value in metadata.items())):
         raise ApiError(400, "metadata must be an object of at most 16 string pairs (keys up to 64 characters, "
                             "values up to 512)", param="metadata")
+
+
+def _claim(data_dir: Path) -> BinaryIO:
+    """Lock the data folder for this server: two servers resuming the same batches would answer
+    their lines twice."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / "lock").open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"another seesaw server uses --data-dir {data_dir}") from None
+    return handle

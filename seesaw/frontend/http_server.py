@@ -24,6 +24,7 @@ from seesaw.frontend import http_jobs
 from seesaw.frontend.batch_io import SamplingDefaults, response_body
 from seesaw.frontend.batch_service import BatchService
 from seesaw.frontend.daemon_stats import DaemonStats, StatsBook
+from seesaw.frontend.front_door import FrontDoor
 from seesaw.frontend.local import LocalClient, Submission
 from seesaw.frontend.openai_http import ApiError, StreamChunks, error_body, parse_request, result_error, sse
 from seesaw.frontend.prometheus import metrics_text
@@ -42,18 +43,19 @@ def json_response(body, status: int = 200, headers: dict | None = None) -> web.R
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
-class HttpServer:
+class HttpServer(FrontDoor):
     """Start with `await server.start()` once the engine is ready; `drain()` then `close()` to stop."""
 
+    name = "the HTTP server"
+
     def __init__(self, engine: Engine, config: ServeConfig, defaults: SamplingDefaults, model_name: str):
+        super().__init__()
         self.engine, self.config, self.http = engine, config, config.http
         self.defaults, self.model_name = defaults, model_name
         self.book = StatsBook(time.monotonic())
         self.latest_stats: DaemonStats | None = None
         self.history: deque[dict] = deque(maxlen=HISTORY_SAMPLES)  # per stats refresh, for the page
         self.is_draining = False
-        self.failure: str | None = None
-        self.failed = asyncio.Event()
         self.client = LocalClient(engine, "http")
         self.jobs = BatchService(engine, defaults, model_name, self.http, self._on_batch_ended)
         self._open: set[Submission] = set()  # requests in the engine for a connection
@@ -63,12 +65,14 @@ class HttpServer:
         self._abandoned: str | None = None  # why the requests still open were stopped
         self._runner: web.AppRunner | None = None
         self._refresh: asyncio.Task | None = None
+        self._is_client_open = False
         self.port: int | None = None  # the bound port (useful when asked for port 0)
 
     # ------------------------------------------------------------ start and stop
 
     async def start(self) -> None:
         await self.client.__aenter__()
+        self._is_client_open = True
         app = web.Application(client_max_size=self.http.max_body_bytes,
                               middlewares=[self._errors, self._authorize])
         app.add_routes([
@@ -85,14 +89,7 @@ class HttpServer:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self.jobs.resume()
-        self._refresh = asyncio.get_running_loop().create_task(self.refresh_stats(1.0), name="http-stats")
-        self._refresh.add_done_callback(self._on_task_done)
-
-    def _on_task_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = f"{task.get_name()} failed: {task.exception()!r}"
-            log.error("the HTTP server cannot go on: %s", self.failure)
-            self.failed.set()
+        self._refresh = self.watch(asyncio.get_running_loop().create_task(self.refresh_stats(1.0), name="http-stats"))
 
     async def drain(self, timeout_s: float, reason: str | None = None, code: str = SHUTTING_DOWN) -> int:
         """Take nothing new and stop the batches where they are (they resume at the next start);
@@ -122,7 +119,9 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.jobs.stop(timeout_s=self.config.job_stop_timeout_s)
-        await self.client.__aexit__(None, None, None)
+        self.jobs.release()
+        if self._is_client_open:
+            await self.client.__aexit__(None, None, None)
 
     # ------------------------------------------------------------ middlewares
 

@@ -20,6 +20,7 @@ import zmq
 from seesaw.config import ServeConfig
 from seesaw.engine import Engine, EngineError
 from seesaw.frontend.batch_io import SamplingDefaults
+from seesaw.frontend.front_door import FrontDoor
 from seesaw.frontend.server import Server
 from seesaw.messages import ErrorCode
 from seesaw.transport.curve import ensure_socket_folder
@@ -58,7 +59,8 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    doors, stop_metrics, lock = [], None, None
+    doors: list[FrontDoor] = []
+    stop_metrics, lock = None, None
     try:
         lock = _claim(config.address)
         await engine.start()
@@ -102,7 +104,7 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
     return code
 
 
-async def _serve(engine: Engine, doors: list, config: ServeConfig, stopping: asyncio.Event,
+async def _serve(engine: Engine, doors: list[FrontDoor], config: ServeConfig, stopping: asyncio.Event,
                  now: asyncio.Event, received: list[int], stream: TextIO) -> int:
     waiters = [asyncio.ensure_future(event.wait())
                for event in (stopping, engine.failed, *(door.failed for door in doors))]
@@ -140,7 +142,7 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _start_metrics(server, port: int, loop: asyncio.AbstractEventLoop):
+def _start_metrics(server: FrontDoor, port: int, loop: asyncio.AbstractEventLoop):
     """Serve `server`'s stats on the metrics port (the HTTP front door keeps them fresh itself)."""
     from seesaw.frontend.prometheus import serve_metrics
 

@@ -25,6 +25,7 @@ from seesaw.engine_client import EngineClient
 from seesaw.frontend.batch_io import SamplingDefaults
 from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.daemon_stats import DaemonStats, StatsBook
+from seesaw.frontend.front_door import FrontDoor
 from seesaw.frontend.jobs import Job
 from seesaw.frontend.protocol import (
     BUSY,
@@ -60,18 +61,17 @@ class _Call:
     is_gone: bool = False  # its client left: the result is dropped
 
 
-class Server:
+class Server(FrontDoor):
     """Start with `await server.start()` once the engine is ready; `drain()` then `close()` to stop."""
 
     def __init__(self, engine: Engine, config: ServeConfig, defaults: SamplingDefaults, model_name: str):
+        super().__init__()
         self.engine = engine
         self.config = config
         self.defaults = defaults  # for what a request body leaves out
         self.model_name = model_name
         self.book = StatsBook(time.monotonic())
         self.is_draining = False
-        self.failure: str | None = None  # set (with `failed`) if the server itself cannot go on
-        self.failed = asyncio.Event()
         self.counts = self.book.counts
         self.latest_stats: DaemonStats | None = None  # the last stats built, for the Prometheus endpoint
         self._calls: dict[str, _Call] = {}  # by the engine's request id (each choice's)
@@ -109,13 +109,7 @@ class Server:
                        loop.create_task(self._serve_engine(), name="server-engine"),
                        loop.create_task(self._flush_backlogs(), name="server-backlogs")]
         for task in self._tasks:
-            task.add_done_callback(self._on_task_done)
-
-    def _on_task_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = f"{task.get_name()} failed: {task.exception()!r}"
-            log.error("the server cannot go on: %s", self.failure)
-            self.failed.set()
+            self.watch(task)
 
     async def drain(self, timeout_s: float, reason: str | None = None, code: str = SHUTTING_DOWN) -> int:
         """Take nothing new; wait up to `timeout_s` for the requests and jobs in flight, then fail
