@@ -141,6 +141,7 @@ async def _load(address: str, requests: list[dict], num_clients: int) -> dict:
 
 def run_http(args, requests: list[dict], folder: Path, stream: bool) -> dict:
     server = subprocess.Popen([CLI, "serve", "--http", "127.0.0.1:0", "--data-dir", str(folder / "http-data"),
+                               "--max-streams", str(max(1, len(requests))),  # every request is sent at once
                                *engine_flags(args)], stderr=subprocess.PIPE, text=True)
     try:
         line = _wait_until_serving(server, START_TIMEOUT_S)
