@@ -102,19 +102,33 @@ def serve(
     max_frame_bytes: Annotated[int, typer.Option(help="larger client frames are dropped at the socket")] = MAX_FRAME_BYTES,
     drain_timeout: Annotated[float, typer.Option(help="on SIGTERM/SIGINT: seconds the requests in flight get to finish")] = 60.0,
     metrics_port: Annotated[Optional[int], typer.Option(help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics")] = None,
+    http: Annotated[Optional[str], typer.Option(help="serve the OpenAI HTTP API at HOST:PORT (then the ZeroMQ socket only if --bind is given too)")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option(help="an API key the HTTP API takes as a Bearer token (repeatable); required off loopback")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(help="a file of API keys, one a line")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="where the HTTP API keeps files and batches (default: ~/.local/share/seesaw)")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="larger HTTP request bodies get 413")] = MAX_FRAME_BYTES,
+    max_upload_bytes: Annotated[int, typer.Option(help="larger uploaded files get 413")] = 512 << 20,
+    max_batches: Annotated[int, typer.Option(help="batches running at once; past this creating one gets 429")] = 4,
+    max_streams: Annotated[int, typer.Option(help="streamed answers at once; past this they get 429")] = 256,
+    read_timeout: Annotated[float, typer.Option(help="seconds an HTTP body (an upload's too) may take to arrive, or stall, before 408")] = 30.0,
     verbose: VerboseOption = False,
 ) -> None:
-    """Load the model once and serve requests and batch jobs on a ZeroMQ socket until stopped."""
+    """Load the model once and serve requests and batch jobs until stopped: on a ZeroMQ socket, and
+    with --http the OpenAI HTTP API (chat, completions, files, batches) and a page to watch them."""
     _setup_logging(verbose)
     started = time.perf_counter()
     try:
         from seesaw.config import ServeConfig
         from seesaw.transport.curve import default_address
 
+        http_config = None
+        if http is not None:
+            http_config = _http_config(http, api_key or [], api_key_file, data_dir, max_body_bytes, max_upload_bytes,
+                                       max_batches, max_streams, read_timeout)
         serving = ServeConfig(
-            address=bind or default_address(), curve_secret_key=curve_secret_key, max_queued=max_queued,
-            max_jobs=max_jobs, max_frame_bytes=max_frame_bytes, drain_timeout_s=drain_timeout,
-            metrics_port=metrics_port,
+            address=bind or (default_address() if http is None else None), curve_secret_key=curve_secret_key,
+            max_queued=max_queued, max_jobs=max_jobs, max_frame_bytes=max_frame_bytes, drain_timeout_s=drain_timeout,
+            metrics_port=metrics_port, http=http_config,
         )
         if curve_secret_key is not None:
             from seesaw.transport.curve import read_secret
@@ -134,6 +148,24 @@ def serve(
     from seesaw.frontend.serve_job import run_server
 
     raise typer.Exit(_run(run_server(engine, serving, defaults, started)))
+
+
+def _http_config(address, keys, key_file, data_dir, max_body_bytes, max_upload_bytes, max_batches, max_streams,
+                 read_timeout):
+    """The HTTP API's configuration, its keys read (from the flags and the key file) and checked now."""
+    from seesaw.config import HttpConfig, default_data_dir, parse_host_port
+
+    keys = list(keys)
+    if key_file is not None:
+        keys += [line.strip() for line in key_file.read_text().splitlines() if line.strip()]
+        if not keys:
+            raise ValueError(f"--api-key-file {key_file} holds no key")
+    host, port = parse_host_port(address)
+    data_dir = data_dir or default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made is an error now, not after loading
+    return HttpConfig(host=host, port=port, data_dir=data_dir, api_keys=tuple(keys),
+                      max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes, max_batches=max_batches,
+                      max_streams=max_streams, read_timeout_s=read_timeout)
 
 
 def _job(input_path, output, errors, resume, overwrite, defaults, max_pending, grace_s, metrics_json, timeline):

@@ -41,6 +41,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SEESAW_CACHE_DIR", Path.home() / ".cache" / "seesaw"))
 
 
+def default_data_dir() -> Path:
+    """Where the HTTP API keeps files and batches: $XDG_DATA_HOME/seesaw or ~/.local/share/seesaw."""
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "seesaw"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = "default"
@@ -172,10 +177,49 @@ class TransportConfig:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
-    """The daemon's socket and its bounds (`seesaw-cli serve`)."""
+class HttpConfig:
+    """The OpenAI HTTP API's address, keys, data folder and bounds (`seesaw-cli serve --http`)."""
 
-    address: str  # ipc://PATH or tcp://HOST:PORT
+    host: str
+    port: int
+    data_dir: Path  # uploaded files, batches and their outputs
+    api_keys: tuple[str, ...] = ()  # Bearer tokens taken; none: no check (loopback only)
+    max_body_bytes: int = MAX_FRAME_BYTES  # a JSON request body
+    max_upload_bytes: int = 512 << 20  # one uploaded file
+    max_batches: int = 4  # batches running at once
+    max_streams: int = 256  # streamed requests open at once
+    max_batch_pending: int = 4096  # a batch's requests in the engine at once
+    read_timeout_s: float = 30.0  # for a request's body (an upload's included) to arrive whole
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"the --http port must be 0 to 65535, got {self.port}")
+        if not is_loopback(f"tcp://{self.host}:{self.port}") and not self.api_keys:
+            raise ValueError(f"--http {self.host}:{self.port} is reachable from other hosts: give --api-key "
+                             f"or --api-key-file, or bind a loopback address such as 127.0.0.1")
+        if any(not key or any(c.isspace() for c in key) for key in self.api_keys):
+            raise ValueError("an API key must be a non-empty string without spaces")
+        for name in ("max_body_bytes", "max_upload_bytes", "max_batches", "max_streams", "max_batch_pending"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s must be positive, got {self.read_timeout_s}")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) as a host and a port; ValueError names what is wrong."""
+    host, separator, port = text.rpartition(":")
+    if not separator or not host or not port.isdigit():
+        raise ValueError(f"--http must be HOST:PORT, got {text!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The daemon's front doors and their bounds (`seesaw-cli serve`): the ZeroMQ socket at
+    `address`, the HTTP API when `http` is given, or both."""
+
+    address: str | None  # ipc://PATH or tcp://HOST:PORT; None: no ZeroMQ socket
     curve_secret_key: Path | None = None  # needed for a tcp address off this host
     max_queued: int = 4096  # requests held at once before "busy"
     max_jobs: int = 16  # batch jobs at once before "busy"
@@ -189,11 +233,14 @@ class ServeConfig:
     job_stop_timeout_s: float = 5.0
     client_stall_s: float = 60.0  # a client whose held replies did not move for this long counts as gone
     metrics_port: int | None = None
+    http: HttpConfig | None = None
 
     def __post_init__(self) -> None:
-        if not self.address.startswith(("ipc://", "tcp://")):
+        if self.address is None and self.http is None:
+            raise ValueError("serve needs a ZeroMQ address (--bind) or an HTTP one (--http)")
+        if self.address is not None and not self.address.startswith(("ipc://", "tcp://")):
             raise ValueError(f"bind must be ipc://PATH or tcp://HOST:PORT, got {self.address!r}")
-        if not is_loopback(self.address) and self.curve_secret_key is None:
+        if self.address is not None and not is_loopback(self.address) and self.curve_secret_key is None:
             raise ValueError(f"{self.address} is reachable from other hosts: give --curve-secret-key "
                              f"(make a pair with `seesaw-cli keys DIR`), or bind a loopback or ipc address")
         for name in ("max_queued", "max_jobs", "max_job_pending", "max_frame_bytes", "high_water_mark",

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from seesaw.stats import KVUse
+from seesaw.stats import EngineStats, KVUse
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,42 @@ class DaemonStats:
     kv: KVUse
     jobs: JobCounts
     engine_failure: str | None
+
+
+OUTCOMES = ("done", "failed", "cancelled", "rejected", "busy")  # how a front door's requests were answered
+
+
+class StatsBook:
+    """A front door's books: its requests by outcome over its life, and the generation rate
+    between one stats reply and the next (on the caller's clock)."""
+
+    def __init__(self, now_s: float):
+        self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.started_s = now_s
+        self._last_rate = (now_s, 0, 0.0)  # (when, generated tokens, tokens/s)
+
+    def join(self, engine: EngineStats, now_s: float, queued: int, jobs_running: int,
+             running_jobs_counts: Iterable[dict[str, int]] = ()) -> DaemonStats:
+        """The stats reply: these counts (and those of jobs still running) joined with the engine's."""
+        generated = engine.totals.generated_tokens
+        when, before, rate = self._last_rate
+        if now_s - when >= 0.5:
+            rate = (generated - before) / (now_s - when)
+            self._last_rate = (now_s, generated, rate)
+        counts = dict(self.counts)
+        for job_counts in running_jobs_counts:
+            for name, count in job_counts.items():
+                counts[name] += count
+        return DaemonStats(
+            requests=DaemonRequests(**counts, running=engine.requests.running, waiting=engine.requests.waiting,
+                                    queued=queued),
+            tokens=TokenCounts(prompt=engine.totals.prompt_tokens, generated=generated,
+                               cached=engine.totals.cached_tokens),
+            tokens_per_s=rate,
+            uptime_s=now_s - self.started_s,
+            phases=engine.phases,
+            transitions=engine.run.num_transitions,
+            kv=engine.kv,
+            jobs=JobCounts(running=jobs_running),
+            engine_failure=engine.failure,
+        )

@@ -75,9 +75,7 @@ class Job:
     def counts(self, summary=None) -> dict[str, int]:
         """Lines answered so far: done (ran to their end), failed, and cancelled (stopped early,
         or given up on when the job ended)."""
-        summary = summary or self.runner.summary
-        return {"done": summary.num_ok - summary.num_cancelled, "failed": summary.num_failed,
-                "cancelled": summary.num_cancelled + summary.num_abandoned}
+        return (summary or self.runner.summary).outcomes()
 
     def status(self) -> dict:
         counts = self.counts()

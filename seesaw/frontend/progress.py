@@ -40,6 +40,12 @@ class BatchSummary:
     def num_done(self) -> int:
         return self.num_ok + self.num_failed
 
+    def outcomes(self) -> dict[str, int]:
+        """Lines answered so far, as a daemon counts its requests: done (ran to their end), failed,
+        and cancelled (stopped early, or given up on when the run ended)."""
+        return {"done": self.num_ok - self.num_cancelled, "failed": self.num_failed,
+                "cancelled": self.num_cancelled + self.num_abandoned}
+
     def lines(self) -> list[str]:
         if not self.is_finished:
             self.elapsed_s = time.perf_counter() - self.started

@@ -20,6 +20,7 @@ import zmq
 from seesaw.config import ServeConfig
 from seesaw.engine import Engine, EngineError
 from seesaw.frontend.batch_io import SamplingDefaults
+from seesaw.frontend.front_door import FrontDoor
 from seesaw.frontend.server import Server
 from seesaw.messages import ErrorCode
 from seesaw.transport.curve import ensure_socket_folder
@@ -58,19 +59,29 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    server, stop_metrics, lock = None, None, None
+    doors: list[FrontDoor] = []
+    stop_metrics, lock = None, None
     try:
         lock = _claim(config.address)
         await engine.start()
         gc.freeze()  # what start-up made (torch, the tokenizer, the actors) lives on: no collection need walk it
-        server = Server(engine, config, defaults, engine.model.name)
-        await server.start()
+        name = engine.model.name
+        if config.address is not None:
+            doors.append(Server(engine, config, defaults, name))
+            await doors[-1].start()
+            _echo(stream, f"serving {name} on {config.address} (ready in {time.perf_counter() - started:.1f} s)")
+        if config.http is not None:
+            from seesaw.frontend.http_server import HttpServer
+
+            doors.append(HttpServer(engine, config, defaults, name))
+            await doors[-1].start()
+            _echo(stream, f"serving {name} at http://{_url_host(config.http.host)}:{doors[-1].port} "
+                          f"(the OpenAI API; the page at /; ready in {time.perf_counter() - started:.1f} s)")
         if config.metrics_port is not None:
-            stop_metrics = _start_metrics(server, config.metrics_port, loop)
-        _echo(stream, f"serving {engine.model.name} on {config.address} (ready in {time.perf_counter() - started:.1f} s)")
+            stop_metrics = _start_metrics(doors[0], config.metrics_port, loop)
         if engine.pin_s:
             _echo(stream, f"pinned the host buffer and weight store for the GPUs in {engine.pin_s:.1f} s")
-        code = await _serve(engine, server, config, stopping, now, received, stream)
+        code = await _serve(engine, doors, config, stopping, now, received, stream)
     except asyncio.CancelledError:
         if not received:
             raise
@@ -82,8 +93,8 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
         try:
             if stop_metrics is not None:
                 stop_metrics()
-            if server is not None:
-                await server.close()
+            for door in doors:
+                await door.close()
             await engine.close()
         finally:
             _release(config.address, lock)
@@ -93,43 +104,51 @@ async def run_server(engine: Engine, config: ServeConfig, defaults: SamplingDefa
     return code
 
 
-async def _serve(engine: Engine, server: Server, config: ServeConfig, stopping: asyncio.Event,
+async def _serve(engine: Engine, doors: list[FrontDoor], config: ServeConfig, stopping: asyncio.Event,
                  now: asyncio.Event, received: list[int], stream: TextIO) -> int:
-    waiters = [asyncio.ensure_future(event.wait()) for event in (stopping, engine.failed, server.failed)]
+    waiters = [asyncio.ensure_future(event.wait())
+               for event in (stopping, engine.failed, *(door.failed for door in doors))]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for waiter in waiters:
         waiter.cancel()
-    if server.failure is not None:
-        _echo(stream, f"error: {server.failure}")
-        await server.abandon(f"the server failed: {server.failure}")
+    failure = next((door.failure for door in doors if door.failure is not None), None)
+    if failure is not None:
+        _echo(stream, f"error: {failure}")
+        await asyncio.gather(*(door.abandon(f"the server failed: {failure}") for door in doors))
         return EXIT_FAILED
     if engine.failure is not None:
         # The RequestQueue answers every request with the failure; let those replies go out
         # (and answer any it could not, if the failure was its own).
         _echo(stream, f"error: {engine.failure}")
-        await server.drain(2.0, engine.failure, ErrorCode.ENGINE_FAILED)
+        await asyncio.gather(*(door.drain(2.0, engine.failure, ErrorCode.ENGINE_FAILED) for door in doors))
         return EXIT_FAILED
-    drain = asyncio.ensure_future(server.drain(config.drain_timeout_s))
+    drain = asyncio.ensure_future(asyncio.gather(*(door.drain(config.drain_timeout_s) for door in doors)))
     cut = asyncio.ensure_future(now.wait())
     await asyncio.wait([drain, cut], return_when=asyncio.FIRST_COMPLETED)
     cut.cancel()
     if drain.done():
-        failed = drain.result()
+        failed = sum(drain.result())
         if failed:
             _echo(stream, f"{failed} requests or jobs did not finish within --drain-timeout and were failed")
         return EXIT_OK
     drain.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await drain
-    await server.abandon("the server was stopped at once (a second signal)")
+    await asyncio.gather(*(door.abandon("the server was stopped at once (a second signal)") for door in doors))
     return 128 + received[-1]  # the signal that cut the drain short
 
 
-def _start_metrics(server: Server, port: int, loop: asyncio.AbstractEventLoop):
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _start_metrics(server: FrontDoor, port: int, loop: asyncio.AbstractEventLoop):
+    """Serve `server`'s stats on the metrics port (the HTTP front door keeps them fresh itself)."""
     from seesaw.frontend.prometheus import serve_metrics
 
     stop_http = serve_metrics(port, lambda: server.latest_stats)
-    refresh = loop.create_task(server.refresh_stats(interval_s=1.0))
+    refresh = loop.create_task(server.refresh_stats(interval_s=1.0) if isinstance(server, Server)
+                               else asyncio.sleep(0))
 
     def stop() -> None:
         refresh.cancel()
@@ -138,10 +157,10 @@ def _start_metrics(server: Server, port: int, loop: asyncio.AbstractEventLoop):
     return stop
 
 
-def _claim(address: str) -> int | None:
+def _claim(address: str | None) -> int | None:
     """For an ipc address: make its folder, take its lock (refusing if a live server holds it) and
-    remove a socket file a dead server left. The lock's descriptor, or None for tcp."""
-    if not address.startswith("ipc://"):
+    remove a socket file a dead server left. The lock's descriptor, or None for tcp (or no address)."""
+    if address is None or not address.startswith("ipc://"):
         return None
     ensure_socket_folder(address)
     path = Path(address.removeprefix("ipc://"))
@@ -155,7 +174,7 @@ def _claim(address: str) -> int | None:
     return fd
 
 
-def _release(address: str, lock: int | None) -> None:
+def _release(address: str | None, lock: int | None) -> None:
     if lock is None:
         return
     path = Path(address.removeprefix("ipc://"))

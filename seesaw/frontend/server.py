@@ -24,7 +24,8 @@ from seesaw.engine import Engine
 from seesaw.engine_client import EngineClient
 from seesaw.frontend.batch_io import BatchItem, SamplingDefaults
 from seesaw.frontend.choices import Choices, choice_samplings
-from seesaw.frontend.daemon_stats import DaemonRequests, DaemonStats, JobCounts, TokenCounts
+from seesaw.frontend.daemon_stats import DaemonStats, StatsBook
+from seesaw.frontend.front_door import FrontDoor
 from seesaw.frontend.jobs import Job
 from seesaw.frontend.protocol import (
     BUSY,
@@ -61,19 +62,18 @@ class _Call:
     is_gone: bool = False  # its client left: the result is dropped
 
 
-class Server:
+class Server(FrontDoor):
     """Start with `await server.start()` once the engine is ready; `drain()` then `close()` to stop."""
 
     def __init__(self, engine: Engine, config: ServeConfig, defaults: SamplingDefaults, model_name: str):
+        super().__init__()
         self.engine = engine
         self.config = config
         self.defaults = defaults  # for what a request body leaves out
         self.model_name = model_name
-        self.started_s = time.monotonic()
+        self.book = StatsBook(time.monotonic())
         self.is_draining = False
-        self.failure: str | None = None  # set (with `failed`) if the server itself cannot go on
-        self.failed = asyncio.Event()
-        self.counts = {"done": 0, "failed": 0, "cancelled": 0, "rejected": 0, "busy": 0}
+        self.counts = self.book.counts
         self.latest_stats: DaemonStats | None = None  # the last stats built, for the Prometheus endpoint
         self._calls: dict[str, _Call] = {}  # by the engine's request id (each choice's)
         self._request_ids: dict[tuple[bytes, str], set[str]] = {}  # (identity, the client's id) -> request ids
@@ -82,7 +82,6 @@ class Server:
         self._stats_waiters: dict[int, list[tuple[bytes, str]]] = {}
         self._next_jobs = itertools.count(1)
         self._query_ids = itertools.count()
-        self._last_rate = (time.monotonic(), 0, 0.0)  # (when, generated tokens, tokens/s) for the rate
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: list[asyncio.Task] = []
@@ -111,13 +110,7 @@ class Server:
                        loop.create_task(self._serve_engine(), name="server-engine"),
                        loop.create_task(self._flush_backlogs(), name="server-backlogs")]
         for task in self._tasks:
-            task.add_done_callback(self._on_task_done)
-
-    def _on_task_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = f"{task.get_name()} failed: {task.exception()!r}"
-            log.error("the server cannot go on: %s", self.failure)
-            self.failed.set()
+            self.watch(task)
 
     async def drain(self, timeout_s: float, reason: str | None = None, code: str = SHUTTING_DOWN) -> int:
         """Take nothing new; wait up to `timeout_s` for the requests and jobs in flight, then fail
@@ -361,28 +354,8 @@ class Server:
 
     def stats(self, engine: EngineStats) -> DaemonStats:
         """The stats reply: this server's counts joined with the engine's."""
-        now, generated = time.monotonic(), engine.totals.generated_tokens
-        when, before, rate = self._last_rate
-        if now - when >= 0.5:
-            rate = (generated - before) / (now - when)
-            self._last_rate = (now, generated, rate)
-        counts = dict(self.counts)
-        for job in self._jobs.values():  # and those of jobs still running, as they go
-            for name, count in job.counts().items():
-                counts[name] += count
-        return DaemonStats(
-            requests=DaemonRequests(**counts, running=engine.requests.running, waiting=engine.requests.waiting,
-                                    queued=len(self._calls)),
-            tokens=TokenCounts(prompt=engine.totals.prompt_tokens, generated=generated,
-                               cached=engine.totals.cached_tokens),
-            tokens_per_s=rate,
-            uptime_s=now - self.started_s,
-            phases=engine.phases,
-            transitions=engine.run.num_transitions,
-            kv=engine.kv,
-            jobs=JobCounts(running=len(self._jobs)),
-            engine_failure=engine.failure,
-        )
+        return self.book.join(engine, time.monotonic(), queued=len(self._calls), jobs_running=len(self._jobs),
+                              running_jobs_counts=[job.counts() for job in self._jobs.values()])
 
     # ------------------------------------------------------------ to clients
 
