@@ -109,6 +109,55 @@ async def test_a_streamed_completion_without_include_usage_sends_no_usage(server
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}}}]
+PERSON = {"type": "json_schema", "json_schema": {"name": "person", "schema": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+    "required": ["name", "age"]}}}
+
+
+async def test_logprobs_schemas_and_tool_calls_through_the_client_plain_and_streamed(server):
+    """Each extra field through the openai package, answered whole and streamed: a streamed
+    choice's log-probabilities and tool call come whole in its finishing chunk."""
+    client = _client(server)
+    asks = {"logprobs": {"logprobs": True, "top_logprobs": 3},
+            "schema": {"response_format": PERSON},
+            "tool": {"tools": WEATHER, "tool_choice": "required"}}
+    for name, fields in asks.items():
+        whole = await client.chat.completions.create(model="default", messages=CHAT, max_tokens=40, temperature=0,
+                                                     **fields)
+        stream = await client.chat.completions.create(model="default", messages=CHAT, max_tokens=40, temperature=0,
+                                                      stream=True, **fields)
+        chunks = [chunk.choices[0] async for chunk in stream if chunk.choices]
+        message, closing = whole.choices[0].message, chunks[-1]
+        if name == "logprobs":
+            assert len(whole.choices[0].logprobs.content) == whole.usage.completion_tokens
+            streamed, answered = closing.logprobs.content, whole.choices[0].logprobs.content
+            assert [entry.token for entry in streamed] == [entry.token for entry in answered]
+            assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, answered))  # batched apart
+            assert all(len(entry.top_logprobs) == 3 for entry in closing.logprobs.content)
+        elif name == "schema":
+            person = orjson.loads(message.content)
+            assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+            assert "".join(chunk.delta.content or "" for chunk in chunks) == message.content
+        else:
+            (call,) = message.tool_calls
+            assert call.function.name == "get_weather" and "city" in orjson.loads(call.function.arguments)
+            assert whole.choices[0].finish_reason == closing.finish_reason == "tool_calls"
+            assert closing.delta.tool_calls[0].function.arguments == call.function.arguments
+            assert all(not chunk.delta.content for chunk in chunks)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be an integer from 0 to 20"):
+        await client.chat.completions.create(model="default", messages=CHAT, logprobs=True, top_logprobs=21)
+    with pytest.raises(openai.BadRequestError, match="the JSON schema does not compile"):
+        await client.chat.completions.create(model="default", messages=CHAT, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}})
+    echo = await client.completions.create(model="default", prompt="One two three", max_tokens=2, temperature=0,
+                                           logprobs=2, echo=True)
+    logprobs = echo.choices[0].logprobs
+    assert echo.choices[0].text.startswith("One two three") and logprobs.token_logprobs[0] is None
+    assert len(logprobs.tokens) == echo.usage.prompt_tokens + echo.usage.completion_tokens
+
+
 async def test_errors_arrive_as_the_openai_packages_exception_types(server, keyed):
     client = _client(server)
     with pytest.raises(openai.BadRequestError) as caught:

@@ -131,7 +131,7 @@ def parse_body(body: dict, kind: RequestKind, custom_id: str, defaults: Sampling
     seed in the body, the item samples with one derived from `custom_id` (or, without
     `derive_seed`, with none: a fresh random stream)."""
     for name in _UNSUPPORTED:
-        if body.get(name) not in (None, False, 0):
+        if body.get(name) not in (None, False, 0, 1 if name == "best_of" else 0):
             raise ValueError(f"{name} is not supported")
     for name in _CHAT_ONLY if kind != "chat" else _COMPLETION_ONLY:
         if body.get(name) not in (None, False):

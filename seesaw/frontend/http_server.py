@@ -206,7 +206,7 @@ class HttpServer(FrontDoor):
         try:
             if call.stream:
                 self._num_streams += 1
-                return await self._stream(request, submission, StreamChunks(kind, model, call.include_usage))
+                return await self._stream(request, submission, StreamChunks(item, model, call.include_usage))
             answer = await submission.future
             self._count(answer)
             self._check_abandoned()
@@ -238,10 +238,10 @@ class HttpServer(FrontDoor):
         start = chunks.start(len(submission.choices.request_ids))
         if start is not None:
             await response.write(sse(start))
-        if first is not None:
+        if first is not None and chunks.streams_text:
             await response.write(sse(chunks.text(*first)))
         async for index, text in texts:
-            if text:
+            if text and chunks.streams_text:
                 await response.write(sse(chunks.text(index, text)))
         try:
             answer = await submission.future

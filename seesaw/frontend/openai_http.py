@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from seesaw.frontend.batch_io import CHAT_URL, COMPLETION_URL, BatchItem, SamplingDefaults, parse_body
+from seesaw.frontend.batch_io import CHAT_URL, COMPLETION_URL, BatchItem, SamplingDefaults, parse_body, response_body
 from seesaw.messages import ErrorCode, RequestFinished, RequestKind
 
 ENDPOINTS = {CHAT_URL: RequestKind.CHAT, COMPLETION_URL: RequestKind.COMPLETION}
@@ -118,10 +118,14 @@ def _field_named(message: str, body: dict) -> str | None:
 
 class StreamChunks:
     """The chunks of one streamed answer: `chat.completion.chunk` or streamed `text_completion`
-    objects sharing one id, each choice's text as it grows, its finish, and the usage."""
+    objects sharing one id, each choice's text as it grows, its finish, and the usage. A choice's
+    log-probabilities come whole in its finishing chunk (a client joins them across chunks), and
+    a tool call, whose text is not streamed, comes whole there too."""
 
-    def __init__(self, kind: RequestKind, model: str, include_usage: bool):
-        self.kind, self.model, self.include_usage = kind, model, include_usage
+    def __init__(self, item: BatchItem, model: str, include_usage: bool):
+        kind = item.kind
+        self.item, self.kind, self.model, self.include_usage = item, kind, model, include_usage
+        self.streams_text = not (item.tools and item.tool_choice.makes_calls) and not item.echo
         is_chat = kind == RequestKind.CHAT
         self.id = f"{'chatcmpl' if is_chat else 'cmpl'}-{secrets.token_hex(12)}"
         self.object = "chat.completion.chunk" if is_chat else "text_completion"
@@ -152,15 +156,29 @@ class StreamChunks:
         return self._chunk([self._choice(index, text, None)])
 
     def finish(self, answer: list[RequestFinished]) -> list[dict]:
-        """The closing chunks: each choice's finish reason, then the usage if asked for."""
-        chunks = [self._chunk([self._choice(index, None, str(result.finish_reason))])
-                  for index, result in enumerate(answer)]
+        """The closing chunks: each choice's finish reason (with its log-probabilities, and its
+        text where it was not streamed), then the usage if asked for."""
+        whole = response_body(self.item, answer, self.model)["choices"]
+        chunks = [self._chunk([self._closing(index, choice)]) for index, choice in enumerate(whole)]
         if self.include_usage:
             prompt_tokens = answer[0].prompt_tokens
             completion_tokens = sum(result.completion_tokens for result in answer)
             chunks.append(self._chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                            "total_tokens": prompt_tokens + completion_tokens}))
         return chunks
+
+    def _closing(self, index: int, choice: dict) -> dict:
+        closing = self._choice(index, None, choice["finish_reason"])
+        closing["logprobs"] = choice["logprobs"]
+        if self.kind != RequestKind.CHAT:
+            closing["text"] = "" if self.streams_text else choice["text"]
+        elif not self.streams_text:
+            message = choice["message"]
+            closing["delta"] = {key: value for key, value in message.items() if key != "role" and value is not None}
+            if "tool_calls" in closing["delta"]:
+                closing["delta"]["tool_calls"] = [{"index": place, **call}
+                                                  for place, call in enumerate(message["tool_calls"])]
+        return closing
 
 
 def sse(data: dict | str) -> bytes:

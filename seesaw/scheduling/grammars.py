@@ -13,6 +13,8 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 
+import numpy as np
+
 from seesaw.model.logits import pack_mask
 from seesaw.sampling import Constraint
 
@@ -78,7 +80,7 @@ class Grammars:
         self._engine_tokenizer = None
         self._lock = threading.Lock()  # the engine's view of the tokenizer is made once, by the first compile
         self._matchers: dict[str, object] = {}
-        self._bitmask = None  # [1, words] int32, filled per row
+        self._bitmask = np.zeros(-(-vocab_size // 32), dtype=np.int32)  # filled per row
 
     def compile(self, constraint: Constraint):
         """A fresh matcher of the constraint's grammar; GrammarError names what is wrong."""
@@ -113,12 +115,9 @@ class Grammars:
 
     def mask(self, request_id: str) -> str:
         """The packed bitmask of the tokens the request may sample next."""
-        import llguidance.torch
-
-        if self._bitmask is None:
-            self._bitmask = llguidance.torch.allocate_token_bitmask(1, self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask(self._matchers[request_id], self._bitmask, 0)
-        return pack_mask(self._bitmask[0].numpy())
+        bitmask = self._bitmask
+        self._matchers[request_id].unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+        return pack_mask(bitmask)
 
     def forget(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)

@@ -364,6 +364,10 @@ class StaticScheduler:
         # In arrival order, those that may take a row (with several steps in flight, most may not);
         # an eviction below takes some of them out of `running`.
         ready = [state for state in self.running if state.num_in_flight < busy]
+        if overlaps and self._constrained_in_flight():
+            # Constrained requests decode in the same steps: one out of step with those in flight
+            # waits for them rather than splitting the batch in two halves taking turns.
+            ready = [state for state in ready if not state.sampling.is_constrained]
         rows, pool = plan.rows, self.pool
         for state in ready:
             if budget <= 0 or len(rows) >= max_rows:
@@ -393,6 +397,11 @@ class StaticScheduler:
             rows.append(self._row(state, num_new))
             budget -= num_new
         return budget
+
+    def _constrained_in_flight(self) -> bool:
+        """Whether a step in flight has a row of a constrained request (which waits for its token)."""
+        return any(row.sampling is not None and self.requests[row.request_id].sampling.is_constrained
+                   for rows in self._in_flight.values() for row in rows if row.request_id in self.requests)
 
     def _blocks_needed(self, state: RequestState, num_new: int) -> int:
         """Blocks a row of `num_new` more tokens needs beyond those the request holds."""
