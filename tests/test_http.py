@@ -219,20 +219,25 @@ async def test_files_and_a_batch_end_to_end(server):
     lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/completions",
               "body": {"prompt": prompt, "max_tokens": 6, "temperature": 0}} for i, prompt in enumerate(prompts)]
     lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/completions", "body": {"prompt": ""}})
+    lines.append({"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": "Hi"}]}})  # not this batch's endpoint
     data = "".join(orjson.dumps(line).decode() + "\n" for line in lines).encode()
     uploaded = await client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
     assert uploaded.bytes == len(data) and uploaded.purpose == "batch"
     assert (await client.files.content(uploaded.id)).content == data
     batch = await client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions",
                                         completion_window="24h", metadata={"run": "e2e"})
-    assert batch.status == "in_progress" and batch.request_counts.total == 4
+    assert batch.status == "in_progress" and batch.request_counts.total == 5
     batch = await _finished(client, batch.id)
     assert batch.status == "completed" and batch.metadata == {"run": "e2e"}
-    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 1)
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 2)
     output = [orjson.loads(line) for line in (await client.files.content(batch.output_file_id)).content.splitlines()]
     errors = [orjson.loads(line) for line in (await client.files.content(batch.error_file_id)).content.splitlines()]
     assert sorted(line["custom_id"] for line in output) == ["q0", "q1", "q2"]
-    assert [line["custom_id"] for line in errors] == ["bad"] and errors[0]["response"]["status_code"] == 400
+    assert sorted(line["custom_id"] for line in errors) == ["bad", "chat"]
+    assert all(line["response"]["status_code"] == 400 for line in errors)
+    assert "this batch's endpoint takes completion requests" in [e for e in errors if e["custom_id"] == "chat"][0][
+        "error"]["message"]
     # Each greedy line reads as the same request sent on its own.
     for line in output:
         alone = await client.completions.create(model="default", prompt=prompts[int(line["custom_id"][1])],

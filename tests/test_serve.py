@@ -242,6 +242,49 @@ async def test_a_batch_job_streams_its_lines_and_reports_them(address, tmp_path)
     assert (after["done"] - before["done"], after["failed"] - before["failed"]) == (6, 1)  # the server counts them
 
 
+SCHEMA = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 10}}, "required": ["word"]}
+
+
+async def test_output_fields_through_the_socket_and_a_batch_job(address):
+    """Log-probabilities, echo, a schema and a tool call answered on the socket and as batch lines
+    (the batch runner the CLI uses), each a valid OpenAI object; a bad schema is a line's 400."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    tools = [{"type": "function", "function": {"name": "say", "parameters": SCHEMA}}]
+    chat = {"messages": [{"role": "user", "content": "Say a word."}], "max_tokens": 24, "temperature": 0}
+    bodies = {"lp": ("chat", {**chat, "logprobs": True, "top_logprobs": 2}),
+              "schema": ("chat", {**chat, "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}),
+              "tool": ("chat", {**chat, "tools": tools, "tool_choice": {"type": "function", "function": {"name": "say"}}}),
+              "echo": ("completions", body(1, logprobs=1, echo=True))}
+    async with AsyncClient(address, timeout_s=120) as client:
+        answers = {name: await client.complete(body_, endpoint)
+                   for name, (endpoint, body_) in bodies.items()}
+        urls = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+        lines = [orjson.dumps({"custom_id": name, "url": urls[endpoint], "body": body_}).decode()
+                 for name, (endpoint, body_) in bodies.items()]
+        lines.append(orjson.dumps({"custom_id": "bad", "url": "/v1/chat/completions", "body": {
+            **chat, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}}}).decode())
+        out = {line["custom_id"]: line async for line in client.run_job(lines=lines)}
+    for name, answer in answers.items():
+        batch_answer = out[name]["response"]["body"]
+        for response in (answer, batch_answer):
+            parsed = ChatCompletion.model_validate(response) if name != "echo" else None
+            if name == "lp":
+                assert len(parsed.choices[0].logprobs.content) == parsed.usage.completion_tokens
+            elif name == "schema":
+                assert set(orjson.loads(parsed.choices[0].message.content)) == {"word"}
+            elif name == "tool":
+                assert "word" in orjson.loads(parsed.choices[0].message.tool_calls[0].function.arguments)
+            else:
+                logprobs = response["choices"][0]["logprobs"]
+                assert logprobs["token_logprobs"][0] is None and len(logprobs["tokens"]) == (
+                    response["usage"]["prompt_tokens"] + 4)
+                assert Completion.model_validate({**response, "choices": []}).usage.completion_tokens == 4
+    assert out["bad"]["response"]["status_code"] == 400
+    assert "the JSON schema does not compile: Invalid type: strin" in out["bad"]["error"]["message"]
+
+
 async def test_a_cancelled_jobs_lines_count_as_cancelled_not_done(address):
     lines = [orjson.dumps({"custom_id": f"c{i}", "url": "/v1/completions", "body": body(i, max_tokens=600)}).decode()
              for i in range(3)]

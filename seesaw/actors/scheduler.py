@@ -268,9 +268,10 @@ class Scheduler(Actor):
 
     def _mask(self, rows) -> None:
         """Each sampling row of a constrained request carries the tokens its grammar allows next."""
-        for row in rows:
-            if row.sampling is not None and row.request_id in self.grammars:
-                row.sampling.allowed = self.grammars.mask(row.request_id)
+        constrained = [row for row in rows if row.sampling is not None and row.request_id in self.grammars]
+        if constrained:
+            for row, mask in zip(constrained, self.grammars.masks([row.request_id for row in constrained])):
+                row.sampling.allowed = mask
 
     def _start_reshard(self, replica: int, layout: Layout, index: int) -> None:
         log.info("replica %d: re-sharding to %s (transition %d)", replica, layout, index)

@@ -27,7 +27,7 @@ from seesaw.frontend.choices import Choices, choice_samplings
 from seesaw.frontend.output import KeySet, ResultSink, id_key
 from seesaw.frontend.prefix_order import PrefixOrder, prompt_key
 from seesaw.frontend.progress import BatchSummary, Progress, Snapshot
-from seesaw.messages import ErrorCode, RequestFinished, StatsReport
+from seesaw.messages import ErrorCode, RequestFinished, RequestKind, StatsReport
 from seesaw.step import FinishReason
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class BatchRunner:
 
     def __init__(self, engine: Engine, defaults: SamplingDefaults, model_name: str, max_pending: int,
                  sink: ResultSink, finished: KeySet | None = None, progress: Progress | None = None,
-                 name: str = "batch", window: int = 1):
+                 name: str = "batch", window: int = 1, kind: RequestKind | None = None):
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
         self.engine = engine
@@ -60,6 +60,7 @@ class BatchRunner:
         self.finished = finished if finished is not None else KeySet()  # keys of custom_ids already answered
         self.progress = progress
         self.name = name
+        self.kind = kind  # every line's endpoint, where the job names one (an OpenAI batch's)
         self.summary = BatchSummary()
         self.pending: dict[str, _Line] = {}  # by request id: every choice of a line in the engine
         self._order: PrefixOrder[BatchItem] = PrefixOrder(window)  # lines read, not yet submitted
@@ -167,6 +168,8 @@ class BatchRunner:
                                                       f"each request needs its own", code=DUPLICATE_CODE)
             return
         self._seen.add(key)
+        if item is not None and self.kind is not None and item.kind != self.kind:
+            item, problem = None, f"the line asks for {item.kind} but this batch's endpoint takes {self.kind} requests"
         if item is None:
             self._write_error(custom_id, line_number, problem)
             return

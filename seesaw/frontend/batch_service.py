@@ -142,7 +142,7 @@ class BatchService:
         sink = ResultSink(output, errors, append=True)
         pending = self.config.max_batch_pending
         runner = BatchRunner(self.engine, self.defaults, self.model_name, pending, sink, finished,
-                             name=record["id"], window=pending)
+                             name=record["id"], window=pending, kind=ENDPOINTS[record["endpoint"]])
         if record["status"] in ("validating", "finalizing"):
             record = self.batches.move(record, "in_progress")
         run = _Run(record, runner, sink, *counts, is_cancelled=record["status"] == "cancelling")

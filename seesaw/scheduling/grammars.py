@@ -80,7 +80,7 @@ class Grammars:
         self._engine_tokenizer = None
         self._lock = threading.Lock()  # the engine's view of the tokenizer is made once, by the first compile
         self._matchers: dict[str, object] = {}
-        self._bitmask = np.zeros(-(-vocab_size // 32), dtype=np.int32)  # filled per row
+        self._executor = None  # fills a step's masks on threads of its own
 
     def compile(self, constraint: Constraint):
         """A fresh matcher of the constraint's grammar; GrammarError names what is wrong."""
@@ -113,11 +113,17 @@ class Grammars:
             return True
         return all(matcher.consume_token(token) for token in token_ids)
 
-    def mask(self, request_id: str) -> str:
-        """The packed bitmask of the tokens the request may sample next."""
-        bitmask = self._bitmask
-        self._matchers[request_id].unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
-        return pack_mask(bitmask)
+    def masks(self, request_ids: list[str]) -> list[str]:
+        """The packed bitmasks of the tokens each request may sample next (filled in parallel)."""
+        import llguidance
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=2)
+        width = -(-self.vocab_size // 32)
+        bitmask = np.zeros((len(request_ids), width), dtype=np.int32)
+        matchers = [(self._matchers[request_id], row) for row, request_id in enumerate(request_ids)]
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.ctypes.data, width * 4, len(request_ids))
+        return [pack_mask(row) for row in bitmask]
 
     def forget(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
