@@ -3,6 +3,7 @@ the step, the messages that carry it and the model that runs it (pure, no torch)
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -135,3 +136,8 @@ def step_shape(rows: Iterable[StepRow]) -> StepShape:
         else:
             pairs += new * start + new * (new + 1) // 2
     return StepShape(num_tokens, num_rows, sampled, context, pairs, decode)
+
+
+def pack_mask(words) -> str:
+    """A bitmask of int32 words (bit t % 32 of word t // 32 allows token t) as a row carries it."""
+    return base64.b64encode(memoryview(words).cast("B")).decode("ascii")

@@ -8,11 +8,11 @@ import random
 import numpy as np
 import torch
 
-from seesaw.model.logits import adjusted_logits, pack_mask, token_logprobs, unpack_masks
+from seesaw.model.logits import adjusted_logits, token_logprobs, unpack_masks
 from seesaw.model.sampler import Sampler
 from seesaw.runtime.token_counts import TokenCounts
 from seesaw.sampling import SamplingParams
-from seesaw.step import StepRow
+from seesaw.step import StepRow, pack_mask
 
 VOCAB = 40
 CPU = torch.device("cpu")

@@ -78,11 +78,6 @@ def _penalise(out: torch.Tensor, rows: list[RowSampling], places: list[int], his
     out.index_copy_(0, index, part)
 
 
-def pack_mask(words) -> str:
-    """A bitmask of int32 words (bit t % 32 of word t // 32 allows token t) as a row carries it."""
-    return base64.b64encode(memoryview(words).cast("B")).decode("ascii")
-
-
 def unpack_masks(packed: list[str], vocab_size: int, upload: Upload) -> torch.Tensor:
     """[rows, vocab] bool on the device: which tokens each packed bitmask allows (tokens past its
     words are not allowed). Unpacked on the host, where numpy does it in one pass."""

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seesaw.model.attention import DECODE_LINES, PREFILL_LINES, AttentionTiles, tile_tokens
+from seesaw.model.attention import PREFILL_LINES, AttentionTiles, tile_tokens
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 16

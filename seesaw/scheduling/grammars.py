@@ -15,8 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from seesaw.model.logits import pack_mask
 from seesaw.sampling import Constraint
+from seesaw.step import pack_mask
 
 _WHAT = {"json_schema": "the JSON schema", "json_object": "the JSON grammar", "regex": "the regex",
          "choice": "the choices", "grammar": "the grammar"}
