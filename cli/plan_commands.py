@@ -14,7 +14,7 @@ import typer
 from .engine_options import EngineOptions, engine_flags
 
 ProfilesOption = Annotated[Optional[list[Path]], typer.Option(
-    "--profiles", help="extra profile files (JSON with gpus, links or models); calibrated ones are read too")]
+    "--profiles", help="extra profile files (JSON with gpus, links, node_links or models); calibrated ones are read too")]
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +39,7 @@ def plan(
     host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: auto, as the engine sizes it: what /dev/shm and memory leave, at most the workload's KV)")] = None,
     shm_gb: Annotated[Optional[float], typer.Option(help="the size of /dev/shm on the node in GiB (default: half its host memory, as Linux mounts it)")] = None,
     all_reduce_gbs: Annotated[Optional[str], typer.Option(help="ring all-reduce bus bandwidth by group size, SIZE=GB/s,... (for example 2=10,4=8,8=3.2; default: the link's measured figures, else its copy bandwidth)")] = None,
-    nodes: Annotated[int, typer.Option(help="identical nodes of --gpus to plan for: copies of a node's layouts and pairs, one a node, and static layouts with pipeline stages across nodes")] = 1,
+    nodes: Annotated[int, typer.Option(help="identical nodes of --gpus to plan for: one engine over them (a node's layout on each, or pipeline stages across nodes) and a node's pairs as copies, one engine a node")] = 1,
     node_link: Annotated[Optional[str], typer.Option(help="the link between nodes: eth25g, eth100g, ib200g, ib400g (default with --nodes: eth100g)")] = None,
     profiles: ProfilesOption = None,
     jobs: Annotated[int, typer.Option(help="simulations run at once (processes)")] = max(1, os.cpu_count() or 1),
