@@ -14,7 +14,7 @@ import typer
 from .engine_options import EngineOptions, engine_flags
 
 ProfilesOption = Annotated[Optional[list[Path]], typer.Option(
-    "--profiles", help="extra profile files (JSON with gpus, links or models); calibrated ones are read too")]
+    "--profiles", help="extra profile files (JSON with gpus, links, node_links or models); calibrated ones are read too")]
 
 
 def register(app: typer.Typer) -> None:
@@ -39,16 +39,19 @@ def plan(
     host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: auto, as the engine sizes it: what /dev/shm and memory leave, at most the workload's KV)")] = None,
     shm_gb: Annotated[Optional[float], typer.Option(help="the size of /dev/shm on the node in GiB (default: half its host memory, as Linux mounts it)")] = None,
     all_reduce_gbs: Annotated[Optional[str], typer.Option(help="ring all-reduce bus bandwidth by group size, SIZE=GB/s,... (for example 2=10,4=8,8=3.2; default: the link's measured figures, else its copy bandwidth)")] = None,
+    nodes: Annotated[int, typer.Option(help="identical nodes of --gpus to plan for: one engine over them (a node's layout on each, or pipeline stages across nodes) and a node's pairs as copies, one engine a node")] = 1,
+    node_link: Annotated[Optional[str], typer.Option(help="the link between nodes: eth25g, eth100g, ib200g, ib400g (default with --nodes: eth100g)")] = None,
     profiles: ProfilesOption = None,
     jobs: Annotated[int, typer.Option(help="simulations run at once (processes)")] = max(1, os.cpu_count() or 1),
     top: Annotated[int, typer.Option(help="rows of the ranking to print (0: all)")] = 0,
     output_json: Annotated[Optional[Path], typer.Option(help="write the ranking as JSON")] = None,
     timeline: Annotated[Optional[Path], typer.Option(help="draw the simulated run of the best pair (or, with none, the best layout) into this PNG (needs matplotlib)")] = None,
 ) -> None:
-    """Rank every static layout and every prefill->decode pair of a node by simulated throughput."""
+    """Rank every static layout and every prefill->decode pair of a node (or of --nodes identical
+    nodes) by simulated throughput."""
     from seesaw.frontend.output import check_folder
     from seesaw.sim import planner
-    from seesaw.sim.catalog import parse_all_reduce, with_all_reduce
+    from seesaw.sim.catalog import DEFAULT_NODE_LINK, parse_all_reduce, with_all_reduce
     from seesaw.sim.cost import CostModel
 
     try:
@@ -64,19 +67,25 @@ def plan(
             check_timeline_support()
         for flag, value, lowest in (("--max-num-batched-tokens", max_num_batched_tokens, 1),
                                     ("--max-num-seqs", max_num_seqs, 1), ("--jobs", jobs, 1),
-                                    ("--host-buffer-gb", host_buffer_gb, 0)):
+                                    ("--host-buffer-gb", host_buffer_gb, 0), ("--nodes", nodes, 1)):
             if value is not None and value < lowest:
                 raise ValueError(f"{flag} must be at least {lowest}, got {value}")
+        if node_link is not None and nodes == 1:
+            raise ValueError(f"--node-link {node_link} joins nodes: give --nodes 2 or more with it")
+        link = catalog.node_link(node_link or DEFAULT_NODE_LINK) if nodes > 1 else None
         options = planner.PlanOptions(token_budget=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      host_buffer_gb=host_buffer_gb)
+                                      host_buffer_gb=host_buffer_gb, num_nodes=nodes)
         check_folder("--output-json", output_json)
         check_folder("--timeline", timeline)
     except ValueError as error:
         _fail(str(error))
-    cost = CostModel(spec, node)
+    cost = CostModel(spec, node, link)
     typer.echo(f"node: {node}, host memory {node.host_memory_gb:.0f} GiB; model {model} "
                f"({cost.model_bytes / node.gpu.dtype_bytes / 1e9:.1f}B parameters at {node.gpu.dtype_bytes} bytes)")
-    typer.echo(f"workload: {requests.describe()}")
+    if link is not None:
+        typer.echo(f"nodes: {nodes} of them, joined by {link.name} ({link.bandwidth_gbs:g} GB/s one way per node, "
+                   f"{link.latency_us:g} us); tokens/s below are the whole cluster's")
+    typer.echo(f"workload: {requests.describe()}{f', dealt to the {nodes} nodes' if nodes > 1 else ''}")
     typer.echo(f"host KV buffer: {_buffers(planner, cost, options, requests)}")
     try:
         ranked = planner.plan(cost, requests, options, jobs=jobs)
@@ -93,23 +102,33 @@ def plan(
     typer.echo(choice.describe())
     winner = choice.best if options.host_buffer_gb is not None else planner.right_sized(cost, choice.best, requests)
     command = planner.batch_command(winner, model, node.gpu)
-    typer.echo(f"run the best:\n  {command}")
+    steps = planner.node_commands(winner, model, node.gpu, node.num_gpus) if nodes > 1 else []
+    if steps:
+        typer.echo(f"run the best on {nodes} nodes:")
+        for where, line in steps:
+            typer.echo(f"  {where}:\n    {line}")
+    else:
+        typer.echo(f"run the best:\n  {command}")
     notes = planner.host_memory_notes(winner, cost)
     for note in notes:
-        typer.echo(f"  note: {note}")
+        typer.echo(f"  note: {note}{' (on each node)' if winner.spec.copies > 1 else ''}")
     if output_json is not None:
         rows = [{"run": c.name, "error": c.error, "host_buffer_gb": c.spec.host_buffer_gb and round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]
         left_out = {"bad_lines": list(requests.left_out), "longer_than_context": refused}
-        output_json.write_text(json.dumps({"node": str(node), "model": model, "workload": requests.describe(),
-                                           "left_out": left_out, "best": winner.name, "command": command, "notes": notes,
-                                           "ranking": rows}, indent=2))
+        joined = None if link is None else {"name": link.name, "bandwidth_gbs": link.bandwidth_gbs,
+                                            "efficiency": link.efficiency, "latency_us": link.latency_us}
+        cluster = {"commands": [{"on": where, "run": line} for where, line in steps]} if steps else {}
+        output_json.write_text(json.dumps({"node": str(node), "nodes": nodes, "node_link": joined, "model": model,
+                                           "workload": requests.describe(), "left_out": left_out, "best": winner.name,
+                                           "command": command, **cluster, "notes": notes, "ranking": rows}, indent=2))
     if timeline is not None:
         from seesaw.frontend.report import draw_timeline
 
         drawn = pair or winner  # a node of one GPU has no pair: its best layout's run
         draw_timeline(timeline, drawn.result.metrics())
-        typer.echo(f"timeline of {drawn.name}{'' if pair else ' (no prefill->decode pair runs here)'}: {timeline}")
+        which = " (its slowest node's run)" if drawn.spec.copies > 1 else ""
+        typer.echo(f"timeline of {drawn.name}{which}{'' if pair else ' (no prefill->decode pair runs here)'}: {timeline}")
 
 
 def _buffers(planner, cost, options, requests) -> str:
@@ -117,16 +136,22 @@ def _buffers(planner, cost, options, requests) -> str:
     from seesaw.layout import Layout
     from seesaw.sim.simulator import RunSpec
 
-    count = cost.node.num_gpus
+    count, nodes = cost.node.num_gpus, options.num_nodes
     base = RunSpec(Layout(pp=count), host_buffer_gb=options.host_buffer_gb, block_size=options.block_size,
                    max_model_len=cost.spec.max_position)
-    runs = [("static layouts", base)]
+    if nodes > 1:
+        runs = [("static layouts over the nodes", replace(base, layout=Layout(pp=count * nodes), num_nodes=nodes))]
+        base = replace(base, copies=nodes)
+    else:
+        runs = [("static layouts", base)]
     if count > 1:  # one GPU has one layout: no pairs
-        runs.append(("pairs", replace(base, decode_layout=Layout(tp=count))))
+        runs.append(("pairs" if nodes == 1 else "pairs on each node", replace(base, decode_layout=Layout(tp=count))))
     parts = []
     for what, run in runs:
         try:
-            parts.append(f"{planner.host_buffer_for(cost, run, requests).gib:.1f} GiB for {what}")
+            sized = planner.host_buffer_for(cost, run, requests)
+            parts.append(f"{sized.gib:.1f} GiB for {what}" if sized.num_bytes or run.num_nodes == 1
+                         else f"none for {what} (workers on other nodes cannot reach the head's shared memory)")
         except ValueError as error:
             parts.append(f"none for {what} ({error})")
     how = "as given" if options.host_buffer_gb is not None else "auto, as the engine sizes it on such a node"
@@ -138,14 +163,16 @@ def _print_ranking(ranked, top: int) -> None:
 
     static = best(ranked, False)
     base = static.throughput if static else 0.0
-    typer.echo(f"{'rank':>4}  {'run':<12} {'time s':>9} {'tokens/s':>9} {'output/s':>9} {'vs static':>9} "
-               f"{'switches':>8} {'reload s':>8} {'host peak':>9}")
     runnable = [c for c in ranked if c.result is not None]
-    for rank, candidate in enumerate(runnable[: top or None], 1):
+    shown = runnable[: top or None]
+    width = max([12, *(len(c.name) for c in shown)])
+    typer.echo(f"{'rank':>4}  {'run':<{width}} {'time s':>9} {'tokens/s':>9} {'output/s':>9} {'vs static':>9} "
+               f"{'switches':>8} {'reload s':>8} {'host peak':>9}")
+    for rank, candidate in enumerate(shown, 1):
         r = candidate.result
         ratio = f"{candidate.throughput / base:.2f}x" if base else "-"
         failed = f"  ({r.num_failed} requests cannot fit)" if r.num_failed else ""
-        typer.echo(f"{rank:>4}  {candidate.name:<12} {r.elapsed_s:>9.1f} {r.total_tokens_per_s:>9.0f} "
+        typer.echo(f"{rank:>4}  {candidate.name:<{width}} {r.elapsed_s:>9.1f} {r.total_tokens_per_s:>9.0f} "
                    f"{r.output_tokens_per_s:>9.0f} {ratio:>9} {len(r.transitions):>8} {r.reload_s:>8.2f} "
                    f"{100 * r.host_peak_fraction:>8.0f}%{failed}")
     for candidate in ranked:

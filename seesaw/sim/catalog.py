@@ -77,8 +77,9 @@ class Gpu:
 
 @dataclass(frozen=True)
 class Link:
-    """A link: peak bandwidth one way per device, what bulk copies reach, and ring all-reduce
-    bus bandwidth by group size where it was measured."""
+    """A link: peak bandwidth one way per device (for a link between nodes, per node: its GPUs
+    share it), what bulk copies reach, and ring all-reduce bus bandwidth by group size where it
+    was measured."""
 
     name: str
     bandwidth_gbs: float
@@ -129,12 +130,17 @@ class Node:
         return f"{self.num_gpus}x{self.gpu.name} ({self.interconnect.name})"
 
 
+DEFAULT_NODE_LINK = "eth100g"
+
+
 class Catalog:
-    """Every known GPU, link and model, by name (case-insensitive)."""
+    """Every known GPU, link (inside a node), node link (between nodes) and model, by name
+    (case-insensitive)."""
 
     def __init__(self, extra_files: list[Path] | tuple[Path, ...] = ()):
         self.gpus: dict[str, Gpu] = {}
         self.links: dict[str, Link] = {}
+        self.node_links: dict[str, Link] = {}
         self.models: dict[str, dict] = {name: dict(config) for name, config in PRESETS.items()}
         for name in ("gpus.json", "links.json", "models.json", "cpu.json"):
             text = resources.files("seesaw.sim").joinpath("profiles", name).read_text()
@@ -143,7 +149,7 @@ class Catalog:
             self.add_file(Path(path))
 
     def add_file(self, path: Path) -> None:
-        """Merge a profile file (any of the sections gpus, links, models); later entries win."""
+        """Merge a profile file (any of the sections gpus, links, node_links, models); later entries win."""
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -155,7 +161,7 @@ class Catalog:
     def add(self, data: dict, where: str) -> None:
         """Merge profile entries given as a dict (as a profile file holds them); later entries win."""
         if not isinstance(data, dict):
-            raise ValueError(f"{where}: a profile file is a JSON object with gpus, links or models")
+            raise ValueError(f"{where}: a profile file is a JSON object with gpus, links, node_links or models")
         for name, entry in data.get("gpus", {}).items():
             self.gpus[name.lower()] = _build(Gpu, name, entry, f"{where}: gpu {name!r}")
         for name, entry in data.get("links", {}).items():
@@ -163,6 +169,11 @@ class Catalog:
             if entry.get("all_reduce_gbs"):
                 entry["all_reduce_gbs"] = _ring_figures(entry["all_reduce_gbs"], f"{where}: link {name!r}")
             self.links[name.lower()] = _build(Link, name, entry, f"{where}: link {name!r}")
+        for name, entry in data.get("node_links", {}).items():
+            if isinstance(entry, dict) and "all_reduce_gbs" in entry:
+                raise ValueError(f"{where}: node link {name!r}: all_reduce_gbs is for links inside a node "
+                                 "(tensor parallelism never spans nodes)")
+            self.node_links[name.lower()] = _build(Link, name, entry, f"{where}: node link {name!r}")
         for name, entry in data.get("models", {}).items():
             config = {key: value for key, value in entry.items() if key != "source"}
             ModelSpec.from_hf_config(config, f"{where}: model {name!r}")  # fail here, naming the file
@@ -184,6 +195,13 @@ class Catalog:
         found = self.links.get(key)
         if found is None:
             raise ValueError(f"unknown interconnect {name!r}; known: {', '.join(sorted(self.links))}, nvlink")
+        return found
+
+    def node_link(self, name: str) -> Link:
+        """A link between nodes by name (`eth100g`, `ib200g`, ...)."""
+        found = self.node_links.get(name.lower())
+        if found is None:
+            raise ValueError(f"unknown node link {name!r}; known: {', '.join(sorted(self.node_links))}")
         return found
 
     def model(self, name: str) -> ModelSpec:

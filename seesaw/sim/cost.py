@@ -11,10 +11,17 @@ from seesaw.kv.host_sizing import HostBufferPlan, NodeMemory
 from seesaw.kv.host_sizing import auto_host_buffer as auto_sized
 from seesaw.layout import Layout, Shard, shard_for, validate
 from seesaw.model.spec import ModelSpec
-from seesaw.sim.catalog import GB, Node
+from seesaw.sim.catalog import GB, Link, Node
 from seesaw.step import StepShape, step_shape
 
 GIB = 1 << 30
+# A step's messages between the head and workers on other nodes, as the engine's codec writes them
+# (orjson, measured): each row of a RunStep with its sampling, each new token's id (with its share of
+# new block ids), and each token a StepDone brings back, beside the message's own fields.
+ROW_BYTES = 300
+TOKEN_BYTES = 7
+SAMPLED_BYTES = 7
+MESSAGE_BYTES = 100
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,13 @@ def _layers_and_head_s(rates: StageRates, shape: StepShape) -> tuple[float, floa
 
 
 class CostModel:
-    """Seconds for the work of one model under its layouts on one node."""
+    """Seconds for the work of one model under its layouts on one node, or on identical nodes
+    joined by `node_link`."""
 
-    def __init__(self, spec: ModelSpec, node: Node):
+    def __init__(self, spec: ModelSpec, node: Node, node_link: Link | None = None):
         self.spec = spec
         self.node = node
+        self.node_link = node_link
         self.gpu = node.gpu
         self.dtype_bytes = node.gpu.dtype_bytes
         self._shards: dict[tuple[Layout, int], Shard] = {}
@@ -227,6 +236,29 @@ class CostModel:
     def send_s(self, shape: StepShape) -> float:
         """Handing a step's activations to the next pipeline stage."""
         return shape.num_tokens * self._token_bytes / self._send_bandwidth + self._send_latency_s
+
+    def node_send_s(self, shape: StepShape, tp: int) -> float:
+        """Handing a step's activations to the next pipeline stage on another node: each of the
+        stage's `tp` workers sends its own copy to its peer, and they share the node link."""
+        link = self._node_link()
+        return tp * shape.num_tokens * self._token_bytes / link.copy_bandwidth + link.latency_s
+
+    def head_to_node_s(self, shape: StepShape, num_workers: int) -> float:
+        """A step's command reaching `num_workers` workers on other nodes: the head sends each its
+        own copy, over its node link."""
+        link = self._node_link()
+        num_bytes = MESSAGE_BYTES + ROW_BYTES * shape.num_rows + TOKEN_BYTES * shape.num_tokens
+        return num_workers * num_bytes / link.copy_bandwidth + link.latency_s
+
+    def node_to_head_s(self, shape: StepShape) -> float:
+        """A step's sampled tokens reaching the head from a last stage on another node."""
+        link = self._node_link()
+        return (MESSAGE_BYTES + SAMPLED_BYTES * shape.num_sampled) / link.copy_bandwidth + link.latency_s
+
+    def _node_link(self) -> Link:
+        if self.node_link is None:
+            raise ValueError("a run over several nodes needs the link between them (a node link)")
+        return self.node_link
 
     def all_reduce_s(self, num_bytes: int, group_size: int) -> float:
         """A ring all-reduce: each device sends and receives 2(n-1)/n of the bytes, in 2(n-1) hops."""

@@ -1,5 +1,6 @@
-"""The planner: simulate every static layout and every prefill -> decode pair a node can run, and
-rank them by predicted throughput (pure; runs simulations in worker processes when asked)."""
+"""The planner: simulate every static layout and every prefill -> decode pair a node (or several
+identical nodes) can run, and rank them by predicted throughput (pure; runs simulations in worker
+processes when asked)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from seesaw.layout import Layout, validate
 from seesaw.sim.catalog import Gpu
 from seesaw.sim.cost import GIB, CostModel, auto_host_buffer
 from seesaw.sim.simulator import RunSpec, SimResult, simulate
-from seesaw.sim.workload import Workload
+from seesaw.sim.workload import Workload, dealt
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class PlanOptions:
     include_pairs: bool = True
     max_model_len: int | None = None  # None: the model's context
     job_scale: float = 1.0  # the job is this many times the workload simulated (auto buffers are sized for it)
+    num_nodes: int = 1  # identical nodes, joined by the cost model's node link
 
     def scheduler(self, cost: CostModel) -> SchedulerConfig:
         return SchedulerConfig(max_num_batched_tokens=self.token_budget or cost.gpu.token_budget,
@@ -37,7 +39,7 @@ class PlanOptions:
                                prefill_min_fill=self.prefill_min_fill, prefill_max_wait_s=self.prefill_max_wait_s)
 
     def __post_init__(self) -> None:
-        for name in ("token_budget", "max_num_seqs", "block_size"):
+        for name in ("token_budget", "max_num_seqs", "block_size", "num_nodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -83,28 +85,44 @@ def layouts_of(num_gpus: int, cost: CostModel) -> list[Layout]:
 
 def candidates(cost: CostModel, options: PlanOptions) -> list[RunSpec]:
     """Static layouts first, then every pair of different layouts with the same replicas; their
-    host buffers are `options.host_buffer_gb`, or None (auto, sized when simulated)."""
-    layouts = layouts_of(cost.node.num_gpus, cost)
+    host buffers are `options.host_buffer_gb`, or None (auto, sized when simulated).
+
+    On several nodes a static layout is one engine over all of them, whose replicas either sit
+    whole on each node or have pipeline stages on several (never a tensor-parallel group: it
+    stays inside a node); its workers on other nodes cannot reach the head's shared memory, so it
+    has no host buffer. A pair passes KV and weights through one node's shared memory, so it runs
+    as copies, one a node, each on its share of the requests."""
+    per_node = cost.node.num_gpus
+    layouts = layouts_of(per_node, cost)
     base = RunSpec(Layout(), block_size=options.block_size, scheduler=options.scheduler(cost),
                    max_model_len=options.max_model_len or cost.spec.max_position, host_buffer_gb=options.host_buffer_gb)
     runs = []
-    if options.include_static:
+    if options.include_static and options.num_nodes == 1:
         runs += [replace(base, layout=layout) for layout in layouts]
+    elif options.include_static:
+        runs += [replace(base, layout=layout, num_nodes=options.num_nodes, host_buffer_gb=0.0)
+                 for layout in layouts_of(options.num_nodes * per_node, cost) if per_node % layout.tp == 0]
     if options.include_pairs:
-        runs += [replace(base, layout=prefill, decode_layout=decode)
+        runs += [replace(base, layout=prefill, decode_layout=decode, copies=options.num_nodes)
                  for prefill in layouts for decode in layouts if prefill != decode and prefill.dp == decode.dp]
     return runs
 
 
 def host_buffer_for(cost: CostModel, spec: RunSpec, workload: Workload, job_scale: float = 1.0) -> HostBufferPlan:
     """The host KV buffer a run takes: the one it names, or what the engine's auto sizing gives
-    on the simulated node for a job of `job_scale` times this workload (a ValueError when a pair
+    on the simulated node for a job of `job_scale` times this workload (for copies, each node's
+    for the largest share); none for an engine over several nodes (a ValueError when a pair
     cannot have enough)."""
+    if spec.num_nodes > 1:
+        return HostBufferPlan(0, "no host KV buffer: workers on other nodes cannot reach the head's shared memory")
     if spec.host_buffer_gb is not None:
         return HostBufferPlan(int(spec.host_buffer_gb * GIB), f"host KV buffer {spec.host_buffer_gb:g} GiB")
     reshards = spec.is_seesaw and spec.layout != spec.decode_layout
     max_model_len = spec.max_model_len or cost.spec.max_position
-    return auto_host_buffer(cost, spec.layout, spec.is_seesaw, reshards, [p + o for p, o in workload.lengths],
+    job_tokens = [p + o for p, o in workload.lengths]
+    if spec.copies > 1:
+        job_tokens = max(([p + o for p, o in part.lengths] for part in dealt(workload, spec.copies)), key=sum)
+    return auto_host_buffer(cost, spec.layout, spec.is_seesaw, reshards, job_tokens,
                             spec.block_size, max_model_len, job_scale)
 
 
@@ -245,7 +263,7 @@ def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
     scheduler = spec.scheduler
     flags = [f"--model {model}", f"--device {gpu.device}", layout,
              f"--max-num-batched-tokens {scheduler.max_num_batched_tokens}", f"--max-num-seqs {scheduler.max_num_seqs}"]
-    if spec.host_buffer_gb is not None:
+    if spec.host_buffer_gb is not None and spec.num_nodes == 1:  # over nodes the engine has none
         flags.append(f"--host-buffer-gb {math.floor(spec.host_buffer_gb * 10) / 10:g}")  # never more than simulated
     batch_defaults, cache_defaults = SchedulerConfig(), CacheConfig()  # what `seesaw-cli batch` runs without flags
     for flag, name in (("--host-low-water", "host_low_water"), ("--prefill-min-fill", "prefill_min_fill"),
@@ -259,3 +277,30 @@ def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
     elif gpu.memory_fraction != cache_defaults.memory_fraction:
         flags.append(f"--memory-fraction {gpu.memory_fraction:g}")
     return "seesaw-cli batch INPUT.jsonl " + " ".join(flags)
+
+
+HEAD_ADDRESS = "tcp://HEAD:PORT"  # the head node's address and a free port, as the other nodes reach it
+
+
+def node_commands(candidate: Candidate, model: str, gpu: Gpu, gpus_per_node: int) -> list[tuple[str, str]]:
+    """How to run a candidate over several nodes with the engine's own flags, as (where, command)
+    lines. One engine over the nodes: the head on the first node starts its workers, and each
+    other node's workers join it with their ranks named, so that every replica and stage sits
+    where it was simulated. Copies: the input dealt out to the nodes in turn, as simulated, each
+    node running its own engine on its part."""
+    spec = candidate.spec
+    line = batch_command(candidate, model, gpu)
+    if spec.copies > 1:
+        deal = f"split -n r/{spec.copies} --numeric-suffixes=1 --additional-suffix=.jsonl INPUT.jsonl part-"
+        return [("first, deal the input's lines to the nodes in turn", deal),
+                ("then on each node its own part (part-01.jsonl on the first, part-02.jsonl on the second, ...)",
+                 line.replace("INPUT.jsonl", "PART.jsonl", 1))]
+    if spec.num_nodes == 1:
+        return [("on the node", line)]
+    others = (f"on the second node, its {gpus_per_node} workers" if spec.num_nodes == 2 else
+              f"on each other node, its {gpus_per_node} workers (NODE its number, 1 to {spec.num_nodes - 1})")
+    workers = (f"n={'1' if spec.num_nodes == 2 else 'NODE'}; for i in $(seq 0 {gpus_per_node - 1}); do "
+               f"seesaw-cli worker --head {HEAD_ADDRESS} --rank $((n * {gpus_per_node} + i)) --local-rank $i & done; wait")
+    return [("on the first node, the head (HEAD is its address as the other nodes reach it)",
+             f"{line} --head-address {HEAD_ADDRESS} --local-workers {gpus_per_node}"),
+            (others, workers)]

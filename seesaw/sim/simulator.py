@@ -7,6 +7,11 @@ each stage starting once its workers are free and the previous stage handed over
 so up to `pp` micro-batches are in flight as in the engine. KV copies of a replica queue on its
 host links and overlap with compute. A phase switch has every worker reload its new shard as soon
 as its own part of the last steps is done; the next steps queue behind that.
+
+A static run may span identical nodes (its ranks fill the head's node first): activations cross
+between nodes over the node link, and steps of stages on other nodes wait for their command from
+the head and send their tokens back. Copies of a run, one a node, each take their share of the
+requests and the job ends with the slowest.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import gc
 import heapq
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 from seesaw.config import SchedulerConfig
 from seesaw.layout import Layout
@@ -32,7 +38,7 @@ from seesaw.scheduling.engine_core import (
 )
 from seesaw.scheduling.request import NewRequest
 from seesaw.sim.cost import GIB, CostModel
-from seesaw.sim.workload import Workload
+from seesaw.sim.workload import Workload, dealt
 from seesaw.stats import Timeline, Transition, to_json
 from seesaw.step import StepShape
 
@@ -47,6 +53,17 @@ class RunSpec:
     host_buffer_gb: float | None = 0.0  # None: auto (the planner sizes it before a run)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_model_len: int | None = None
+    num_nodes: int = 1  # nodes one engine's workers span: ranks fill the head's node, then the next
+    copies: int = 1  # engines side by side, one a node, each on its share of the requests (dealt in turn)
+
+    def __post_init__(self) -> None:
+        for name in ("num_nodes", "copies"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_nodes > 1 and self.decode_layout is not None:
+            raise ValueError(f"{self.layout}->{self.decode_layout}: a prefill -> decode pair passes KV and weights "
+                             "through one node's shared memory, so it runs on one node (or as copies, one a node)")
 
     @classmethod
     def parse(cls, run: str, **fields) -> RunSpec:
@@ -65,7 +82,16 @@ class RunSpec:
         return {Phase.PREFILL: self.layout, Phase.DECODE: self.decode_layout}
 
     def __str__(self) -> str:
-        return f"{self.layout}->{self.decode_layout}" if self.decode_layout else str(self.layout)
+        """`t4p2`, `p8->t4p2`; over nodes `2 nodes x (d2t4)` (whole replicas on each node, or
+        copies of a run, one a node) or `t8p2 across 2 nodes` (replicas spanning nodes)."""
+        run = f"{self.layout}->{self.decode_layout}" if self.decode_layout else str(self.layout)
+        if self.num_nodes > 1:
+            layout = self.layout
+            if layout.dp % self.num_nodes == 0:  # each node holds whole replicas
+                run = f"{self.num_nodes} nodes x ({Layout(layout.dp // self.num_nodes, layout.tp, layout.pp)})"
+            else:
+                run = f"{run} across {self.num_nodes} nodes"
+        return f"{self.copies} nodes x ({run})" if self.copies > 1 else run
 
 
 @dataclass
@@ -93,6 +119,7 @@ class SimResult:
     num_replicas: int = 1
     first_phase: str = "mixed"
     num_kv_copies: int = 0  # to or from the host buffer, over all replicas
+    copies: tuple[SimResult, ...] = ()  # each copy's run, when copies ran side by side (this one adds them up)
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -103,7 +130,10 @@ class SimResult:
         return self.output_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
     def metrics(self) -> dict:
-        """The run in the form `seesaw-cli batch --metrics-json` writes (what draws a timeline)."""
+        """The run in the form `seesaw-cli batch --metrics-json` writes (what draws a timeline);
+        of copies side by side, the slowest one's."""
+        if self.copies:
+            return max(self.copies, key=lambda copy: copy.elapsed_s).metrics()
         return {
             "elapsed_s": self.elapsed_s, "first_phase": self.first_phase, "num_replicas": self.num_replicas,
             "phase_seconds": self.phase_s, "transitions": [asdict(t) for t in self.transitions],
@@ -111,6 +141,7 @@ class SimResult:
         }
 
     def summary(self) -> dict:
+        copies = {"copies_elapsed_s": [round(copy.elapsed_s, 3) for copy in self.copies]} if self.copies else {}
         return {
             "run": self.run, "elapsed_s": round(self.elapsed_s, 3),
             "total_tokens_per_s": round(self.total_tokens_per_s, 1),
@@ -122,7 +153,7 @@ class SimResult:
             "host_peak_fraction": round(self.host_peak_fraction, 3),
             "mean_decode_batch": round(self.mean_decode_batch, 1), "peak_decode_batch": self.peak_decode_batch,
             "device_blocks": self.device_blocks, "host_blocks": self.host_blocks,
-            "counters": self.counters,
+            "counters": self.counters, **copies,
         }
 
 
@@ -140,12 +171,22 @@ def _collector_paused():
             gc.enable()
 
 
-class _Workers:
-    """One data-parallel replica's modelled workers: when each is next free, and its host links."""
+class _Route(NamedTuple):
+    """Where a replica's pipeline stages sit when some are on another node than the head's."""
 
-    def __init__(self, num_workers: int):
+    is_remote: tuple[bool, ...]  # by stage: on another node than the head's
+    crosses: tuple[bool, ...]  # by stage: its activations go to the next stage on another node
+    num_remote_workers: int  # workers the head sends each step's command over the node link
+
+
+class _Workers:
+    """One data-parallel replica's modelled workers: when each is next free, its host links, and
+    where its stages sit (None: all on the head's node)."""
+
+    def __init__(self, num_workers: int, route: _Route | None = None):
         self.free_at = [0.0] * num_workers  # by position in the replica (pp rank * tp + tp rank)
         self.link_free_at = 0.0
+        self.route = route
 
 
 class Simulation:
@@ -163,8 +204,15 @@ class Simulation:
             raise ValueError(f"{spec}: both layouts must use the same number of workers")
         if spec.decode_layout is not None and spec.decode_layout.dp != layout.dp:
             raise ValueError(f"{spec}: both layouts must have the same number of data-parallel replicas")
-        if layout.world_size > cost.node.num_gpus:
-            raise ValueError(f"{spec} needs {layout.world_size} GPUs; the node has {cost.node.num_gpus}")
+        if spec.copies > 1:
+            raise ValueError(f"{spec}: copies run side by side through simulate(), one Simulation each")
+        per_node = cost.node.num_gpus
+        if layout.world_size > per_node * spec.num_nodes:
+            where = "the node has" if spec.num_nodes == 1 else f"{spec.num_nodes} nodes have"
+            raise ValueError(f"{spec} needs {layout.world_size} GPUs; {where} {per_node * spec.num_nodes}")
+        if spec.num_nodes > 1 and per_node % layout.tp:
+            raise ValueError(f"{spec}: tensor-parallel groups of {layout.tp} would span nodes of {per_node} GPUs; "
+                             "tensor parallelism stays inside a node")
         distinct = list(dict.fromkeys(self.layouts.values()))
         self.device_blocks = cost.device_blocks(distinct, spec.block_size)
         host_block_bytes = cost.kv_bytes_per_token * spec.block_size
@@ -179,7 +227,7 @@ class Simulation:
         # Prompts with no shared prefix find nothing in the prefix cache: they may share one list.
         scheduler = replace(spec.scheduler, prefix_caching=spec.scheduler.prefix_caching and workload.shared_prefix > 0)
         self.engine = EngineCore(scheduler, self.layouts, limits, clock=lambda: self.now)
-        self.workers = [_Workers(layout.tp * layout.pp) for _ in range(layout.dp)]
+        self.workers = [_Workers(layout.tp * layout.pp, self._route(replica)) for replica in range(layout.dp)]
         self._events: list[tuple[float, int, str, int, object]] = []
         self._seq = 0
         self.reload_total_s = 0.0
@@ -188,6 +236,17 @@ class Simulation:
         self.num_failed = 0
         self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
         self.finished_at = 0.0
+
+    def _route(self, replica: int) -> _Route | None:
+        """Where a replica's stages sit, if any is on another node than the head's (the first)."""
+        layout, per_node = self.spec.layout, self.cost.node.num_gpus
+        if self.spec.num_nodes == 1:
+            return None
+        nodes = [layout.rank_of(replica, stage, 0) // per_node for stage in range(layout.pp)]
+        if not any(nodes):
+            return None
+        return _Route(tuple(node != 0 for node in nodes), tuple(a != b for a, b in zip(nodes, nodes[1:])),
+                      layout.tp * sum(node != 0 for node in nodes))
 
     # ------------------------------------------------------------ the loop
 
@@ -262,18 +321,39 @@ class Simulation:
         workers = self.workers[index]
         layout = self.layouts[phase]
         stage_times = self.cost.stage_times(layout, shape)
-        send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
-        ready, tp, free_at = self.now, layout.tp, workers.free_at
-        for stage, seconds in enumerate(stage_times):
-            if tp == 1:  # one worker per stage: no slices (a tenth of a p8 run's time)
-                end = free_at[stage] = max(ready, free_at[stage]) + seconds
-            else:  # the stage's workers are free_at[first:first + tp]
-                first = stage * tp
-                end = max(ready, *free_at[first:first + tp]) + seconds
-                free_at[first:first + tp] = [end] * tp
-            ready = end + send_s  # the next stage starts once this one handed its activations on
+        if workers.route is not None:
+            end = self._step_over_nodes(workers, layout, shape, stage_times)
+        else:
+            send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
+            ready, tp, free_at = self.now, layout.tp, workers.free_at
+            for stage, seconds in enumerate(stage_times):
+                if tp == 1:  # one worker per stage: no slices (a tenth of a p8 run's time)
+                    end = free_at[stage] = max(ready, free_at[stage]) + seconds
+                else:  # the stage's workers are free_at[first:first + tp]
+                    first = stage * tp
+                    end = max(ready, *free_at[first:first + tp]) + seconds
+                    free_at[first:first + tp] = [end] * tp
+                ready = end + send_s  # the next stage starts once this one handed its activations on
         self.num_steps += 1
         self._push(end, "step", index, (plan.step_id, shape.num_sampled))
+
+    def _step_over_nodes(self, workers: _Workers, layout: Layout, shape: StepShape, stage_times: list[float]) -> float:
+        """When a step of a replica with stages on other nodes lands at the head: a stage there
+        starts once the step's command reached it, activations cross between nodes over the node
+        link, and a last stage there sends its tokens back over it."""
+        cost, route, tp, free_at = self.cost, workers.route, layout.tp, workers.free_at
+        command_at = self.now + cost.head_to_node_s(shape, route.num_remote_workers)
+        send_s, node_send_s = cost.send_s(shape), cost.node_send_s(shape, tp)
+        ready = self.now
+        for stage, seconds in enumerate(stage_times):
+            if route.is_remote[stage]:
+                ready = max(ready, command_at)
+            first = stage * tp
+            end = max(ready, *free_at[first:first + tp]) + seconds
+            free_at[first:first + tp] = [end] * tp
+            if stage < len(route.crosses):
+                ready = end + (node_send_s if route.crosses[stage] else send_s)
+        return end + cost.node_to_head_s(shape) if route.is_remote[-1] else end
 
     def _move(self, index: int, move: ToHost | ToDevice) -> None:
         workers = self.workers[index]
@@ -324,5 +404,39 @@ class Simulation:
 
 
 def simulate(cost: CostModel, spec: RunSpec, workload: Workload) -> SimResult:
-    """Simulate `workload` run as `spec` on the cost model's node."""
-    return Simulation(cost, spec, workload).run()
+    """Simulate `workload` run as `spec` on the cost model's node (or nodes); copies each run
+    their share of the requests, dealt in turn."""
+    if spec.copies == 1:
+        return Simulation(cost, spec, workload).run()
+    one = replace(spec, copies=1)
+    return side_by_side(str(spec), [Simulation(cost, one, part).run() for part in dealt(workload, spec.copies)])
+
+
+def side_by_side(run: str, results: list[SimResult]) -> SimResult:
+    """Runs made side by side as one job: it ends with the slowest, and the tokens and books add up
+    as they do over one engine's replicas (the reload time is the mean, the peaks the largest)."""
+    slowest = max(results, key=lambda result: result.elapsed_s)
+    phase_s: dict[str, float] = {}
+    counters: dict[str, int] = {}
+    for result in results:
+        for phase, seconds in result.phase_s.items():
+            phase_s[phase] = phase_s.get(phase, 0.0) + seconds
+        for name, count in result.counters.items():
+            counters[name] = counters.get(name, 0) + count
+    decoding = [result for result in results if result.mean_decode_batch]
+    decode_steps = sum(result.output_tokens / result.mean_decode_batch for result in decoding)
+    return SimResult(
+        run=run, elapsed_s=slowest.elapsed_s, num_requests=sum(result.num_requests for result in results),
+        prompt_tokens=sum(result.prompt_tokens for result in results),
+        output_tokens=sum(result.output_tokens for result in results),
+        num_failed=sum(result.num_failed for result in results), num_steps=sum(result.num_steps for result in results),
+        phase_s=phase_s, transitions=[transition for result in results for transition in result.transitions],
+        reload_s=sum(result.reload_s for result in results) / len(results),
+        host_peak_fraction=max(result.host_peak_fraction for result in results),
+        mean_decode_batch=sum(result.output_tokens for result in decoding) / decode_steps if decode_steps else 0.0,
+        peak_decode_batch=max(result.peak_decode_batch for result in results),
+        device_blocks=slowest.device_blocks, host_blocks=slowest.host_blocks, timeline=slowest.timeline,
+        counters=counters, num_replicas=sum(result.num_replicas for result in results),
+        first_phase=slowest.first_phase, num_kv_copies=sum(result.num_kv_copies for result in results),
+        copies=tuple(results),
+    )

@@ -66,6 +66,16 @@ def with_shared_prefix(workload: Workload, num_tokens: int) -> Workload:
     return replace(workload, lengths=lengths, shared_prefix=workload.shared_prefix + num_tokens)
 
 
+def dealt(workload: Workload, num_parts: int) -> list[Workload]:
+    """The workload's requests dealt out to `num_parts` parts in turn (request i to part i mod
+    num_parts), as `split -n r/NUM_PARTS` deals a file's lines."""
+    if num_parts < 1:
+        raise ValueError(f"a workload is dealt to at least one part, got {num_parts}")
+    return [replace(workload, name=f"{workload.name}, part {part + 1} of {num_parts}",
+                    lengths=workload.lengths[part::num_parts], left_out=())
+            for part in range(num_parts)]
+
+
 def fixed(num_requests: int, input_len: int, output_len: int) -> Workload:
     if min(num_requests, input_len, output_len) < 1:
         raise ValueError("a fixed workload needs at least one request, one input and one output token")
