@@ -20,7 +20,7 @@ class EngineClient:
 
     `submit` names each request with an id unique in the engine (this client's name and a count):
     the one id the request has inside the engine, which its replies carry and `cancel` takes.
-    Replies are `RequestFinished`, `TextDelta` (streamed requests) and `StatsReport`; `receive`
+    Replies are `RequestFinished`, `TextDeltas` (streamed requests) and `StatsReport`; `receive`
     raises EngineError once the engine has failed."""
 
     def __init__(self, engine: Engine, name: str):

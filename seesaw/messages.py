@@ -56,7 +56,7 @@ class Submit:
     prompt: str | None = None
     messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
-    stream: bool = False  # send TextDelta as tokens arrive
+    stream: bool = False  # send TextDeltas as tokens arrive
     tools: list[dict] | None = None  # a chat's functions, laid out in its prompt
     tool_choice: str = "none"  # how it uses them: none, auto, required or function
 
@@ -129,6 +129,13 @@ class TextDelta:
     request_id: str
     text: str
     token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class TextDeltas:
+    """RequestQueue -> front door: the new text of its streaming requests, one message a step."""
+
+    deltas: list[TextDelta]
 
 
 @dataclass(frozen=True)
@@ -471,7 +478,7 @@ class WorkersBusy:
 
 # What each inbox takes; an actor drops (and logs) anything else.
 ToRequestQueue = Submit | CancelRequest | TokensGenerated | RequestFailed | EngineFailed
-ToFrontDoor = RequestFinished | TextDelta | StatsReport
+ToFrontDoor = RequestFinished | TextDeltas | StatsReport
 ToScheduler = (AddRequest | StopRequest | QueryStats | StepDone | Resharded | EngineReady | ReplicaLost | ReplicaReady
                | EngineFailed | KVSaved | KVLoaded)
 ToKVTier = SaveKV | LoadKV | SwappedOut | Prefetched | EngineReady | ReplicaLost | ReplicaReady

@@ -25,6 +25,13 @@ class TextCodec:
         self.vocab_size = len(self.tokenizer) if self.tokenizer is not None else 0
         self._pieces: dict[int, tuple[str, bytes]] = {}
         self._is_byte_level = self.tokenizer is not None and "ByteLevel" in _decoder_name(self.tokenizer)
+        # A fast tokenizer that cleans no spaces up decodes the same in its Rust core, at a third of
+        # the cost: text is decoded twice per token of every request.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", True):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        elif self.tokenizer is not None:
+            self._decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @property
     def template_renders_tools(self) -> bool:
@@ -82,7 +89,7 @@ class TextCodec:
         if self.tokenizer is None:
             return ""
         known = [t for t in token_ids if 0 <= t < self.vocab_size]
-        return self.tokenizer.decode(known, skip_special_tokens=True)
+        return self._decode(known)
 
     def _require(self) -> None:
         if self.tokenizer is None:

@@ -194,8 +194,8 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
     assert await expect(scheduler, m.StopRequest) == m.StopRequest(added.request_id)
     streamed = ""
     while not isinstance(message := await replies.recv(timeout_s=5), m.RequestFinished):
-        assert isinstance(message, m.TextDelta) and message.request_id == "r"
-        streamed += message.text
+        assert isinstance(message, m.TextDeltas) and [delta.request_id for delta in message.deltas] == ["r"]
+        streamed += message.deltas[0].text
     assert message.request_id == "r"
     assert (message.text, message.finish_reason, message.error) == (" one two ", FinishReason.STOP, None)
     assert streamed == message.text  # nothing of the stop string was streamed
@@ -362,9 +362,9 @@ async def test_a_prompt_being_tokenized_delays_no_other_requests_tokens(wiring, 
     # 2. ... but the running request's tokens stream and finish it meanwhile.
     token = codec.encode_prompt(" world")[0]
     to_actor.send(m.TokensGenerated([TokenUpdate(running.request_id, [token])]))
-    assert (await expect(replies, m.TextDelta)).request_id == "a"
+    assert [delta.request_id for delta in (await expect(replies, m.TextDeltas)).deltas] == ["a"]
     to_actor.send(m.TokensGenerated([TokenUpdate(running.request_id, [token], FinishReason.LENGTH)]))
-    while isinstance(finished := await replies.recv(timeout_s=5), m.TextDelta):
+    while isinstance(finished := await replies.recv(timeout_s=5), m.TextDeltas):
         pass
     assert (finished.request_id, finished.finish_reason, finished.completion_tokens) == ("a", FinishReason.LENGTH, 2)
     # 3. A request waiting behind the tokenizer can be cancelled; it never reaches the scheduler.

@@ -263,8 +263,10 @@ async def test_a_cancelled_batch_ends_cancelled_with_what_it_wrote(server):
     assert (await client.batches.cancel(batch.id)).status in ("cancelling", "cancelled")
     batch = await _finished(client, batch.id)
     assert batch.status == "cancelled" and batch.cancelled_at is not None
-    output = (await client.files.content(batch.output_file_id)).content.splitlines()
-    assert len({orjson.loads(line)["custom_id"] for line in output}) == len(output) <= 6
+    output = [orjson.loads(line) for line in (await client.files.content(batch.output_file_id)).content.splitlines()]
+    assert len({line["custom_id"] for line in output}) == len(output) <= 6
+    ran_to_the_end = sum(line["response"]["body"]["choices"][0]["finish_reason"] != "cancelled" for line in output)
+    assert batch.request_counts.completed == ran_to_the_end and batch.request_counts.total == 6
 
 
 async def test_bad_traffic_gets_its_4xx_and_the_server_goes_on(strict):

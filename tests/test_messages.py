@@ -21,7 +21,7 @@ EXAMPLES = [
     m.RequestFailed("r1", "boom", m.ErrorCode.SERVER_ERROR),
     m.RequestFinished("r1", m.RequestKind.COMPLETION, "text", FinishReason.LENGTH, 3, 4, [1, 2, 3, 4]),
     m.RequestFinished("b", m.RequestKind.CHAT, error="too long", code=m.ErrorCode.CONTEXT_LENGTH_EXCEEDED),
-    m.TextDelta("a", "hel", [5, 6]), m.QueryStats(3, "inproc://x", True), m.StatsReport(3, ENGINE_STATS),
+    m.TextDeltas([m.TextDelta("a", "hel", [5, 6]), m.TextDelta("b", "", [7])]), m.QueryStats(3, "inproc://x", True), m.StatsReport(3, ENGINE_STATS),
     m.RestartWorkers([0, 1]), m.WeightsStored(),
     m.AddRequest("r1", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, top_k=5, seed=11,
                                                   stop_token_ids=[9], ignore_eos=True)),

@@ -3,7 +3,7 @@ max_tokens to the context, and turns tokens back into text, streamed pieces and 
 
 Inbox: Submit and CancelRequest (front doors); TokensGenerated and RequestFailed (Scheduler);
 EngineFailed (Engine).
-Sends: AddRequest and StopRequest to the Scheduler; TextDelta and RequestFinished to the
+Sends: AddRequest and StopRequest to the Scheduler; TextDeltas and RequestFinished to the
 submitting front door.
 
 Submitted requests are tokenized in the order they came, by an intake task of their own: a text
@@ -37,6 +37,7 @@ from seesaw.messages import (
     StopRequest,
     Submit,
     TextDelta,
+    TextDeltas,
     TokenText,
     ToRequestQueue,
     TokensGenerated,
@@ -82,6 +83,7 @@ class RequestQueue(Actor):
         self._intake_ready = asyncio.Event()
         self._tokenizing: Submit | None = None  # the one on the tokenizer now
         self._cancelled_while_tokenizing = False
+        self._deltas: dict[str, list[TextDelta]] = {}  # reply_to -> streamed text not sent yet
 
     async def run(self) -> None:
         """The inbox and the intake run side by side; either one's failure ends both (and is the
@@ -233,7 +235,14 @@ class RequestQueue(Actor):
             self._cancelled_while_tokenizing = True  # answered once its tokenizer call returns
 
     def _on_tokens_generated(self, message: TokensGenerated) -> None:
-        for update in message.updates:
+        """A step's tokens; the text they give streamed requests goes out as one TextDeltas per
+        front door, not a message per request and token."""
+        self._on_updates(message.updates)
+        for address in list(self._deltas):
+            self._send_deltas(address)
+
+    def _on_updates(self, updates) -> None:
+        for update in updates:
             pending = self.pending.get(update.request_id)
             if pending is None:
                 continue  # finished already (stop string, cancel); the scheduler has been told
@@ -269,7 +278,12 @@ class RequestQueue(Actor):
             piece = text[pending.num_streamed_chars:end]
             token_ids = pending.text.token_ids[pending.num_streamed_tokens:]
             pending.num_streamed_chars, pending.num_streamed_tokens = end, len(pending.text.token_ids)
-            self._outbox(pending.submit.reply_to).send(TextDelta(pending.request_id, piece, token_ids))
+            self._deltas.setdefault(pending.submit.reply_to, []).append(TextDelta(pending.request_id, piece, token_ids))
+
+    def _send_deltas(self, address: str) -> None:
+        deltas = self._deltas.pop(address, None)
+        if deltas:
+            self._outbox(address).send(TextDeltas(deltas))
 
     def _on_request_failed(self, message: RequestFailed) -> None:
         pending = self.pending.get(message.request_id)
@@ -348,6 +362,7 @@ class RequestQueue(Actor):
     def _release(self, submit: Submit, result: RequestFinished) -> None:
         """Send a request's one final answer; a front door with nothing left here loses its outbox."""
         address = submit.reply_to
+        self._send_deltas(address)  # a request's text arrives before its answer
         self._outbox(address).send(result)
         self._held.discard(submit.request_id)
         self._pending_per_address[address] -= 1

@@ -191,10 +191,11 @@ class BatchService:
 
     @staticmethod
     def _counts(run: _Run) -> dict[str, int]:
-        summary = run.runner.summary
+        """OpenAI's counts: a line a cancel stopped early is in the output file but not completed."""
+        outcomes = run.runner.summary.outcomes()
         return {"total": run.record["request_counts"]["total"],
-                "completed": run.num_completed_before + summary.num_ok,
-                "failed": run.num_failed_before + summary.num_failed}
+                "completed": run.num_completed_before + outcomes["done"],
+                "failed": run.num_failed_before + outcomes["failed"]}
 
 
 def _check_metadata(metadata) -> None:

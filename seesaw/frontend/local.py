@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from seesaw.engine import Engine, EngineError
 from seesaw.engine_client import EngineClient
 from seesaw.frontend.choices import Choices, check_n, choice_samplings
-from seesaw.messages import RequestFinished, RequestKind, StatsReport, TextDelta
+from seesaw.messages import RequestFinished, RequestKind, StatsReport, TextDeltas
 from seesaw.sampling import SamplingParams
 from seesaw.stats import EngineStats
 from seesaw.text import normalize_messages
@@ -135,10 +135,11 @@ class LocalClient:
 
     def _resolve(self, message) -> None:
         match message:
-            case TextDelta():
-                submission = self._waiting.get(message.request_id)
-                if submission is not None and submission.deltas is not None and not submission.choices.is_decided:
-                    submission.deltas.put_nowait((submission.choices.index(message.request_id), message.text))
+            case TextDeltas():
+                for delta in message.deltas:
+                    submission = self._waiting.get(delta.request_id)
+                    if submission is not None and submission.deltas is not None and not submission.choices.is_decided:
+                        submission.deltas.put_nowait((submission.choices.index(delta.request_id), delta.text))
             case StatsReport():
                 future = self._stats.get(message.query_id)
                 if future is not None and not future.done():

@@ -41,7 +41,7 @@ from seesaw.frontend.protocol import (
     parse_frames,
     result_frame,
 )
-from seesaw.messages import ErrorCode, RequestFinished, StatsReport, TextDelta
+from seesaw.messages import ErrorCode, RequestFinished, StatsReport, TextDeltas
 from seesaw.stats import EngineStats, to_json
 from seesaw.step import FinishReason
 from seesaw.transport.curve import secure_server
@@ -287,12 +287,13 @@ class Server(FrontDoor):
             match message:
                 case RequestFinished():
                     self._on_finished(message)
-                case TextDelta():
-                    call = self._calls.get(message.request_id)
-                    if call is not None and not call.is_gone:
-                        index = call.choices.index(message.request_id)
-                        self.send(call.identity, frame("token", id=call.label, index=index, text=message.text,
-                                                        token_ids=message.token_ids))
+                case TextDeltas():
+                    for delta in message.deltas:
+                        call = self._calls.get(delta.request_id)
+                        if call is not None and not call.is_gone:
+                            index = call.choices.index(delta.request_id)
+                            self.send(call.identity, frame("token", id=call.label, index=index, text=delta.text,
+                                                            token_ids=delta.token_ids))
                 case StatsReport():
                     self._on_stats(message)
 
