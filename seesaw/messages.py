@@ -413,6 +413,7 @@ class WorkerHello:
     pid: int
     hostname: str
     inbox: str  # where the worker listens for commands
+    node: str = ""  # which node's shared memory it sees (`node_key`); "" counts as its own node
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from seesaw.actors.shard_worker import ShardWorker
 from seesaw.messages import Heartbeat, WorkerFailed, WorkerHello
 from seesaw.transport.addresses import advertise_ip, host_of, pin_interfaces, reachable
 from seesaw.transport.channels import Inbox, Outbox
+from seesaw.transport.shared_memory import node_key
 
 log = logging.getLogger("seesaw.worker")
 _PR_SET_PDEATHSIG = 1
@@ -94,7 +95,7 @@ async def serve(options: WorkerOptions) -> int:
     if options.parent_pid is None:  # a worker started by hand stops on a signal
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, worker.stopped.set)
-    supervisor.send(WorkerHello(options.rank, os.getpid(), socket.gethostname(), announced))
+    supervisor.send(WorkerHello(options.rank, os.getpid(), socket.gethostname(), announced, node_key(socket.gethostname())))
     task = worker.start()
     heartbeat = loop.create_task(_heartbeat(worker, supervisor, options, announced))
     stopped = loop.create_task(worker.stopped.wait())

@@ -99,3 +99,20 @@ def test_split_evenly_sizes_differ_by_at_most_one():
     for total, parts in itertools.product(range(1, 40), range(1, 9)):
         sizes = [span.size for span in split_evenly(total, parts)]
         assert sum(sizes) == total and max(sizes) - min(sizes) <= 1
+
+
+def test_workers_joining_without_a_rank_fill_their_nodes_units_first():
+    from seesaw.actors.supervisor import choose_rank
+
+    tp_groups = [[0, 1], [2, 3], [4, 5], [6, 7]]  # t2p4: each pair all-reduces every layer
+    nodes = {0: "head", 1: "head"}  # the head runs ranks 0 and 1
+    joined = []
+    for node in ["b", "c", "b", "c", "b", "b"]:  # node b brings four workers, c two, joining interleaved
+        free = [rank for rank in range(8) if rank not in nodes]
+        rank = choose_rank(free, tp_groups, nodes, node)
+        nodes[rank] = node
+        joined.append(rank)
+    assert joined == [6, 4, 7, 5, 2, 3]  # by joining order alone, b would have split two groups with c
+    assert all(len({nodes[r] for r in group}) == 1 for group in tp_groups)
+    # Whole units never split while one is free; a third node takes what is left.
+    assert choose_rank([3], tp_groups, {r: "x" for r in range(3)}, "y") == 3

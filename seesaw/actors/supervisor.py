@@ -51,6 +51,21 @@ log = logging.getLogger(__name__)
 LoadCommand = Callable[[int, CollectiveSpec | None], LoadShard]
 
 
+def choose_rank(free: list[int], units: list[list[int]], nodes: dict[int, str], node: str) -> int:
+    """The rank for a worker that joins without one, from `node`: the first free rank of a unit
+    (a rank set that must stay on one node) this node's workers hold already; else the first rank
+    of the last unit nobody holds (workers that join take the highest ranks, the head's own are
+    numbered from 0); else the highest free rank."""
+    waiting = set(free)
+    for unit in units:
+        if any(nodes.get(rank) == node for rank in unit):
+            started = [rank for rank in unit if rank in waiting]
+            if started:
+                return started[0]
+    untouched = [unit for unit in units if all(rank in waiting for rank in unit)]
+    return untouched[-1][0] if untouched else free[-1]
+
+
 class Supervisor(Actor):
     name = "supervisor"
     accepts = ToSupervisor
@@ -83,6 +98,7 @@ class Supervisor(Actor):
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
         self.pids: dict[int, int] = {}  # rank -> the pid of its current process
+        self.nodes: dict[int, str] = {}  # rank -> the node its current process runs on
         self.ready: dict[int, WorkerReady] = {}
         self.activity: dict[int, str] = {rank: "starting" for rank in range(world)}
         self.last_seen: dict[int, float] = {}
@@ -186,7 +202,7 @@ class Supervisor(Actor):
                 log.warning("worker pid %d on %s joined a full world; sending it away", message.pid, message.hostname)
                 self._send_away(message.inbox)
                 return
-            rank = free[-1]  # remote workers take the highest ranks; local ones are numbered from 0
+            rank = choose_rank(free, self._units(), self.nodes, message.node)
         if self.addresses[rank] is not None:
             log.warning("a second worker claims rank %d; sending pid %d away", rank, message.pid)
             self._send_away(message.inbox)
@@ -194,6 +210,7 @@ class Supervisor(Actor):
         log.info("worker %d is up (pid %d on %s, %s)", rank, message.pid, message.hostname, message.inbox)
         self.workers[rank] = self.connect(self.context, message.inbox)
         self.pids[rank] = message.pid
+        self.nodes[rank] = message.node or f"pid {message.pid}"
         if message.rank is None:
             self.workers[rank].send(RankAssigned(rank))
         self.last_seen[rank] = time.monotonic()
@@ -202,6 +219,14 @@ class Supervisor(Actor):
         replica = self.layout.coordinates(rank)[0]
         if all(self.workers[r] is not None for r in self.layout.replica_ranks(replica)):
             self._replica_joined(replica)
+
+    def _units(self) -> list[list[int]]:
+        """The rank sets that must each run on one node: a replica in seesaw mode (it re-shards
+        through its node's shared memory), else a tensor-parallel group (it all-reduces every layer)."""
+        layout = self.layout
+        if len(self.layouts) > 1:
+            return [list(layout.replica_ranks(replica)) for replica in range(layout.dp)]
+        return [layout.tp_group(rank) for rank in range(0, layout.world_size, layout.tp)]
 
     def _send_away(self, address: str) -> None:
         outbox = Outbox(self.context, address)
@@ -305,6 +330,7 @@ class Supervisor(Actor):
                 self.disconnect(self.workers[rank])
             self.workers[rank] = None
             pid = self.pids.pop(rank, None)
+            self.nodes.pop(rank, None)
             if pid is not None:
                 self._replaced.add(pid)
             self.ready.pop(rank, None)

@@ -151,3 +151,18 @@ def register_with_cuda(tensor: torch.Tensor, what: str) -> int:
 
 def unregister_with_cuda(pointer: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+def node_key(hostname: str, shm_dir: Path = SHM_DIR) -> str:
+    """Which node a process is on, as shared memory sees it: processes share one host buffer and
+    weight store exactly when their keys are equal (same host, same boot, same /dev/shm mount;
+    two containers or namespaces on one host with their own /dev/shm are two nodes)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        boot = "?"
+    try:
+        device = os.stat(shm_dir).st_dev
+    except OSError:
+        device = 0
+    return f"{hostname}/{boot}/{device:x}"
