@@ -211,10 +211,13 @@ class EngineReady:
 @dataclass(frozen=True)
 class ReplicaLost:
     """Supervisor -> Scheduler, KVTier: a replica's worker died and the replica is restarting;
-    its requests start over (keeping what they generated) once it is back."""
+    its requests start over (keeping what they generated) once it is back. `is_gone`: its
+    workers run on other hosts, which the head cannot restart, so its requests go on on the
+    other replicas (it comes back only if its workers join again)."""
 
     replica: int
     reason: str
+    is_gone: bool = False
 
 
 @dataclass(frozen=True)

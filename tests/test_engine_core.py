@@ -92,6 +92,32 @@ def test_a_lost_replica_keeps_its_requests_with_their_tokens_for_its_next_worker
     assert restart.plan.step_id > step.plan.step_id  # step ids go on: late answers stay unmatched
 
 
+def test_a_replica_lost_for_good_hands_its_requests_to_the_others_with_their_tokens():
+    core, _ = _core({Phase.MIXED: Layout(dp=2)}, overlap=False)
+    core.ready([100, 100])
+    (first,) = core.add(_request("a", 8, 4))
+    other = NewRequest("b", [8] * 8, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    (second,) = core.add(other)  # a prompt of its own: nothing of it is in replica 0's prefix cache
+    assert (first.replica, second.replica) == (0, 1)
+    core.step_done(1, second.plan.step_id, [5])
+    assert core.replica_lost(1) == {"b"}
+    effects = core.hand_over(1)
+    assert core.replica_of("b") == 0 and core.num_held(1) == 0 and not core.is_up(1)
+    assert core.step_done(1, second.plan.step_id + 1, [6]) == []  # a late answer from the lost workers
+    effects += core.step_done(0, first.plan.step_id, [9])  # replica 0 now runs both
+    rows = {row.request_id: row for effect in effects if isinstance(effect, StartStep) for row in effect.plan.rows}
+    assert set(rows) == {"a", "b"}
+    assert rows["b"].token_ids[:9] == [8] * 8 + [5]  # recomputed with the token it had made
+    core.add(_request("c", 8, 4))
+    assert core.replica_of("c") == 0  # new requests skip the lost replica
+    # With no replica up, a lost one's requests wait; its workers joining again bring it back.
+    core.replica_lost(0)
+    assert core.hand_over(0) == [] and core.num_held(0) == 3
+    assert not [e for e in core.replica_ready(1, 100) if isinstance(e, StartStep)] and core.is_up(1)
+    assert [e.replica for e in core.hand_over(0) if isinstance(e, StartStep)] == [1]
+    assert {core.replica_of(r) for r in "abc"} == {1} and sum(core.num_requests()) == 3
+
+
 def test_a_failed_engine_drops_every_request_and_takes_no_more():
     core, _ = _core({Phase.MIXED: Layout()})
     core.ready([100])

@@ -129,3 +129,41 @@ def test_a_head_and_a_worker_on_two_hosts_give_t1s_outputs(two_hosts, t1_texts, 
     assert head.returncode == 0, head_errors + worker_errors
     assert worker.returncode == 0, worker_errors
     assert _texts(tmp_path / "out.jsonl") == t1_texts
+
+
+def test_a_replica_on_another_host_lost_mid_run_hands_its_requests_to_the_others(two_hosts, tmp_path):
+    """d2 with replica 1 on host B: B's worker killed with SIGKILL mid-run, the head cannot restart
+    it, so its requests go on on replica 0 and every line is answered once, as t1 answers it."""
+    a, b = two_hosts
+    prompts = [f"Write number {i} in words, then count on:" for i in range(12)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(orjson.dumps({"custom_id": f"q{i}", "url": "/v1/completions",
+                                            "body": {"prompt": text, "max_tokens": 24, "ignore_eos": True}}).decode() + "\n"
+                              for i, text in enumerate(prompts)))
+    engine = [flag for flag in ENGINE if flag not in ("--max-tokens", "8")]
+    done = subprocess.run([CLI, "batch", str(source), "-o", str(tmp_path / "t1.jsonl"), *engine],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    head = subprocess.Popen(["ip", "netns", "exec", a, CLI, "batch", str(source), "-o", str(tmp_path / "out.jsonl"),
+                             *engine, "--layout", "d2", "--max-num-seqs", "4",
+                             "--head-address", "tcp://10.231.0.1:5556", "--local-workers", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(["ip", "netns", "exec", b, CLI, "worker", "--head", "tcp://10.231.0.1:5556"],
+                              stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "out.jsonl"
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_text().count("\n") >= 2) and head.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.kill()  # the whole host B gone at once: no word to the head
+    try:
+        _, head_errors = head.communicate(timeout=240)
+    finally:
+        for process in (head, worker):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert head.returncode == 0, head_errors
+    assert "go on on the other replicas" in head_errors
+    lines = [orjson.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"q{i}" for i in range(12))
+    assert _texts(out) == _texts(tmp_path / "t1.jsonl")

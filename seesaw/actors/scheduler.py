@@ -106,6 +106,7 @@ class Scheduler(Actor):
         super().__init__(inbox)
         self.context = context
         self.core = EngineCore(config, layouts, limits, clock=time.monotonic)
+        self._gone: set[int] = set()  # replicas lost for good, unless their workers join again
         self.layout = self.core.layout
         self.kv_tier = kv_tier
         self.request_queue = request_queue
@@ -156,7 +157,10 @@ class Scheduler(Actor):
                 self._on_replica_lost(message)
             case ReplicaReady():
                 self.workers.connect(message.replica, message.worker_addresses)
+                self._gone.discard(message.replica)
                 self._apply(self.core.replica_ready(message.replica, message.num_device_blocks))
+                for replica in sorted(self._gone):  # requests a gone replica left while none was up
+                    self._apply(self.core.hand_over(replica))
             case EngineFailed():
                 self._on_engine_failed(message)
 
@@ -202,6 +206,13 @@ class Scheduler(Actor):
                                                     else key.replica == replica)]:
             self._timers.pop(key).cancel()
         self.workers.drop(replica)
+        if message.is_gone:
+            self._gone.add(replica)
+            num_held = self.core.num_held(replica)
+            self._apply(self.core.hand_over(replica))
+            log.warning("replica %d lost (%s); its %d requests go on on the other replicas", replica,
+                        message.reason, num_held)
+            return
         log.warning("replica %d lost (%s); %d requests wait for it to restart", replica, message.reason,
                     self.core.num_held(replica))
 

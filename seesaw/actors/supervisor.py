@@ -114,6 +114,7 @@ class Supervisor(Actor):
         self._report: asyncio.TimerHandle | None = None
         self._restart_deadlines: dict[int, asyncio.TimerHandle] = {}
         self._replaced: set[int] = set()  # pids of processes a restart ended
+        self._gone: set[int] = set()  # replicas of other hosts' workers lost, until those join again
 
     @property
     def addresses(self) -> list[str | None]:
@@ -311,22 +312,34 @@ class Supervisor(Actor):
             self._fail_engine(f"{reason} (restarts used: {self.num_restarts} of {self.config.max_restarts}, "
                               f"--max-restarts)")
         else:
-            ranks = [r for replica in replicas for r in self.layout.replica_ranks(replica)]
-            if max(ranks) >= self.num_local_workers:
-                self._fail_engine(f"{reason} (its replica has workers on other hosts, which this host cannot restart)")
+            remote = [replica for replica in replicas if max(self.layout.replica_ranks(replica)) >= self.num_local_workers]
+            if remote and not set(range(self.layout.dp)) - self._gone - set(remote):
+                self._fail_engine(f"{reason} (its replica has workers on other hosts, which this host cannot "
+                                  f"restart, and no other replica is left)")
                 return
-            self.engine.send(RestartWorkers(ranks))
+            local = [r for replica in replicas if replica not in remote for r in self.layout.replica_ranks(replica)]
+            if local:
+                self.engine.send(RestartWorkers(local))
             for replica in replicas:
-                self._replica_lost(replica, reason)
+                self._replica_lost(replica, reason, is_gone=replica in remote)
 
-    def _replica_lost(self, replica: int, reason: str) -> None:
+    def _replica_lost(self, replica: int, reason: str, is_gone: bool = False) -> None:
+        """Restart a replica of the head's own workers; one with workers on other hosts is gone
+        (its surviving workers are sent away) until its workers join again."""
         self.num_restarts += 1
-        log.error("%s; restarting replica %d (restart %d of %d)", reason, replica, self.num_restarts,
-                  self.config.max_restarts)
+        if is_gone:
+            log.error("%s; replica %d has workers on other hosts, which this host cannot restart: its requests "
+                      "go on on the other replicas, and it comes back if its workers join again (loss %d of %d)",
+                      reason, replica, self.num_restarts, self.config.max_restarts)
+        else:
+            log.error("%s; restarting replica %d (restart %d of %d)", reason, replica, self.num_restarts,
+                      self.config.max_restarts)
         for listener in self.listeners:
-            listener.send(ReplicaLost(replica, reason))
+            listener.send(ReplicaLost(replica, reason, is_gone))
         for rank in self.layout.replica_ranks(replica):
             if self.workers[rank] is not None:
+                if is_gone:
+                    self.workers[rank].send(Shutdown())  # a peer still alive would wait on the dead one
                 self.disconnect(self.workers[rank])
             self.workers[rank] = None
             pid = self.pids.pop(rank, None)
@@ -336,15 +349,19 @@ class Supervisor(Actor):
             self.ready.pop(rank, None)
             self.last_seen.pop(rank, None)
             self.activity[rank] = f"restarting after: {reason}"
-        timeout_s = self.config.worker_start_timeout_s
         earlier = self._restart_deadlines.pop(replica, None)
         if earlier is not None:  # a second loss while it was restarting
             earlier.cancel()
+        if is_gone:
+            self._gone.add(replica)
+            return
+        timeout_s = self.config.worker_start_timeout_s
         self._restart_deadlines[replica] = asyncio.get_running_loop().call_later(
             timeout_s, self._fail_engine, f"replica {replica} did not come back within {timeout_s:.0f} s of a restart"
         )
 
     def _replica_restarted(self, replica: int) -> None:
+        self._gone.discard(replica)
         deadline = self._restart_deadlines.pop(replica, None)
         if deadline is not None:
             deadline.cancel()

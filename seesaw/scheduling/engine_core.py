@@ -232,6 +232,32 @@ class EngineCore:
         self.metrics.on_restart(self.clock(), replica, self.first_phase)
         return request_ids
 
+    def hand_over(self, replica: int) -> list[Effect]:
+        """A lost replica will not be restarted: the requests it held start over on the replicas
+        that are up (keeping the tokens they made), each where the fewest tokens wait among those
+        it fits; with none up they keep waiting for any replica to come back."""
+        states = self._held.get(replica)
+        up = [r for r in range(len(self.replicas)) if r not in self._held]
+        if not states or not up:
+            return []
+        self._held[replica] = []
+        effects: list[Effect] = []
+        adopted: dict[int, list[RequestState]] = {}
+        for state in states:
+            size = (len(state.prompt_token_ids), state.max_tokens)
+            fits = [r for r in up if self.replicas[r].core.capacity_error(*size) is None]
+            if not fits:
+                problem = min((self.replicas[r].core.capacity_error(*size) for r in up), key=len)
+                effects.append(Refused(state.request_id, f"after replica {replica} was lost, {problem}"))
+                continue
+            index = min(fits, key=lambda r: (self.replicas[r].pending_tokens, len(adopted.get(r, ()))))
+            self.replicas[index].pending_tokens += size[0] + size[1] - len(state.output_token_ids)
+            adopted.setdefault(index, []).append(state)
+        for index, taken in adopted.items():
+            self.replicas[index].core.adopt(taken)
+            effects += self._pump(index)
+        return effects
+
     def num_held(self, replica: int) -> int:
         return len(self._held.get(replica, ()))
 
