@@ -155,13 +155,7 @@ def test_a_replica_on_another_host_lost_mid_run_hands_its_requests_to_the_others
     while not (out.exists() and out.read_text().count("\n") >= 2) and head.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     worker.kill()  # the whole host B gone at once: no word to the head
-    try:
-        _, head_errors = head.communicate(timeout=240)
-    finally:
-        for process in (head, worker):
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+    head_errors, _ = _wait_for(head, worker, head_timeout_s=240)
     assert head.returncode == 0, head_errors
     assert "go on on the other replicas" in head_errors
     lines = [orjson.loads(line) for line in out.read_text().splitlines()]
