@@ -116,3 +116,5 @@ def test_workers_joining_without_a_rank_fill_their_nodes_units_first():
     assert all(len({nodes[r] for r in group}) == 1 for group in tp_groups)
     # Whole units never split while one is free; a third node takes what is left.
     assert choose_rank([3], tp_groups, {r: "x" for r in range(3)}, "y") == 3
+    # The head's rank 0 not joined yet (so not offered): the joining worker takes its group's other rank.
+    assert choose_rank([1], [[0, 1]], {}, "b") == 1

@@ -198,7 +198,8 @@ class Supervisor(Actor):
             self._send_away(message.inbox)
             return
         if rank is None:
-            free = [r for r, address in enumerate(self.addresses) if address is None]
+            # The head's own workers come with their ranks, from 0: those stay theirs.
+            free = [r for r, address in enumerate(self.addresses) if address is None and r >= self.num_local_workers]
             if not free:
                 log.warning("worker pid %d on %s joined a full world; sending it away", message.pid, message.hostname)
                 self._send_away(message.inbox)
