@@ -245,13 +245,11 @@ class EngineCore:
         adopted: dict[int, list[RequestState]] = {}
         for state in states:
             size = (len(state.prompt_token_ids), state.max_tokens)
-            fits = [r for r in up if self.replicas[r].core.capacity_error(*size) is None]
-            if not fits:
-                problem = min((self.replicas[r].core.capacity_error(*size) for r in up), key=len)
-                effects.append(Refused(state.request_id, f"after replica {replica} was lost, {problem}"))
+            index = self._choose(up, size)
+            if isinstance(index, str):
+                effects.append(Refused(state.request_id, f"after replica {replica} was lost, {index}"))
                 continue
-            index = min(fits, key=lambda r: (self.replicas[r].pending_tokens, len(adopted.get(r, ()))))
-            self.replicas[index].pending_tokens += size[0] + size[1] - len(state.output_token_ids)
+            self.replicas[index].pending_tokens += sum(size) - len(state.output_token_ids)
             adopted.setdefault(index, []).append(state)
         for index, taken in adopted.items():
             self.replicas[index].core.adopt(taken)
@@ -355,16 +353,22 @@ class EngineCore:
             self._early.append(request)
             return []
         size = (len(request.prompt_token_ids), request.sampling.max_tokens)
-        fits = [r for r in up if self.replicas[r].core.capacity_error(*size) is None]
-        if not fits:
-            problem = min((self.replicas[r].core.capacity_error(*size) for r in up), key=len)
-            return [Refused(request.request_id, problem, is_invalid=True)]
-        index = fits[0] if len(fits) == 1 else min(
-            fits, key=lambda r: (self.replicas[r].pending_tokens, self.replicas[r].core.pool.num_used))
+        index = self._choose(up, size)
+        if isinstance(index, str):
+            return [Refused(request.request_id, index, is_invalid=True)]
         replica = self.replicas[index]
         replica.pending_tokens += sum(size)
         replica.core.add(request)
         return self._pump(index)
+
+    def _choose(self, up: list[int], size: tuple[int, int]) -> int | str:
+        """The replica among `up` for a request of (prompt, max_tokens) `size`: the one with the
+        fewest tokens still to run among those it fits; or, fitting none, why not."""
+        fits = [r for r in up if self.replicas[r].core.capacity_error(*size) is None]
+        if not fits:
+            return min((self.replicas[r].core.capacity_error(*size) for r in up), key=len)
+        return fits[0] if len(fits) == 1 else min(
+            fits, key=lambda r: (self.replicas[r].pending_tokens, self.replicas[r].core.pool.num_used))
 
     def _kv_moved(self, request_id: str, settle: Callable[[StaticScheduler], None]) -> list[Effect]:
         """A copy landed: the core that holds the request (or, once it finished, its host slot) takes it."""
