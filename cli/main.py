@@ -219,6 +219,7 @@ def worker(
     local_rank: Annotated[Optional[int], typer.Option(help="which of this host's GPUs to use (default: LOCAL_RANK or SLURM_LOCALID, else the first one no other worker here holds)")] = None,
     advertise_address: Annotated[Optional[str], typer.Option(help="this host's address as the head and the other workers reach it (default: the interface toward the head)")] = None,
     join_timeout: Annotated[float, typer.Option(help="seconds to wait for the head before giving up, saying why")] = 60.0,
+    head_timeout: Annotated[float, typer.Option(help="seconds without a word from the head (which speaks every second) before this worker exits, releasing its node's shared memory")] = 60.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log worker events")] = False,
 ) -> None:
     """Join a head on another host as one worker; exits when the head shuts down."""
@@ -229,12 +230,15 @@ def worker(
     head = head or os.environ.get("SEESAW_HEAD")
     if not head:
         _fail("give the head's address: --head tcp://HOST:PORT, or SEESAW_HEAD")
+    if head_timeout < 2 or join_timeout <= 0:
+        _fail(f"--head-timeout must be at least 2 s (got {head_timeout:g}) and --join-timeout positive "
+              f"(got {join_timeout:g})")
     if rank is None:
         launched = next((os.environ[name] for name in ("SLURM_PROCID", "RANK") if os.environ.get(name, "").isdigit()), None)
         rank = int(launched) if launched is not None else None
     raise typer.Exit(worker_main(WorkerOptions(
         head=head, rank=rank, local_rank=local_rank, advertise_address=advertise_address, join_timeout_s=join_timeout,
-        log_level="INFO" if verbose else "WARNING",
+        head_timeout_s=head_timeout, log_level="INFO" if verbose else "WARNING",
     )))
 
 

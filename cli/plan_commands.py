@@ -39,7 +39,7 @@ def plan(
     host_buffer_gb: Annotated[Optional[float], typer.Option(help="host KV buffer in GiB (default: auto, as the engine sizes it: what /dev/shm and memory leave, at most the workload's KV)")] = None,
     shm_gb: Annotated[Optional[float], typer.Option(help="the size of /dev/shm on the node in GiB (default: half its host memory, as Linux mounts it)")] = None,
     all_reduce_gbs: Annotated[Optional[str], typer.Option(help="ring all-reduce bus bandwidth by group size, SIZE=GB/s,... (for example 2=10,4=8,8=3.2; default: the link's measured figures, else its copy bandwidth)")] = None,
-    nodes: Annotated[int, typer.Option(help="identical nodes of --gpus to plan for: one engine over them (a node's layout on each, or pipeline stages across nodes) and a node's pairs as copies, one engine a node")] = 1,
+    nodes: Annotated[int, typer.Option(help="identical nodes of --gpus to plan for: one engine over them: a node's layout or pair on each, or pipeline stages across nodes")] = 1,
     node_link: Annotated[Optional[str], typer.Option(help="the link between nodes: eth25g, eth100g, ib200g, ib400g (default with --nodes: eth100g)")] = None,
     profiles: ProfilesOption = None,
     jobs: Annotated[int, typer.Option(help="simulations run at once (processes)")] = max(1, os.cpu_count() or 1),
@@ -111,7 +111,7 @@ def plan(
         typer.echo(f"run the best:\n  {command}")
     notes = planner.host_memory_notes(winner, cost)
     for note in notes:
-        typer.echo(f"  note: {note}{' (on each node)' if winner.spec.copies > 1 else ''}")
+        typer.echo(f"  note: {note}{' (on each node)' if winner.spec.num_nodes > 1 else ''}")
     if output_json is not None:
         rows = [{"run": c.name, "error": c.error, "host_buffer_gb": c.spec.host_buffer_gb and round(c.spec.host_buffer_gb, 1),
                  **(c.result.summary() if c.result else {})} for c in ranked]
@@ -127,8 +127,7 @@ def plan(
 
         drawn = pair or winner  # a node of one GPU has no pair: its best layout's run
         draw_timeline(timeline, drawn.result.metrics())
-        which = " (its slowest node's run)" if drawn.spec.copies > 1 else ""
-        typer.echo(f"timeline of {drawn.name}{which}{'' if pair else ' (no prefill->decode pair runs here)'}: {timeline}")
+        typer.echo(f"timeline of {drawn.name}{'' if pair else ' (no prefill->decode pair runs here)'}: {timeline}")
 
 
 def _buffers(planner, cost, options, requests) -> str:
@@ -141,17 +140,18 @@ def _buffers(planner, cost, options, requests) -> str:
                    max_model_len=cost.spec.max_position)
     if nodes > 1:
         runs = [("static layouts over the nodes", replace(base, layout=Layout(pp=count * nodes), num_nodes=nodes))]
-        base = replace(base, copies=nodes)
+        base = replace(base, layout=Layout(dp=nodes, pp=count), num_nodes=nodes)
     else:
         runs = [("static layouts", base)]
     if count > 1:  # one GPU has one layout: no pairs
-        runs.append(("pairs" if nodes == 1 else "pairs on each node", replace(base, decode_layout=Layout(tp=count))))
+        decode = Layout(dp=nodes, tp=count)
+        runs.append(("pairs" if nodes == 1 else "pairs, on each node", replace(base, decode_layout=decode)))
     parts = []
     for what, run in runs:
         try:
             sized = planner.host_buffer_for(cost, run, requests)
             parts.append(f"{sized.gib:.1f} GiB for {what}" if sized.num_bytes or run.num_nodes == 1
-                         else f"none for {what} (workers on other nodes cannot reach the head's shared memory)")
+                         else f"none for {what} (simulated recomputing what they evict)")
         except ValueError as error:
             parts.append(f"none for {what} ({error})")
     how = "as given" if options.host_buffer_gb is not None else "auto, as the engine sizes it on such a node"

@@ -16,12 +16,13 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import zmq.asyncio
@@ -30,19 +31,22 @@ from seesaw.actors.base import Actor
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import Scheduler
-from seesaw.actors.supervisor import Supervisor
+from seesaw.actors.supervisor import NodeMemoryPlan, Supervisor
 from seesaw.config import EngineConfig
 from seesaw.scheduling.grammars import Grammars
 from seesaw.text import TextCodec
 from seesaw.kv.block_pool import blocks_for
+from seesaw.kv.host_slots import split_host_blocks
 from seesaw.kv.host_sizing import GIB, HostBufferPlan, NodeMemory, auto_host_buffer, check_host_buffer, few_pools_warning
 from seesaw.layout import shard_for
 from seesaw.messages import (
     Backend,
+    CheckpointSpec,
     CollectiveSpec,
     EngineFailed,
     EngineReady,
     LoadShard,
+    NodeMemoryMade,
     QueryStats,
     RestartWorkers,
     Shutdown,
@@ -58,8 +62,9 @@ from seesaw.scheduling.engine_core import ModelLimits
 from seesaw.stats import EngineStats, HostBufferUse
 from seesaw.transport.addresses import advertise_ip, reachable
 from seesaw.transport.channels import Inbox, Outbox
+from seesaw.transport.checkpoint_feed import CheckpointFeed
 from seesaw.transport.host_buffer import HostBuffer, torch_dtype
-from seesaw.transport.shared_memory import SHM_DIR, hold_lock, read_node_memory, reclaim_orphans
+from seesaw.transport.shared_memory import SHM_DIR, Reaper, hold_lock, node_key, read_node_memory, reclaim_orphans
 from seesaw.transport.weight_store import WeightStore, store_bytes
 from seesaw.worker import WorkerOptions
 
@@ -68,6 +73,12 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """The engine could not start or cannot go on."""
+
+
+@dataclass(frozen=True)
+class _Feed:
+    feed: CheckpointFeed
+    address: str  # as workers on other nodes reach it
 
 
 class _EngineInbox(Actor):
@@ -103,9 +114,6 @@ class Engine:
         if parallel.is_seesaw and config.cache.host_buffer_gb is not None and config.cache.host_buffer_gb <= 0:
             raise ValueError("--prefill-layout and --decode-layout pass every request's KV through the host "
                              "buffer: --host-buffer-gb must be positive")
-        if parallel.is_seesaw and parallel.local_workers() < parallel.layout.world_size:
-            raise ValueError("seesaw mode keeps the host KV buffer and the weight store in this host's shared "
-                             "memory, so every worker must run here; workers on other hosts need --layout")
         self.max_model_len = config.model.context_length(self.spec.max_position)
         # Sized (and checked against /dev/shm) now, before anything starts.
         self.host_buffer_plan = self._plan_host_buffer(node_memory or read_node_memory(), job_kv_blocks)
@@ -129,6 +137,8 @@ class Engine:
         self._host_buffer: HostBuffer | None = None
         self._weight_store: WeightStore | None = None
         self._store_filled: threading.Event | None = None  # set once the filling thread is done
+        self._reaper: Reaper | None = None
+        self._feed: _Feed | None = None  # the checkpoint, served to nodes that cannot read its folder
         self._inboxes: dict[str, Inbox] = {}
         self._senders: dict[str, Outbox] = {}
 
@@ -139,17 +149,20 @@ class Engine:
         for leftover in reclaim_orphans([SHM_DIR, Path(tempfile.gettempdir())]):
             log.warning("removed %s, left behind by a run that no longer exists", leftover)
         self.context = zmq.asyncio.Context()
+        self._reaper = Reaper()  # removes what follows should this process be killed
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"seesaw-run-{os.getpid()}-"))
+        self._reaper.watch(self._run_dir)
         self._run_dir_lock = os.open(self._run_dir, os.O_RDONLY)
         hold_lock(self._run_dir_lock)
         self._host_buffer = self._make_host_buffer()
         self._bind_inboxes()
+        self._start_feed()
         self._spawn_workers()  # they start while the tokenizer (and the weight store) load here
         if self.codec is None:
             self.codec = await asyncio.to_thread(TextCodec, self.model.tokenizer_folder)
         self._wire_actors()  # the Supervisor gathers and watches the workers from now on
         self._watch = asyncio.get_running_loop().create_task(self._watch_processes())
-        if self.config.parallel.reshards:
+        if self._makes_store:
             self._store_filled = threading.Event()
             await asyncio.to_thread(self._make_weight_store, self._store_filled)
             self._send("supervisor", WeightsStored())
@@ -176,10 +189,13 @@ class Engine:
         return head.rsplit(":", 1)[0] + ":*"
 
     def _for_workers(self, name: str) -> str:
-        """Where workers reach a head inbox: its bound address, a wildcard host replaced by the
-        address workers can reach this host at (--advertise-address, else the routed one)."""
+        """Where workers reach a head inbox."""
+        return self._reachable(self._inboxes[name].bound_address)
+
+    def _reachable(self, address: str) -> str:
+        """A bound address as workers reach it: a wildcard host replaced by the address workers can
+        reach this host at (--advertise-address, else the routed one)."""
         transport = self.config.transport
-        address = self._inboxes[name].bound_address
         if transport.head_address is None:
             return address
         ip = transport.advertise_address or advertise_ip("10.255.255.255", None, os.environ)
@@ -201,12 +217,23 @@ class Engine:
         spec = self.spec
         return [spec.num_layers, 2, spec.num_kv_heads, self.config.cache.block_size, spec.head_dim]
 
-    def _plan_host_buffer(self, memory: NodeMemory, job_kv_blocks: int | None) -> HostBufferPlan | None:
-        """The host buffer's size and why: the one asked for (checked against /dev/shm), or auto.
-        None when workers on other hosts could not reach it."""
+    @property
+    def replicas_here(self) -> int:
+        """The replicas with a worker the head starts: their workers on this node use its host
+        buffer. Each node holds the host blocks of its own replicas; this one sizes every replica's."""
+        parallel = self.config.parallel
+        per_replica = parallel.layout.world_size // parallel.layout.dp
+        return min(parallel.layout.dp, -(-parallel.local_workers() // per_replica))
+
+    @property
+    def _makes_store(self) -> bool:
+        """Whether the head fills a weight store: the run re-shards and the head starts workers."""
+        return self.config.parallel.reshards and self.replicas_here > 0
+
+    def _plan_host_buffer(self, memory: NodeMemory, job_kv_blocks: int | None) -> HostBufferPlan:
+        """This node's host buffer size and why: the one asked for (checked against /dev/shm), or
+        auto, for the replicas here (one when all run elsewhere: other nodes hold the same per replica)."""
         config, parallel = self.config, self.config.parallel
-        if parallel.local_workers() < parallel.layout.world_size:
-            return None
         dtype = config.model.resolved_dtype
         model_bytes = store_bytes(neutral_shapes(self.spec), dtype)
         weight_store_bytes = model_bytes if parallel.reshards else 0
@@ -215,26 +242,33 @@ class Engine:
             check_host_buffer(int(asked_gb * GIB), memory, weight_store_bytes)
             return HostBufferPlan(int(asked_gb * GIB), f"host KV buffer {asked_gb:g} GiB (--host-buffer-gb)")
         block_bytes = math.prod(self._host_block_shape()) * torch_dtype(dtype).itemsize
-        num_workers = parallel.layout.world_size
+        replicas = max(1, self.replicas_here)
+        num_workers = replicas * parallel.layout.world_size // parallel.layout.dp
         if config.model.device == "cpu":  # the workers' weights and KV pools live in host memory too
             process_bytes = model_bytes + num_workers * (config.cache.kv_cache_bytes("cpu") + GIB // 2)
         else:
             process_bytes = num_workers * GIB
-        min_bytes = blocks_for(self.max_model_len, config.cache.block_size) * block_bytes * parallel.layout.dp
+        min_bytes = blocks_for(self.max_model_len, config.cache.block_size) * block_bytes * replicas
+        job_bytes = None if job_kv_blocks is None else -(-job_kv_blocks * replicas // parallel.layout.dp) * block_bytes
         return auto_host_buffer(memory, store_bytes=weight_store_bytes, process_bytes=process_bytes,
-                                min_bytes=min_bytes, job_bytes=None if job_kv_blocks is None else job_kv_blocks * block_bytes,
+                                min_bytes=min_bytes, job_bytes=job_bytes,
                                 is_seesaw=parallel.is_seesaw, num_workers=num_workers,
                                 pool_bytes=config.cache.kv_cache_bytes(config.model.device))
 
+    @property
+    def num_host_blocks(self) -> int:
+        """The engine's host blocks over all nodes: every replica holds as many as one here does."""
+        block_bytes = math.prod(self._host_block_shape()) * torch_dtype(self.config.model.resolved_dtype).itemsize
+        per_replica = self.host_buffer_plan.num_bytes // block_bytes // max(1, self.replicas_here)
+        return per_replica * self.config.parallel.layout.dp
+
     def _make_host_buffer(self) -> HostBuffer | None:
-        if self.host_buffer_plan is None:
-            log.info("workers on other hosts cannot reach this host's shared memory: evicted requests "
-                     "will be recomputed instead of waiting in a host buffer")
+        """The host blocks of the replicas here (the first ones); other nodes' keepers make theirs."""
+        num_blocks = self.num_host_blocks // self.config.parallel.layout.dp * self.replicas_here
+        if not num_blocks:
             return None
-        block_shape, dtype = self._host_block_shape(), self.config.model.resolved_dtype
-        block_bytes = math.prod(block_shape) * torch_dtype(dtype).itemsize
-        num_blocks = self.host_buffer_plan.num_bytes // block_bytes
-        return HostBuffer.create(num_blocks, block_shape, dtype) if num_blocks else None
+        return HostBuffer.create(num_blocks, self._host_block_shape(), self.config.model.resolved_dtype,
+                                 reaper=self._reaper)
 
     def _make_weight_store(self, finished: threading.Event) -> None:
         """The whole model once in shared memory, filled from the checkpoint (or seeded random
@@ -243,7 +277,7 @@ class Engine:
         try:
             started = time.perf_counter()
             spec, model = self.spec, self.model
-            self._weight_store = WeightStore.create(neutral_shapes(spec), self.config.model.resolved_dtype)
+            self._weight_store = WeightStore.create(neutral_shapes(spec), self.config.model.resolved_dtype, self._reaper)
             source = (SafetensorsSource(model.weights_folder) if model.weights_folder
                       else RandomSource(spec, self.config.model.seed))
             if self._weight_store.fill(source.rows, should_stop=lambda: self._closing):
@@ -282,8 +316,7 @@ class Engine:
             layouts = {Phase.PREFILL: parallel.prefill_layout, Phase.DECODE: parallel.decode_layout}
         else:
             layouts = {Phase.MIXED: parallel.layout}
-        num_host_blocks = self._host_buffer.spec.num_blocks if self._host_buffer else 0
-        limits = ModelLimits(config.cache.block_size, self.max_model_len, self.spec.eos_token_ids, num_host_blocks)
+        limits = ModelLimits(config.cache.block_size, self.max_model_len, self.spec.eos_token_ids, self.num_host_blocks)
         scheduler = Scheduler(
             inboxes["scheduler"], context, config.scheduler, layouts, limits, outbox("kv-tier"),
             outbox("request-queue"), outbox("supervisor"), outbox("engine"), config.transport.step_timeout_s,
@@ -295,18 +328,48 @@ class Engine:
         supervisor = Supervisor(
             inboxes["supervisor"], context, config.transport, parallel.layouts, backend, self._load_command,
             [outbox("scheduler"), outbox("kv-tier")], outbox("engine"), parallel.local_workers(),
-            is_store_pending=parallel.reshards,
+            is_store_pending=self._makes_store, node_memory=self._node_memory_plan(),
         )
         self._actors = [_EngineInbox(inboxes["engine"], self), request_queue, scheduler, kv_tier, supervisor]
         for actor in self._actors:
             actor.start().add_done_callback(self._on_actor_done)
 
-    def _load_command(self, rank: int, collective: CollectiveSpec | None) -> LoadShard:
+    def _node_memory_plan(self) -> NodeMemoryPlan | None:
+        """What keepers make on other nodes; None when every worker runs here."""
+        config, parallel = self.config, self.config.parallel
+        if parallel.local_workers() >= parallel.layout.world_size:
+            return None
+        checkpoint = None
+        if parallel.reshards:
+            folder = str(self.model.weights_folder) if self.model.weights_folder else None
+            checkpoint = CheckpointSpec(self.model.hf_config, config.model.resolved_dtype, folder, config.model.seed,
+                                        self._feed.address if self._feed else None)
+        return NodeMemoryPlan(node_key(socket.gethostname()), self._makes_store,
+                              split_host_blocks(self.num_host_blocks, parallel.layout.dp),
+                              self._host_block_shape(), config.model.resolved_dtype, checkpoint)
+
+    def _start_feed(self) -> None:
+        """Serve the checkpoint to nodes that cannot read its folder, when such nodes may join."""
+        parallel = self.config.parallel
+        if not parallel.reshards or self.model.weights_folder is None or \
+                parallel.local_workers() >= parallel.layout.world_size:
+            return
+        source = SafetensorsSource(self.model.weights_folder)
+        feed = CheckpointFeed(self.context, self.address("checkpoint-feed"), source.rows, self.config.model.resolved_dtype)
+        self._feed = _Feed(feed, self._reachable(feed.bound_address))
+        feed.start()
+
+    def _load_command(self, rank: int, collective: CollectiveSpec | None, memory: NodeMemoryMade | None) -> LoadShard:
+        """A worker's load command; `memory`: its node's keeper's, for a worker on another node."""
         config = self.config
+        weight_store = self._weight_store.spec if self._weight_store else None
+        host_buffer = self._host_buffer.spec if self._host_buffer else None
+        if memory is not None:  # on the head's node a keeper makes no second store
+            weight_store, host_buffer = memory.weight_store or weight_store, memory.host_buffer
         return LoadShard(
             hf_config=self.model.hf_config,
             weights_folder=str(self.model.weights_folder) if self.model.weights_folder else None,
-            weight_store=self._weight_store.spec if self._weight_store else None,
+            weight_store=weight_store,
             dummy_seed=config.model.seed,
             dtype=config.model.resolved_dtype,
             device=config.model.device,
@@ -316,7 +379,7 @@ class Engine:
             kv_cache_bytes=config.cache.kv_cache_bytes(config.model.device),
             memory_fraction=config.cache.memory_fraction,
             num_threads=config.parallel.threads(),
-            host_buffer=self._host_buffer.spec if self._host_buffer else None,
+            host_buffer=host_buffer,
             collective=collective,
             scheduler_address=self._for_workers("scheduler"),
             kv_tier_address=self._for_workers("kv-tier"),
@@ -385,7 +448,7 @@ class Engine:
         """Seesaw mode: say so when the host buffer holds only a few device pools' worth of KV."""
         if not self.config.parallel.is_seesaw or self._host_buffer is None or not device_blocks:
             return
-        host_blocks = self._host_buffer.spec.num_blocks // len(device_blocks)
+        host_blocks = self.num_host_blocks // len(device_blocks)
         warning = few_pools_warning(self.host_buffer_plan, host_blocks, min(device_blocks))
         if warning is not None:
             log.warning("%s", warning)
@@ -416,8 +479,6 @@ class Engine:
         self._send("scheduler", QueryStats(query_id, self._inboxes["engine"].bound_address, with_timeline))
         try:
             stats = await asyncio.wait_for(future, timeout_s)
-            if self.host_buffer_plan is None:
-                return stats
             plan = self.host_buffer_plan
             return replace(stats, host_buffer=HostBufferUse(gib=plan.gib, reason=plan.reason, pin_s=self.pin_s))
         except TimeoutError:
@@ -458,6 +519,8 @@ class Engine:
             await actor.stop()
         for box in self._outboxes:
             box.close(linger_s=0)
+        if self._feed is not None:
+            await self._feed.feed.close()
         if self.context is not None:
             await self._term_context()
         if self._store_filled is not None:  # a start cut short may still be filling it
@@ -468,6 +531,8 @@ class Engine:
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             os.close(self._run_dir_lock)
+        if self._reaper is not None:
+            await asyncio.to_thread(self._reaper.close)
 
     async def _term_context(self) -> None:
         """End ZeroMQ, but never wait on it for long: a socket left open would block term() forever,

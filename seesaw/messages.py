@@ -345,6 +345,34 @@ class LoadShard:
 
 
 @dataclass(frozen=True)
+class CheckpointSpec:
+    """Where a node's weight store is filled from: the checkpoint folder as the head names it (read
+    there when this host sees it too), else the head's checkpoint feed; seeded random weights when
+    the model has no folder."""
+
+    hf_config: dict
+    dtype: str
+    weights_folder: str | None
+    seed: int
+    feed_address: str | None = None  # where the head serves the checkpoint's tensors
+
+
+@dataclass(frozen=True)
+class MakeNodeMemory:
+    """Supervisor -> ShardWorker (its node's keeper): create this node's part of the host KV buffer
+    for one replica (host blocks first_block .. first_block + num_blocks - 1; none when 0) and,
+    with `checkpoint`, the node's weight store filled from it. The keeper owns both and removes
+    them when it exits."""
+
+    replica: int
+    first_block: int
+    num_blocks: int
+    block_shape: list[int]
+    dtype: str
+    checkpoint: CheckpointSpec | None = None
+
+
+@dataclass(frozen=True)
 class PrepareGroups:
     """Supervisor -> ShardWorker (a replica's first rank): make the rendezvous for these groups."""
 
@@ -436,6 +464,20 @@ class RankAssigned:
 
 
 @dataclass(frozen=True)
+class NodeMemoryMade:
+    """ShardWorker (a node's keeper) -> Supervisor: the replica's host buffer on this node, and the
+    node's weight store when it was asked for one (filled from `source`)."""
+
+    replica: int
+    rank: int
+    host_buffer: HostBufferSpec | None
+    weight_store: WeightStoreSpec | None
+    source: str
+    seconds: float
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
 class WorkerReady:
     """ShardWorker -> Supervisor: the shard is loaded and the KV arena allocated; how many
     device blocks the arena holds under each of the run's layouts."""
@@ -486,9 +528,10 @@ ToFrontDoor = RequestFinished | TextDeltas | StatsReport
 ToScheduler = (AddRequest | StopRequest | QueryStats | StepDone | Resharded | EngineReady | ReplicaLost | ReplicaReady
                | EngineFailed | KVSaved | KVLoaded)
 ToKVTier = SaveKV | LoadKV | SwappedOut | Prefetched | EngineReady | ReplicaLost | ReplicaReady
-ToShardWorker = LoadShard | PrepareGroups | RunStep | Reshard | SwapOut | Prefetch | HeadAlive | Shutdown | RankAssigned
+ToShardWorker = (LoadShard | PrepareGroups | RunStep | Reshard | SwapOut | Prefetch | HeadAlive | Shutdown | RankAssigned
+                 | MakeNodeMemory)
 ToSupervisor = (WorkerHello | GroupsPrepared | WorkerReady | WorkerFailed | Heartbeat | WorkersBusy | WeightsStored
-                | Shutdown)
+                | Shutdown | NodeMemoryMade)
 ToEngine = EngineReady | EngineFailed | RestartWorkers | StatsReport
 
 Message = ToRequestQueue | ToFrontDoor | ToScheduler | ToKVTier | ToShardWorker | ToSupervisor | ToEngine

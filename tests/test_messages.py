@@ -45,6 +45,11 @@ EXAMPLES = [
     m.Reshard(Layout(tp=2)),
     m.SwapOut(7, "r1", Layout(pp=2), [1], [2]), m.Prefetch(8, "r1", Layout(tp=2), [2], [1]), m.HeadAlive(), m.Shutdown(),
     m.WorkerHello(0, 123, "host", "ipc://w0"), m.WorkerHello(None, 124, "far", "tcp://h:9"), m.WorkerReady(0, [10, 10], 1.2, "cpu", 77),
+    m.MakeNodeMemory(1, 40, 40, [2, 2, 1, 16, 8], "float32",
+                     m.CheckpointSpec({"model_type": "llama"}, "bfloat16", "/w", 0, "tcp://h:4")),
+    m.MakeNodeMemory(2, 80, 0, [2, 2, 1, 16, 8], "float32"),
+    m.NodeMemoryMade(1, 2, m.HostBufferSpec("seesaw-kv-y", 40, [2, 2, 1, 16, 8], "float32", 40),
+                     m.WeightStoreSpec("seesaw-weights-y", "float32", 1024), "the head's feed", 1.5, 77),
     m.WorkerFailed(0, "oom", "loading", 4242), m.WorkerFailed(1, "killed", None, None), m.Heartbeat(1), m.WorkersBusy([0, 1], "re-sharding to t2"),
 ]
 

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -71,40 +69,6 @@ def test_a_worker_the_head_cannot_reach_fails_the_run_within_the_join_timeout(tm
     assert head.returncode == 1 and worker.returncode != 0
     assert "worker 1 failed while joining" in head_errors and "198.51.100.7" in head_errors
     assert "--advertise-address" in head_errors and "Traceback" not in head_errors + worker_errors
-
-
-def _can_make_namespaces() -> bool:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        return False
-    name = f"seesaw-probe-{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode == 0
-    if made:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return made
-
-
-@pytest.fixture
-def two_hosts():
-    """Namespaces A (10.231.0.1) and B (10.231.0.2) joined by a veth pair, with no default route."""
-    if not _can_make_namespaces():
-        pytest.skip("needs root and `ip netns`")
-    tag = os.getpid() % 100000
-    a, b = f"seesaw-a-{tag}", f"seesaw-b-{tag}"
-    steps = [
-        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
-        ["ip", "link", "add", f"ssa{tag}", "type", "veth", "peer", "name", f"ssb{tag}"],
-        ["ip", "link", "set", f"ssa{tag}", "netns", a], ["ip", "link", "set", f"ssb{tag}", "netns", b],
-        ["ip", "-n", a, "addr", "add", "10.231.0.1/24", "dev", f"ssa{tag}"],
-        ["ip", "-n", b, "addr", "add", "10.231.0.2/24", "dev", f"ssb{tag}"],
-        *[["ip", "-n", ns, "link", "set", dev, "up"] for ns, dev in ((a, f"ssa{tag}"), (b, f"ssb{tag}"), (a, "lo"), (b, "lo"))],
-    ]
-    try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True)
-        yield a, b
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes the veth pair with it
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Planning for several identical nodes: the candidates (copies of a node's runs, pipelines across
-nodes, never a pair or a tensor-parallel group across nodes), the node link in the simulation, and
-`seesaw-cli plan --nodes`."""
+"""Planning for several identical nodes: the candidates (one engine with a node's layout or pair on
+every node, or pipelines across nodes; never a pair's replica or a tensor-parallel group across
+nodes), the node link in the simulation, and `seesaw-cli plan --nodes`."""
 
 from __future__ import annotations
 
@@ -58,18 +58,18 @@ def test_a_model_that_fits_one_node_runs_about_n_times_as_fast_on_n_nodes():
     static = evaluate(fast, RunSpec(Layout(tp=2), host_buffer_gb=None), work).throughput
     pair = evaluate(fast, RunSpec(Layout(pp=2), Layout(tp=2), host_buffer_gb=None), work).throughput
     over_nodes = RunSpec(Layout(dp=2, tp=2), num_nodes=2)  # one engine, a t2 replica on each node
-    copies = RunSpec(Layout(pp=2), Layout(tp=2), copies=2, host_buffer_gb=None)  # an engine on each node
+    pairs = RunSpec(Layout(dp=2, pp=2), Layout(dp=2, tp=2), num_nodes=2, host_buffer_gb=None)  # a p2->t2 replica each
     across = RunSpec(Layout(tp=2, pp=2), num_nodes=2)  # one replica, a stage on each node
-    assert str(over_nodes) == "2 nodes x (t2)" and str(copies) == "2 nodes x (p2->t2)"
+    assert str(over_nodes) == "2 nodes x (t2)" and str(pairs) == "2 nodes x (p2->t2)"
     assert str(across) == "t2p2 across 2 nodes"
-    on_fast = {spec: evaluate(fast, spec, work).throughput for spec in (over_nodes, copies, across)}
-    on_slow = {spec: evaluate(slow, spec, work).throughput for spec in (over_nodes, copies, across)}
-    for spec, one_node in ((over_nodes, static), (copies, pair)):
+    on_fast = {spec: evaluate(fast, spec, work).throughput for spec in (over_nodes, pairs, across)}
+    on_slow = {spec: evaluate(slow, spec, work).throughput for spec in (over_nodes, pairs, across)}
+    for spec, one_node in ((over_nodes, static), (pairs, pair)):
         assert 0.95 * 2 <= on_fast[spec] / one_node <= 1.02 * 2  # within 5% of twice
-    # A very slow node link: copies never use it, one engine's head sends a few bytes a step
-    # over it, and only a pipeline across nodes passes activations through it.
-    assert on_slow[copies] == on_fast[copies]
-    assert on_slow[over_nodes] >= 0.99 * on_fast[over_nodes]
+    # A very slow node link: one engine's head sends a few bytes a step over it, and only a
+    # pipeline across nodes passes activations through it.
+    for spec in (over_nodes, pairs):
+        assert on_slow[spec] >= 0.99 * on_fast[spec]
     assert on_slow[across] < 0.8 * on_fast[across]
 
 
@@ -91,14 +91,21 @@ def test_a_model_too_large_for_one_node_runs_only_with_pipelines_across_nodes():
         assert figures == sorted(figures, reverse=True) and figures[-1] < figures[0]
 
 
-def test_no_candidate_spans_nodes_with_a_pair_or_a_tensor_parallel_group():
+def test_no_candidate_spans_nodes_with_a_pairs_replica_or_a_tensor_parallel_group():
     catalog = Catalog()
     cost = CostModel(catalog.model("llama3-8b"), catalog.node("4xA10"), catalog.node_link("eth100g"))
     runs = candidates(cost, PlanOptions(num_nodes=3))
     pairs = [run for run in runs if run.is_seesaw]
-    assert pairs and all(run.copies == 3 and run.num_nodes == 1 and run.layout.world_size == 4 for run in pairs)
+    assert pairs and all(run.num_nodes == 3 and run.layout.world_size == 12 for run in pairs)
+    for run in pairs:  # a node's pair on each node: every replica's ranks on one node, in both layouts
+        for layout in (run.layout, run.decode_layout):
+            assert layout.dp % 3 == 0
+            assert all(len({rank // 4 for rank in layout.replica_ranks(r)}) == 1 for r in range(layout.dp))
+    one_node = {(run.layout, run.decode_layout) for run in candidates(cost, PlanOptions()) if run.is_seesaw}
+    assert {(Layout(p.dp // 3, p.tp, p.pp), Layout(d.dp // 3, d.tp, d.pp)) for p, d in
+            ((run.layout, run.decode_layout) for run in pairs)} == one_node
     static = [run for run in runs if not run.is_seesaw]
-    assert all(run.num_nodes == 3 and run.copies == 1 and run.host_buffer_gb == 0.0 for run in static)
+    assert all(run.num_nodes == 3 and run.host_buffer_gb == 0.0 for run in static)
     # Brute force: every layout of the 12 GPUs whose tensor-parallel groups each sit on one node.
     expected = set()
     for dp in range(1, 13):
@@ -114,8 +121,8 @@ def test_no_candidate_spans_nodes_with_a_pair_or_a_tensor_parallel_group():
                 expected.add(layout)
     assert {run.layout for run in static} == expected
     assert {str(run) for run in static} >= {"3 nodes x (t4)", "3 nodes x (d4)", "t4p3 across 3 nodes"}
-    with pytest.raises(ValueError, match="one node's shared memory"):
-        RunSpec(Layout(pp=8), Layout(tp=8), num_nodes=2)
+    with pytest.raises(ValueError, match="replicas of 8 GPUs would span nodes of 4; .* each replica stays inside a node"):
+        simulate(cost, RunSpec(Layout(pp=8), Layout(tp=8), num_nodes=2), fixed(1, 8, 1))
     with pytest.raises(ValueError, match="tensor parallelism stays inside a node"):
         simulate(cost, RunSpec(Layout(tp=6, pp=2), num_nodes=3), fixed(1, 8, 1))
 
@@ -161,19 +168,20 @@ def test_plan_command_over_two_nodes_prints_the_cluster_ranking_and_how_to_run_i
                     "2 nodes x (p2->t2)", "2 nodes x (t2->p2)"}
 
 
-def test_a_pair_chosen_over_nodes_runs_as_one_engine_a_node_on_its_share_of_the_lines():
+def test_a_pair_chosen_over_nodes_runs_as_one_engine_with_a_replica_a_node():
     output = _plan_output("--nodes", "2", "--workload", "fixed:3000:30", "--num-requests", "64", "--node-link", "ib200g")
     assert "chosen: 2 nodes x (p2->t2) (prefill -> decode pair)" in output
-    assert "split -n r/2 --numeric-suffixes=1 --additional-suffix=.jsonl INPUT.jsonl part-" in output
-    assert "seesaw-cli batch PART.jsonl --model dummy:llama3-8b --device cuda --prefill-layout p2 --decode-layout t2" in output
-    assert "--head-address" not in output
+    assert ("seesaw-cli batch INPUT.jsonl --model dummy:llama3-8b --device cuda --prefill-layout d2p2 "
+            "--decode-layout d2t2") in output
+    assert "--head-address tcp://HEAD:PORT --local-workers 2" in output
+    assert "--rank $((n * 2 + i))" in output and "split" not in output
 
 
 def test_plan_over_nodes_draws_the_best_pairs_slowest_node(tmp_path):
     pytest.importorskip("matplotlib")
     picture = tmp_path / "timeline.png"
     output = _plan_output("--nodes", "2", "--timeline", str(picture))
-    assert "timeline of 2 nodes x (p2->t2) (its slowest node's run)" in output
+    assert "timeline of 2 nodes x (p2->t2):" in output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -100,7 +100,8 @@ def _runtime_on_gpu_1(monkeypatch):
     runtime.uploader = Uploader(runtime.device, runtime.bounds.upload_values(is_ragged=False))
     runtime.states[AGAIN] = copy.copy(runtime.states[Layout()])
     pages = runtime.current.kv_pages
-    runtime.host_buffer = SimpleNamespace(blocks=torch.zeros(4, *pages.shape[1:]))  # [host blocks, ...]
+    runtime.host_buffer = SimpleNamespace(blocks=torch.zeros(4, *pages.shape[1:]),  # [host blocks, ...]
+                                          local=lambda host_block_ids: list(host_block_ids))  # blocks from 0
     return cuda, runtime
 
 

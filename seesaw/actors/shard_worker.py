@@ -1,14 +1,16 @@
 """ShardWorker actor: one per device, in its own process; runs steps and KV copies for its shard.
 
-Inbox: RankAssigned, PrepareGroups, LoadShard, HeadAlive, Shutdown (Supervisor); RunStep, Reshard
-(Scheduler); SwapOut, Prefetch (KVTier).
-Sends: GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat to the Supervisor; StepDone, Resharded to
-the Scheduler; SwappedOut, Prefetched to the KVTier.
+Inbox: RankAssigned, MakeNodeMemory, PrepareGroups, LoadShard, HeadAlive, Shutdown (Supervisor);
+RunStep, Reshard (Scheduler); SwapOut, Prefetch (KVTier).
+Sends: NodeMemoryMade, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat to the Supervisor;
+StepDone, Resharded to the Scheduler; SwappedOut, Prefetched to the KVTier.
 
 Forward passes and transitions run on one dedicated thread, in arrival order, so the inbox keeps
 draining while a step computes and a transition starts as soon as this worker's own last step of
 the old layout is done; KV copies run on a thread of their own, and so does the wait for each
 step's sampled tokens (the step thread starts the next step meanwhile; StepDone keeps step order).
+A worker the Supervisor makes its node's keeper (see node_keeper) makes that memory on a thread
+of its own too, and removes it when it stops.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.actors.node_keeper import NodeKeeper
 from seesaw.messages import (
     Backend,
     CollectiveSpec,
     GroupSpec,
     GroupsPrepared,
     LoadShard,
+    MakeNodeMemory,
     Prefetch,
     Prefetched,
     PrepareGroups,
@@ -73,6 +77,8 @@ class ShardWorker(Actor):
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._copies = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
         self._tokens = ThreadPoolExecutor(1, thread_name_prefix="tokens")  # waits for sampled tokens, in order
+        self._memory = ThreadPoolExecutor(1, thread_name_prefix="node-memory")
+        self.keeper: NodeKeeper | None = None  # set when this worker keeps its node's shared memory
         self._outstanding: set[Future] = set()
 
     def handle(self, message):
@@ -81,6 +87,8 @@ class ShardWorker(Actor):
         match message:
             case RankAssigned():
                 self.rank = message.rank
+            case MakeNodeMemory():
+                self._on_make_node_memory(message)
             case PrepareGroups():
                 self._on_prepare_groups(message)
             case LoadShard():
@@ -95,6 +103,12 @@ class ShardWorker(Actor):
                 self._on_prefetch(message)
             case Shutdown():
                 self.stopped.set()
+
+    def _on_make_node_memory(self, command: MakeNodeMemory) -> None:
+        self.keeper = self.keeper or NodeKeeper()
+        keeper = self.keeper
+        self._submit(self._memory, lambda: keeper.make(command, self.rank, os.getpid()), self.supervisor.send,
+                     f"making its node's shared memory for replica {command.replica}")
 
     def _on_prepare_groups(self, command: PrepareGroups) -> None:
         def prepare() -> GroupsPrepared:
@@ -215,13 +229,17 @@ class ShardWorker(Actor):
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         await super().stop()
-        for executor in (self._compute, self._copies, self._tokens):
+        if self.keeper is not None:
+            self.keeper.stop_filling()
+        for executor in (self._compute, self._copies, self._tokens, self._memory):
             executor.shutdown(wait=False, cancel_futures=True)
         # Release the model only once no step or copy still uses it; a step stuck in a collective
         # whose peer died is left to the process exit.
         _, running = await asyncio.to_thread(futures.wait, list(self._outstanding), timeout_s)
         if self.runtime is not None and not running:
             self.runtime.close()
+        if self.keeper is not None:  # removed in any case: a mapping still in use stays until the exit
+            self.keeper.close()
         for outbox in (self.scheduler, self.kv_tier):
             if outbox is not None:
                 outbox.close()

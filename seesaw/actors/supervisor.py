@@ -2,9 +2,14 @@
 shards, watches the workers, and when one is lost restarts its replica (within a budget) or fails
 the engine loudly.
 
-Inbox: WorkerHello, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker, or the
-engine's process watch); WorkersBusy (Scheduler); WeightsStored and Shutdown (Engine).
-Sends: RankAssigned, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady,
+Workers on a node other than the head's cannot reach the head's shared memory: the lowest rank
+there becomes its node's keeper and makes the node's weight store and each of its replicas' host
+buffers (MakeNodeMemory) before those replicas form their groups. In seesaw mode a replica must
+run on one node (its KV re-shards through its node's host buffer); one that spans nodes is refused.
+
+Inbox: WorkerHello, NodeMemoryMade, GroupsPrepared, WorkerReady, WorkerFailed, Heartbeat (ShardWorker,
+or the engine's process watch); WorkersBusy (Scheduler); WeightsStored and Shutdown (Engine).
+Sends: RankAssigned, MakeNodeMemory, PrepareGroups, LoadShard, HeadAlive and Shutdown to workers; EngineReady,
 ReplicaLost and ReplicaReady to the Scheduler and the KVTier (EngineReady to the Engine too);
 RestartWorkers and EngineFailed to the Engine.
 """
@@ -16,6 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq.asyncio
 
@@ -23,6 +29,7 @@ from seesaw.actors.base import Actor
 from seesaw.config import TransportConfig
 from seesaw.layout import Layout, groups_of
 from seesaw.messages import (
+    CheckpointSpec,
     CollectiveSpec,
     EngineFailed,
     EngineReady,
@@ -31,6 +38,8 @@ from seesaw.messages import (
     HeadAlive,
     Heartbeat,
     LoadShard,
+    MakeNodeMemory,
+    NodeMemoryMade,
     PrepareGroups,
     RankAssigned,
     ReplicaLost,
@@ -48,7 +57,25 @@ from seesaw.transport.channels import Inbox, Outbox
 
 log = logging.getLogger(__name__)
 
-LoadCommand = Callable[[int, CollectiveSpec | None], LoadShard]
+LoadCommand = Callable[[int, CollectiveSpec | None, NodeMemoryMade | None], LoadShard]
+
+
+@dataclass(frozen=True)
+class NodeMemoryPlan:
+    """What a keeper makes on a node other than the head's: each replica's host blocks (as the
+    engine numbers them; none when the run has no host buffer) and, when the run re-shards, the
+    weight store from `checkpoint`."""
+
+    head_node: str  # the head's node key: its own workers use its memory
+    head_has_store: bool  # whether the head made a weight store, which its node's keeper then need not
+    host_blocks: list[tuple[int, int]]  # by replica: (first block, count)
+    block_shape: list[int]
+    dtype: str
+    checkpoint: CheckpointSpec | None
+
+    @property
+    def is_needed(self) -> bool:
+        return self.checkpoint is not None or any(count for _, count in self.host_blocks)
 
 
 def choose_rank(free: list[int], units: list[list[int]], nodes: dict[int, str], node: str) -> int:
@@ -83,6 +110,7 @@ class Supervisor(Actor):
         engine: Outbox,
         num_local_workers: int,  # ranks below this are the head's own processes, which it can restart
         is_store_pending: bool = False,  # workers may load only once WeightsStored arrives
+        node_memory: NodeMemoryPlan | None = None,  # None: every worker uses the head's memory (or none)
     ):
         super().__init__(inbox)
         self.context = context
@@ -95,6 +123,7 @@ class Supervisor(Actor):
         self.engine = engine
         self.num_local_workers = num_local_workers
         self.is_store_pending = is_store_pending
+        self.node_memory = node_memory if node_memory is not None and node_memory.is_needed else None
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
         self.pids: dict[int, int] = {}  # rank -> the pid of its current process
@@ -115,6 +144,9 @@ class Supervisor(Actor):
         self._restart_deadlines: dict[int, asyncio.TimerHandle] = {}
         self._replaced: set[int] = set()  # pids of processes a restart ended
         self._gone: set[int] = set()  # replicas of other hosts' workers lost, until those join again
+        self._keepers: dict[str, int] = {}  # node -> the rank keeping its shared memory
+        self._made: dict[tuple[str, int], NodeMemoryMade] = {}  # (node, replica) -> its memory there
+        self._awaited: dict[int, set[str]] = {}  # replica -> the nodes whose keepers it waits for
 
     @property
     def addresses(self) -> list[str | None]:
@@ -125,6 +157,9 @@ class Supervisor(Actor):
         match message:
             case WorkerHello():
                 self._on_worker_hello(message)
+            case NodeMemoryMade():
+                if self._is_current(message.rank, message.pid):
+                    self._on_node_memory_made(message)
             case GroupsPrepared():
                 if self._is_current(self.layout.replica_ranks(message.replica)[0], message.pid):
                     self._load_replica(message.replica, message.collective)
@@ -236,6 +271,61 @@ class Supervisor(Actor):
         outbox.close()
 
     def _replica_joined(self, replica: int) -> None:
+        ranks = self.layout.replica_ranks(replica)
+        nodes = {self.nodes[rank] for rank in ranks}
+        if len(self.layouts) > 1 and len(nodes) > 1:
+            where = "; ".join(f"{node}: ranks {', '.join(str(r) for r in ranks if self.nodes[r] == node)}"
+                              for node in sorted(nodes))
+            self._fail_engine(
+                f"replica {replica} of {self.layout} has workers on {len(nodes)} nodes ({where}). Seesaw mode "
+                f"re-shards a replica's KV through its node's shared memory, so each replica's "
+                f"{len(ranks)} workers must run on one node: start them in whole replicas per node, or run "
+                f"across nodes with --layout")
+            return
+        awaited = {node for node in nodes if self._needs_keeper(replica, node)}
+        for node in awaited:
+            self._ask_keeper(replica, node)
+        if awaited:
+            self._awaited[replica] = awaited
+            return
+        self._memory_ready(replica)
+
+    def _needs_keeper(self, replica: int, node: str) -> bool:
+        """Whether the replica's workers on `node` need memory a keeper makes there: the head's own
+        workers, and those beside them on its node, use the head's."""
+        if self.node_memory is None or (node, replica) in self._made:
+            return False
+        is_heads = node == self.node_memory.head_node and \
+            min(self.layout.replica_ranks(replica)) < self.num_local_workers
+        return not is_heads
+
+    def _ask_keeper(self, replica: int, node: str) -> None:
+        keeper = self._keepers.get(node)
+        if keeper is None or self.workers[keeper] is None:
+            keeper = min(rank for rank in self.layout.replica_ranks(replica) if self.nodes[rank] == node)
+            self._keepers[node] = keeper
+            log.info("worker %d keeps the shared memory of node %s", keeper, node)
+        plan = self.node_memory
+        first, count = plan.host_blocks[replica] if plan.host_blocks else (0, 0)
+        checkpoint = None if node == plan.head_node and plan.head_has_store else plan.checkpoint
+        self.activity[keeper] = f"making its node's shared memory for replica {replica}"
+        self.workers[keeper].send(MakeNodeMemory(replica, first, count, plan.block_shape, plan.dtype, checkpoint))
+
+    def _on_node_memory_made(self, message: NodeMemoryMade) -> None:
+        node = self.nodes[message.rank]
+        log.info("node %s: shared memory for replica %d ready in %.1f s (weights from %s)", node, message.replica,
+                 message.seconds, message.source)
+        self.activity[message.rank] = "waiting for its replica's groups"
+        self._made[node, message.replica] = message
+        awaited = self._awaited.get(message.replica)
+        if awaited is None:
+            return
+        awaited.discard(node)
+        if not awaited:
+            del self._awaited[message.replica]
+            self._memory_ready(message.replica)
+
+    def _memory_ready(self, replica: int) -> None:
         if self.is_store_pending:
             self._waiting_replicas.append(replica)  # the workers are still watched meanwhile
             return
@@ -252,7 +342,8 @@ class Supervisor(Actor):
     def _load_replica(self, replica: int, collective: CollectiveSpec | None) -> None:
         for rank in self.layout.replica_ranks(replica):
             self.activity[rank] = "loading its shard of the model"
-            self.workers[rank].send(self.load_command(rank, collective))
+            memory = self._made.get((self.nodes[rank], replica))
+            self.workers[rank].send(self.load_command(rank, collective, memory))
 
     def _on_worker_ready(self, message: WorkerReady) -> None:
         log.info(
@@ -337,6 +428,12 @@ class Supervisor(Actor):
                       self.config.max_restarts)
         for listener in self.listeners:
             listener.send(ReplicaLost(replica, reason, is_gone))
+        self._awaited.pop(replica, None)
+        for node, keeper in list(self._keepers.items()):
+            if keeper in self.layout.replica_ranks(replica):  # its memory goes with its process
+                del self._keepers[node]
+                for key in [key for key in self._made if key[0] == node]:
+                    del self._made[key]
         for rank in self.layout.replica_ranks(replica):
             if self.workers[rank] is not None:
                 if is_gone:

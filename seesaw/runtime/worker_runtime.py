@@ -283,14 +283,14 @@ class WorkerRuntime:
         """Copy this worker's share of device blocks (laid out in `layout`) into host blocks; returns bytes."""
         state = self.states[layout]
         share = _host_share(self.host_buffer, state)  # [host blocks, layers, 2, kv_heads, block_size, head_dim]
-        pairs = list(zip(block_ids, host_block_ids))
+        pairs = list(zip(block_ids, self.host_buffer.local(host_block_ids)))
         return self.copies.kv_copy([(share[h], state.kv_pages[b]) for b, h in pairs])
 
     def prefetch(self, layout: Layout, host_block_ids: list[int], block_ids: list[int]) -> int:
         """Copy this worker's share of host blocks into device blocks laid out in `layout`; returns bytes."""
         state = self.states[layout]
         share = _host_share(self.host_buffer, state)
-        pairs = list(zip(host_block_ids, block_ids))
+        pairs = list(zip(self.host_buffer.local(host_block_ids), block_ids))
         return self.copies.kv_copy([(state.kv_pages[b], share[h]) for h, b in pairs])
 
     def close(self) -> None:

@@ -87,11 +87,11 @@ def candidates(cost: CostModel, options: PlanOptions) -> list[RunSpec]:
     """Static layouts first, then every pair of different layouts with the same replicas; their
     host buffers are `options.host_buffer_gb`, or None (auto, sized when simulated).
 
-    On several nodes a static layout is one engine over all of them, whose replicas either sit
-    whole on each node or have pipeline stages on several (never a tensor-parallel group: it
-    stays inside a node); its workers on other nodes cannot reach the head's shared memory, so it
-    has no host buffer. A pair passes KV and weights through one node's shared memory, so it runs
-    as copies, one a node, each on its share of the requests."""
+    On several nodes every candidate is one engine over all of them. A static layout's replicas
+    either sit whole on each node or have pipeline stages on several (never a tensor-parallel
+    group: it stays inside a node); it is simulated without a host buffer, recomputing what it
+    evicts. A pair is a node's pair on every node (`dN` times its replicas), each replica inside
+    one node, re-sharding through that node's own weight store and host buffer."""
     per_node = cost.node.num_gpus
     layouts = layouts_of(per_node, cost)
     base = RunSpec(Layout(), block_size=options.block_size, scheduler=options.scheduler(cost),
@@ -103,26 +103,32 @@ def candidates(cost: CostModel, options: PlanOptions) -> list[RunSpec]:
         runs += [replace(base, layout=layout, num_nodes=options.num_nodes, host_buffer_gb=0.0)
                  for layout in layouts_of(options.num_nodes * per_node, cost) if per_node % layout.tp == 0]
     if options.include_pairs:
-        runs += [replace(base, layout=prefill, decode_layout=decode, copies=options.num_nodes)
+        nodes = options.num_nodes
+        runs += [replace(base, layout=_times(prefill, nodes), decode_layout=_times(decode, nodes), num_nodes=nodes)
                  for prefill in layouts for decode in layouts if prefill != decode and prefill.dp == decode.dp]
     return runs
 
 
+def _times(layout: Layout, num_nodes: int) -> Layout:
+    """A node's layout on each of `num_nodes` nodes: its replicas times the nodes."""
+    return Layout(layout.dp * num_nodes, layout.tp, layout.pp)
+
+
 def host_buffer_for(cost: CostModel, spec: RunSpec, workload: Workload, job_scale: float = 1.0) -> HostBufferPlan:
-    """The host KV buffer a run takes: the one it names, or what the engine's auto sizing gives
-    on the simulated node for a job of `job_scale` times this workload (for copies, each node's
-    for the largest share); none for an engine over several nodes (a ValueError when a pair
-    cannot have enough)."""
-    if spec.num_nodes > 1:
-        return HostBufferPlan(0, "no host KV buffer: workers on other nodes cannot reach the head's shared memory")
+    """Each node's host KV buffer in a run: the one it names, or what the engine's auto sizing
+    gives on the simulated node for a job of `job_scale` times this workload (over nodes, for the
+    node's largest share of the requests); none for a static layout over several nodes (a
+    ValueError when a pair cannot have enough)."""
+    nodes = spec.num_nodes
+    if nodes > 1 and not spec.is_seesaw:
+        return HostBufferPlan(0, "no host KV buffer: simulated recomputing what it evicts")
     if spec.host_buffer_gb is not None:
         return HostBufferPlan(int(spec.host_buffer_gb * GIB), f"host KV buffer {spec.host_buffer_gb:g} GiB")
     reshards = spec.is_seesaw and spec.layout != spec.decode_layout
     max_model_len = spec.max_model_len or cost.spec.max_position
-    job_tokens = [p + o for p, o in workload.lengths]
-    if spec.copies > 1:
-        job_tokens = max(([p + o for p, o in part.lengths] for part in dealt(workload, spec.copies)), key=sum)
-    return auto_host_buffer(cost, spec.layout, spec.is_seesaw, reshards, job_tokens,
+    job_tokens = max(([p + o for p, o in part.lengths] for part in dealt(workload, nodes)), key=sum)
+    layout = Layout(spec.layout.dp // nodes, spec.layout.tp, spec.layout.pp)  # a node's replicas
+    return auto_host_buffer(cost, layout, spec.is_seesaw, reshards, job_tokens,
                             spec.block_size, max_model_len, job_scale)
 
 
@@ -263,7 +269,7 @@ def batch_command(candidate: Candidate, model: str, gpu: Gpu) -> str:
     scheduler = spec.scheduler
     flags = [f"--model {model}", f"--device {gpu.device}", layout,
              f"--max-num-batched-tokens {scheduler.max_num_batched_tokens}", f"--max-num-seqs {scheduler.max_num_seqs}"]
-    if spec.host_buffer_gb is not None and spec.num_nodes == 1:  # over nodes the engine has none
+    if spec.host_buffer_gb is not None and (spec.num_nodes == 1 or spec.is_seesaw):  # static over nodes: none simulated
         flags.append(f"--host-buffer-gb {math.floor(spec.host_buffer_gb * 10) / 10:g}")  # never more than simulated
     batch_defaults, cache_defaults = SchedulerConfig(), CacheConfig()  # what `seesaw-cli batch` runs without flags
     for flag, name in (("--host-low-water", "host_low_water"), ("--prefill-min-fill", "prefill_min_fill"),
@@ -286,15 +292,9 @@ def node_commands(candidate: Candidate, model: str, gpu: Gpu, gpus_per_node: int
     """How to run a candidate over several nodes with the engine's own flags, as (where, command)
     lines. One engine over the nodes: the head on the first node starts its workers, and each
     other node's workers join it with their ranks named, so that every replica and stage sits
-    where it was simulated. Copies: the input dealt out to the nodes in turn, as simulated, each
-    node running its own engine on its part."""
+    where it was simulated (a pair's replicas each inside one node)."""
     spec = candidate.spec
     line = batch_command(candidate, model, gpu)
-    if spec.copies > 1:
-        deal = f"split -n r/{spec.copies} --numeric-suffixes=1 --additional-suffix=.jsonl INPUT.jsonl part-"
-        return [("first, deal the input's lines to the nodes in turn", deal),
-                ("then on each node its own part (part-01.jsonl on the first, part-02.jsonl on the second, ...)",
-                 line.replace("INPUT.jsonl", "PART.jsonl", 1))]
     if spec.num_nodes == 1:
         return [("on the node", line)]
     others = (f"on the second node, its {gpus_per_node} workers" if spec.num_nodes == 2 else

@@ -38,7 +38,7 @@ from seesaw.scheduling.engine_core import (
 )
 from seesaw.scheduling.request import NewRequest
 from seesaw.sim.cost import GIB, CostModel
-from seesaw.sim.workload import Workload, dealt
+from seesaw.sim.workload import Workload
 from seesaw.stats import Timeline, Transition, to_json
 from seesaw.step import StepShape
 
@@ -50,20 +50,15 @@ class RunSpec:
     layout: Layout
     decode_layout: Layout | None = None
     block_size: int = 16
-    host_buffer_gb: float | None = 0.0  # None: auto (the planner sizes it before a run)
+    host_buffer_gb: float | None = 0.0  # each node's; None: auto (the planner sizes it before a run)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_model_len: int | None = None
     num_nodes: int = 1  # nodes one engine's workers span: ranks fill the head's node, then the next
-    copies: int = 1  # engines side by side, one a node, each on its share of the requests (dealt in turn)
 
     def __post_init__(self) -> None:
-        for name in ("num_nodes", "copies"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_nodes > 1 and self.decode_layout is not None:
-            raise ValueError(f"{self.layout}->{self.decode_layout}: a prefill -> decode pair passes KV and weights "
-                             "through one node's shared memory, so it runs on one node (or as copies, one a node)")
+        value = self.num_nodes
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"num_nodes must be a positive integer, got {value!r}")
 
     @classmethod
     def parse(cls, run: str, **fields) -> RunSpec:
@@ -82,16 +77,15 @@ class RunSpec:
         return {Phase.PREFILL: self.layout, Phase.DECODE: self.decode_layout}
 
     def __str__(self) -> str:
-        """`t4p2`, `p8->t4p2`; over nodes `2 nodes x (d2t4)` (whole replicas on each node, or
-        copies of a run, one a node) or `t8p2 across 2 nodes` (replicas spanning nodes)."""
+        """`t4p2`, `p8->t4p2`; over nodes `2 nodes x (d2t4)` or `2 nodes x (p4->t4)` (each node
+        holds whole replicas: the layouts are each node's) or `t8p2 across 2 nodes` (replicas
+        spanning nodes)."""
         run = f"{self.layout}->{self.decode_layout}" if self.decode_layout else str(self.layout)
-        if self.num_nodes > 1:
-            layout = self.layout
-            if layout.dp % self.num_nodes == 0:  # each node holds whole replicas
-                run = f"{self.num_nodes} nodes x ({Layout(layout.dp // self.num_nodes, layout.tp, layout.pp)})"
-            else:
-                run = f"{run} across {self.num_nodes} nodes"
-        return f"{self.copies} nodes x ({run})" if self.copies > 1 else run
+        nodes = self.num_nodes
+        if nodes > 1 and self.layout.dp % nodes == 0:
+            run = "->".join(str(Layout(layout.dp // nodes, layout.tp, layout.pp)) for layout in self.layouts.values())
+            return f"{nodes} nodes x ({run})"
+        return f"{run} across {nodes} nodes" if nodes > 1 else run
 
 
 @dataclass
@@ -119,7 +113,6 @@ class SimResult:
     num_replicas: int = 1
     first_phase: str = "mixed"
     num_kv_copies: int = 0  # to or from the host buffer, over all replicas
-    copies: tuple[SimResult, ...] = ()  # each copy's run, when copies ran side by side (this one adds them up)
 
     @property
     def total_tokens_per_s(self) -> float:
@@ -130,10 +123,7 @@ class SimResult:
         return self.output_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
     def metrics(self) -> dict:
-        """The run in the form `seesaw-cli batch --metrics-json` writes (what draws a timeline);
-        of copies side by side, the slowest one's."""
-        if self.copies:
-            return max(self.copies, key=lambda copy: copy.elapsed_s).metrics()
+        """The run in the form `seesaw-cli batch --metrics-json` writes (what draws a timeline)."""
         return {
             "elapsed_s": self.elapsed_s, "first_phase": self.first_phase, "num_replicas": self.num_replicas,
             "phase_seconds": self.phase_s, "transitions": [asdict(t) for t in self.transitions],
@@ -141,7 +131,6 @@ class SimResult:
         }
 
     def summary(self) -> dict:
-        copies = {"copies_elapsed_s": [round(copy.elapsed_s, 3) for copy in self.copies]} if self.copies else {}
         return {
             "run": self.run, "elapsed_s": round(self.elapsed_s, 3),
             "total_tokens_per_s": round(self.total_tokens_per_s, 1),
@@ -153,7 +142,7 @@ class SimResult:
             "host_peak_fraction": round(self.host_peak_fraction, 3),
             "mean_decode_batch": round(self.mean_decode_batch, 1), "peak_decode_batch": self.peak_decode_batch,
             "device_blocks": self.device_blocks, "host_blocks": self.host_blocks,
-            "counters": self.counters, **copies,
+            "counters": self.counters,
         }
 
 
@@ -181,12 +170,12 @@ class _Route(NamedTuple):
 
 class _Workers:
     """One data-parallel replica's modelled workers: when each is next free, its host links, and
-    where its stages sit (None: all on the head's node)."""
+    where its stages sit under each layout (None: all on the head's node)."""
 
-    def __init__(self, num_workers: int, route: _Route | None = None):
+    def __init__(self, num_workers: int, routes: dict[Layout, _Route | None]):
         self.free_at = [0.0] * num_workers  # by position in the replica (pp rank * tp + tp rank)
         self.link_free_at = 0.0
-        self.route = route
+        self.routes = routes
 
 
 class Simulation:
@@ -204,8 +193,6 @@ class Simulation:
             raise ValueError(f"{spec}: both layouts must use the same number of workers")
         if spec.decode_layout is not None and spec.decode_layout.dp != layout.dp:
             raise ValueError(f"{spec}: both layouts must have the same number of data-parallel replicas")
-        if spec.copies > 1:
-            raise ValueError(f"{spec}: copies run side by side through simulate(), one Simulation each")
         per_node = cost.node.num_gpus
         if layout.world_size > per_node * spec.num_nodes:
             where = "the node has" if spec.num_nodes == 1 else f"{spec.num_nodes} nodes have"
@@ -213,12 +200,16 @@ class Simulation:
         if spec.num_nodes > 1 and per_node % layout.tp:
             raise ValueError(f"{spec}: tensor-parallel groups of {layout.tp} would span nodes of {per_node} GPUs; "
                              "tensor parallelism stays inside a node")
+        if spec.num_nodes > 1 and spec.is_seesaw and per_node % (layout.world_size // layout.dp):
+            raise ValueError(f"{spec}: replicas of {layout.world_size // layout.dp} GPUs would span nodes of "
+                             f"{per_node}; a prefill -> decode pair re-shards each replica through its node's "
+                             "shared memory, so each replica stays inside a node")
         distinct = list(dict.fromkeys(self.layouts.values()))
         self.device_blocks = cost.device_blocks(distinct, spec.block_size)
         host_block_bytes = cost.kv_bytes_per_token * spec.block_size
         if spec.host_buffer_gb is None:
             raise ValueError(f"{spec}: size its host buffer first (planner.with_host_buffer)")
-        self.host_blocks = int(spec.host_buffer_gb * GIB) // host_block_bytes
+        self.host_blocks = int(spec.host_buffer_gb * GIB) // host_block_bytes * spec.num_nodes  # each node's
         if spec.is_seesaw and self.host_blocks < layout.dp:
             raise ValueError(f"{spec}: a prefill -> decode pair keeps KV in host memory between phases, and its "
                              f"host buffer ({spec.host_buffer_gb:g} GiB) holds no block for a replica")
@@ -227,7 +218,8 @@ class Simulation:
         # Prompts with no shared prefix find nothing in the prefix cache: they may share one list.
         scheduler = replace(spec.scheduler, prefix_caching=spec.scheduler.prefix_caching and workload.shared_prefix > 0)
         self.engine = EngineCore(scheduler, self.layouts, limits, clock=lambda: self.now)
-        self.workers = [_Workers(layout.tp * layout.pp, self._route(replica)) for replica in range(layout.dp)]
+        self.workers = [_Workers(layout.tp * layout.pp, {each: self._route(each, replica) for each in self.layouts.values()})
+                        for replica in range(layout.dp)]
         self._events: list[tuple[float, int, str, int, object]] = []
         self._seq = 0
         self.reload_total_s = 0.0
@@ -237,9 +229,10 @@ class Simulation:
         self.failed_tokens = [0, 0]  # prompt and output tokens of requests that failed
         self.finished_at = 0.0
 
-    def _route(self, replica: int) -> _Route | None:
-        """Where a replica's stages sit, if any is on another node than the head's (the first)."""
-        layout, per_node = self.spec.layout, self.cost.node.num_gpus
+    def _route(self, layout: Layout, replica: int) -> _Route | None:
+        """Where a replica's stages sit under `layout`, if any is on another node than the head's
+        (the first)."""
+        per_node = self.cost.node.num_gpus
         if self.spec.num_nodes == 1:
             return None
         nodes = [layout.rank_of(replica, stage, 0) // per_node for stage in range(layout.pp)]
@@ -321,8 +314,9 @@ class Simulation:
         workers = self.workers[index]
         layout = self.layouts[phase]
         stage_times = self.cost.stage_times(layout, shape)
-        if workers.route is not None:
-            end = self._step_over_nodes(workers, layout, shape, stage_times)
+        route = workers.routes[layout]
+        if route is not None:
+            end = self._step_over_nodes(workers, route, layout, shape, stage_times)
         else:
             send_s = self.cost.send_s(shape) if layout.pp > 1 else 0.0
             ready, tp, free_at = self.now, layout.tp, workers.free_at
@@ -337,11 +331,12 @@ class Simulation:
         self.num_steps += 1
         self._push(end, "step", index, (plan.step_id, shape.num_sampled))
 
-    def _step_over_nodes(self, workers: _Workers, layout: Layout, shape: StepShape, stage_times: list[float]) -> float:
+    def _step_over_nodes(self, workers: _Workers, route: _Route, layout: Layout, shape: StepShape,
+                         stage_times: list[float]) -> float:
         """When a step of a replica with stages on other nodes lands at the head: a stage there
         starts once the step's command reached it, activations cross between nodes over the node
         link, and a last stage there sends its tokens back over it."""
-        cost, route, tp, free_at = self.cost, workers.route, layout.tp, workers.free_at
+        cost, tp, free_at = self.cost, layout.tp, workers.free_at
         command_at = self.now + cost.head_to_node_s(shape, route.num_remote_workers)
         send_s, node_send_s = cost.send_s(shape), cost.node_send_s(shape, tp)
         ready = self.now
@@ -404,39 +399,5 @@ class Simulation:
 
 
 def simulate(cost: CostModel, spec: RunSpec, workload: Workload) -> SimResult:
-    """Simulate `workload` run as `spec` on the cost model's node (or nodes); copies each run
-    their share of the requests, dealt in turn."""
-    if spec.copies == 1:
-        return Simulation(cost, spec, workload).run()
-    one = replace(spec, copies=1)
-    return side_by_side(str(spec), [Simulation(cost, one, part).run() for part in dealt(workload, spec.copies)])
-
-
-def side_by_side(run: str, results: list[SimResult]) -> SimResult:
-    """Runs made side by side as one job: it ends with the slowest, and the tokens and books add up
-    as they do over one engine's replicas (the reload time is the mean, the peaks the largest)."""
-    slowest = max(results, key=lambda result: result.elapsed_s)
-    phase_s: dict[str, float] = {}
-    counters: dict[str, int] = {}
-    for result in results:
-        for phase, seconds in result.phase_s.items():
-            phase_s[phase] = phase_s.get(phase, 0.0) + seconds
-        for name, count in result.counters.items():
-            counters[name] = counters.get(name, 0) + count
-    decoding = [result for result in results if result.mean_decode_batch]
-    decode_steps = sum(result.output_tokens / result.mean_decode_batch for result in decoding)
-    return SimResult(
-        run=run, elapsed_s=slowest.elapsed_s, num_requests=sum(result.num_requests for result in results),
-        prompt_tokens=sum(result.prompt_tokens for result in results),
-        output_tokens=sum(result.output_tokens for result in results),
-        num_failed=sum(result.num_failed for result in results), num_steps=sum(result.num_steps for result in results),
-        phase_s=phase_s, transitions=[transition for result in results for transition in result.transitions],
-        reload_s=sum(result.reload_s for result in results) / len(results),
-        host_peak_fraction=max(result.host_peak_fraction for result in results),
-        mean_decode_batch=sum(result.output_tokens for result in decoding) / decode_steps if decode_steps else 0.0,
-        peak_decode_batch=max(result.peak_decode_batch for result in results),
-        device_blocks=slowest.device_blocks, host_blocks=slowest.host_blocks, timeline=slowest.timeline,
-        counters=counters, num_replicas=sum(result.num_replicas for result in results),
-        first_phase=slowest.first_phase, num_kv_copies=sum(result.num_kv_copies for result in results),
-        copies=tuple(results),
-    )
+    """Simulate `workload` run as `spec` on the cost model's node (or nodes)."""
+    return Simulation(cost, spec, workload).run()

@@ -14,6 +14,8 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -49,9 +51,12 @@ class SharedSegment:
             os.close(fd)
 
     @classmethod
-    def create(cls, kind: str, num_bytes: int, what: str, flag: str) -> SharedSegment:
-        """A new segment named `seesaw-KIND-PID-RANDOM`; `what` and `flag` word the error when it does not fit."""
+    def create(cls, kind: str, num_bytes: int, what: str, flag: str, reaper: Reaper | None = None) -> SharedSegment:
+        """A new segment named `seesaw-KIND-PID-RANDOM`; `what` and `flag` word the error when it does
+        not fit; `reaper` removes it should this process die without closing it."""
         name = f"seesaw-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+        if reaper is not None:
+            reaper.watch(SHM_DIR / name)
         return cls(name, num_bytes, is_owner=True, what=what, flag=flag)
 
     def tensor(self, dtype: torch.dtype, count: int | None = None) -> torch.Tensor:
@@ -69,6 +74,56 @@ class SharedSegment:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+_REAPER_CODE = """
+import fcntl, os, shutil, sys, time
+paths = [line.rstrip("\\n") for line in sys.stdin]  # until the owner's end of the pipe closes
+deadline = time.monotonic() + float(sys.argv[1])
+while paths and time.monotonic() < deadline:
+    waiting = []
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # removed by its owner already
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting.append(path)  # its owner is still closing its files
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    paths = waiting
+    if paths:
+        time.sleep(0.05)
+"""
+
+
+class Reaper:
+    """A small process that removes the segments and folders it is told of once their owner (the
+    process that made this) is gone, however it went, SIGKILL included: it reads their paths from a
+    pipe, whose end closes with the owner, then removes each one the owner's lock no longer holds
+    (an owner that closes them first leaves it nothing to do)."""
+
+    def __init__(self, wait_s: float = 10.0):
+        self._process = subprocess.Popen([sys.executable, "-S", "-c", _REAPER_CODE, str(wait_s)],
+                                         stdin=subprocess.PIPE, start_new_session=True)
+
+    def watch(self, path: Path) -> None:
+        self._process.stdin.write(f"{path}\n".encode())
+        self._process.stdin.flush()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """The owner is done (everything it made is removed): let the reaper go."""
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
 
 
 def read_node_memory() -> NodeMemory:
@@ -155,14 +210,16 @@ def unregister_with_cuda(pointer: int) -> None:
 
 def node_key(hostname: str, shm_dir: Path = SHM_DIR) -> str:
     """Which node a process is on, as shared memory sees it: processes share one host buffer and
-    weight store exactly when their keys are equal (same host, same boot, same /dev/shm mount;
-    two containers or namespaces on one host with their own /dev/shm are two nodes)."""
+    weight store exactly when their keys are equal (same host, same boot, the same /dev/shm: its
+    file system and folder; two containers or namespaces on one host with their own /dev/shm,
+    a mount of its own or a folder bound there, are two nodes)."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
     except OSError:
         boot = "?"
     try:
-        device = os.stat(shm_dir).st_dev
+        found = os.stat(shm_dir)
+        device, inode = found.st_dev, found.st_ino
     except OSError:
-        device = 0
-    return f"{hostname}/{boot}/{device:x}"
+        device, inode = 0, 0
+    return f"{hostname}/{boot}/{device:x}.{inode:x}"

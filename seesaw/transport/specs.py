@@ -38,12 +38,14 @@ class CollectiveSpec:
 
 @dataclass(frozen=True)
 class HostBufferSpec:
-    """Where the node's host KV buffer lives and how its blocks are shaped."""
+    """Where a node's host KV buffer lives and how its blocks are shaped. Host block numbers are
+    the engine's, over all nodes: this buffer holds blocks first_block .. first_block + num_blocks."""
 
     name: str
     num_blocks: int
     block_shape: list[int]  # [layers, 2, kv_heads, block_size, head_dim]
     dtype: str
+    first_block: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from seesaw.layout import Span
 from seesaw.transport.specs import WeightStoreSpec
 from seesaw.transport.host_buffer import torch_dtype
-from seesaw.transport.shared_memory import SharedSegment
+from seesaw.transport.shared_memory import Reaper, SharedSegment
 
 _ALIGN_BYTES = 256
 
@@ -48,10 +48,10 @@ class WeightStore:
         self.flat = segment.tensor(dtype, num_bytes // dtype.itemsize)
 
     @classmethod
-    def create(cls, shapes: dict[str, tuple[int, ...]], dtype: str) -> WeightStore:
+    def create(cls, shapes: dict[str, tuple[int, ...]], dtype: str, reaper: Reaper | None = None) -> WeightStore:
         _, num_bytes = _offsets(shapes, torch_dtype(dtype).itemsize)
         segment = SharedSegment.create("weights", num_bytes, "host weight store",
-                                       "re-sharding keeps the whole model in shared memory once per node")
+                                       "re-sharding keeps the whole model in shared memory once per node", reaper)
         return cls(WeightStoreSpec(segment.name, dtype, num_bytes), shapes, segment)
 
     @classmethod
