@@ -2,7 +2,9 @@
 --decode-layout d2t2` run twice, on one namespace with its four workers started by the head, and
 on two network namespaces joined by a veth pair, each with its own /dev/shm, the head and replica
 0 in the first and replica 1's two workers (its node's keeper making that node's weight store and
-host buffer) in the second. The runs alternate, `--rounds` times. Needs root and `ip netns`.
+host buffer) in the second. Every replica has as many host blocks in both (`--host-buffer-gb` is
+the whole buffer of the one-node run). The runs alternate, `--rounds` times. Needs root and
+`ip netns`.
 
     sudo .venv/bin/python bench/cross_node.py --num-requests 64 --output-len 32 --rounds 2
 
@@ -24,8 +26,8 @@ from pathlib import Path
 
 CLI = str(Path(sys.executable).parent / "seesaw-cli")
 ON_OWN_SHM = 'mount --bind "$1" /dev/shm && shift && exec "$@"'
-WORKERS = ('mount --bind "$1" /dev/shm && shift && "$@" & a=$!; "$@" & b=$!; '
-           'wait $a; x=$?; wait $b; y=$?; exit $((x | y))')
+WORKERS = ('mount --bind "$1" /dev/shm && shift && { "$@" & a=$!; "$@" & b=$!; '
+           'wait $a; x=$?; wait $b; y=$?; exit $((x | y)); }')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,8 +68,11 @@ def run(args, folder: Path, a: str, b: str, two_nodes: bool, round_index: int) -
     shm_a.mkdir()
     shm_b.mkdir()
     metrics, out = folder / f"{name}.json", folder / f"{name}.jsonl"
+    # --host-buffer-gb is the head node's, for its replicas: halved where it has one of the two, so
+    # that every replica has as many host blocks in both runs.
+    host_buffer_gb = args.host_buffer_gb / 2 if two_nodes else args.host_buffer_gb
     engine = ["--model", args.model, "--prefill-layout", "d2p2", "--decode-layout", "d2t2",
-              "--host-buffer-gb", str(args.host_buffer_gb), "--threads", "1", "--metrics-json", str(metrics)]
+              "--host-buffer-gb", f"{host_buffer_gb:g}", "--threads", "1", "--metrics-json", str(metrics)]
     head_flags = ["--head-address", "tcp://10.232.0.1:5800", "--local-workers", "2"] if two_nodes else []
     started = time.perf_counter()
     head = subprocess.Popen(["ip", "netns", "exec", a, "sh", "-c", ON_OWN_SHM, "sh", str(shm_a), CLI, "batch",

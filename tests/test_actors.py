@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import zmq.asyncio
@@ -229,7 +230,7 @@ async def test_request_queue_tokenizes_detokenizes_and_applies_stop_strings(wiri
 async def test_supervisor_loads_workers_and_fails_the_engine_on_silence(wiring):
     workers, scheduler, kv, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox(), wiring.inbox()
 
-    def load_command(rank, collective):
+    def load_command(rank, collective, memory):
         return m.LoadShard({}, None, None, 0, "float32", "cpu", [Layout(tp=2)], rank, 16, 1, 0.9, 1, None, collective, "s", "k")
 
     engine = wiring.inbox()
@@ -410,4 +411,79 @@ async def test_a_cancel_or_failure_reaches_a_request_while_it_tokenizes(wiring, 
     assert (slow.request_id, slow.code) == ("slow-2", m.ErrorCode.ENGINE_FAILED)
     with pytest.raises(TimeoutError):
         await scheduler.recv(timeout_s=0.2)
+    await actor.stop()
+
+
+async def test_an_outbox_whose_inbox_has_closed_drops_instead_of_blocking(wiring):
+    inbox = Inbox(wiring.context, wiring.address())
+    outbox = wiring.outbox(inbox)
+    assert outbox.send(m.HeadAlive())
+    assert isinstance(await inbox.recv(timeout_s=5.0), m.HeadAlive)
+    inbox.close()  # a front door that went away before its stats answer came
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    assert outbox.send(m.HeadAlive()) is False
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
+def _node_memory_supervisor(wiring, layouts, num_local_workers, loads):
+    """A Supervisor of `layouts` whose head is on node "head" and starts `num_local_workers`."""
+    from seesaw.actors.supervisor import NodeMemoryPlan
+
+    def load_command(rank, collective, memory):
+        loads[rank] = memory
+        return m.LoadShard({}, None, None, 0, "float32", "cpu", layouts, rank, 16, 1, 0.9, 1, None, collective, "s", "k")
+
+    engine, inbox = wiring.inbox(), wiring.inbox()
+    checkpoint = m.CheckpointSpec({}, "float32", "/w", 0, "tcp://head:9")
+    plan = NodeMemoryPlan("head", True, [(0, 10), (10, 10)], [2, 2, 1, 16, 8], "float32", checkpoint)
+    actor = Supervisor(inbox, wiring.context, TransportConfig(heartbeat_timeout_s=30.0), layouts, m.Backend.GLOO,
+                       load_command, [wiring.outbox(wiring.inbox())], wiring.outbox(engine), num_local_workers,
+                       node_memory=plan)
+    wiring.start(actor)
+    return actor, wiring.outbox(inbox), engine
+
+
+async def test_a_replica_on_another_node_loads_once_its_keeper_made_that_nodes_memory(wiring):
+    layouts = [Layout(dp=2, pp=2), Layout(dp=2, tp=2)]
+    workers = [wiring.inbox() for _ in range(4)]
+    loads: dict = {}
+    actor, to_actor, _ = _node_memory_supervisor(wiring, layouts, 2, loads)
+    for rank in (0, 1):
+        to_actor.send(m.WorkerHello(rank, 100 + rank, "a", workers[rank].addresses[0], "head"))
+    for rank in (2, 3):  # join without ranks from node "b"
+        to_actor.send(m.WorkerHello(None, 100 + rank, "b", workers[rank].addresses[0], "b"))
+    for rank in (2, 3):
+        assert await expect(workers[rank], m.RankAssigned) == m.RankAssigned(rank)
+    # Replica 0 uses the head's memory; replica 1's lowest rank keeps node b's and is asked first.
+    assert (await expect(workers[0], m.PrepareGroups)).replica == 0
+    make = await expect(workers[2], m.MakeNodeMemory)
+    assert (make.replica, make.first_block, make.num_blocks) == (1, 10, 10) and make.checkpoint.feed_address
+    with pytest.raises(TimeoutError):  # no groups before the memory is there
+        await workers[2].recv(timeout_s=0.3)
+    made = m.NodeMemoryMade(1, 2, m.HostBufferSpec("kv-b", 10, [2, 2, 1, 16, 8], "float32", 10),
+                            m.WeightStoreSpec("weights-b", "float32", 64), "the head's feed", 0.1, 102)
+    to_actor.send(dataclasses_replace(made, pid=999))  # from a process that is not rank 2's: ignored
+    with pytest.raises(TimeoutError):
+        await workers[2].recv(timeout_s=0.3)
+    to_actor.send(made)
+    prepare = await expect(workers[2], m.PrepareGroups)
+    to_actor.send(m.GroupsPrepared(1, m.CollectiveSpec(m.Backend.GLOO, 2, prepare.groups, "tcp://b:1", 2), 102))
+    for rank in (2, 3):
+        await expect(workers[rank], m.LoadShard)
+    assert loads[2] == loads[3] == made
+    await actor.stop()
+
+
+async def test_a_seesaw_replica_whose_workers_are_on_two_nodes_is_refused_naming_them(wiring):
+    layouts = [Layout(pp=2), Layout(tp=2)]
+    workers = [wiring.inbox() for _ in range(2)]
+    actor, to_actor, engine = _node_memory_supervisor(wiring, layouts, 1, {})
+    to_actor.send(m.WorkerHello(0, 100, "a", workers[0].addresses[0], "head"))
+    to_actor.send(m.WorkerHello(None, 101, "b", workers[1].addresses[0], "b"))
+    failed = await expect(engine, m.EngineFailed)
+    assert "replica 0 of p2 has workers on 2 nodes (b: ranks 1; head: ranks 0)" in failed.reason
+    assert "must run on one node" in failed.reason
+    with pytest.raises(TimeoutError):  # no groups are formed for it
+        await workers[0].recv(timeout_s=0.3)
     await actor.stop()

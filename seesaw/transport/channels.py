@@ -6,10 +6,14 @@ only the address differs.
 
 from __future__ import annotations
 
+import logging
+
 import zmq
 import zmq.asyncio
 
 from seesaw.messages import Decoder, Message, encode
+
+log = logging.getLogger(__name__)
 
 
 class Inbox:
@@ -55,7 +59,8 @@ class Inbox:
 
 
 class Outbox:
-    """A sending end connected to one inbox; `send` never blocks (the queue is unbounded)."""
+    """A sending end connected to one inbox; `send` never blocks: the queue is unbounded, and a
+    message to an in-process inbox that has closed (nobody will ever read it) is dropped."""
 
     def __init__(self, context: zmq.asyncio.Context | zmq.Context, address: str):
         self.address = address
@@ -65,8 +70,14 @@ class Outbox:
         self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.connect(address)
 
-    def send(self, message: Message) -> None:
-        self._socket.send(encode(message))
+    def send(self, message: Message) -> bool:
+        """Queue `message`; False when it was dropped because its inbox is gone."""
+        try:
+            self._socket.send(encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:  # with no high-water mark, only a PUSH without any peer left refuses
+            log.debug("dropped %s to %s: its inbox is closed", type(message).__name__, self.address)
+            return False
+        return True
 
     def close(self, linger_s: float = 2.0) -> None:
         self._socket.close(linger=int(linger_s * 1000))
