@@ -487,3 +487,30 @@ async def test_a_seesaw_replica_whose_workers_are_on_two_nodes_is_refused_naming
     with pytest.raises(TimeoutError):  # no groups are formed for it
         await workers[0].recv(timeout_s=0.3)
     await actor.stop()
+
+
+async def test_a_replica_lost_on_another_node_after_the_start_does_not_trip_the_join_deadline(wiring):
+    workers, listener, engine, inbox = [wiring.inbox(), wiring.inbox()], wiring.inbox(), wiring.inbox(), wiring.inbox()
+
+    def load_command(rank, collective, memory):
+        return m.LoadShard({}, None, None, 0, "float32", "cpu", [Layout(dp=2)], rank, 16, 1, 0.9, 1, None, collective,
+                           "s", "k")
+
+    actor = Supervisor(inbox, wiring.context, TransportConfig(join_timeout_s=1.5, heartbeat_timeout_s=30.0),
+                       [Layout(dp=2)], m.Backend.GLOO, load_command, [wiring.outbox(listener)], wiring.outbox(engine),
+                       num_local_workers=1)
+    wiring.start(actor)
+    to_actor = wiring.outbox(inbox)
+    to_actor.send(m.WorkerHello(0, 100, "a", workers[0].addresses[0], "a"))
+    to_actor.send(m.WorkerHello(None, 101, "b", workers[1].addresses[0], "b"))
+    assert await expect(workers[1], m.RankAssigned) == m.RankAssigned(1)
+    for rank in (0, 1):
+        await expect(workers[rank], m.LoadShard)
+        to_actor.send(m.WorkerReady(rank, [10], 0.1, "cpu", 100 + rank))
+    assert isinstance(await expect(engine, m.EngineReady), m.EngineReady)
+    await expect(listener, m.EngineReady)
+    to_actor.send(m.WorkerFailed(1, "the process was killed", "running steps", 101))
+    assert (await expect(listener, m.ReplicaLost)).is_gone  # judged a second later, before the join timeout
+    with pytest.raises(TimeoutError):  # replica 1's rank is missing past the join timeout: not a failure
+        await engine.recv(timeout_s=2.0)
+    await actor.stop()

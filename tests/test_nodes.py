@@ -199,3 +199,20 @@ def test_a_head_that_starts_no_worker_makes_no_shared_memory_and_the_workers_nod
     assert "node weight store filled from" in workers_log
     assert _texts(out) == expected
     assert nodes.left() == {"a": [], "b": []}
+
+
+def test_a_static_replica_on_the_second_node_parks_evicted_requests_in_that_nodes_buffer(nodes, t1, tmp_path):
+    """`d2`, replica 1 on node B, device pools too small for the job: requests evicted on either
+    node wait in their own node's host buffer and come back without being recomputed."""
+    source, expected = t1
+    out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.json"
+    head = nodes.head(source, out, "--layout", "d2", "--kv-cache-gb", "0.008", "--host-buffer-gb", "0.05",
+                      "--local-workers", "1", "--metrics-json", str(metrics))
+    workers = nodes.workers(1, hidden=tmp_path / "empty")
+    head_log, workers_log = _finish(head, workers)
+    assert head.returncode == 0, head_log + workers_log
+    assert "node" in head_log and "shared memory for replica 1 ready" in head_log
+    assert _texts(out) == expected
+    totals = orjson.loads(metrics.read_bytes())["totals"]
+    assert totals["evictions"] > 0 and totals["restores"] > 0 and totals["recomputes"] == 0, totals
+    assert nodes.left() == {"a": [], "b": []}

@@ -206,8 +206,10 @@ class Supervisor(Actor):
             self._report = asyncio.get_running_loop().call_later(self.REPORT_EVERY_S, self._report_waiting)
 
     def _join_timed_out(self) -> None:
+        """The start's deadline for joining; a replica lost later waits for its workers without one
+        (its requests run elsewhere meanwhile)."""
         missing = self._missing()
-        if missing:
+        if missing and not self.is_engine_ready:
             self._fail_engine(
                 f"{len(missing)} of {self.layout.world_size} workers did not join within "
                 f"{self.config.join_timeout_s:.0f} s (ranks {', '.join(map(str, missing))}): start them with "
@@ -253,6 +255,9 @@ class Supervisor(Actor):
         self.last_seen[rank] = time.monotonic()
         self.activity[rank] = "waiting for the other workers"
         self._arm_watch()
+        if not self._missing() and self._join_deadline is not None:
+            self._join_deadline.cancel()  # the world is whole: joining is done
+            self._join_deadline = None
         replica = self.layout.coordinates(rank)[0]
         if all(self.workers[r] is not None for r in self.layout.replica_ranks(replica)):
             self._replica_joined(replica)
