@@ -31,7 +31,8 @@ from seesaw.actors.base import Actor
 from seesaw.actors.kv_tier import KVTier
 from seesaw.actors.request_queue import RequestQueue
 from seesaw.actors.scheduler import Scheduler
-from seesaw.actors.supervisor import NodeMemoryPlan, Supervisor
+from seesaw.actors.node_memory import NodeMemoryPlan
+from seesaw.actors.supervisor import Supervisor
 from seesaw.config import EngineConfig
 from seesaw.scheduling.grammars import Grammars
 from seesaw.text import TextCodec

@@ -428,7 +428,7 @@ async def test_an_outbox_whose_inbox_has_closed_drops_instead_of_blocking(wiring
 
 def _node_memory_supervisor(wiring, layouts, num_local_workers, loads):
     """A Supervisor of `layouts` whose head is on node "head" and starts `num_local_workers`."""
-    from seesaw.actors.supervisor import NodeMemoryPlan
+    from seesaw.actors.node_memory import NodeMemoryPlan
 
     def load_command(rank, collective, memory):
         loads[rank] = memory

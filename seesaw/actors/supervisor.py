@@ -21,15 +21,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq.asyncio
 
 from seesaw.actors.base import Actor
+from seesaw.actors.node_memory import NodeMemoryBook, NodeMemoryPlan
 from seesaw.config import TransportConfig
 from seesaw.layout import Layout, groups_of
 from seesaw.messages import (
-    CheckpointSpec,
     CollectiveSpec,
     EngineFailed,
     EngineReady,
@@ -38,7 +37,6 @@ from seesaw.messages import (
     HeadAlive,
     Heartbeat,
     LoadShard,
-    MakeNodeMemory,
     NodeMemoryMade,
     PrepareGroups,
     RankAssigned,
@@ -58,24 +56,6 @@ from seesaw.transport.channels import Inbox, Outbox
 log = logging.getLogger(__name__)
 
 LoadCommand = Callable[[int, CollectiveSpec | None, NodeMemoryMade | None], LoadShard]
-
-
-@dataclass(frozen=True)
-class NodeMemoryPlan:
-    """What a keeper makes on a node other than the head's: each replica's host blocks (as the
-    engine numbers them; none when the run has no host buffer) and, when the run re-shards, the
-    weight store from `checkpoint`."""
-
-    head_node: str  # the head's node key: its own workers use its memory
-    head_has_store: bool  # whether the head made a weight store, which its node's keeper then need not
-    host_blocks: list[tuple[int, int]]  # by replica: (first block, count)
-    block_shape: list[int]
-    dtype: str
-    checkpoint: CheckpointSpec | None
-
-    @property
-    def is_needed(self) -> bool:
-        return self.checkpoint is not None or any(count for _, count in self.host_blocks)
 
 
 def choose_rank(free: list[int], units: list[list[int]], nodes: dict[int, str], node: str) -> int:
@@ -123,7 +103,8 @@ class Supervisor(Actor):
         self.engine = engine
         self.num_local_workers = num_local_workers
         self.is_store_pending = is_store_pending
-        self.node_memory = node_memory if node_memory is not None and node_memory.is_needed else None
+        self.node_memory = (NodeMemoryBook(node_memory, layout, num_local_workers)
+                            if node_memory is not None and node_memory.is_needed else None)
         world = layout.world_size
         self.workers: list[Outbox | None] = [None] * world
         self.pids: dict[int, int] = {}  # rank -> the pid of its current process
@@ -144,9 +125,6 @@ class Supervisor(Actor):
         self._restart_deadlines: dict[int, asyncio.TimerHandle] = {}
         self._replaced: set[int] = set()  # pids of processes a restart ended
         self._gone: set[int] = set()  # replicas of other hosts' workers lost, until those join again
-        self._keepers: dict[str, int] = {}  # node -> the rank keeping its shared memory
-        self._made: dict[tuple[str, int], NodeMemoryMade] = {}  # (node, replica) -> its memory there
-        self._awaited: dict[int, set[str]] = {}  # replica -> the nodes whose keepers it waits for
 
     @property
     def addresses(self) -> list[str | None]:
@@ -287,47 +265,21 @@ class Supervisor(Actor):
                 f"{len(ranks)} workers must run on one node: start them in whole replicas per node, or run "
                 f"across nodes with --layout")
             return
-        awaited = {node for node in nodes if self._needs_keeper(replica, node)}
-        for node in awaited:
-            self._ask_keeper(replica, node)
-        if awaited:
-            self._awaited[replica] = awaited
-            return
-        self._memory_ready(replica)
-
-    def _needs_keeper(self, replica: int, node: str) -> bool:
-        """Whether the replica's workers on `node` need memory a keeper makes there: the head's own
-        workers, and those beside them on its node, use the head's."""
-        if self.node_memory is None or (node, replica) in self._made:
-            return False
-        is_heads = node == self.node_memory.head_node and \
-            min(self.layout.replica_ranks(replica)) < self.num_local_workers
-        return not is_heads
-
-    def _ask_keeper(self, replica: int, node: str) -> None:
-        keeper = self._keepers.get(node)
-        if keeper is None or self.workers[keeper] is None:
-            keeper = min(rank for rank in self.layout.replica_ranks(replica) if self.nodes[rank] == node)
-            self._keepers[node] = keeper
-            log.info("worker %d keeps the shared memory of node %s", keeper, node)
-        plan = self.node_memory
-        first, count = plan.host_blocks[replica] if plan.host_blocks else (0, 0)
-        checkpoint = None if node == plan.head_node and plan.head_has_store else plan.checkpoint
-        self.activity[keeper] = f"making its node's shared memory for replica {replica}"
-        self.workers[keeper].send(MakeNodeMemory(replica, first, count, plan.block_shape, plan.dtype, checkpoint))
+        asks = [] if self.node_memory is None else \
+            self.node_memory.ask(replica, self.nodes, lambda rank: self.workers[rank] is not None)
+        for keeper, command in asks:
+            log.info("worker %d keeps the shared memory of node %s", keeper, self.nodes[keeper])
+            self.activity[keeper] = f"making its node's shared memory for replica {replica}"
+            self.workers[keeper].send(command)
+        if not asks:
+            self._memory_ready(replica)
 
     def _on_node_memory_made(self, message: NodeMemoryMade) -> None:
         node = self.nodes[message.rank]
         log.info("node %s: shared memory for replica %d ready in %.1f s (weights from %s)", node, message.replica,
                  message.seconds, message.source)
         self.activity[message.rank] = "waiting for its replica's groups"
-        self._made[node, message.replica] = message
-        awaited = self._awaited.get(message.replica)
-        if awaited is None:
-            return
-        awaited.discard(node)
-        if not awaited:
-            del self._awaited[message.replica]
+        if self.node_memory is not None and self.node_memory.made(node, message):
             self._memory_ready(message.replica)
 
     def _memory_ready(self, replica: int) -> None:
@@ -347,7 +299,7 @@ class Supervisor(Actor):
     def _load_replica(self, replica: int, collective: CollectiveSpec | None) -> None:
         for rank in self.layout.replica_ranks(replica):
             self.activity[rank] = "loading its shard of the model"
-            memory = self._made.get((self.nodes[rank], replica))
+            memory = None if self.node_memory is None else self.node_memory.memory(self.nodes[rank], replica)
             self.workers[rank].send(self.load_command(rank, collective, memory))
 
     def _on_worker_ready(self, message: WorkerReady) -> None:
@@ -433,12 +385,8 @@ class Supervisor(Actor):
                       self.config.max_restarts)
         for listener in self.listeners:
             listener.send(ReplicaLost(replica, reason, is_gone))
-        self._awaited.pop(replica, None)
-        for node, keeper in list(self._keepers.items()):
-            if keeper in self.layout.replica_ranks(replica):  # its memory goes with its process
-                del self._keepers[node]
-                for key in [key for key in self._made if key[0] == node]:
-                    del self._made[key]
+        if self.node_memory is not None:
+            self.node_memory.lost(replica)
         for rank in self.layout.replica_ranks(replica):
             if self.workers[rank] is not None:
                 if is_gone:
