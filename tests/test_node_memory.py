@@ -134,3 +134,33 @@ def test_a_silent_feed_times_out_and_an_unreadable_folder_without_a_feed_says_wh
                                        CheckpointSpec(hf_config, "float32", str(tmp_path / "gone"), 0)), 1, 1)
     finally:
         keeper.close()
+
+
+def test_the_book_asks_one_keeper_a_node_and_forgets_a_node_whose_keeper_was_lost():
+    from seesaw.actors.node_memory import NodeMemoryBook, NodeMemoryPlan
+    from seesaw.layout import Layout
+    from seesaw.messages import NodeMemoryMade
+
+    checkpoint = CheckpointSpec({}, "float32", "/w", 0)
+    plan = NodeMemoryPlan("a", True, [(0, 5), (5, 5), (10, 5)], BLOCK_SHAPE, "float32", checkpoint)
+    book = NodeMemoryBook(plan, Layout(dp=3, tp=2), num_local_workers=2)
+    nodes = {0: "a", 1: "a", 2: "b", 3: "b", 4: "b", 5: "b"}
+    up = set(nodes)
+    assert book.ask(0, nodes, up.__contains__) == []  # the head's own replica: the head's memory
+    (keeper, command), = book.ask(1, nodes, up.__contains__)
+    assert keeper == 2 and (command.first_block, command.num_blocks, command.checkpoint) == (5, 5, checkpoint)
+    (keeper, command), = book.ask(2, nodes, up.__contains__)
+    assert keeper == 2 and command.first_block == 10  # the same node's keeper, for its second replica
+    made = NodeMemoryMade(1, 2, None, None, "x", 0.0)
+    assert book.made("b", made) and book.memory("b", 1) == made and book.memory("a", 0) is None
+    book.lost(2)  # not the keeper's replica: node b keeps its memory and its keeper
+    assert book.keepers == {"b": 2} and book.memory("b", 1) == made
+    book.lost(1)  # the keeper's: node b's memory went with it
+    assert book.keepers == {} and book.memory("b", 1) is None
+    up -= {2, 3}
+    (keeper, _), = book.ask(2, nodes, up.__contains__)
+    assert keeper == 4  # a new keeper among the workers there now
+    # A worker beside the head on its node, in a replica the head does not start, gets a keeper
+    # that makes only a buffer: the head's store serves the whole node.
+    (keeper, command), = NodeMemoryBook(plan, Layout(dp=3, tp=2), 2).ask(1, {**nodes, 2: "a", 3: "a"}, up.__contains__)
+    assert keeper == 2 and command.checkpoint is None and command.num_blocks == 5
